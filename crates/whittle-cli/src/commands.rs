@@ -1,0 +1,230 @@
+//! The subcommands other than `bench`.
+
+use crate::report::{progress, table, write_json};
+use anyhow::{Context, Result};
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use whittle::io::resolve::{self, Loaded, ModelSpec};
+use whittle::model::sampling::{Sampler, SamplingConfig};
+
+/// Resolves `--model` (fetching the default model if needed) and loads it.
+pub fn load(model: Option<&str>) -> Result<Loaded> {
+    let path = ModelSpec::parse(model)?.resolve()?;
+    let t = Instant::now();
+    let loaded = resolve::load(&path)?;
+    eprintln!(
+        "loaded {} ({:.1} M parameters) in {:.1} s",
+        path.display(),
+        loaded.model.n_params() as f64 / 1e6,
+        t.elapsed().as_secs_f64()
+    );
+    Ok(loaded)
+}
+
+pub fn fetch() -> Result<()> {
+    let path = whittle::io::fetch::default_model()?;
+    println!("{}", path.display());
+    Ok(())
+}
+
+pub fn inspect(model: Option<&str>, json_out: Option<PathBuf>) -> Result<()> {
+    let Loaded {
+        model,
+        tokenizer,
+        path,
+    } = load(model)?;
+    let c = &model.config;
+    let mut modules: BTreeMap<String, usize> = BTreeMap::new();
+    *modules.entry("embed_tokens".into()).or_default() += model.embed.len();
+    *modules.entry("norms".into()).or_default() += model.final_norm.len();
+    for l in &model.layers {
+        *modules.entry("norms".into()).or_default() += l.attn_norm.len() + l.mlp_norm.len();
+        for (name, lin) in l.linears() {
+            *modules.entry(name.to_string()).or_default() += lin.n_params();
+        }
+    }
+    if let Some(h) = &model.lm_head {
+        modules.insert("lm_head".into(), h.n_params());
+    }
+    let total = model.n_params();
+    let mut dtypes: BTreeMap<String, usize> = BTreeMap::new();
+    for (_, dtype, _) in resolve::tensor_infos(&path)? {
+        *dtypes.entry(dtype).or_default() += 1;
+    }
+    let size = resolve::size_on_disk(&path)?;
+    let shapes: Vec<_> = model.layers.iter().map(|l| l.shape()).collect();
+    println!("model      {}", path.display());
+    println!(
+        "arch       {} · {} layers · hidden {} · vocab {} · context {} · rope θ {} · tied head {}",
+        c.arch.name(),
+        shapes.len(),
+        c.hidden,
+        c.vocab_size,
+        c.context_length,
+        c.rope_theta,
+        c.tie_embeddings
+    );
+    let distinct: std::collections::BTreeSet<String> =
+        shapes.iter().map(|s| format!("{s:?}")).collect();
+    for s in &distinct {
+        let n = shapes.iter().filter(|x| &format!("{x:?}") == s).count();
+        println!("layers     {n} × {s}");
+    }
+    println!(
+        "file       {:.1} MiB on disk · stored as {}",
+        size as f64 / (1 << 20) as f64,
+        dtypes
+            .iter()
+            .map(|(k, v)| format!("{k}×{v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!(
+        "tokenizer  {} tokens · chat template {}",
+        tokenizer.vocab_size(),
+        if tokenizer.chat_template().is_some() {
+            "yes"
+        } else {
+            "no"
+        }
+    );
+    println!();
+    let mut rows: Vec<Vec<String>> = modules
+        .iter()
+        .map(|(k, v)| {
+            vec![
+                k.clone(),
+                v.to_string(),
+                format!("{:.2} %", 100.0 * *v as f64 / total as f64),
+            ]
+        })
+        .collect();
+    rows.push(vec!["total".into(), total.to_string(), "100 %".into()]);
+    table(&["module", "parameters", "share"], &rows);
+    if let Some(out) = json_out {
+        write_json(
+            &out,
+            &json!({"path": path, "config": c, "layers": shapes, "parameters": modules,
+                    "total_parameters": total, "bytes_on_disk": size, "tensor_types": dtypes}),
+        )?;
+    }
+    Ok(())
+}
+
+pub fn eval_ppl(
+    model: Option<&str>,
+    data: &Path,
+    seq_len: usize,
+    max_tokens: Option<usize>,
+    json_out: Option<PathBuf>,
+) -> Result<()> {
+    let text = whittle::data::text::read_text(data)?;
+    let Loaded {
+        model,
+        tokenizer,
+        path,
+    } = load(model)?;
+    let t = Instant::now();
+    let ids = tokenizer.encode(&text)?;
+    eprintln!(
+        "tokenized {} ({} tokens) in {:.1} s",
+        data.display(),
+        ids.len(),
+        t.elapsed().as_secs_f64()
+    );
+    let pb = progress(0, "perplexity");
+    let report = whittle::eval::perplexity::perplexity(
+        &model,
+        &ids,
+        seq_len,
+        max_tokens,
+        &mut |done, total| {
+            pb.set_length(total as u64);
+            pb.set_position(done as u64);
+        },
+    )
+    .with_context(|| format!("perplexity of {}", data.display()))?;
+    pb.finish_and_clear();
+    table(
+        &["data", "seq", "windows", "predicted", "PPL", "tok/s"],
+        &[vec![
+            data.display().to_string(),
+            report.seq_len.to_string(),
+            report.windows.to_string(),
+            report.predicted_tokens.to_string(),
+            format!("{:.4}", report.ppl),
+            format!("{:.0}", report.tokens_per_s),
+        ]],
+    );
+    if let Some(out) = json_out {
+        write_json(
+            &out,
+            &json!({"model": path, "data": data, "threads": whittle::threads::threads(),
+                    "report": report}),
+        )?;
+    }
+    Ok(())
+}
+
+pub fn generate(
+    model: Option<&str>,
+    prompt: &str,
+    chat: bool,
+    max_new: usize,
+    sampling: SamplingConfig,
+) -> Result<()> {
+    let mut sampler = Sampler::new(sampling)?;
+    let Loaded {
+        model, tokenizer, ..
+    } = load(model)?;
+    let text = if chat {
+        tokenizer.render_chat(prompt)?
+    } else {
+        prompt.to_string()
+    };
+    let ids = tokenizer.encode(&text)?;
+    // In chat mode the turn ends with <|im_end|>-style tokens; stop at the tokenizer's EOS.
+    let eos = tokenizer.eos.or(model.config.eos_token_id);
+    let mut generated: Vec<u32> = Vec::new();
+    let mut printed = 0usize;
+    let mut stdout = std::io::stdout();
+    let mut failed = None;
+    // Decode the whole tail each time: a token can end in the middle of a UTF-8 character.
+    let g =
+        whittle::model::generate::generate(&model, &ids, max_new, &mut sampler, eos, &mut |tok| {
+            generated.push(tok);
+            match tokenizer.decode(&generated) {
+                Ok(s) if !s.ends_with('\u{fffd}') => {
+                    let _ = write!(stdout, "{}", &s[printed.min(s.len())..]);
+                    let _ = stdout.flush();
+                    printed = s.len();
+                }
+                Ok(_) => {}
+                Err(e) => failed = Some(e),
+            }
+            failed.is_none()
+        })?;
+    if let Some(e) = failed {
+        return Err(e.into());
+    }
+    println!();
+    let n = g.tokens.len();
+    eprintln!(
+        "{} prompt tokens in {:.2} s ({:.0} tok/s) · {} new tokens in {:.2} s ({:.1} tok/s){}",
+        ids.len(),
+        g.prefill_seconds,
+        ids.len() as f64 / g.prefill_seconds,
+        n,
+        g.decode_seconds,
+        n.saturating_sub(1) as f64 / g.decode_seconds.max(1e-9),
+        if g.stopped_at_eos {
+            " · stopped at EOS"
+        } else {
+            ""
+        }
+    );
+    Ok(())
+}

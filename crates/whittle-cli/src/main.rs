@@ -1,0 +1,144 @@
+//! The `whittle` command line: parses arguments, shows progress, prints tables, writes JSON.
+//! All the work happens in the `whittle` library.
+
+mod bench;
+mod commands;
+mod report;
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "whittle",
+    version,
+    about = "Make small language models smaller and faster"
+)]
+struct Cli {
+    /// Worker threads (default: available cores).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// `--model`: a GGUF file, an HF folder, or hf:org/name[@rev]; default SmolLM2-135M-Instruct.
+#[derive(clap::Args, Clone)]
+struct ModelArg {
+    #[arg(long)]
+    model: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Fetch the default model (SmolLM2-135M-Instruct) into the cache.
+    Fetch,
+    /// Architecture, parameter counts per module, dtypes and file size.
+    Inspect {
+        #[command(flatten)]
+        model: ModelArg,
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Evaluate a model.
+    #[command(subcommand)]
+    Eval(EvalCommand),
+    /// Generate text from a prompt.
+    Generate {
+        #[command(flatten)]
+        model: ModelArg,
+        #[arg(long)]
+        prompt: String,
+        /// Wrap the prompt in the model's chat template.
+        #[arg(long)]
+        chat: bool,
+        #[arg(long, default_value_t = 64)]
+        max_new_tokens: usize,
+        /// 0 = greedy.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// Prefill and decode throughput, next to the reference figures.
+    Bench {
+        #[command(flatten)]
+        model: ModelArg,
+        /// Text whose tokens feed the benchmark.
+        #[arg(long, default_value = "../shared/reference/wikitext2-test.txt")]
+        data: PathBuf,
+        /// Timed runs per figure (median reported), after one warm-up.
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum EvalCommand {
+    /// Perplexity over non-overlapping windows of a text file.
+    Ppl {
+        #[command(flatten)]
+        model: ModelArg,
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long, default_value_t = 2048)]
+        seq_len: usize,
+        /// Keep only the first ⌊N / seq-len⌋ windows.
+        #[arg(long)]
+        max_tokens: Option<usize>,
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    whittle::threads::set_threads(
+        cli.threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+    );
+    let result = match cli.command {
+        Command::Fetch => commands::fetch(),
+        Command::Inspect { model, json } => commands::inspect(model.model.as_deref(), json),
+        Command::Eval(EvalCommand::Ppl {
+            model,
+            data,
+            seq_len,
+            max_tokens,
+            json,
+        }) => commands::eval_ppl(model.model.as_deref(), &data, seq_len, max_tokens, json),
+        Command::Generate {
+            model,
+            prompt,
+            chat,
+            max_new_tokens,
+            temperature,
+            top_p,
+            seed,
+        } => commands::generate(
+            model.model.as_deref(),
+            &prompt,
+            chat,
+            max_new_tokens,
+            whittle::model::sampling::SamplingConfig {
+                temperature,
+                top_p,
+                seed,
+            },
+        ),
+        Command::Bench {
+            model,
+            data,
+            reps,
+            json,
+        } => bench::run(model.model.as_deref(), &data, reps, json),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

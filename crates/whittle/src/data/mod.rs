@@ -1,0 +1,3 @@
+//! Text corpora and the token windows cut from them.
+
+pub mod text;

@@ -1,0 +1,4 @@
+//! Measuring a model: perplexity and speed.
+
+pub mod perplexity;
+pub mod speed;

@@ -1,0 +1,117 @@
+//! What `--model` may name: a GGUF file, an HF-layout folder, `hf:org/name[@rev]`, or nothing
+//! (the default model, fetched on first use). Resolution turns each into local files; loading
+//! returns the one model representation plus the tokenizer.
+
+use super::{fetch, gguf, safetensors, tokenizer::Tokenizer};
+use crate::{Error, Model, Result};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelSpec {
+    Default,
+    Local(PathBuf),
+    Hub { repo: String, revision: String },
+}
+
+impl ModelSpec {
+    pub fn parse(s: Option<&str>) -> Result<Self> {
+        let Some(s) = s else {
+            return Ok(ModelSpec::Default);
+        };
+        if let Some(id) = s.strip_prefix("hf:") {
+            let (repo, revision) = id.split_once('@').unwrap_or((id, "main"));
+            let valid = |p: &str| {
+                !p.is_empty()
+                    && p.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            };
+            let mut parts = repo.split('/');
+            let ok = matches!((parts.next(), parts.next(), parts.next()),
+                              (Some(o), Some(n), None) if valid(o) && valid(n));
+            if !ok || revision.is_empty() {
+                return Err(Error::Invalid(format!(
+                    "'{s}': expected hf:org/name or hf:org/name@revision"
+                )));
+            }
+            return Ok(ModelSpec::Hub {
+                repo: repo.to_string(),
+                revision: revision.to_string(),
+            });
+        }
+        Ok(ModelSpec::Local(PathBuf::from(s)))
+    }
+
+    /// Local path of the model (file or folder), downloading it if needed.
+    pub fn resolve(&self) -> Result<PathBuf> {
+        match self {
+            ModelSpec::Default => fetch::default_model(),
+            ModelSpec::Local(p) if p.exists() => Ok(p.clone()),
+            ModelSpec::Local(p) => Err(Error::io(
+                p,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or folder"),
+            )),
+            ModelSpec::Hub { repo, revision } => super::hub::download(repo, revision),
+        }
+    }
+}
+
+/// A loaded model with its tokenizer and where it came from.
+pub struct Loaded {
+    pub model: Model,
+    pub tokenizer: Tokenizer,
+    pub path: PathBuf,
+}
+
+/// Loads a model file or folder and its tokenizer.
+pub fn load(path: &Path) -> Result<Loaded> {
+    if path.is_dir() {
+        let model = safetensors::load(path)?;
+        let tok_path = path.join("tokenizer.json");
+        if !tok_path.is_file() {
+            return Err(Error::Tokenizer(format!(
+                "{}: tokenizer.json missing from the model folder",
+                path.display()
+            )));
+        }
+        let mut tokenizer = Tokenizer::from_file(&tok_path)?;
+        tokenizer.bos = tokenizer.bos.or(model.config.bos_token_id);
+        tokenizer.eos = tokenizer.eos.or(model.config.eos_token_id);
+        Ok(Loaded {
+            model,
+            tokenizer,
+            path: path.to_path_buf(),
+        })
+    } else {
+        let (model, file) = gguf::load(path)?;
+        let tokenizer = Tokenizer::from_spec(&file.tokenizer_spec()?)?;
+        Ok(Loaded {
+            model,
+            tokenizer,
+            path: path.to_path_buf(),
+        })
+    }
+}
+
+/// Names, storage types and shapes of the tensors in a model file or folder.
+pub fn tensor_infos(path: &Path) -> Result<Vec<(String, String, Vec<usize>)>> {
+    if path.is_dir() {
+        safetensors::tensor_infos(path)
+    } else {
+        Ok(gguf::GgufFile::open(path)?.tensor_infos())
+    }
+}
+
+/// Bytes on disk of a model file, or of every file in a model folder.
+pub fn size_on_disk(path: &Path) -> Result<u64> {
+    if !path.is_dir() {
+        return Ok(std::fs::metadata(path)
+            .map_err(|e| Error::io(path, e))?
+            .len());
+    }
+    let mut total = 0;
+    for e in std::fs::read_dir(path).map_err(|e| Error::io(path, e))? {
+        let e = e.map_err(|e| Error::io(path, e))?;
+        total += e.metadata().map_err(|err| Error::io(e.path(), err))?.len();
+    }
+    Ok(total)
+}

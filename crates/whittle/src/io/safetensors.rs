@@ -1,0 +1,351 @@
+//! The HF layout: `config.json` + `model.safetensors` (or shards) + `tokenizer.json`.
+//! Loading memory-maps the shards and converts f32/f16/bf16 to f32; per-layer widths come from
+//! tensor shapes, so pruned models round-trip. Saving writes into a temporary folder renamed into
+//! place at the end, so an interrupted save never leaves a folder that looks complete.
+
+use super::tokenizer::Tokenizer;
+use crate::model::{Arch, Attention, AttnShape, Layer, Linear, Mlp, Model, ModelConfig};
+use crate::{Error, Result};
+use safetensors::{Dtype, SafeTensors, View};
+use serde_json::{json, Value};
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// Tensors of all shards of a folder, converted to f32 on request.
+struct Shards {
+    maps: Vec<(PathBuf, memmap2::Mmap)>,
+    /// tensor name → index into `maps`.
+    index: HashMap<String, usize>,
+}
+
+impl Shards {
+    fn open(dir: &Path) -> Result<Self> {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(|e| Error::io(dir, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+            .collect();
+        files.sort();
+        if files.is_empty() {
+            return Err(Error::format(dir, "no *.safetensors file in the folder"));
+        }
+        let mut maps = Vec::new();
+        let mut index = HashMap::new();
+        for (i, path) in files.into_iter().enumerate() {
+            let file = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
+            // SAFETY: the map is read-only; whittle never writes to its inputs. Another process
+            // truncating the file while we run would be a user error we cannot guard against.
+            let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
+            let st = SafeTensors::deserialize(&map)
+                .map_err(|e| Error::format(&path, format!("not a valid safetensors file: {e}")))?;
+            for name in st.names() {
+                index.insert(name.to_string(), i);
+            }
+            maps.push((path, map));
+        }
+        Ok(Shards { maps, index })
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        let (_, map) = &self.maps[*self.index.get(name)?];
+        SafeTensors::deserialize(map)
+            .ok()?
+            .tensor(name)
+            .ok()
+            .map(|t| t.shape().to_vec())
+    }
+
+    fn f32(&self, name: &str, want: &[usize]) -> Result<Vec<f32>> {
+        let i = *self
+            .index
+            .get(name)
+            .ok_or_else(|| Error::Invalid(format!("tensor '{name}' missing")))?;
+        let (path, map) = &self.maps[i];
+        let st = SafeTensors::deserialize(map).map_err(|e| Error::format(path, e))?;
+        let t = st.tensor(name).map_err(|e| Error::format(path, e))?;
+        if t.shape() != want {
+            return Err(Error::format(
+                path,
+                Error::Shape {
+                    name: name.into(),
+                    expected: want.to_vec(),
+                    found: t.shape().to_vec(),
+                },
+            ));
+        }
+        let b = t.data();
+        let v = match t.dtype() {
+            Dtype::F32 => b
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            Dtype::F16 => b
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            Dtype::BF16 => b
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            other => {
+                return Err(Error::format(
+                    path,
+                    format!("tensor '{name}': dtype {other:?} not supported (f32, f16, bf16)"),
+                ))
+            }
+        };
+        Ok(v)
+    }
+
+    fn linear(&self, name: &str, out: usize, inp: usize) -> Result<Linear> {
+        Linear::dense(name, self.f32(name, &[out, inp])?, out, inp)
+    }
+}
+
+/// Names, dtypes and shapes of all tensors in a folder's shards, sorted by name.
+pub fn tensor_infos(dir: &Path) -> Result<Vec<(String, String, Vec<usize>)>> {
+    let st = Shards::open(dir)?;
+    let mut v = Vec::new();
+    for (path, map) in &st.maps {
+        let t = SafeTensors::deserialize(map).map_err(|e| Error::format(path, e))?;
+        for (name, view) in t.tensors() {
+            v.push((name, format!("{:?}", view.dtype()), view.shape().to_vec()));
+        }
+    }
+    v.sort();
+    Ok(v)
+}
+
+fn read_config(dir: &Path) -> Result<(Value, PathBuf)> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let v: Value = serde_json::from_str(&text).map_err(|e| Error::format(&path, e))?;
+    Ok((v, path))
+}
+
+/// Loads a model from an HF-layout folder.
+pub fn load(dir: &Path) -> Result<Model> {
+    let (cfg, cfg_path) = read_config(dir)?;
+    let arch_name = cfg["architectures"][0]
+        .as_str()
+        .or(cfg["model_type"].as_str())
+        .unwrap_or("<missing>");
+    let arch = Arch::parse(arch_name)?;
+    let num = |k: &str| -> Result<usize> {
+        cfg[k]
+            .as_u64()
+            .map(|v| v as usize)
+            .ok_or_else(|| Error::format(&cfg_path, format!("'{k}' missing or not an integer")))
+    };
+    let hidden = num("hidden_size")?;
+    let n_heads = num("num_attention_heads")?;
+    let head_dim = cfg["head_dim"]
+        .as_u64()
+        .map_or(hidden / n_heads.max(1), |v| v as usize);
+    let id = |k: &str| cfg[k].as_u64().map(|v| v as u32);
+    let config = ModelConfig {
+        arch,
+        vocab_size: num("vocab_size")?,
+        hidden,
+        rope_theta: cfg["rope_theta"].as_f64().unwrap_or(10000.0) as f32,
+        rms_eps: cfg["rms_norm_eps"].as_f64().unwrap_or(1e-5) as f32,
+        context_length: num("max_position_embeddings")?,
+        tie_embeddings: cfg["tie_word_embeddings"].as_bool().unwrap_or(false),
+        bos_token_id: id("bos_token_id"),
+        eos_token_id: id("eos_token_id"),
+    };
+    let n_layers = num("num_hidden_layers")?;
+    let st = Shards::open(dir)?;
+    let h = hidden;
+    let embed = st.f32("model.embed_tokens.weight", &[config.vocab_size, h])?;
+    let final_norm = st.f32("model.norm.weight", &[h])?;
+    let lm_head = if config.tie_embeddings {
+        None
+    } else {
+        Some(st.linear("lm_head.weight", config.vocab_size, h)?)
+    };
+    let rows = |n: &str| st.shape(n).map_or(0, |s| s[0]);
+    let mut layers = Vec::with_capacity(n_layers);
+    for i in 0..n_layers {
+        let p = |s: &str| format!("model.layers.{i}.{s}.weight");
+        let attn = if st.has(&p("self_attn.q_proj")) {
+            let shape = AttnShape {
+                n_heads: rows(&p("self_attn.q_proj")) / head_dim,
+                n_kv_heads: rows(&p("self_attn.k_proj")) / head_dim,
+                head_dim,
+            };
+            Some(Attention {
+                shape,
+                q: st.linear(&p("self_attn.q_proj"), shape.q_dim(), h)?,
+                k: st.linear(&p("self_attn.k_proj"), shape.kv_dim(), h)?,
+                v: st.linear(&p("self_attn.v_proj"), shape.kv_dim(), h)?,
+                o: st.linear(&p("self_attn.o_proj"), h, shape.q_dim())?,
+            })
+        } else {
+            None
+        };
+        let mlp = if st.has(&p("mlp.gate_proj")) {
+            let w = rows(&p("mlp.gate_proj"));
+            Some(Mlp {
+                gate: st.linear(&p("mlp.gate_proj"), w, h)?,
+                up: st.linear(&p("mlp.up_proj"), w, h)?,
+                down: st.linear(&p("mlp.down_proj"), h, w)?,
+            })
+        } else {
+            None
+        };
+        let norm = |n: &str| -> Result<Vec<f32>> {
+            if st.has(n) {
+                st.f32(n, &[h])
+            } else {
+                Ok(vec![1.0; h])
+            }
+        };
+        layers.push(Layer {
+            attn_norm: norm(&p("input_layernorm"))?,
+            attn,
+            mlp_norm: norm(&p("post_attention_layernorm"))?,
+            mlp,
+        });
+    }
+    Model::new(config, embed, layers, final_norm, lm_head).map_err(|e| Error::format(dir, e))
+}
+
+/// A borrowed f32 tensor for the safetensors writer; bytes are produced per tensor while writing.
+struct F32View<'a> {
+    data: &'a [f32],
+    shape: Vec<usize>,
+}
+
+impl View for F32View<'_> {
+    fn dtype(&self) -> Dtype {
+        Dtype::F32
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        Cow::Owned(self.data.iter().flat_map(|v| v.to_le_bytes()).collect())
+    }
+    fn data_len(&self) -> usize {
+        self.data.len() * 4
+    }
+}
+
+/// `config.json` for a model. Per-layer widths that differ from layer 0 are listed under
+/// `whittle_layers` (whittle reads widths from tensor shapes; the list is for people).
+fn config_json(model: &Model, tokenizer: Option<&Tokenizer>) -> Value {
+    let c = &model.config;
+    let shapes: Vec<_> = model.layers.iter().map(|l| l.shape()).collect();
+    let attn = shapes.iter().find_map(|s| s.attn);
+    let mlp = shapes.iter().find_map(|s| s.mlp).unwrap_or(0);
+    let uniform = shapes.iter().all(|s| s.attn == attn && s.mlp == Some(mlp));
+    let tok_id = |id: Option<u32>| id.map_or(Value::Null, |v| json!(v));
+    let mut v = json!({
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": c.arch.name(),
+        "hidden_size": c.hidden,
+        "intermediate_size": mlp,
+        "num_hidden_layers": shapes.len(),
+        "num_attention_heads": attn.map_or(1, |a| a.n_heads),
+        "num_key_value_heads": attn.map_or(1, |a| a.n_kv_heads),
+        "head_dim": attn.map_or(c.hidden, |a| a.head_dim),
+        "hidden_act": "silu",
+        "max_position_embeddings": c.context_length,
+        "rms_norm_eps": c.rms_eps,
+        "rope_theta": c.rope_theta,
+        "vocab_size": c.vocab_size,
+        "tie_word_embeddings": c.tie_embeddings,
+        "bos_token_id": tok_id(c.bos_token_id.or(tokenizer.and_then(|t| t.bos))),
+        "eos_token_id": tok_id(c.eos_token_id.or(tokenizer.and_then(|t| t.eos))),
+        "attention_bias": false,
+        "mlp_bias": false,
+        "torch_dtype": "float32",
+    });
+    if !uniform {
+        v["whittle_layers"] = serde_json::to_value(&shapes).unwrap_or(Value::Null);
+    }
+    v
+}
+
+/// Writes `model` (and `tokenizer`) as an HF folder at `dir`, atomically: everything goes to a
+/// sibling temporary folder first, renamed to `dir` when complete. `dir` must not exist yet.
+pub fn save(model: &Model, tokenizer: Option<&Tokenizer>, dir: &Path) -> Result<()> {
+    if dir.exists() {
+        return Err(Error::Invalid(format!(
+            "{} already exists; choose a new output folder",
+            dir.display()
+        )));
+    }
+    let tmp = super::temp_sibling(dir);
+    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    let result = write_folder(model, tokenizer, &tmp)
+        .and_then(|_| std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e)));
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    result
+}
+
+fn write_folder(model: &Model, tokenizer: Option<&Tokenizer>, dir: &Path) -> Result<()> {
+    let write = |name: &str, text: String| {
+        let p = dir.join(name);
+        std::fs::write(&p, text).map_err(|e| Error::io(&p, e))
+    };
+    let cfg = config_json(model, tokenizer);
+    write(
+        "config.json",
+        serde_json::to_string_pretty(&cfg).unwrap_or_default(),
+    )?;
+    if let Some(t) = tokenizer {
+        write("tokenizer.json", t.json().to_string())?;
+        let name = |id: Option<u32>| id.and_then(|i| t.id_to_token(i));
+        let tc = json!({
+            "chat_template": t.chat_template(),
+            "bos_token": name(t.bos),
+            "eos_token": name(t.eos),
+            "add_bos_token": false,
+            "tokenizer_class": "GPT2Tokenizer",
+        });
+        write(
+            "tokenizer_config.json",
+            serde_json::to_string_pretty(&tc).unwrap_or_default(),
+        )?;
+    }
+    let h = model.config.hidden;
+    let mut views: Vec<(String, F32View)> = vec![
+        view(
+            "model.embed_tokens.weight",
+            &model.embed,
+            vec![model.config.vocab_size, h],
+        ),
+        view("model.norm.weight", &model.final_norm, vec![h]),
+    ];
+    if let Some(head) = &model.lm_head {
+        views.push(linear_view("lm_head.weight", head));
+    }
+    for (i, l) in model.layers.iter().enumerate() {
+        let p = |s: &str| format!("model.layers.{i}.{s}.weight");
+        views.push(view(&p("input_layernorm"), &l.attn_norm, vec![h]));
+        views.push(view(&p("post_attention_layernorm"), &l.mlp_norm, vec![h]));
+        for (name, lin) in l.linears() {
+            views.push(linear_view(&p(name), lin));
+        }
+    }
+    let path = dir.join("model.safetensors");
+    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::serialize_to_file(views, Some(meta), &path).map_err(|e| Error::format(&path, e))
+}
+
+fn view<'a>(name: &str, data: &'a [f32], shape: Vec<usize>) -> (String, F32View<'a>) {
+    (name.to_string(), F32View { data, shape })
+}
+
+fn linear_view<'a>(name: &str, l: &'a Linear) -> (String, F32View<'a>) {
+    view(name, l.dense_weight(), vec![l.out_features, l.in_features])
+}

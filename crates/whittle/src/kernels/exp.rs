@@ -1,0 +1,107 @@
+//! A vectorisable `exp`: the standard library's scalar `expf` costs ~20 cycles, and a 2048-token
+//! forward pass evaluates ~0.6 billion exponentials in attention softmax and SiLU. Cephes-style
+//! range reduction `x = n·ln2 + r`, a degree-6 polynomial for `e^r`, and `2^n` built from exponent
+//! bits; relative error ≈ 2 ulp over the whole range (tested below).
+
+const LOG2E: f32 = std::f32::consts::LOG2_E;
+const LN2_HI: f32 = 0.693_359_4;
+const LN2_LO: f32 = -2.121_944_4e-4;
+/// 1.5·2²³: adding and subtracting it rounds an f32 to the nearest integer without SSE4.1.
+const ROUND_MAGIC: f32 = 12_582_912.0;
+
+/// `e^x` for finite `x`; inputs below −87.3 return the smallest normal value's neighbourhood
+/// (≈1e-38) rather than 0, which is harmless where it is used (softmax after max subtraction).
+#[inline(always)]
+pub fn exp_approx(x: f32) -> f32 {
+    let x = x.clamp(-87.3, 88.7);
+    let n = (x * LOG2E + ROUND_MAGIC) - ROUND_MAGIC;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let mut p = 1.987_569_1e-4f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 5.000_000_1e-1;
+    let e = p * r * r + r + 1.0;
+    e * f32::from_bits(((n as i32 + 127) << 23) as u32)
+}
+
+simd_dispatch! {
+    /// Softmax of one row in place (max-subtracted). Returns nothing; an all-`-inf` row is a bug
+    /// of the caller (every causal row has at least one visible key).
+    pub fn softmax_in_place(row: &mut [f32]) {
+        let mut max = f32::NEG_INFINITY;
+        for v in row.iter() {
+            max = max.max(*v);
+        }
+        let mut sum = 0f32;
+        for v in row.iter_mut() {
+            *v = exp_approx(*v - max);
+            sum += *v;
+        }
+        let inv = 1.0 / sum;
+        for v in row.iter_mut() {
+            *v *= inv;
+        }
+    }
+}
+
+simd_dispatch! {
+    /// `ln Σ e^{x_i}` of one row (max-subtracted, so no overflow).
+    pub fn logsumexp(row: &[f32]) -> f32 {
+        let mut max = f32::NEG_INFINITY;
+        for v in row {
+            max = max.max(*v);
+        }
+        let mut acc = [0f32; 16];
+        let chunks = row.chunks_exact(16);
+        let tail: f32 = chunks.remainder().iter().map(|v| exp_approx(*v - max)).sum();
+        for c in chunks {
+            for i in 0..16 {
+                acc[i] += exp_approx(c[i] - max);
+            }
+        }
+        max + (acc.iter().sum::<f32>() + tail).ln()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_relative_error_is_a_few_ulp() {
+        let mut worst = 0f64;
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let want = (x as f64).exp();
+            let rel = ((exp_approx(x) as f64 - want) / want).abs();
+            worst = worst.max(rel);
+            x += 0.0137;
+        }
+        assert!(worst < 3e-7, "worst relative error {worst}");
+        assert_eq!(exp_approx(0.0), 1.0);
+    }
+
+    #[test]
+    fn logsumexp_matches_f64() {
+        let x: Vec<f32> = (0..1001)
+            .map(|i| ((i * 13 % 101) as f32 - 50.0) * 0.4)
+            .collect();
+        let m = x.iter().cloned().fold(f32::MIN, f32::max) as f64;
+        let want = m + x.iter().map(|v| (*v as f64 - m).exp()).sum::<f64>().ln();
+        assert!((logsumexp(&x) as f64 - want).abs() < 1e-5);
+    }
+
+    #[test]
+    fn softmax_matches_f64() {
+        let x: Vec<f32> = (0..37).map(|i| ((i * 7 % 11) as f32 - 5.0) * 1.3).collect();
+        let mut y = x.clone();
+        softmax_in_place(&mut y);
+        let m = x.iter().cloned().fold(f32::MIN, f32::max) as f64;
+        let z: f64 = x.iter().map(|v| (*v as f64 - m).exp()).sum();
+        for (a, b) in y.iter().zip(&x) {
+            assert!((*a as f64 - (*b as f64 - m).exp() / z).abs() < 1e-7);
+        }
+    }
+}

@@ -1,0 +1,83 @@
+//! Rotary position embedding, half-split ("rotate_half", HF/NeoX) convention: dimension `i` of a
+//! head is rotated together with dimension `i + head_dim/2`. GGUF files store Q/K rows permuted
+//! for the interleaved convention; the GGUF loader undoes that so one convention serves all files.
+
+/// Precomputed cos/sin per position, `[positions, head_dim/2]`.
+pub struct RopeTable {
+    half: usize,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+impl RopeTable {
+    pub fn new(head_dim: usize, theta: f32, positions: usize) -> Self {
+        let half = head_dim / 2;
+        let mut cos = Vec::with_capacity(positions * half);
+        let mut sin = Vec::with_capacity(positions * half);
+        for p in 0..positions {
+            for i in 0..half {
+                // Same rounding as the reference: frequencies in f32, angle in f32.
+                let inv_freq = 1.0 / theta.powf((2 * i) as f32 / head_dim as f32);
+                let angle = p as f32 * inv_freq;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        RopeTable { half, cos, sin }
+    }
+
+    pub fn positions(&self) -> usize {
+        self.cos.len() / self.half.max(1)
+    }
+
+    /// Rotates every head of every row of `x` (`rows × n_heads·head_dim`, row stride `stride`);
+    /// row `r` sits at position `start + r`.
+    pub fn apply(&self, x: &mut [f32], rows: usize, stride: usize, n_heads: usize, start: usize) {
+        let (h, d) = (self.half, 2 * self.half);
+        for r in 0..rows {
+            let p = start + r;
+            let (c, s) = (&self.cos[p * h..(p + 1) * h], &self.sin[p * h..(p + 1) * h]);
+            for head in 0..n_heads {
+                let v = &mut x[r * stride + head * d..r * stride + (head + 1) * d];
+                let (a, b) = v.split_at_mut(h);
+                for i in 0..h {
+                    let (x1, x2) = (a[i], b[i]);
+                    a[i] = x1 * c[i] - x2 * s[i];
+                    b[i] = x2 * c[i] + x1 * s[i];
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rotates_pairs_by_position_angle() {
+        let (d, theta) = (8usize, 10000.0f32);
+        let t = RopeTable::new(d, theta, 6);
+        let x: Vec<f32> = (0..2 * 2 * d).map(|i| (i as f32 * 0.37).sin()).collect();
+        let mut y = x.clone();
+        t.apply(&mut y, 2, 2 * d, 2, 3);
+        for r in 0..2 {
+            let pos = (3 + r) as f64;
+            for head in 0..2 {
+                let base = r * 2 * d + head * d;
+                for i in 0..d / 2 {
+                    let ang = pos / (theta as f64).powf(2.0 * i as f64 / d as f64);
+                    let (x1, x2) = (x[base + i] as f64, x[base + i + d / 2] as f64);
+                    let want1 = x1 * ang.cos() - x2 * ang.sin();
+                    let want2 = x2 * ang.cos() + x1 * ang.sin();
+                    assert!((y[base + i] as f64 - want1).abs() < 1e-5);
+                    assert!((y[base + i + d / 2] as f64 - want2).abs() < 1e-5);
+                }
+            }
+        }
+        // Position 0 is the identity.
+        let mut z = x.clone();
+        t.apply(&mut z, 1, 2 * d, 2, 0);
+        assert_eq!(&z[..2 * d], &x[..2 * d]);
+    }
+}
