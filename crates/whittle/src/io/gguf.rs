@@ -310,22 +310,116 @@ impl GgufFile {
 }
 
 /// GGUF (llama.cpp's converter) stores Q/K rows of each head interleaved for the "NORM" RoPE:
-/// row `2i + j` of a head holds what HF stores at row `j·d/2 + i`. Undo it so that the forward
-/// pass uses half-split RoPE for every file format.
-fn unpermute_rows(lin: &mut Linear, n_heads: usize, head_dim: usize) {
-    let inp = lin.in_features;
-    let crate::model::Weight::Dense(w) = &mut lin.weight;
-    let src = w.clone();
+/// row `2i + j` of a head holds what HF stores at row `j·d/2 + i`. Loading undoes it so that
+/// the forward pass uses half-split RoPE for every file format; saving redoes it.
+fn permuted_rows(w: &[f32], inp: usize, n_heads: usize, head_dim: usize, to_gguf: bool) -> Vec<f32> {
+    let mut out = w.to_vec();
     let half = head_dim / 2;
     for h in 0..n_heads {
         for i in 0..half {
             for j in 0..2 {
-                let from = h * head_dim + 2 * i + j;
-                let to = h * head_dim + j * half + i;
-                w[to * inp..(to + 1) * inp].copy_from_slice(&src[from * inp..(from + 1) * inp]);
+                let gguf_row = h * head_dim + 2 * i + j;
+                let hf_row = h * head_dim + j * half + i;
+                let (from, to) = if to_gguf { (hf_row, gguf_row) } else { (gguf_row, hf_row) };
+                out[to * inp..(to + 1) * inp].copy_from_slice(&w[from * inp..(from + 1) * inp]);
             }
         }
     }
+    out
+}
+
+fn unpermute_rows(lin: &mut Linear, n_heads: usize, head_dim: usize) {
+    let inp = lin.in_features;
+    let crate::model::Weight::Dense(w) = &mut lin.weight;
+    *w = permuted_rows(w, inp, n_heads, head_dim, false);
+}
+
+/// Writes `model` as an F32 GGUF file that llama.cpp and whittle load, atomically (temporary
+/// file + rename). The tokenizer metadata is included when `tokenizer` is given.
+pub fn save(model: &Model, tokenizer: Option<&TokenizerSpec>, path: &Path) -> Result<()> {
+    let tmp = super::temp_sibling(path);
+    let result = write_gguf(model, tokenizer, &tmp)
+        .and_then(|_| std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e)));
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+fn write_gguf(model: &Model, tokenizer: Option<&TokenizerSpec>, path: &Path) -> Result<()> {
+    use candle_core::quantized::{GgmlDType, QTensor};
+    let c = &model.config;
+    let arch = c.arch.name();
+    let first_attn = model.layers.iter().find_map(|l| l.attn.as_ref().map(|a| a.shape));
+    let first_mlp = model.layers.iter().find_map(|l| l.shape().mlp).unwrap_or(0);
+    let k = |s: &str| format!("{arch}.{s}");
+    let mut meta: Vec<(String, Value)> = vec![
+        ("general.architecture".into(), Value::String(arch.into())),
+        ("general.name".into(), Value::String("whittle export".into())),
+        (k("block_count"), Value::U32(model.layers.len() as u32)),
+        (k("context_length"), Value::U32(c.context_length as u32)),
+        (k("embedding_length"), Value::U32(c.hidden as u32)),
+        (k("feed_forward_length"), Value::U32(first_mlp as u32)),
+        (k("vocab_size"), Value::U32(c.vocab_size as u32)),
+        (k("rope.freq_base"), Value::F32(c.rope_theta)),
+        (k("attention.layer_norm_rms_epsilon"), Value::F32(c.rms_eps)),
+    ];
+    if let Some(a) = first_attn {
+        meta.extend([
+            (k("attention.head_count"), Value::U32(a.n_heads as u32)),
+            (k("attention.head_count_kv"), Value::U32(a.n_kv_heads as u32)),
+            (k("attention.key_length"), Value::U32(a.head_dim as u32)),
+            (k("rope.dimension_count"), Value::U32(a.head_dim as u32)),
+        ]);
+    }
+    if let Some(t) = tokenizer {
+        meta.extend(t.gguf_metadata());
+    }
+    let tensor = |name: &str, data: &[f32], shape: &[usize]| -> Result<(String, QTensor)> {
+        let t = candle_core::Tensor::from_slice(data, shape, &Device::Cpu)
+            .and_then(|t| QTensor::quantize(&t, GgmlDType::F32))
+            .map_err(|e| Error::format(path, format!("tensor '{name}': {e}")))?;
+        Ok((name.to_string(), t))
+    };
+    let h = c.hidden;
+    let mut tensors = vec![
+        tensor("token_embd.weight", &model.embed, &[c.vocab_size, h])?,
+        tensor("output_norm.weight", &model.final_norm, &[h])?,
+    ];
+    if let Some(head) = &model.lm_head {
+        tensors.push(tensor("output.weight", head.dense_weight(), &[c.vocab_size, h])?);
+    }
+    for (i, l) in model.layers.iter().enumerate() {
+        let p = |s: &str| format!("blk.{i}.{s}.weight");
+        tensors.push(tensor(&p("attn_norm"), &l.attn_norm, &[h])?);
+        tensors.push(tensor(&p("ffn_norm"), &l.mlp_norm, &[h])?);
+        let lin = |name: &str, x: &Linear, rows: Option<Vec<f32>>| {
+            let w = rows.as_deref().unwrap_or(x.dense_weight());
+            tensor(&p(name), w, &[x.out_features, x.in_features])
+        };
+        if let Some(a) = &l.attn {
+            let s = a.shape;
+            let q = permuted_rows(a.q.dense_weight(), h, s.n_heads, s.head_dim, true);
+            let kk = permuted_rows(a.k.dense_weight(), h, s.n_kv_heads, s.head_dim, true);
+            tensors.push(lin("attn_q", &a.q, Some(q))?);
+            tensors.push(lin("attn_k", &a.k, Some(kk))?);
+            tensors.push(lin("attn_v", &a.v, None)?);
+            tensors.push(lin("attn_output", &a.o, None)?);
+        }
+        if let Some(m) = &l.mlp {
+            tensors.push(lin("ffn_gate", &m.gate, None)?);
+            tensors.push(lin("ffn_up", &m.up, None)?);
+            tensors.push(lin("ffn_down", &m.down, None)?);
+        }
+    }
+    let file = File::create(path).map_err(|e| Error::io(path, e))?;
+    let mut w = std::io::BufWriter::new(file);
+    let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    candle_core::quantized::gguf_file::write(&mut w, &meta_refs, &tensor_refs)
+        .map_err(|e| Error::format(path, e))?;
+    use std::io::Write;
+    w.flush().map_err(|e| Error::io(path, e))
 }
 
 /// Loads a model and its tokenizer description from a GGUF file.

@@ -57,6 +57,37 @@ impl TokenizerSpec {
     }
 }
 
+impl TokenizerSpec {
+    /// The `tokenizer.ggml.*` metadata that describes this tokenizer in a GGUF file.
+    pub fn gguf_metadata(&self) -> Vec<(String, candle_core::quantized::gguf_file::Value)> {
+        use candle_core::quantized::gguf_file::Value;
+        let strings = |v: &[String]| Value::Array(v.iter().cloned().map(Value::String).collect());
+        let types = (0..self.tokens.len() as u32)
+            .map(|i| Value::I32(if self.special.contains(&i) { 3 } else { 1 }))
+            .collect();
+        let mut m = vec![
+            ("tokenizer.ggml.model".to_string(), Value::String("gpt2".into())),
+            (
+                "tokenizer.ggml.pre".to_string(),
+                Value::String(if self.split_digits { "smollm" } else { "default" }.into()),
+            ),
+            ("tokenizer.ggml.tokens".to_string(), strings(&self.tokens)),
+            ("tokenizer.ggml.merges".to_string(), strings(&self.merges)),
+            ("tokenizer.ggml.token_type".to_string(), Value::Array(types)),
+        ];
+        if let Some(b) = self.bos {
+            m.push(("tokenizer.ggml.bos_token_id".into(), Value::U32(b)));
+        }
+        if let Some(e) = self.eos {
+            m.push(("tokenizer.ggml.eos_token_id".into(), Value::U32(e)));
+        }
+        if let Some(t) = &self.chat_template {
+            m.push(("tokenizer.chat_template".into(), Value::String(t.clone())));
+        }
+        m
+    }
+}
+
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     json: String,

@@ -1,0 +1,82 @@
+//! Shared fixtures for integration tests: a tiny random Llama and a byte-level tokenizer for it.
+#![allow(dead_code)]
+
+use whittle::io::tokenizer::TokenizerSpec;
+use whittle::model::{random::random_model, AttnShape, LayerShape, ModelConfig};
+use whittle::Model;
+
+pub const VOCAB: usize = 260;
+
+pub fn tiny_config(tied: bool) -> ModelConfig {
+    ModelConfig {
+        arch: whittle::model::Arch::Llama,
+        vocab_size: VOCAB,
+        hidden: 32,
+        rope_theta: 10000.0,
+        rms_eps: 1e-5,
+        context_length: 64,
+        tie_embeddings: tied,
+        bos_token_id: Some(256),
+        eos_token_id: Some(257),
+    }
+}
+
+pub fn uniform_shapes(n: usize) -> Vec<LayerShape> {
+    vec![
+        LayerShape {
+            attn: Some(AttnShape {
+                n_heads: 4,
+                n_kv_heads: 2,
+                head_dim: 8,
+            }),
+            mlp: Some(48),
+        };
+        n
+    ]
+}
+
+pub fn tiny_model(seed: u64) -> Model {
+    random_model(tiny_config(true), &uniform_shapes(3), seed).unwrap()
+}
+
+/// GPT-2's byte → printable character map (what byte-level BPE vocabularies are written in).
+fn byte_chars() -> Vec<char> {
+    let mut printable: Vec<u32> = (b'!' as u32..=b'~' as u32)
+        .chain(0xA1..=0xAC)
+        .chain(0xAE..=0xFF)
+        .collect();
+    let mut chars = vec!['\0'; 256];
+    let mut extra = 0;
+    for b in 0..256u32 {
+        if !printable.contains(&b) {
+            printable.push(b);
+            chars[b as usize] = char::from_u32(256 + extra).unwrap();
+            extra += 1;
+        } else {
+            chars[b as usize] = char::from_u32(b).unwrap();
+        }
+    }
+    chars
+}
+
+/// A byte-level tokenizer: one token per byte, ids 256.. are control tokens.
+pub fn tiny_tokenizer_spec() -> TokenizerSpec {
+    let mut tokens: Vec<String> = byte_chars().into_iter().map(String::from).collect();
+    tokens.extend(["<s>", "</s>", "<|im_start|>", "<|im_end|>"].map(String::from));
+    TokenizerSpec {
+        tokens,
+        merges: vec![],
+        special: vec![256, 257, 258, 259],
+        split_digits: true,
+        chat_template: Some(
+            "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}".into(),
+        ),
+        bos: Some(256),
+        eos: Some(257),
+    }
+}
+
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}

@@ -1,0 +1,150 @@
+//! The forward pass, cache, hooks and file formats on a tiny random model.
+
+mod common;
+
+use common::*;
+use whittle::io::{gguf, resolve, safetensors, tokenizer::Tokenizer};
+use whittle::model::{random::random_model, AttnShape, KvCache, LayerShape, Logits, Observer, Site};
+
+const TOKENS: [u32; 12] = [5, 17, 200, 3, 99, 42, 42, 7, 255, 0, 128, 64];
+
+fn logits(m: &whittle::Model, ids: &[u32]) -> Vec<f32> {
+    m.forward(ids, None, Logits::All, None).unwrap()
+}
+
+#[test]
+fn cached_decode_equals_full_forward() {
+    let m = tiny_model(1);
+    let full = logits(&m, &TOKENS);
+    let mut cache = KvCache::new(&m, 20).unwrap();
+    // Prefill 5, then one token at a time.
+    let mut got = m.forward(&TOKENS[..5], Some(&mut cache), Logits::All, None).unwrap();
+    for &t in &TOKENS[5..] {
+        got.extend(m.forward(&[t], Some(&mut cache), Logits::All, None).unwrap());
+    }
+    assert!(max_abs_diff(&full, &got) < 1e-5);
+    assert_eq!(cache.len(), TOKENS.len());
+    let last = m.forward(&TOKENS, None, Logits::Last, None).unwrap();
+    // One row goes through the matrix-vector kernel, many rows through GEMM: rounding differs.
+    assert!(max_abs_diff(&last, &full[(TOKENS.len() - 1) * VOCAB..]) < 1e-5);
+}
+
+#[test]
+fn safetensors_round_trip_gives_identical_logits() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("model");
+    for tied in [true, false] {
+        let m = random_model(tiny_config(tied), &uniform_shapes(2), 3).unwrap();
+        let tok = Tokenizer::from_spec(&tiny_tokenizer_spec()).unwrap();
+        let _ = std::fs::remove_dir_all(&out);
+        safetensors::save(&m, Some(&tok), &out).unwrap();
+        let loaded = resolve::load(&out).unwrap();
+        assert_eq!(logits(&m, &TOKENS), logits(&loaded.model, &TOKENS));
+        assert_eq!(loaded.model.config, m.config);
+        assert_eq!(loaded.tokenizer.encode("a 12").unwrap(), vec![97, 32, 49, 50]);
+        // Saving onto an existing folder is refused, never half-overwritten.
+        assert!(safetensors::save(&m, Some(&tok), &out).is_err());
+    }
+}
+
+#[test]
+fn gguf_round_trip_gives_identical_logits_and_tokenizer() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    let m = tiny_model(4);
+    let spec = tiny_tokenizer_spec();
+    gguf::save(&m, Some(&spec), &path).unwrap();
+    let loaded = resolve::load(&path).unwrap();
+    // Q/K rows are permuted on save and un-permuted on load: logits must agree exactly.
+    assert_eq!(logits(&m, &TOKENS), logits(&loaded.model, &TOKENS));
+    let chat = loaded.tokenizer.render_chat("hi").unwrap();
+    assert_eq!(chat, "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
+    let ids = loaded.tokenizer.encode(&chat).unwrap();
+    assert_eq!(ids[0], 258);
+    assert_eq!(loaded.tokenizer.decode(&ids).unwrap(), "user\nhi\nassistant\n");
+}
+
+#[test]
+fn heterogeneous_and_removed_sublayers_run_and_round_trip() {
+    let shapes = vec![
+        LayerShape {
+            attn: Some(AttnShape {
+                n_heads: 2,
+                n_kv_heads: 1,
+                head_dim: 8,
+            }),
+            mlp: Some(20),
+        },
+        LayerShape {
+            attn: None,
+            mlp: Some(48),
+        },
+        LayerShape {
+            attn: Some(AttnShape {
+                n_heads: 4,
+                n_kv_heads: 4,
+                head_dim: 8,
+            }),
+            mlp: None,
+        },
+    ];
+    let m = random_model(tiny_config(true), &shapes, 9).unwrap();
+    let got: Vec<LayerShape> = m.layers.iter().map(|l| l.shape()).collect();
+    assert_eq!(got, shapes);
+    let full = logits(&m, &TOKENS);
+    assert!(full.iter().all(|v| v.is_finite()));
+    let mut cache = KvCache::new(&m, 16).unwrap();
+    let mut inc = m.forward(&TOKENS[..7], Some(&mut cache), Logits::All, None).unwrap();
+    inc.extend(m.forward(&TOKENS[7..], Some(&mut cache), Logits::All, None).unwrap());
+    assert!(max_abs_diff(&full, &inc) < 1e-5);
+    let dir = tempfile::tempdir().unwrap();
+    for path in [dir.path().join("st"), dir.path().join("m.gguf")] {
+        if path.extension().is_some() {
+            gguf::save(&m, None, &path).unwrap();
+            let (back, _) = gguf::load(&path).unwrap();
+            assert_eq!(full, logits(&back, &TOKENS));
+        } else {
+            safetensors::save(&m, None, &path).unwrap();
+            assert_eq!(full, logits(&safetensors::load(&path).unwrap(), &TOKENS));
+        }
+    }
+}
+
+#[derive(Default)]
+struct Seen(Vec<(usize, Site, usize, usize)>);
+
+impl Observer for Seen {
+    fn observe(&mut self, layer: usize, site: Site, x: &[f32], rows: usize) {
+        self.0.push((layer, site, rows, x.len() / rows));
+    }
+}
+
+#[test]
+fn observer_sees_every_linear_input_once_per_site() {
+    let m = tiny_model(2);
+    let mut seen = Seen::default();
+    m.forward(&TOKENS[..6], None, Logits::Last, Some(&mut seen)).unwrap();
+    let want: Vec<_> = (0..3)
+        .flat_map(|l| {
+            [
+                (l, Site::AttnIn, 6, 32),
+                (l, Site::AttnOut, 6, 32),
+                (l, Site::MlpIn, 6, 32),
+                (l, Site::MlpDown, 6, 48),
+            ]
+        })
+        .collect();
+    assert_eq!(seen.0, want);
+}
+
+#[test]
+fn impossible_requests_are_errors() {
+    let m = tiny_model(5);
+    let long: Vec<u32> = vec![1; 65];
+    assert!(m.forward(&long, None, Logits::Last, None).is_err());
+    assert!(m.forward(&[], None, Logits::Last, None).is_err());
+    assert!(m.forward(&[VOCAB as u32], None, Logits::Last, None).is_err());
+    assert!(KvCache::new(&m, 65).is_err());
+    let mut cache = KvCache::new(&m, 4).unwrap();
+    assert!(m.forward(&TOKENS[..5], Some(&mut cache), Logits::Last, None).is_err());
+}
