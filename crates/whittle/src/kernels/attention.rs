@@ -73,8 +73,7 @@ pub fn causal_attention(
         );
         for (r, row) in scores.chunks_exact_mut(keys).enumerate() {
             let visible = past + i0 + r + 1;
-            row[..visible].iter_mut().for_each(|x| *x *= scale);
-            softmax_in_place(&mut row[..visible]);
+            softmax_in_place(&mut row[..visible], scale);
             row[visible..].fill(0.0);
         }
         // SAFETY: this task alone writes rows i0..i1, columns h·d..(h+1)·d of `out`, which lie

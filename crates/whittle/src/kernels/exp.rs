@@ -26,20 +26,51 @@ pub fn exp_approx(x: f32) -> f32 {
     e * f32::from_bits(((n as i32 + 127) << 23) as u32)
 }
 
+/// Lanes of the independent accumulators below: float adds and maxes are not associative, so
+/// the compiler vectorises a reduction only if it is written as this many separate partial ones.
+const LANES: usize = 16;
+
+#[inline(always)]
+fn max_of(row: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let chunks = row.chunks_exact(LANES);
+    let mut max = chunks.remainder().iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v));
+    for c in chunks {
+        for i in 0..LANES {
+            acc[i] = acc[i].max(c[i]);
+        }
+    }
+    for a in acc {
+        max = max.max(a);
+    }
+    max
+}
+
+/// `row_i = e^{scale·(row_i − max)}`, returning their sum.
+#[inline(always)]
+fn exp_sum(row: &mut [f32], scale: f32, max: f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let mut chunks = row.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for i in 0..LANES {
+            c[i] = exp_approx(scale * (c[i] - max));
+            acc[i] += c[i];
+        }
+    }
+    let mut tail = 0f32;
+    for v in chunks.into_remainder() {
+        *v = exp_approx(scale * (*v - max));
+        tail += *v;
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
 simd_dispatch! {
-    /// Softmax of one row in place (max-subtracted). Returns nothing; an all-`-inf` row is a bug
-    /// of the caller (every causal row has at least one visible key).
-    pub fn softmax_in_place(row: &mut [f32]) {
-        let mut max = f32::NEG_INFINITY;
-        for v in row.iter() {
-            max = max.max(*v);
-        }
-        let mut sum = 0f32;
-        for v in row.iter_mut() {
-            *v = exp_approx(*v - max);
-            sum += *v;
-        }
-        let inv = 1.0 / sum;
+    /// `row = softmax(scale · row)` in place, max-subtracted (`scale > 0`). Attention folds its
+    /// `1/√d` into `scale` so the scores are read once.
+    pub fn softmax_in_place(row: &mut [f32], scale: f32) {
+        let max = max_of(row);
+        let inv = 1.0 / exp_sum(row, scale, max);
         for v in row.iter_mut() {
             *v *= inv;
         }
@@ -47,17 +78,14 @@ simd_dispatch! {
 }
 
 simd_dispatch! {
-    /// `ln Σ e^{x_i}` of one row (max-subtracted, so no overflow).
+    /// `ln Σ e^{x_i}` of one row (max-subtracted, so no overflow). Only reads `row`.
     pub fn logsumexp(row: &[f32]) -> f32 {
-        let mut max = f32::NEG_INFINITY;
-        for v in row {
-            max = max.max(*v);
-        }
-        let mut acc = [0f32; 16];
-        let chunks = row.chunks_exact(16);
+        let max = max_of(row);
+        let mut acc = [0f32; LANES];
+        let chunks = row.chunks_exact(LANES);
         let tail: f32 = chunks.remainder().iter().map(|v| exp_approx(*v - max)).sum();
         for c in chunks {
-            for i in 0..16 {
+            for i in 0..LANES {
                 acc[i] += exp_approx(c[i] - max);
             }
         }
@@ -97,11 +125,11 @@ mod tests {
     fn softmax_matches_f64() {
         let x: Vec<f32> = (0..37).map(|i| ((i * 7 % 11) as f32 - 5.0) * 1.3).collect();
         let mut y = x.clone();
-        softmax_in_place(&mut y);
+        softmax_in_place(&mut y, 0.7);
         let m = x.iter().cloned().fold(f32::MIN, f32::max) as f64;
-        let z: f64 = x.iter().map(|v| (*v as f64 - m).exp()).sum();
+        let z: f64 = x.iter().map(|v| ((*v as f64 - m) * 0.7).exp()).sum();
         for (a, b) in y.iter().zip(&x) {
-            assert!((*a as f64 - (*b as f64 - m).exp() / z).abs() < 1e-7);
+            assert!((*a as f64 - ((*b as f64 - m) * 0.7).exp() / z).abs() < 1e-7);
         }
     }
 }
