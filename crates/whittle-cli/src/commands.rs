@@ -38,7 +38,7 @@ pub fn inspect(model: Option<&str>, json_out: Option<PathBuf>) -> Result<()> {
     } = load(model)?;
     let c = &model.config;
     let mut modules: BTreeMap<String, usize> = BTreeMap::new();
-    *modules.entry("embed_tokens".into()).or_default() += model.embed.len();
+    *modules.entry("embed_tokens".into()).or_default() += model.embed.n_params();
     *modules.entry("norms".into()).or_default() += model.final_norm.len();
     for l in &model.layers {
         *modules.entry("norms".into()).or_default() += l.attn_norm.len() + l.mlp_norm.len();

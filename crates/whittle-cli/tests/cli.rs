@@ -6,7 +6,10 @@ use std::process::Command;
 fn whittle(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_whittle"))
         .args(args)
-        .env("WHITTLE_HOME", std::env::temp_dir().join("whittle-cli-test-home"))
+        .env(
+            "WHITTLE_HOME",
+            std::env::temp_dir().join("whittle-cli-test-home"),
+        )
         .output()
         .unwrap();
     (
@@ -27,10 +30,25 @@ fn bad_inputs_fail_cleanly() {
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (vec!["inspect", "--model", "/no/such.gguf"], "/no/such.gguf"),
         (vec!["inspect", "--model", junk_s], "junk.gguf"),
-        (vec!["eval", "ppl", "--model", junk_s, "--data", empty.to_str().unwrap()], "empty"),
-        (vec!["generate", "--model", "hf:bad", "--prompt", "x"], "hf:org/name"),
         (
-            vec!["generate", "--model", junk_s, "--prompt", "x", "--top-p", "0"],
+            vec![
+                "eval",
+                "ppl",
+                "--model",
+                junk_s,
+                "--data",
+                empty.to_str().unwrap(),
+            ],
+            "empty",
+        ),
+        (
+            vec!["generate", "--model", "hf:bad", "--prompt", "x"],
+            "hf:org/name",
+        ),
+        (
+            vec![
+                "generate", "--model", junk_s, "--prompt", "x", "--top-p", "0",
+            ],
             "top-p",
         ),
     ];

@@ -16,7 +16,13 @@ fn err_text(r: Result<resolve::Loaded, whittle::Error>) -> String {
 
 fn saved_gguf(dir: &Path) -> std::path::PathBuf {
     let path = dir.join("m.gguf");
-    gguf::save(&tiny_model(1), Some(&tiny_tokenizer_spec()), &path).unwrap();
+    gguf::save(
+        &tiny_model(1),
+        Some(&tiny_tokenizer_spec()),
+        gguf::GgufType::F32,
+        &path,
+    )
+    .unwrap();
     path
 }
 
@@ -46,7 +52,11 @@ fn unknown_architecture_and_missing_files() {
     safetensors::save(&tiny_model(1), Some(&tok), &out).unwrap();
     let cfg_path = out.join("config.json");
     let cfg = std::fs::read_to_string(&cfg_path).unwrap();
-    std::fs::write(&cfg_path, cfg.replace("LlamaForCausalLM", "MysteryForCausalLM")).unwrap();
+    std::fs::write(
+        &cfg_path,
+        cfg.replace("LlamaForCausalLM", "MysteryForCausalLM"),
+    )
+    .unwrap();
     assert!(err_text(resolve::load(&out)).contains("unsupported architecture 'MysteryForCausalLM'"));
     std::fs::write(&cfg_path, &cfg).unwrap();
     std::fs::remove_file(out.join("tokenizer.json")).unwrap();
@@ -91,14 +101,24 @@ fn truncated_safetensors_and_shape_mismatch() {
     let bytes = std::fs::read(&st).unwrap();
     std::fs::write(&st, &bytes[..bytes.len() / 3]).unwrap();
     let e = safetensors::load(&out).err().unwrap().to_string();
-    assert!(e.contains("model.safetensors") && e.contains("not a valid safetensors"), "{e}");
+    assert!(
+        e.contains("model.safetensors") && e.contains("not a valid safetensors"),
+        "{e}"
+    );
     std::fs::write(&st, &bytes).unwrap();
     // A config that disagrees with the tensors.
     let cfg_path = out.join("config.json");
     let cfg = std::fs::read_to_string(&cfg_path).unwrap();
-    std::fs::write(&cfg_path, cfg.replace("\"hidden_size\": 32", "\"hidden_size\": 40")).unwrap();
+    std::fs::write(
+        &cfg_path,
+        cfg.replace("\"hidden_size\": 32", "\"hidden_size\": 40"),
+    )
+    .unwrap();
     let e = safetensors::load(&out).err().unwrap().to_string();
-    assert!(e.contains("model.embed_tokens.weight") && e.contains("expected shape"), "{e}");
+    assert!(
+        e.contains("model.embed_tokens.weight") && e.contains("expected shape"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -106,18 +126,31 @@ fn nan_in_weights_is_named() {
     let m = tiny_model(1);
     let dir = tempfile::tempdir().unwrap();
     let mut layers = m.layers;
-    let Weight::Dense(w) = &mut layers[1].mlp.as_mut().unwrap().up.weight;
+    let Weight::Dense(w) = &mut layers[1].mlp.as_mut().unwrap().up.weight else {
+        panic!("random models are dense")
+    };
     w[3] = f32::NAN;
     // The model constructor itself refuses it ...
-    let e = whittle::Model::new(m.config.clone(), m.embed.clone(), layers, m.final_norm.clone(), None)
-        .err()
-        .unwrap()
-        .to_string();
-    assert!(e.contains("layers.1.mlp.up_proj") && e.contains("non-finite"), "{e}");
+    let e = whittle::Model::new(
+        m.config.clone(),
+        m.embed.clone(),
+        layers,
+        m.final_norm.clone(),
+        None,
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(
+        e.contains("layers.1.mlp.up_proj") && e.contains("non-finite"),
+        "{e}"
+    );
     // ... and so does loading a file that holds one.
     let mut m2 = random_model(tiny_config(false), &uniform_shapes(1), 2).unwrap();
     let head = m2.lm_head.as_mut().unwrap();
-    let Weight::Dense(w) = &mut head.weight;
+    let Weight::Dense(w) = &mut head.weight else {
+        panic!("random models are dense")
+    };
     w[0] = f32::INFINITY;
     // Linear::dense does not check values (compression methods build many); Model::new does.
     assert!(Linear::dense("x", vec![f32::NAN], 1, 1).is_ok());
@@ -132,7 +165,9 @@ fn empty_data_and_too_long_windows() {
     let dir = tempfile::tempdir().unwrap();
     let empty = dir.path().join("empty.txt");
     std::fs::write(&empty, "  \n").unwrap();
-    let e = whittle::data::text::read_text(&empty).unwrap_err().to_string();
+    let e = whittle::data::text::read_text(&empty)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("empty.txt") && e.contains("empty"), "{e}");
     let m = tiny_model(1);
     let ids: Vec<u32> = (0..300).map(|i| i % 250).collect();

@@ -34,11 +34,16 @@ fn json(name: &str) -> Value {
 }
 
 fn ids_of(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 fn split_ids(split: &str) -> Vec<u32> {
-    let text = whittle::data::text::read_text(&reference(&format!("wikitext2-{split}.txt"))).unwrap();
+    let text =
+        whittle::data::text::read_text(&reference(&format!("wikitext2-{split}.txt"))).unwrap();
     model().tokenizer.encode(&text).unwrap()
 }
 
@@ -48,12 +53,20 @@ fn tokenizer_matches_smollm_fixture() {
     let tok = &model().tokenizer;
     for s in fx["samples"].as_array().unwrap() {
         let text = s["text"].as_str().unwrap();
-        assert_eq!(tok.encode(text).unwrap(), ids_of(&s["ids_smollm_pretok"]), "{text:?}");
+        assert_eq!(
+            tok.encode(text).unwrap(),
+            ids_of(&s["ids_smollm_pretok"]),
+            "{text:?}"
+        );
     }
     for split in ["test", "valid"] {
         let ids = split_ids(split);
         let f = &fx["splits"][split];
-        assert_eq!(ids.len() as u64, f["n_tokens_smollm_pretok"].as_u64().unwrap(), "{split}");
+        assert_eq!(
+            ids.len() as u64,
+            f["n_tokens_smollm_pretok"].as_u64().unwrap(),
+            "{split}"
+        );
         assert_eq!(ids[..64], ids_of(&f["first_64_ids"])[..], "{split}");
     }
 }
@@ -64,7 +77,9 @@ fn first_window_logits_match_fixture() {
     let m = &model().model;
     let input = ids_of(&fx["input_ids"]);
     let positions = fx["positions"].as_array().unwrap();
-    let logits = m.forward(&input[..positions.len()], None, Logits::All, None).unwrap();
+    let logits = m
+        .forward(&input[..positions.len()], None, Logits::All, None)
+        .unwrap();
     let vocab = m.config.vocab_size;
     let close = |a: f64, b: f64, tol: f64| (a - b).abs() <= tol * (1.0 + b.abs());
     for p in positions {
@@ -73,22 +88,40 @@ fn first_window_logits_match_fixture() {
         let mut order: Vec<u32> = (0..vocab as u32).collect();
         order.sort_by(|&a, &b| row[b as usize].total_cmp(&row[a as usize]));
         assert_eq!(order[..5], ids_of(&p["top5_ids"])[..], "position {pos}");
-        for (id, want) in ids_of(&p["top5_ids"]).iter().zip(p["top5_logits"].as_array().unwrap()) {
-            assert!(close(row[*id as usize] as f64, want.as_f64().unwrap(), 1e-4), "pos {pos}");
+        for (id, want) in ids_of(&p["top5_ids"])
+            .iter()
+            .zip(p["top5_logits"].as_array().unwrap())
+        {
+            assert!(
+                close(row[*id as usize] as f64, want.as_f64().unwrap(), 1e-4),
+                "pos {pos}"
+            );
         }
         for (i, want) in p["logits_ids_0_15"].as_array().unwrap().iter().enumerate() {
             let (got, want) = (row[i] as f64, want.as_f64().unwrap());
-            assert!((got - want).abs() < 2e-3, "pos {pos} id {i}: {got} vs {want}");
+            assert!(
+                (got - want).abs() < 2e-3,
+                "pos {pos} id {i}: {got} vs {want}"
+            );
         }
         let m = row.iter().cloned().fold(f32::MIN, f32::max) as f64;
         let lse = m + row.iter().map(|v| (*v as f64 - m).exp()).sum::<f64>().ln();
-        assert!(close(lse, p["logsumexp"].as_f64().unwrap(), 1e-5), "pos {pos}");
+        assert!(
+            close(lse, p["logsumexp"].as_f64().unwrap(), 1e-5),
+            "pos {pos}"
+        );
         let next = p["next_id"].as_u64().unwrap() as usize;
         assert!((lse - row[next] as f64 - p["nll_next"].as_f64().unwrap()).abs() < 1e-3);
         let sum: f64 = row.iter().map(|v| *v as f64).sum();
         let sumsq: f64 = row.iter().map(|v| (*v as f64).powi(2)).sum();
-        assert!(close(sum, p["logits_sum"].as_f64().unwrap(), 1e-4), "pos {pos} sum {sum}");
-        assert!(close(sumsq, p["logits_sumsq"].as_f64().unwrap(), 1e-4), "pos {pos}");
+        assert!(
+            close(sum, p["logits_sum"].as_f64().unwrap(), 1e-4),
+            "pos {pos} sum {sum}"
+        );
+        assert!(
+            close(sumsq, p["logits_sumsq"].as_f64().unwrap(), 1e-4),
+            "pos {pos}"
+        );
     }
 }
 
@@ -106,7 +139,10 @@ fn perplexity_matches_reference_slices() {
         )
         .unwrap();
         let rel = (r.ppl - want).abs() / want;
-        eprintln!("seq {seq}, {max_tokens} tokens: PPL {:.4} (reference {want})", r.ppl);
+        eprintln!(
+            "seq {seq}, {max_tokens} tokens: PPL {:.4} (reference {want})",
+            r.ppl
+        );
         assert!(rel < 0.002, "seq {seq}: {} vs {want}", r.ppl);
     }
 }
@@ -118,15 +154,25 @@ fn greedy_cached_decode_equals_full_forward_argmax() {
     let prompt = &ids[..96];
     let mut cache = KvCache::new(m, 128).unwrap();
     let mut seq = prompt.to_vec();
-    let mut next = argmax(&m.forward(prompt, Some(&mut cache), Logits::Last, None).unwrap());
+    let mut next = argmax(
+        &m.forward(prompt, Some(&mut cache), Logits::Last, None)
+            .unwrap(),
+    );
     for _ in 0..12 {
         seq.push(next);
-        next = argmax(&m.forward(&[next], Some(&mut cache), Logits::Last, None).unwrap());
+        next = argmax(
+            &m.forward(&[next], Some(&mut cache), Logits::Last, None)
+                .unwrap(),
+        );
     }
     let full = m.forward(&seq, None, Logits::All, None).unwrap();
     let vocab = m.config.vocab_size;
     for (i, &tok) in seq[prompt.len()..].iter().enumerate() {
         let row = prompt.len() - 1 + i;
-        assert_eq!(argmax(&full[row * vocab..(row + 1) * vocab]), tok, "step {i}");
+        assert_eq!(
+            argmax(&full[row * vocab..(row + 1) * vocab]),
+            tok,
+            "step {i}"
+        );
     }
 }

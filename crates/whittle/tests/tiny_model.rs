@@ -4,7 +4,9 @@ mod common;
 
 use common::*;
 use whittle::io::{gguf, resolve, safetensors, tokenizer::Tokenizer};
-use whittle::model::{random::random_model, AttnShape, KvCache, LayerShape, Logits, Observer, Site};
+use whittle::model::{
+    random::random_model, AttnShape, KvCache, LayerShape, Logits, Observer, Site,
+};
 
 const TOKENS: [u32; 12] = [5, 17, 200, 3, 99, 42, 42, 7, 255, 0, 128, 64];
 
@@ -18,9 +20,14 @@ fn cached_decode_equals_full_forward() {
     let full = logits(&m, &TOKENS);
     let mut cache = KvCache::new(&m, 20).unwrap();
     // Prefill 5, then one token at a time.
-    let mut got = m.forward(&TOKENS[..5], Some(&mut cache), Logits::All, None).unwrap();
+    let mut got = m
+        .forward(&TOKENS[..5], Some(&mut cache), Logits::All, None)
+        .unwrap();
     for &t in &TOKENS[5..] {
-        got.extend(m.forward(&[t], Some(&mut cache), Logits::All, None).unwrap());
+        got.extend(
+            m.forward(&[t], Some(&mut cache), Logits::All, None)
+                .unwrap(),
+        );
     }
     assert!(max_abs_diff(&full, &got) < 1e-5);
     assert_eq!(cache.len(), TOKENS.len());
@@ -41,7 +48,10 @@ fn safetensors_round_trip_gives_identical_logits() {
         let loaded = resolve::load(&out).unwrap();
         assert_eq!(logits(&m, &TOKENS), logits(&loaded.model, &TOKENS));
         assert_eq!(loaded.model.config, m.config);
-        assert_eq!(loaded.tokenizer.encode("a 12").unwrap(), vec![97, 32, 49, 50]);
+        assert_eq!(
+            loaded.tokenizer.encode("a 12").unwrap(),
+            vec![97, 32, 49, 50]
+        );
         // Saving onto an existing folder is refused, never half-overwritten.
         assert!(safetensors::save(&m, Some(&tok), &out).is_err());
     }
@@ -53,15 +63,21 @@ fn gguf_round_trip_gives_identical_logits_and_tokenizer() {
     let path = dir.path().join("tiny.gguf");
     let m = tiny_model(4);
     let spec = tiny_tokenizer_spec();
-    gguf::save(&m, Some(&spec), &path).unwrap();
+    gguf::save(&m, Some(&spec), gguf::GgufType::F32, &path).unwrap();
     let loaded = resolve::load(&path).unwrap();
     // Q/K rows are permuted on save and un-permuted on load: logits must agree exactly.
     assert_eq!(logits(&m, &TOKENS), logits(&loaded.model, &TOKENS));
     let chat = loaded.tokenizer.render_chat("hi").unwrap();
-    assert_eq!(chat, "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
+    assert_eq!(
+        chat,
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    );
     let ids = loaded.tokenizer.encode(&chat).unwrap();
     assert_eq!(ids[0], 258);
-    assert_eq!(loaded.tokenizer.decode(&ids).unwrap(), "user\nhi\nassistant\n");
+    assert_eq!(
+        loaded.tokenizer.decode(&ids).unwrap(),
+        "user\nhi\nassistant\n"
+    );
 }
 
 #[test]
@@ -94,13 +110,18 @@ fn heterogeneous_and_removed_sublayers_run_and_round_trip() {
     let full = logits(&m, &TOKENS);
     assert!(full.iter().all(|v| v.is_finite()));
     let mut cache = KvCache::new(&m, 16).unwrap();
-    let mut inc = m.forward(&TOKENS[..7], Some(&mut cache), Logits::All, None).unwrap();
-    inc.extend(m.forward(&TOKENS[7..], Some(&mut cache), Logits::All, None).unwrap());
+    let mut inc = m
+        .forward(&TOKENS[..7], Some(&mut cache), Logits::All, None)
+        .unwrap();
+    inc.extend(
+        m.forward(&TOKENS[7..], Some(&mut cache), Logits::All, None)
+            .unwrap(),
+    );
     assert!(max_abs_diff(&full, &inc) < 1e-5);
     let dir = tempfile::tempdir().unwrap();
     for path in [dir.path().join("st"), dir.path().join("m.gguf")] {
         if path.extension().is_some() {
-            gguf::save(&m, None, &path).unwrap();
+            gguf::save(&m, None, gguf::GgufType::F32, &path).unwrap();
             let (back, _) = gguf::load(&path).unwrap();
             assert_eq!(full, logits(&back, &TOKENS));
         } else {
@@ -123,7 +144,8 @@ impl Observer for Seen {
 fn observer_sees_every_linear_input_once_per_site() {
     let m = tiny_model(2);
     let mut seen = Seen::default();
-    m.forward(&TOKENS[..6], None, Logits::Last, Some(&mut seen)).unwrap();
+    m.forward(&TOKENS[..6], None, Logits::Last, Some(&mut seen))
+        .unwrap();
     let want: Vec<_> = (0..3)
         .flat_map(|l| {
             [
@@ -143,8 +165,56 @@ fn impossible_requests_are_errors() {
     let long: Vec<u32> = vec![1; 65];
     assert!(m.forward(&long, None, Logits::Last, None).is_err());
     assert!(m.forward(&[], None, Logits::Last, None).is_err());
-    assert!(m.forward(&[VOCAB as u32], None, Logits::Last, None).is_err());
+    assert!(m
+        .forward(&[VOCAB as u32], None, Logits::Last, None)
+        .is_err());
     assert!(KvCache::new(&m, 65).is_err());
     let mut cache = KvCache::new(&m, 4).unwrap();
-    assert!(m.forward(&TOKENS[..5], Some(&mut cache), Logits::Last, None).is_err());
+    assert!(m
+        .forward(&TOKENS[..5], Some(&mut cache), Logits::Last, None)
+        .is_err());
+}
+
+#[test]
+fn gguf_block_types_stay_packed_and_match_their_f32_expansion() {
+    use whittle::model::Weight;
+    let dir = tempfile::tempdir().unwrap();
+    let m = tiny_model(6);
+    for ty in [
+        gguf::GgufType::Q4_1,
+        gguf::GgufType::Q4_0,
+        gguf::GgufType::Q8_0,
+    ] {
+        let path = dir.path().join(format!("{ty:?}.gguf"));
+        gguf::save(&m, None, ty, &path).unwrap();
+        let (packed, mut file) = gguf::load(&path).unwrap();
+        let q = &packed.layers[0].attn.as_ref().unwrap().v;
+        assert!(matches!(q.weight, Weight::Packed(_)), "{ty:?}");
+        // Bit-exact against candle's own dequantization of the same tensor.
+        let (candle_f32, _) = file.tensor_f32("blk.0.attn_v.weight").unwrap();
+        assert_eq!(q.dense_weight(), &candle_f32[..], "{ty:?}");
+        let (candle_up, _) = file.tensor_f32("blk.2.ffn_up.weight").unwrap();
+        assert_eq!(
+            packed.layers[2].mlp.as_ref().unwrap().up.dense_weight(),
+            &candle_up[..]
+        );
+        // Packed decode (on-the-fly matrix-vector) equals the f32 model's forward.
+        let mut dense = gguf::load(&path).unwrap().0;
+        dense.densify();
+        let want = logits(&dense, &TOKENS);
+        let mut cache = KvCache::new(&packed, 16).unwrap();
+        let mut got = Vec::new();
+        for &t in &TOKENS {
+            got.extend(
+                packed
+                    .forward(&[t], Some(&mut cache), Logits::All, None)
+                    .unwrap(),
+            );
+        }
+        assert!(max_abs_diff(&want, &got) < 1e-4, "{ty:?}");
+        assert!(
+            max_abs_diff(&want, &logits(&packed, &TOKENS)) < 1e-4,
+            "{ty:?}"
+        );
+    }
 }

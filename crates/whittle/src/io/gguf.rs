@@ -3,9 +3,12 @@
 //! off tensor shapes, not metadata, so pruned models load like dense ones.
 
 use super::tokenizer::TokenizerSpec;
-use crate::model::{Arch, Attention, AttnShape, Layer, Linear, Mlp, Model, ModelConfig};
+use crate::model::{
+    Arch, Attention, AttnShape, Layer, Linear, Mlp, Model, ModelConfig, Packed, Weight,
+};
 use crate::{Error, Result};
 use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::GgmlDType;
 use candle_core::Device;
 use std::collections::HashMap;
 use std::fs::File;
@@ -223,8 +226,7 @@ impl GgufFile {
             return Err(self.err("head dimension is 0"));
         }
         let h = config.hidden;
-        let (embed, es) = self.tensor_f32("token_embd.weight")?;
-        self.expect("token_embd.weight", &es, &[config.vocab_size, h])?;
+        let embed = self.linear("token_embd.weight", config.vocab_size, h)?;
         let (final_norm, ns) = self.tensor_f32("output_norm.weight")?;
         self.expect("output_norm.weight", &ns, &[h])?;
         let lm_head = if config.tie_embeddings {
@@ -299,20 +301,88 @@ impl GgufFile {
         Ok(())
     }
 
+    /// A linear layer; Q4_0, Q4_1 and Q8_0 tensors stay in their blocks (bit-exact, see
+    /// [`Packed`]), every other type is dequantized to f32.
     fn linear(&mut self, name: &str, out: usize, inp: usize) -> Result<Linear> {
-        if !self.has_tensor(name) {
+        let Some(info) = self.content.tensor_infos.get(name) else {
             return Err(self.err(format!("tensor '{name}' missing")));
+        };
+        let dtype = info.ggml_dtype;
+        self.expect(name, info.shape.dims(), &[out, inp])?;
+        let kept = matches!(dtype, GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q8_0);
+        if !kept || inp % 32 != 0 {
+            let (w, _) = self.tensor_f32(name)?;
+            return Linear::dense(name, w, out, inp);
         }
-        let (w, shape) = self.tensor_f32(name)?;
-        self.expect(name, &shape, &[out, inp])?;
-        Linear::dense(name, w, out, inp)
+        let q = self
+            .content
+            .tensor(&mut self.reader, name, &Device::Cpu)
+            .and_then(|q| q.data().map(|d| d.into_owned()))
+            .map_err(|e| Error::format(&self.path, format!("tensor '{name}': {e}")))?;
+        let packed =
+            unpack_blocks(name, dtype, &q, out, inp).map_err(|e| Error::format(&self.path, e))?;
+        Ok(Linear {
+            out_features: out,
+            in_features: inp,
+            weight: Weight::Packed(packed),
+            adapter: None,
+        })
     }
+}
+
+/// Converts GGML blocks of 32 to [`Packed`]: Q4_1 `w = d·q + m`; Q4_0 `w = d·(q − 8)`, stored as
+/// min `−8d`; Q8_0 `w = d·q` with signed `q`, stored as `q + 128` and min `−128d`. Every product
+/// and shift here is exact in f32, so `fma(scale, q, min)` equals GGML's dequantization.
+fn unpack_blocks(
+    name: &str,
+    dtype: GgmlDType,
+    raw: &[u8],
+    out: usize,
+    inp: usize,
+) -> Result<Packed> {
+    let (block, bits, head) = match dtype {
+        GgmlDType::Q4_1 => (20, 4u8, 4),
+        GgmlDType::Q4_0 => (18, 4, 2),
+        _ => (34, 8, 2),
+    };
+    let blocks = out * inp / 32;
+    if raw.len() != blocks * block {
+        return Err(Error::Invalid(format!(
+            "tensor '{name}': {} bytes for {blocks} {dtype:?} blocks",
+            raw.len()
+        )));
+    }
+    let f16 = |b: &[u8]| half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+    let mut data = Vec::with_capacity(blocks * 32 * bits as usize / 8);
+    let (mut scales, mut mins) = (Vec::with_capacity(blocks), Vec::with_capacity(blocks));
+    for b in raw.chunks_exact(block) {
+        let d = f16(&b[0..2]);
+        scales.push(d);
+        match dtype {
+            GgmlDType::Q4_1 => mins.push(f16(&b[2..4])),
+            GgmlDType::Q4_0 => mins.push(-8.0 * d),
+            _ => mins.push(-128.0 * d),
+        }
+        if bits == 8 {
+            data.extend(b[head..].iter().map(|q| q ^ 0x80));
+        } else {
+            data.extend_from_slice(&b[head..]);
+        }
+    }
+    Packed::new(name, (out, inp), bits, 32, data, scales, mins)
 }
 
 /// GGUF (llama.cpp's converter) stores Q/K rows of each head interleaved for the "NORM" RoPE:
 /// row `2i + j` of a head holds what HF stores at row `j·d/2 + i`. Loading undoes it so that
 /// the forward pass uses half-split RoPE for every file format; saving redoes it.
-fn permuted_rows(w: &[f32], inp: usize, n_heads: usize, head_dim: usize, to_gguf: bool) -> Vec<f32> {
+/// Works on any row-major array whose rows are `inp` elements long.
+fn permuted_rows<T: Copy>(
+    w: &[T],
+    inp: usize,
+    n_heads: usize,
+    head_dim: usize,
+    to_gguf: bool,
+) -> Vec<T> {
     let mut out = w.to_vec();
     let half = head_dim / 2;
     for h in 0..n_heads {
@@ -320,7 +390,11 @@ fn permuted_rows(w: &[f32], inp: usize, n_heads: usize, head_dim: usize, to_gguf
             for j in 0..2 {
                 let gguf_row = h * head_dim + 2 * i + j;
                 let hf_row = h * head_dim + j * half + i;
-                let (from, to) = if to_gguf { (hf_row, gguf_row) } else { (gguf_row, hf_row) };
+                let (from, to) = if to_gguf {
+                    (hf_row, gguf_row)
+                } else {
+                    (gguf_row, hf_row)
+                };
                 out[to * inp..(to + 1) * inp].copy_from_slice(&w[from * inp..(from + 1) * inp]);
             }
         }
@@ -330,15 +404,59 @@ fn permuted_rows(w: &[f32], inp: usize, n_heads: usize, head_dim: usize, to_gguf
 
 fn unpermute_rows(lin: &mut Linear, n_heads: usize, head_dim: usize) {
     let inp = lin.in_features;
-    let crate::model::Weight::Dense(w) = &mut lin.weight;
-    *w = permuted_rows(w, inp, n_heads, head_dim, false);
+    let un = |v: &[_], row| permuted_rows(v, row, n_heads, head_dim, false);
+    match &mut lin.weight {
+        Weight::Dense(w) => *w = un(w, inp),
+        Weight::Packed(p) => {
+            let row_bytes = inp * p.bits as usize / 8;
+            let groups = inp / p.group;
+            *p = Packed::new(
+                "q/k",
+                (lin.out_features, inp),
+                p.bits,
+                p.group,
+                permuted_rows(&p.data, row_bytes, n_heads, head_dim, false),
+                un(&p.scales, groups),
+                un(&p.mins, groups),
+            )
+            .expect("a row permutation keeps the packed shape valid");
+        }
+    }
 }
 
-/// Writes `model` as an F32 GGUF file that llama.cpp and whittle load, atomically (temporary
-/// file + rename). The tokenizer metadata is included when `tokenizer` is given.
-pub fn save(model: &Model, tokenizer: Option<&TokenizerSpec>, path: &Path) -> Result<()> {
+/// Storage type of the matrices in an exported GGUF file (norms are always F32).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GgufType {
+    F32,
+    F16,
+    Q8_0,
+    Q4_0,
+    Q4_1,
+}
+
+impl GgufType {
+    fn ggml(self) -> GgmlDType {
+        match self {
+            GgufType::F32 => GgmlDType::F32,
+            GgufType::F16 => GgmlDType::F16,
+            GgufType::Q8_0 => GgmlDType::Q8_0,
+            GgufType::Q4_0 => GgmlDType::Q4_0,
+            GgufType::Q4_1 => GgmlDType::Q4_1,
+        }
+    }
+}
+
+/// Writes `model` as a GGUF file that llama.cpp and whittle load, atomically (temporary file +
+/// rename), matrices stored as `dtype` (F32 where a row is not a multiple of the 32-wide block).
+/// The tokenizer metadata is included when `tokenizer` is given.
+pub fn save(
+    model: &Model,
+    tokenizer: Option<&TokenizerSpec>,
+    dtype: GgufType,
+    path: &Path,
+) -> Result<()> {
     let tmp = super::temp_sibling(path);
-    let result = write_gguf(model, tokenizer, &tmp)
+    let result = write_gguf(model, tokenizer, dtype, &tmp)
         .and_then(|_| std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e)));
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
@@ -346,16 +464,27 @@ pub fn save(model: &Model, tokenizer: Option<&TokenizerSpec>, path: &Path) -> Re
     result
 }
 
-fn write_gguf(model: &Model, tokenizer: Option<&TokenizerSpec>, path: &Path) -> Result<()> {
-    use candle_core::quantized::{GgmlDType, QTensor};
+fn write_gguf(
+    model: &Model,
+    tokenizer: Option<&TokenizerSpec>,
+    dtype: GgufType,
+    path: &Path,
+) -> Result<()> {
+    use candle_core::quantized::QTensor;
     let c = &model.config;
     let arch = c.arch.name();
-    let first_attn = model.layers.iter().find_map(|l| l.attn.as_ref().map(|a| a.shape));
+    let first_attn = model
+        .layers
+        .iter()
+        .find_map(|l| l.attn.as_ref().map(|a| a.shape));
     let first_mlp = model.layers.iter().find_map(|l| l.shape().mlp).unwrap_or(0);
     let k = |s: &str| format!("{arch}.{s}");
     let mut meta: Vec<(String, Value)> = vec![
         ("general.architecture".into(), Value::String(arch.into())),
-        ("general.name".into(), Value::String("whittle export".into())),
+        (
+            "general.name".into(),
+            Value::String("whittle export".into()),
+        ),
         (k("block_count"), Value::U32(model.layers.len() as u32)),
         (k("context_length"), Value::U32(c.context_length as u32)),
         (k("embedding_length"), Value::U32(c.hidden as u32)),
@@ -367,7 +496,10 @@ fn write_gguf(model: &Model, tokenizer: Option<&TokenizerSpec>, path: &Path) -> 
     if let Some(a) = first_attn {
         meta.extend([
             (k("attention.head_count"), Value::U32(a.n_heads as u32)),
-            (k("attention.head_count_kv"), Value::U32(a.n_kv_heads as u32)),
+            (
+                k("attention.head_count_kv"),
+                Value::U32(a.n_kv_heads as u32),
+            ),
             (k("attention.key_length"), Value::U32(a.head_dim as u32)),
             (k("rope.dimension_count"), Value::U32(a.head_dim as u32)),
         ]);
@@ -376,18 +508,28 @@ fn write_gguf(model: &Model, tokenizer: Option<&TokenizerSpec>, path: &Path) -> 
         meta.extend(t.gguf_metadata());
     }
     let tensor = |name: &str, data: &[f32], shape: &[usize]| -> Result<(String, QTensor)> {
+        let matrix = shape.len() == 2 && shape[1] % 32 == 0;
+        let ty = if matrix { dtype.ggml() } else { GgmlDType::F32 };
         let t = candle_core::Tensor::from_slice(data, shape, &Device::Cpu)
-            .and_then(|t| QTensor::quantize(&t, GgmlDType::F32))
+            .and_then(|t| QTensor::quantize(&t, ty))
             .map_err(|e| Error::format(path, format!("tensor '{name}': {e}")))?;
         Ok((name.to_string(), t))
     };
     let h = c.hidden;
     let mut tensors = vec![
-        tensor("token_embd.weight", &model.embed, &[c.vocab_size, h])?,
+        tensor(
+            "token_embd.weight",
+            model.embed.dense_weight(),
+            &[c.vocab_size, h],
+        )?,
         tensor("output_norm.weight", &model.final_norm, &[h])?,
     ];
     if let Some(head) = &model.lm_head {
-        tensors.push(tensor("output.weight", head.dense_weight(), &[c.vocab_size, h])?);
+        tensors.push(tensor(
+            "output.weight",
+            head.dense_weight(),
+            &[c.vocab_size, h],
+        )?);
     }
     for (i, l) in model.layers.iter().enumerate() {
         let p = |s: &str| format!("blk.{i}.{s}.weight");

@@ -162,7 +162,7 @@ pub fn load(dir: &Path) -> Result<Model> {
     let n_layers = num("num_hidden_layers")?;
     let st = Shards::open(dir)?;
     let h = hidden;
-    let embed = st.f32("model.embed_tokens.weight", &[config.vocab_size, h])?;
+    let embed = st.linear("model.embed_tokens.weight", config.vocab_size, h)?;
     let final_norm = st.f32("model.norm.weight", &[h])?;
     let lm_head = if config.tie_embeddings {
         None
@@ -319,11 +319,7 @@ fn write_folder(model: &Model, tokenizer: Option<&Tokenizer>, dir: &Path) -> Res
     }
     let h = model.config.hidden;
     let mut views: Vec<(String, F32View)> = vec![
-        view(
-            "model.embed_tokens.weight",
-            &model.embed,
-            vec![model.config.vocab_size, h],
-        ),
+        linear_view("model.embed_tokens.weight", &model.embed),
         view("model.norm.weight", &model.final_norm, vec![h]),
     ];
     if let Some(head) = &model.lm_head {

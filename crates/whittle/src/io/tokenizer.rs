@@ -66,10 +66,20 @@ impl TokenizerSpec {
             .map(|i| Value::I32(if self.special.contains(&i) { 3 } else { 1 }))
             .collect();
         let mut m = vec![
-            ("tokenizer.ggml.model".to_string(), Value::String("gpt2".into())),
+            (
+                "tokenizer.ggml.model".to_string(),
+                Value::String("gpt2".into()),
+            ),
             (
                 "tokenizer.ggml.pre".to_string(),
-                Value::String(if self.split_digits { "smollm" } else { "default" }.into()),
+                Value::String(
+                    if self.split_digits {
+                        "smollm"
+                    } else {
+                        "default"
+                    }
+                    .into(),
+                ),
             ),
             ("tokenizer.ggml.tokens".to_string(), strings(&self.tokens)),
             ("tokenizer.ggml.merges".to_string(), strings(&self.merges)),

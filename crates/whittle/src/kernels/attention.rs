@@ -11,6 +11,8 @@ use rayon::prelude::*;
 
 /// Query rows per task: small enough to balance 2+ threads, large enough for an efficient GEMM.
 const Q_BLOCK: usize = 64;
+/// Below this many multiply-adds (`t·s·heads·d`), attention runs on the calling thread.
+const PARALLEL_MIN_WORK: usize = 1 << 22;
 
 /// Raw output pointer shared by tasks that write disjoint `(rows, head)` tiles.
 #[derive(Clone, Copy)]
@@ -89,7 +91,9 @@ pub fn causal_attention(
         );
     };
     let jobs = n_heads * blocks;
-    if crate::threads::threads() == 1 || jobs == 1 {
+    // A decode step's attention is a few hundred kFLOP: waking a second thread costs more.
+    let small = t * s * n_heads * d < PARALLEL_MIN_WORK;
+    if crate::threads::threads() == 1 || jobs == 1 || small {
         (0..jobs).for_each(task);
     } else {
         (0..jobs).into_par_iter().for_each(task);

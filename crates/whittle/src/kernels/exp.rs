@@ -34,7 +34,10 @@ const LANES: usize = 16;
 fn max_of(row: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; LANES];
     let chunks = row.chunks_exact(LANES);
-    let mut max = chunks.remainder().iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v));
+    let mut max = chunks
+        .remainder()
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, v| m.max(*v));
     for c in chunks {
         for i in 0..LANES {
             acc[i] = acc[i].max(c[i]);

@@ -8,9 +8,9 @@ use faer::{Accum, MatMut, MatRef};
 use rayon::prelude::*;
 
 /// Below this many rows, a row-by-row matrix-vector product beats packing the weight for a GEMM.
-const GEMV_MAX_ROWS: usize = 4;
+pub const GEMV_MAX_ROWS: usize = 4;
 /// Output rows per rayon task in the matrix-vector path (a few KiB of weight each).
-const GEMV_CHUNK: usize = 64;
+pub const GEMV_CHUNK: usize = 64;
 
 /// `y[rows, out] = x[rows, in] · w[out, in]ᵀ`, overwriting `y`.
 pub fn matmul_t(x: &[f32], w: &[f32], rows: usize, inp: usize, out: usize, y: &mut [f32]) {
@@ -46,10 +46,14 @@ pub fn gemm(dst: MatMut<f32>, acc: Accum, lhs: MatRef<f32>, rhs: MatRef<f32>, pa
 }
 
 fn gemv(x: &[f32], w: &[f32], inp: usize, y: &mut [f32]) {
+    matvec_rows(y, |j| dot(&w[j * inp..(j + 1) * inp], x));
+}
+
+/// `y[j] = row_dot(j)` for every output `j`, split over the worker threads in chunks of rows.
+pub fn matvec_rows(y: &mut [f32], row_dot: impl Fn(usize) -> f32 + Sync) {
     let work = |(c, ys): (usize, &mut [f32])| {
         for (j, yj) in ys.iter_mut().enumerate() {
-            let row = (c * GEMV_CHUNK + j) * inp;
-            *yj = dot(&w[row..row + inp], x);
+            *yj = row_dot(c * GEMV_CHUNK + j);
         }
     };
     if crate::threads::threads() == 1 {

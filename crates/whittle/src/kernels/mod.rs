@@ -39,4 +39,5 @@ pub mod dot;
 pub mod exp;
 pub mod matmul;
 pub mod norm;
+pub mod qdot;
 pub mod rope;

@@ -2,10 +2,8 @@
 //! calibration (an [`Observer`] sees the input of every linear).
 
 use super::kv_cache::KvCache;
-use super::{Layer, Model};
-use crate::kernels::{
-    activation::swiglu_in_place, attention::causal_attention, matmul::matmul_t, norm::rms_norm,
-};
+use super::{Layer, Linear, Model};
+use crate::kernels::{activation::swiglu_in_place, attention::causal_attention, norm::rms_norm};
 use crate::{Error, Result};
 
 /// Which logits a forward pass computes. Generation needs only the last row; the output head is
@@ -120,28 +118,26 @@ impl Model {
         let rows = hidden.len() / h;
         let mut normed = vec![0f32; rows * h];
         rms_norm(hidden, &self.final_norm, self.config.rms_eps, &mut normed);
-        let vocab = self.config.vocab_size;
-        let mut out = vec![0f32; rows * vocab];
-        match &self.lm_head {
-            Some(head) => head.forward(&normed, rows, &mut out),
-            None => matmul_t(&normed, &self.embed, rows, h, vocab, &mut out),
-        }
+        let mut out = vec![0f32; rows * self.config.vocab_size];
+        self.lm_head
+            .as_ref()
+            .unwrap_or(&self.embed)
+            .forward(&normed, rows, &mut out);
         out
     }
 
     /// Embedding rows of `tokens`; fails on an id outside the vocabulary.
     pub fn embed_tokens(&self, tokens: &[u32]) -> Result<Vec<f32>> {
         let h = self.config.hidden;
-        let mut x = Vec::with_capacity(tokens.len() * h);
-        for &id in tokens {
-            let id = id as usize;
-            if id >= self.config.vocab_size {
+        let mut x = vec![0f32; tokens.len() * h];
+        for (&id, row) in tokens.iter().zip(x.chunks_exact_mut(h)) {
+            if id as usize >= self.config.vocab_size {
                 return Err(Error::Invalid(format!(
                     "token id {id} outside the vocabulary of {}",
                     self.config.vocab_size
                 )));
             }
-            x.extend_from_slice(&self.embed[id * h..(id + 1) * h]);
+            self.embed.row_into(id as usize, row);
         }
         Ok(x)
     }
@@ -170,12 +166,13 @@ impl Model {
             let normed = sized(&mut s.normed, t * h);
             rms_norm(x, &layer.attn_norm, eps, normed);
             observe(Site::AttnIn, normed);
-            let q = sized(&mut s.q, t * sh.q_dim());
-            a.q.forward(normed, t, q);
-            let k = sized(&mut s.k, t * sh.kv_dim());
-            a.k.forward(normed, t, k);
-            let v = sized(&mut s.v, t * sh.kv_dim());
-            a.v.forward(normed, t, v);
+            let (q, k, v) = (
+                sized(&mut s.q, t * sh.q_dim()),
+                sized(&mut s.k, t * sh.kv_dim()),
+                sized(&mut s.v, t * sh.kv_dim()),
+            );
+            Linear::forward_shared_input(&[&a.q, &a.k, &a.v], normed, t, &mut [q, k, v]);
+            let (q, k, v) = (&mut s.q[..], &mut s.k[..], &s.v[..]);
             self.rope.apply(q, t, sh.q_dim(), sh.n_heads, start);
             self.rope.apply(k, t, sh.kv_dim(), sh.n_kv_heads, start);
             let attn = sized(&mut s.attn, t * sh.q_dim());
@@ -196,10 +193,9 @@ impl Model {
             let normed = sized(&mut s.normed, t * h);
             rms_norm(x, &layer.mlp_norm, eps, normed);
             observe(Site::MlpIn, normed);
-            let gate = sized(&mut s.gate, t * w);
-            m.gate.forward(normed, t, gate);
-            let up = sized(&mut s.up, t * w);
-            m.up.forward(normed, t, up);
+            let (gate, up) = (sized(&mut s.gate, t * w), sized(&mut s.up, t * w));
+            Linear::forward_shared_input(&[&m.gate, &m.up], normed, t, &mut [gate, up]);
+            let (gate, up) = (&mut s.gate[..], &s.up[..]);
             swiglu_in_place(gate, up);
             observe(Site::MlpDown, gate);
             let delta = sized(&mut s.delta, t * h);

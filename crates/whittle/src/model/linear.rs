@@ -3,14 +3,20 @@
 //! variants of the same layer, not new model types; an optional low-rank adapter carries error
 //! compensation (EoRA) or LoRA on top of any storage.
 
-use crate::kernels::matmul::matmul_t;
+use super::packed::Packed;
+use crate::kernels::dot::dot;
+use crate::kernels::matmul::{matmul_t, matvec_rows, GEMV_CHUNK, GEMV_MAX_ROWS};
+use crate::kernels::qdot::{dequant_row, qdot};
 use crate::{Error, Result};
+use rayon::prelude::*;
 
 /// How a weight matrix `[out, in]` is stored.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Weight {
     /// Row-major f32, `out × in` (a sparsified weight is dense with zeros).
     Dense(Vec<f32>),
+    /// Group-quantized codes, dequantized on the fly.
+    Packed(Packed),
 }
 
 /// `ΔW ≈ B·A` with `A: rank × in`, `B: out × rank`, both row-major.
@@ -47,11 +53,56 @@ impl Linear {
         })
     }
 
-    /// The weight as dense f32 (what export and analysis read).
+    /// The weight as dense f32 (what export and analysis read; cached for packed weights).
     pub fn dense_weight(&self) -> &[f32] {
         match &self.weight {
             Weight::Dense(w) => w,
+            Weight::Packed(p) => p.dense(self.out_features, self.in_features),
         }
+    }
+
+    /// Replaces packed storage by its f32 expansion.
+    pub fn densify(&mut self) {
+        if let Weight::Packed(p) = &self.weight {
+            self.weight = Weight::Dense(p.dense(self.out_features, self.in_features).to_vec());
+        }
+    }
+
+    /// Bytes the weight occupies in memory (adapter included, f32 caches excluded).
+    pub fn storage_bytes(&self) -> usize {
+        let w = match &self.weight {
+            Weight::Dense(w) => 4 * w.len(),
+            Weight::Packed(p) => p.bytes(),
+        };
+        w + self
+            .adapter
+            .as_ref()
+            .map_or(0, |a| 4 * (a.a.len() + a.b.len()))
+    }
+
+    /// Copies row `r` of the weight (as f32) into `out`: an embedding lookup.
+    pub fn row_into(&self, r: usize, out: &mut [f32]) {
+        let inp = self.in_features;
+        match &self.weight {
+            Weight::Dense(w) => out.copy_from_slice(&w[r * inp..(r + 1) * inp]),
+            Weight::Packed(p) => dequant_row(p.row(r, inp), out),
+        }
+    }
+
+    /// Fails if the weight (or adapter) holds NaN or Inf.
+    pub fn check_finite(&self, name: &str) -> Result<()> {
+        match &self.weight {
+            Weight::Dense(w) => crate::error::check_finite(name, w)?,
+            Weight::Packed(p) => {
+                crate::error::check_finite(&format!("{name} (scales)"), &p.scales)?;
+                crate::error::check_finite(&format!("{name} (mins)"), &p.mins)?;
+            }
+        }
+        if let Some(a) = &self.adapter {
+            crate::error::check_finite(&format!("{name} (adapter A)"), &a.a)?;
+            crate::error::check_finite(&format!("{name} (adapter B)"), &a.b)?;
+        }
+        Ok(())
     }
 
     /// Number of stored parameters (weight plus adapter).
@@ -66,9 +117,68 @@ impl Linear {
     /// `y[rows, out] = x[rows, in] · Wᵀ (+ adapter)`.
     pub fn forward(&self, x: &[f32], rows: usize, y: &mut [f32]) {
         let (inp, out) = (self.in_features, self.out_features);
-        match &self.weight {
-            Weight::Dense(w) => matmul_t(x, w, rows, inp, out, y),
+        if rows <= GEMV_MAX_ROWS {
+            for (xr, yr) in x.chunks_exact(inp).zip(y.chunks_exact_mut(out)) {
+                matvec_rows(yr, |j| self.row_dot(j, xr));
+            }
+        } else {
+            matmul_t(x, self.dense_weight(), rows, inp, out, y);
         }
+        self.add_adapter(x, rows, y);
+    }
+
+    /// `W[j] · x` for one output row, dequantizing packed rows on the fly.
+    fn row_dot(&self, j: usize, x: &[f32]) -> f32 {
+        let inp = self.in_features;
+        match &self.weight {
+            Weight::Dense(w) => dot(&w[j * inp..(j + 1) * inp], x),
+            Weight::Packed(p) => qdot(p.row(j, inp), x),
+        }
+    }
+
+    /// Runs linears that read the same input (q/k/v, gate/up): `outs[i] = x · linears[i]ᵀ`.
+    /// For a few rows (decode), all their output rows form one parallel section, which halves
+    /// the thread wake-ups per token compared with one section per linear.
+    pub fn forward_shared_input(
+        linears: &[&Linear],
+        x: &[f32],
+        rows: usize,
+        outs: &mut [&mut [f32]],
+    ) {
+        if rows > GEMV_MAX_ROWS {
+            for (l, y) in linears.iter().zip(outs.iter_mut()) {
+                l.forward(x, rows, y);
+            }
+            return;
+        }
+        let inp = linears[0].in_features;
+        let mut tasks: Vec<(&Linear, &[f32], usize, &mut [f32])> = Vec::new();
+        for (l, y) in linears.iter().zip(outs.iter_mut()) {
+            let out = l.out_features;
+            for (xr, yr) in x.chunks_exact(inp).zip(y.chunks_exact_mut(out)) {
+                for (c, chunk) in yr.chunks_mut(GEMV_CHUNK).enumerate() {
+                    tasks.push((l, xr, c * GEMV_CHUNK, chunk));
+                }
+            }
+        }
+        let run = |(l, xr, start, chunk): (&Linear, &[f32], usize, &mut [f32])| {
+            for (j, yj) in chunk.iter_mut().enumerate() {
+                *yj = l.row_dot(start + j, xr);
+            }
+        };
+        if crate::threads::threads() == 1 {
+            tasks.into_iter().for_each(run);
+        } else {
+            tasks.into_par_iter().for_each(run);
+        }
+        for (l, y) in linears.iter().zip(outs.iter_mut()) {
+            l.add_adapter(x, rows, y);
+        }
+    }
+
+    /// `y += B(Ax)` when the layer carries a low-rank adapter.
+    fn add_adapter(&self, x: &[f32], rows: usize, y: &mut [f32]) {
+        let (inp, out) = (self.in_features, self.out_features);
         if let Some(ad) = &self.adapter {
             let mut ax = vec![0f32; rows * ad.rank];
             matmul_t(x, &ad.a, rows, inp, ad.rank, &mut ax);

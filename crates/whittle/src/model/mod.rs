@@ -7,6 +7,7 @@ mod forward;
 pub mod generate;
 pub mod kv_cache;
 pub mod linear;
+pub mod packed;
 pub mod random;
 pub mod sampling;
 
@@ -14,6 +15,7 @@ pub use config::{Arch, AttnShape, LayerShape, ModelConfig};
 pub use forward::{Logits, Observer, Site};
 pub use kv_cache::KvCache;
 pub use linear::{Linear, LowRank, Weight};
+pub use packed::Packed;
 
 use crate::error::check_finite;
 use crate::kernels::rope::RopeTable;
@@ -73,8 +75,9 @@ impl Layer {
 
 pub struct Model {
     pub config: ModelConfig,
-    /// Token embeddings, `[vocab, hidden]` row-major; also the output head when tied.
-    pub embed: Vec<f32>,
+    /// Token embeddings as a `vocab × hidden` linear (rows are looked up); also the output head
+    /// when tied.
+    pub embed: Linear,
     pub layers: Vec<Layer>,
     pub final_norm: Vec<f32>,
     /// Untied output head `[vocab, hidden]`; `None` when tied to `embed`.
@@ -86,7 +89,7 @@ impl Model {
     /// Assembles a model, checking every shape against the config and that all weights are finite.
     pub fn new(
         config: ModelConfig,
-        embed: Vec<f32>,
+        embed: Linear,
         layers: Vec<Layer>,
         final_norm: Vec<f32>,
         lm_head: Option<Linear>,
@@ -96,9 +99,8 @@ impl Model {
         if layers.is_empty() {
             return Err(Error::Invalid("model has no layers".into()));
         }
-        expect_len("embed_tokens", &embed, &[config.vocab_size, h])?;
+        check_linear("embed_tokens", &embed, config.vocab_size, h)?;
         expect_len("norm", &final_norm, &[h])?;
-        check_finite("embed_tokens", &embed)?;
         check_finite("norm", &final_norm)?;
         if let Some(head) = &lm_head {
             check_linear("lm_head", head, config.vocab_size, h)?;
@@ -152,9 +154,29 @@ impl Model {
         })
     }
 
+    /// Converts every packed weight to f32 (for f32-only measurements).
+    pub fn densify(&mut self) {
+        self.embed.densify();
+        if let Some(h) = &mut self.lm_head {
+            h.densify();
+        }
+        for l in &mut self.layers {
+            if let Some(a) = &mut l.attn {
+                [&mut a.q, &mut a.k, &mut a.v, &mut a.o]
+                    .into_iter()
+                    .for_each(Linear::densify);
+            }
+            if let Some(m) = &mut l.mlp {
+                [&mut m.gate, &mut m.up, &mut m.down]
+                    .into_iter()
+                    .for_each(Linear::densify);
+            }
+        }
+    }
+
     /// Parameter count: embeddings, each layer, norms, and the head if untied.
     pub fn n_params(&self) -> usize {
-        self.embed.len()
+        self.embed.n_params()
             + self.final_norm.len()
             + self.lm_head.as_ref().map_or(0, Linear::n_params)
             + self.layers.iter().map(layer_params).sum::<usize>()
@@ -186,5 +208,5 @@ fn check_linear(name: &str, l: &Linear, out: usize, inp: usize) -> Result<()> {
             found: vec![l.out_features, l.in_features],
         });
     }
-    check_finite(name, l.dense_weight())
+    l.check_finite(name)
 }

@@ -40,6 +40,7 @@ pub fn random_model(config: ModelConfig, shapes: &[LayerShape], seed: u64) -> Re
     let embed = (0..config.vocab_size * h)
         .map(|_| rng.random_range(-1.0f32..1.0))
         .collect();
+    let embed = Linear::dense("embed_tokens", embed, config.vocab_size, h)?;
     let lm_head = if config.tie_embeddings {
         None
     } else {

@@ -1,0 +1,98 @@
+//! Group-quantized weight storage: unsigned `bits`-bit codes with one (scale, min) per `group`
+//! inputs, `w = fma(scale, q, min)` (see [`crate::kernels::qdot`]). GGUF's Q4_0/Q4_1/Q8_0 map onto
+//! it exactly, so a GGUF model keeps its file's blocks in memory and decodes from them.
+
+use crate::kernels::qdot::{block_bytes, dequant_row, QRow, BLOCK};
+use crate::{Error, Result};
+use std::sync::OnceLock;
+
+#[derive(Debug, Clone)]
+pub struct Packed {
+    pub bits: u8,
+    pub group: usize,
+    /// `out` rows of `in·bits/8` bytes, in 32-weight blocks.
+    pub data: Vec<u8>,
+    /// `out × in/group`, row-major.
+    pub scales: Vec<f32>,
+    pub mins: Vec<f32>,
+    /// f32 expansion for many-row products (prefill GEMM); built on first use.
+    dense: OnceLock<Vec<f32>>,
+}
+
+impl PartialEq for Packed {
+    fn eq(&self, o: &Self) -> bool {
+        (self.bits, self.group, &self.data, &self.scales, &self.mins)
+            == (o.bits, o.group, &o.data, &o.scales, &o.mins)
+    }
+}
+
+impl Packed {
+    /// Checks that the parts describe an `out × inp` matrix.
+    pub fn new(
+        name: &str,
+        (out, inp): (usize, usize),
+        bits: u8,
+        group: usize,
+        data: Vec<u8>,
+        scales: Vec<f32>,
+        mins: Vec<f32>,
+    ) -> Result<Self> {
+        let bad = |m: String| Err(Error::Invalid(format!("packed weight '{name}': {m}")));
+        if bits != 4 && bits != 8 {
+            return bad(format!("{bits}-bit codes are not supported (4 or 8)"));
+        }
+        if group == 0 || group % BLOCK != 0 || inp % group != 0 {
+            return bad(format!(
+                "group size {group} must be a multiple of {BLOCK} dividing the input width {inp}"
+            ));
+        }
+        let groups = out * inp / group;
+        if data.len() != out * inp / BLOCK * block_bytes(bits)
+            || scales.len() != groups
+            || mins.len() != groups
+        {
+            return bad(format!(
+                "{} bytes, {} scales, {} mins do not fit {out}×{inp} at {bits} bits, group {group}",
+                data.len(),
+                scales.len(),
+                mins.len()
+            ));
+        }
+        Ok(Packed {
+            bits,
+            group,
+            data,
+            scales,
+            mins,
+            dense: OnceLock::new(),
+        })
+    }
+
+    /// Row `r` of a matrix `inp` wide.
+    pub fn row(&self, r: usize, inp: usize) -> QRow<'_> {
+        let (rb, rg) = (inp / BLOCK * block_bytes(self.bits), inp / self.group);
+        QRow {
+            bits: self.bits,
+            group: self.group,
+            data: &self.data[r * rb..(r + 1) * rb],
+            scales: &self.scales[r * rg..(r + 1) * rg],
+            mins: &self.mins[r * rg..(r + 1) * rg],
+        }
+    }
+
+    /// The f32 matrix (cached after the first call).
+    pub fn dense(&self, out: usize, inp: usize) -> &[f32] {
+        self.dense.get_or_init(|| {
+            let mut w = vec![0f32; out * inp];
+            for (r, dst) in w.chunks_exact_mut(inp).enumerate() {
+                dequant_row(self.row(r, inp), dst);
+            }
+            w
+        })
+    }
+
+    /// Bytes of codes, scales and mins.
+    pub fn bytes(&self) -> usize {
+        self.data.len() + 4 * (self.scales.len() + self.mins.len())
+    }
+}
