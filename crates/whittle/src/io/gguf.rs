@@ -310,7 +310,7 @@ impl GgufFile {
         let dtype = info.ggml_dtype;
         self.expect(name, info.shape.dims(), &[out, inp])?;
         let kept = matches!(dtype, GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q8_0);
-        if !kept || inp % 32 != 0 {
+        if !kept || !inp.is_multiple_of(32) {
             let (w, _) = self.tensor_f32(name)?;
             return Linear::dense(name, w, out, inp);
         }
@@ -508,7 +508,7 @@ fn write_gguf(
         meta.extend(t.gguf_metadata());
     }
     let tensor = |name: &str, data: &[f32], shape: &[usize]| -> Result<(String, QTensor)> {
-        let matrix = shape.len() == 2 && shape[1] % 32 == 0;
+        let matrix = shape.len() == 2 && shape[1].is_multiple_of(32);
         let ty = if matrix { dtype.ggml() } else { GgmlDType::F32 };
         let t = candle_core::Tensor::from_slice(data, shape, &Device::Cpu)
             .and_then(|t| QTensor::quantize(&t, ty))

@@ -129,7 +129,7 @@ mod x86 {
     pub unsafe fn qdot_avx512(row: QRow, x: &[f32]) -> f32 {
         let blocks = x.len() / BLOCK;
         let per_group = row.group / BLOCK;
-        assert!(blocks * BLOCK == x.len() && blocks % per_group == 0);
+        assert!(blocks * BLOCK == x.len() && blocks.is_multiple_of(per_group));
         assert!(row.data.len() >= blocks * block_bytes(row.bits));
         assert!(row.scales.len() >= blocks / per_group && row.mins.len() >= blocks / per_group);
         let (px, pd, bits) = (x.as_ptr(), row.data.as_ptr(), row.bits);

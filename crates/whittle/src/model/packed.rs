@@ -41,7 +41,7 @@ impl Packed {
         if bits != 4 && bits != 8 {
             return bad(format!("{bits}-bit codes are not supported (4 or 8)"));
         }
-        if group == 0 || group % BLOCK != 0 || inp % group != 0 {
+        if group == 0 || !group.is_multiple_of(BLOCK) || inp % group != 0 {
             return bad(format!(
                 "group size {group} must be a multiple of {BLOCK} dividing the input width {inp}"
             ));
