@@ -3,18 +3,33 @@
 //! set once per process, default = available cores.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
 
 static THREADS: AtomicUsize = AtomicUsize::new(0);
+static POOL: OnceLock<rayon::ThreadPool> = OnceLock::new();
 
-/// Sets the number of worker threads for every parallel kernel. Call once, before any work; later
-/// calls only change the degree used by GEMMs (rayon's global pool can be built only once).
+/// Sets the number of worker threads for every parallel kernel. Call once, before any work: the
+/// pool is built on first use with the count set then.
 pub fn set_threads(n: usize) {
-    let n = n.max(1);
-    THREADS.store(n, Ordering::Relaxed);
-    // An error only means the pool was already built (by an earlier call or by a test harness).
-    let _ = rayon::ThreadPoolBuilder::new()
-        .num_threads(n)
-        .build_global();
+    THREADS.store(n.max(1), Ordering::Relaxed);
+}
+
+/// Runs `f` on a worker of whittle's thread pool, so that every parallel section inside it
+/// (rayon iterators, faer GEMMs) runs on that pool. A decode step opens ~120 sections; issued
+/// from a thread outside the pool, each would also put the caller to sleep and wake it again,
+/// while a worker simply takes part in the work.
+pub fn install<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if threads() == 1 {
+        return f();
+    }
+    POOL.get_or_init(|| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads())
+            .thread_name(|i| format!("whittle-{i}"))
+            .build()
+            .expect("cannot start worker threads")
+    })
+    .install(f)
 }
 
 /// Worker threads in use: the explicit setting, else the available cores.

@@ -192,10 +192,10 @@ fn gguf_block_types_stay_packed_and_match_their_f32_expansion() {
         assert!(matches!(q.weight, Weight::Packed(_)), "{ty:?}");
         // Bit-exact against candle's own dequantization of the same tensor.
         let (candle_f32, _) = file.tensor_f32("blk.0.attn_v.weight").unwrap();
-        assert_eq!(q.dense_weight(), &candle_f32[..], "{ty:?}");
+        assert_eq!(&q.dense_weight()[..], &candle_f32[..], "{ty:?}");
         let (candle_up, _) = file.tensor_f32("blk.2.ffn_up.weight").unwrap();
         assert_eq!(
-            packed.layers[2].mlp.as_ref().unwrap().up.dense_weight(),
+            &packed.layers[2].mlp.as_ref().unwrap().up.dense_weight()[..],
             &candle_up[..]
         );
         // Packed decode (on-the-fly matrix-vector) equals the f32 model's forward.

@@ -8,8 +8,8 @@ use crate::{Error, Model, Result};
 use serde::Serialize;
 use std::time::Instant;
 
-/// Rows of logits materialised at once: the full `2048 × 49152` logits would take 400 MB.
-const LOGIT_ROWS: usize = 256;
+/// Rows of logits materialised at once (100 MB); all `2048 × 49152` logits would take 400 MB.
+const LOGIT_ROWS: usize = 512;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct PplReport {
@@ -66,7 +66,7 @@ pub fn perplexity(
     let start = Instant::now();
     let mut nll_sum = 0f64;
     for (i, w) in wins.iter().enumerate() {
-        nll_sum += window_nll(model, w)?;
+        nll_sum += crate::threads::install(|| window_nll(model, w))?;
         progress(i + 1, wins.len());
     }
     let seconds = start.elapsed().as_secs_f64();

@@ -519,7 +519,7 @@ fn write_gguf(
     let mut tensors = vec![
         tensor(
             "token_embd.weight",
-            model.embed.dense_weight(),
+            &model.embed.dense_weight(),
             &[c.vocab_size, h],
         )?,
         tensor("output_norm.weight", &model.final_norm, &[h])?,
@@ -527,7 +527,7 @@ fn write_gguf(
     if let Some(head) = &model.lm_head {
         tensors.push(tensor(
             "output.weight",
-            head.dense_weight(),
+            &head.dense_weight(),
             &[c.vocab_size, h],
         )?);
     }
@@ -536,13 +536,14 @@ fn write_gguf(
         tensors.push(tensor(&p("attn_norm"), &l.attn_norm, &[h])?);
         tensors.push(tensor(&p("ffn_norm"), &l.mlp_norm, &[h])?);
         let lin = |name: &str, x: &Linear, rows: Option<Vec<f32>>| {
-            let w = rows.as_deref().unwrap_or(x.dense_weight());
+            let dense = x.dense_weight();
+            let w = rows.as_deref().unwrap_or(&dense);
             tensor(&p(name), w, &[x.out_features, x.in_features])
         };
         if let Some(a) = &l.attn {
             let s = a.shape;
-            let q = permuted_rows(a.q.dense_weight(), h, s.n_heads, s.head_dim, true);
-            let kk = permuted_rows(a.k.dense_weight(), h, s.n_kv_heads, s.head_dim, true);
+            let q = permuted_rows(&a.q.dense_weight(), h, s.n_heads, s.head_dim, true);
+            let kk = permuted_rows(&a.k.dense_weight(), h, s.n_kv_heads, s.head_dim, true);
             tensors.push(lin("attn_q", &a.q, Some(q))?);
             tensors.push(lin("attn_k", &a.k, Some(kk))?);
             tensors.push(lin("attn_v", &a.v, None)?);

@@ -218,7 +218,7 @@ pub fn load(dir: &Path) -> Result<Model> {
 
 /// A borrowed f32 tensor for the safetensors writer; bytes are produced per tensor while writing.
 struct F32View<'a> {
-    data: &'a [f32],
+    data: Cow<'a, [f32]>,
     shape: Vec<usize>,
 }
 
@@ -339,9 +339,22 @@ fn write_folder(model: &Model, tokenizer: Option<&Tokenizer>, dir: &Path) -> Res
 }
 
 fn view<'a>(name: &str, data: &'a [f32], shape: Vec<usize>) -> (String, F32View<'a>) {
-    (name.to_string(), F32View { data, shape })
+    (
+        name.to_string(),
+        F32View {
+            data: Cow::Borrowed(data),
+            shape,
+        },
+    )
 }
 
 fn linear_view<'a>(name: &str, l: &'a Linear) -> (String, F32View<'a>) {
-    view(name, l.dense_weight(), vec![l.out_features, l.in_features])
+    let shape = vec![l.out_features, l.in_features];
+    (
+        name.to_string(),
+        F32View {
+            data: l.dense_weight(),
+            shape,
+        },
+    )
 }

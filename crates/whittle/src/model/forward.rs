@@ -29,7 +29,7 @@ pub enum Site {
 }
 
 /// Receives the input rows (`rows × width`, row-major) of every linear during a forward pass.
-pub trait Observer {
+pub trait Observer: Send {
     fn observe(&mut self, layer: usize, site: Site, x: &[f32], rows: usize);
 }
 
@@ -61,12 +61,14 @@ impl Model {
         logits: Logits,
         observer: Option<&mut dyn Observer>,
     ) -> Result<Vec<f32>> {
-        let x = self.hidden_states(tokens, cache, observer)?;
-        let rows = match logits {
-            Logits::All => tokens.len(),
-            Logits::Last => 1,
-        };
-        Ok(self.logits(&x[(tokens.len() - rows) * self.config.hidden..]))
+        crate::threads::install(|| {
+            let x = self.hidden_states(tokens, cache, observer)?;
+            let rows = match logits {
+                Logits::All => tokens.len(),
+                Logits::Last => 1,
+            };
+            Ok(self.logits(&x[(tokens.len() - rows) * self.config.hidden..]))
+        })
     }
 
     /// Residual stream after the last layer (before the final norm), `t × hidden`.

@@ -9,6 +9,13 @@ use crate::kernels::matmul::{matmul_t, matvec_rows, GEMV_CHUNK, GEMV_MAX_ROWS};
 use crate::kernels::qdot::{dequant_row, qdot};
 use crate::{Error, Result};
 use rayon::prelude::*;
+use std::borrow::Cow;
+use std::cell::RefCell;
+
+thread_local! {
+    /// Reused buffer for packed weights expanded to f32 before a GEMM.
+    static DEQUANTIZED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
 
 /// How a weight matrix `[out, in]` is stored.
 #[derive(Debug, Clone, PartialEq)]
@@ -53,18 +60,22 @@ impl Linear {
         })
     }
 
-    /// The weight as dense f32 (what export and analysis read; cached for packed weights).
-    pub fn dense_weight(&self) -> &[f32] {
+    /// The weight as dense f32 (what export and analysis read; expanded for packed weights).
+    pub fn dense_weight(&self) -> Cow<'_, [f32]> {
         match &self.weight {
-            Weight::Dense(w) => w,
-            Weight::Packed(p) => p.dense(self.out_features, self.in_features),
+            Weight::Dense(w) => Cow::Borrowed(w),
+            Weight::Packed(p) => {
+                let mut w = vec![0f32; self.out_features * self.in_features];
+                p.dequantize_into(self.in_features, &mut w);
+                Cow::Owned(w)
+            }
         }
     }
 
     /// Replaces packed storage by its f32 expansion.
     pub fn densify(&mut self) {
-        if let Weight::Packed(p) = &self.weight {
-            self.weight = Weight::Dense(p.dense(self.out_features, self.in_features).to_vec());
+        if let Weight::Packed(_) = &self.weight {
+            self.weight = Weight::Dense(self.dense_weight().into_owned());
         }
     }
 
@@ -122,7 +133,16 @@ impl Linear {
                 matvec_rows(yr, |j| self.row_dot(j, xr));
             }
         } else {
-            matmul_t(x, self.dense_weight(), rows, inp, out, y);
+            match &self.weight {
+                Weight::Dense(w) => matmul_t(x, w, rows, inp, out, y),
+                // Expanding costs ~1/(2·rows) of the GEMM's time; keeping the expansion would
+                // cost the memory of an f32 model.
+                Weight::Packed(p) => DEQUANTIZED.with_borrow_mut(|w| {
+                    w.resize(out * inp, 0.0);
+                    p.dequantize_into(inp, w);
+                    matmul_t(x, w, rows, inp, out, y);
+                }),
+            }
         }
         self.add_adapter(x, rows, y);
     }

@@ -4,9 +4,8 @@
 
 use crate::kernels::qdot::{block_bytes, dequant_row, QRow, BLOCK};
 use crate::{Error, Result};
-use std::sync::OnceLock;
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Packed {
     pub bits: u8,
     pub group: usize,
@@ -15,15 +14,6 @@ pub struct Packed {
     /// `out × in/group`, row-major.
     pub scales: Vec<f32>,
     pub mins: Vec<f32>,
-    /// f32 expansion for many-row products (prefill GEMM); built on first use.
-    dense: OnceLock<Vec<f32>>,
-}
-
-impl PartialEq for Packed {
-    fn eq(&self, o: &Self) -> bool {
-        (self.bits, self.group, &self.data, &self.scales, &self.mins)
-            == (o.bits, o.group, &o.data, &o.scales, &o.mins)
-    }
 }
 
 impl Packed {
@@ -64,7 +54,6 @@ impl Packed {
             data,
             scales,
             mins,
-            dense: OnceLock::new(),
         })
     }
 
@@ -80,15 +69,11 @@ impl Packed {
         }
     }
 
-    /// The f32 matrix (cached after the first call).
-    pub fn dense(&self, out: usize, inp: usize) -> &[f32] {
-        self.dense.get_or_init(|| {
-            let mut w = vec![0f32; out * inp];
-            for (r, dst) in w.chunks_exact_mut(inp).enumerate() {
-                dequant_row(self.row(r, inp), dst);
-            }
-            w
-        })
+    /// Writes the f32 matrix (`out × inp`) into `w`.
+    pub fn dequantize_into(&self, inp: usize, w: &mut [f32]) {
+        for (r, dst) in w.chunks_exact_mut(inp).enumerate() {
+            dequant_row(self.row(r, inp), dst);
+        }
     }
 
     /// Bytes of codes, scales and mins.
