@@ -218,3 +218,69 @@ fn gguf_block_types_stay_packed_and_match_their_f32_expansion() {
         );
     }
 }
+
+#[test]
+fn sharded_half_precision_safetensors_load() {
+    use ::safetensors::{serialize_to_file, tensor::TensorView, Dtype, SafeTensors};
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    let m = tiny_model(8);
+    safetensors::save(&m, None, &src).unwrap();
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let out = dir.path().join("sharded");
+    std::fs::create_dir(&out).unwrap();
+    std::fs::copy(src.join("config.json"), out.join("config.json")).unwrap();
+    // Layer 0 in f16 (shard 1), everything else in bf16 (shard 2).
+    let mut shards: [Vec<(String, Vec<u8>, Vec<usize>, Dtype)>; 2] = [vec![], vec![]];
+    for (name, view) in st.tensors() {
+        let f: Vec<f32> = view
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        let (i, dtype, data): (usize, Dtype, Vec<u8>) = if name.contains("layers.0.") {
+            let d = f
+                .iter()
+                .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+                .collect();
+            (0, Dtype::F16, d)
+        } else {
+            let d = f
+                .iter()
+                .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+                .collect();
+            (1, Dtype::BF16, d)
+        };
+        shards[i].push((name, data, view.shape().to_vec(), dtype));
+    }
+    for (i, shard) in shards.iter().enumerate() {
+        let views: Vec<(String, TensorView)> = shard
+            .iter()
+            .map(|(n, d, s, t)| (n.clone(), TensorView::new(*t, s.clone(), d).unwrap()))
+            .collect();
+        let path = out.join(format!("model-0000{}-of-00002.safetensors", i + 1));
+        serialize_to_file(views, None, &path).unwrap();
+    }
+    let loaded = safetensors::load(&out).unwrap();
+    let q0 = m.layers[0].attn.as_ref().unwrap().q.dense_weight();
+    let want: Vec<f32> = q0
+        .iter()
+        .map(|v| half::f16::from_f32(*v).to_f32())
+        .collect();
+    assert_eq!(
+        &loaded.layers[0].attn.as_ref().unwrap().q.dense_weight()[..],
+        &want[..]
+    );
+    let d1 = m.layers[1].mlp.as_ref().unwrap().down.dense_weight();
+    let want: Vec<f32> = d1
+        .iter()
+        .map(|v| half::bf16::from_f32(*v).to_f32())
+        .collect();
+    assert_eq!(
+        &loaded.layers[1].mlp.as_ref().unwrap().down.dense_weight()[..],
+        &want[..]
+    );
+    // bf16 rounding moves logits only slightly.
+    assert!(max_abs_diff(&logits(&m, &TOKENS), &logits(&loaded, &TOKENS)) < 0.1);
+}

@@ -1,5 +1,6 @@
 //! `hf:org/name[@rev]`: downloads an HF-layout model (config, tokenizer, safetensors shards)
-//! with the `hf-hub` crate into `$WHITTLE_HOME/hub`, and returns the snapshot folder.
+//! with the `hf-hub` crate into the standard Hugging Face cache (`$HF_HOME`, so files other tools
+//! downloaded are reused; `HF_ENDPOINT` and the saved token apply), and returns the snapshot.
 
 use crate::{Error, Result};
 use hf_hub::{api::sync::ApiBuilder, Repo, RepoType};
@@ -12,8 +13,7 @@ pub fn download(repo_id: &str, revision: &str) -> Result<PathBuf> {
              huggingface.co; set HF_ENDPOINT for a mirror)"
         ))
     };
-    let api = ApiBuilder::new()
-        .with_cache_dir(super::fetch::whittle_home().join("hub"))
+    let api = ApiBuilder::from_env()
         .with_progress(true)
         .build()
         .map_err(|e| fail("cannot start the hub client", &e))?;
