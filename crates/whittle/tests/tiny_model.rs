@@ -232,7 +232,8 @@ fn sharded_half_precision_safetensors_load() {
     std::fs::create_dir(&out).unwrap();
     std::fs::copy(src.join("config.json"), out.join("config.json")).unwrap();
     // Layer 0 in f16 (shard 1), everything else in bf16 (shard 2).
-    let mut shards: [Vec<(String, Vec<u8>, Vec<usize>, Dtype)>; 2] = [vec![], vec![]];
+    type Shard = Vec<(String, Vec<u8>, Vec<usize>, Dtype)>;
+    let mut shards: [Shard; 2] = [vec![], vec![]];
     for (name, view) in st.tensors() {
         let f: Vec<f32> = view
             .data()
