@@ -228,3 +228,25 @@ pub fn generate(
     );
     Ok(())
 }
+
+pub fn convert(model: Option<&str>, out: &Path, dtype: whittle::io::gguf::GgufType) -> Result<()> {
+    let Loaded {
+        model, tokenizer, ..
+    } = load(model)?;
+    let t = Instant::now();
+    if out.extension().is_some_and(|e| e == "gguf") {
+        whittle::io::gguf::save(&model, Some(&tokenizer.spec()?), dtype, out)?;
+    } else {
+        anyhow::ensure!(
+            dtype == whittle::io::gguf::GgufType::F32,
+            "--dtype applies to GGUF output (an --out ending in .gguf); HF folders are written in f32"
+        );
+        whittle::io::safetensors::save(&model, Some(&tokenizer), out)?;
+    }
+    eprintln!(
+        "wrote {} in {:.1} s",
+        out.display(),
+        t.elapsed().as_secs_f64()
+    );
+    Ok(())
+}

@@ -62,6 +62,17 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// Write the model as an HF folder (safetensors, f32) or, for an --out ending in .gguf,
+    /// as a GGUF file for llama.cpp.
+    Convert {
+        #[command(flatten)]
+        model: ModelArg,
+        #[arg(long)]
+        out: PathBuf,
+        /// Storage of the matrices in a GGUF file (norms stay f32).
+        #[arg(long, value_enum, default_value = "f32")]
+        dtype: GgufDtype,
+    },
     /// Prefill and decode throughput, next to the reference figures.
     Bench {
         #[command(flatten)]
@@ -75,6 +86,31 @@ enum Command {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+}
+
+#[derive(clap::ValueEnum, Clone, Copy)]
+enum GgufDtype {
+    F32,
+    F16,
+    #[value(name = "q8_0")]
+    Q8_0,
+    #[value(name = "q4_0")]
+    Q4_0,
+    #[value(name = "q4_1")]
+    Q4_1,
+}
+
+impl From<GgufDtype> for whittle::io::gguf::GgufType {
+    fn from(d: GgufDtype) -> Self {
+        use whittle::io::gguf::GgufType as G;
+        match d {
+            GgufDtype::F32 => G::F32,
+            GgufDtype::F16 => G::F16,
+            GgufDtype::Q8_0 => G::Q8_0,
+            GgufDtype::Q4_0 => G::Q4_0,
+            GgufDtype::Q4_1 => G::Q4_1,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -130,6 +166,9 @@ fn main() {
                 seed,
             },
         ),
+        Command::Convert { model, out, dtype } => {
+            commands::convert(model.model.as_deref(), &out, dtype.into())
+        }
         Command::Bench {
             model,
             data,

@@ -151,6 +151,62 @@ impl Tokenizer {
         &self.json
     }
 
+    /// The GGUF description of this tokenizer (byte-level BPE only).
+    pub fn spec(&self) -> Result<TokenizerSpec> {
+        let bad =
+            |m: &str| Error::Tokenizer(format!("cannot describe the tokenizer for GGUF: {m}"));
+        let v: serde_json::Value =
+            serde_json::from_str(&self.json).map_err(|e| bad(&e.to_string()))?;
+        let model = &v["model"];
+        if model["type"] != "BPE" {
+            return Err(bad("only BPE tokenizers can be written to GGUF"));
+        }
+        let mut by_id: Vec<(u32, String)> = model["vocab"]
+            .as_object()
+            .ok_or_else(|| bad("no vocabulary"))?
+            .iter()
+            .filter_map(|(t, id)| id.as_u64().map(|id| (id as u32, t.clone())))
+            .collect();
+        let mut special = Vec::new();
+        for a in v["added_tokens"].as_array().into_iter().flatten() {
+            let (Some(id), Some(t)) = (a["id"].as_u64(), a["content"].as_str()) else {
+                continue;
+            };
+            by_id.push((id as u32, t.to_string()));
+            if a["special"].as_bool().unwrap_or(false) {
+                special.push(id as u32);
+            }
+        }
+        by_id.sort();
+        by_id.dedup_by_key(|(id, _)| *id);
+        if by_id.iter().enumerate().any(|(i, (id, _))| i as u32 != *id) {
+            return Err(bad("token ids are not contiguous"));
+        }
+        let merges = model["merges"]
+            .as_array()
+            .ok_or_else(|| bad("no merges"))?
+            .iter()
+            .map(|m| match m {
+                serde_json::Value::String(s) => Ok(s.clone()),
+                serde_json::Value::Array(p) if p.len() == 2 => Ok(format!(
+                    "{} {}",
+                    p[0].as_str().unwrap_or(""),
+                    p[1].as_str().unwrap_or("")
+                )),
+                _ => Err(bad("unreadable merge")),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(TokenizerSpec {
+            tokens: by_id.into_iter().map(|(_, t)| t).collect(),
+            merges,
+            special,
+            split_digits: v["pre_tokenizer"].to_string().contains("\"Digits\""),
+            chat_template: self.chat_template.clone(),
+            bos: self.bos,
+            eos: self.eos,
+        })
+    }
+
     pub fn chat_template(&self) -> Option<&str> {
         self.chat_template.as_deref()
     }
