@@ -7,11 +7,13 @@
 
 #[macro_use]
 pub mod kernels;
+pub mod calib;
 pub mod data;
 pub mod error;
 pub mod eval;
 pub mod io;
 pub mod model;
+pub mod sparsity;
 pub mod threads;
 
 pub use error::{Error, Result};

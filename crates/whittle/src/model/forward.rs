@@ -144,6 +144,31 @@ impl Model {
         Ok(x)
     }
 
+    /// Runs layer `index` over `x` (`t × hidden`, one sequence at positions `0..t`) in place,
+    /// showing every linear's input to `observer`: the step of sequential calibration.
+    pub fn run_layer(
+        &self,
+        index: usize,
+        x: &mut [f32],
+        t: usize,
+        observer: Option<&mut dyn Observer>,
+    ) -> Result<()> {
+        let layer = self
+            .layers
+            .get(index)
+            .ok_or_else(|| Error::Invalid(format!("no layer {index}")))?;
+        if x.len() != t * self.config.hidden || t > self.config.context_length {
+            return Err(Error::Invalid(format!(
+                "layer input of {} values is not {t} positions of width {}",
+                x.len(),
+                self.config.hidden
+            )));
+        }
+        let mut scratch = Scratch::default();
+        self.layer_forward(index, layer, x, t, 0, None, &mut scratch, observer);
+        Ok(())
+    }
+
     /// One block over `x` (`t × hidden`, positions `start..start+t`), updating `x` in place.
     #[allow(clippy::too_many_arguments)]
     fn layer_forward(
