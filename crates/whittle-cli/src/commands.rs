@@ -250,3 +250,44 @@ pub fn convert(model: Option<&str>, out: &Path, dtype: whittle::io::gguf::GgufTy
     );
     Ok(())
 }
+
+#[allow(clippy::too_many_arguments)]
+pub fn sparsify(
+    model: Option<&str>,
+    method: &str,
+    pattern: &str,
+    targets: &[String],
+    calib: &crate::compress::CalibArgs,
+    eval: &crate::compress::EvalArgs,
+    out: &Path,
+    json_out: Option<PathBuf>,
+) -> Result<()> {
+    use whittle::sparsity::{sparsify_model, Pattern, SparsityMethod};
+    let method = SparsityMethod::parse(method)?;
+    let pattern = Pattern::parse(pattern)?;
+    let settings = json!({"method": format!("{method:?}"), "pattern": pattern.to_string(),
+                          "targets": targets});
+    crate::compress::run(
+        model,
+        &format!("sparsify {pattern}"),
+        settings,
+        eval,
+        out,
+        json_out,
+        &mut |m, tok, progress| {
+            let ids = if method.needs_calibration() {
+                crate::compress::calibration_ids(tok, calib)?
+            } else {
+                Vec::new()
+            };
+            let windows = if ids.is_empty() {
+                Vec::new()
+            } else {
+                crate::compress::windows(&ids, calib)?
+            };
+            Ok(sparsify_model(
+                m, &windows, method, pattern, targets, progress,
+            )?)
+        },
+    )
+}

@@ -3,6 +3,7 @@
 
 mod bench;
 mod commands;
+mod compress;
 mod report;
 
 use clap::{Parser, Subcommand};
@@ -72,6 +73,27 @@ enum Command {
         /// Storage of the matrices in a GGUF file (norms stay f32).
         #[arg(long, value_enum, default_value = "f32")]
         dtype: GgufDtype,
+    },
+    /// Prune weights to an N:M or unstructured pattern (magnitude, Wanda, SparseGPT).
+    Sparsify {
+        #[command(flatten)]
+        model: ModelArg,
+        #[arg(long)]
+        method: String,
+        /// N:M (N kept of every M consecutive inputs) or P% (unstructured, per output row).
+        #[arg(long)]
+        pattern: String,
+        /// Linears to prune (names or suffixes: q_proj,k_proj,...); default all seven.
+        #[arg(long, value_delimiter = ',')]
+        targets: Vec<String>,
+        #[command(flatten)]
+        calib: compress::CalibArgs,
+        #[command(flatten)]
+        eval: compress::EvalArgs,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        json: Option<PathBuf>,
     },
     /// Prefill and decode throughput, next to the reference figures.
     Bench {
@@ -169,6 +191,25 @@ fn main() {
         Command::Convert { model, out, dtype } => {
             commands::convert(model.model.as_deref(), &out, dtype.into())
         }
+        Command::Sparsify {
+            model,
+            method,
+            pattern,
+            targets,
+            calib,
+            eval,
+            out,
+            json,
+        } => commands::sparsify(
+            model.model.as_deref(),
+            &method,
+            &pattern,
+            &targets,
+            &calib,
+            &eval,
+            &out,
+            json,
+        ),
         Command::Bench {
             model,
             data,

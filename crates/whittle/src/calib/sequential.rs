@@ -4,13 +4,62 @@
 //! was), the method rewrites the layer, and a second pass computes the compressed layer's
 //! outputs, which become the next layer's inputs. Only one layer's activations are held.
 
-use super::stats::LayerStats;
-use crate::model::Layer;
+use super::stats::{InputStats, LayerStats};
+use crate::model::{Layer, Linear};
 use crate::{Error, Model, Result};
 use std::time::Instant;
 
-/// Runs `compress(i, layer, stats)` on every layer in order. `progress(done, total)` is called
-/// after each layer. Returns the seconds spent per layer.
+/// What happened to one linear.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LinearReport {
+    pub layer: usize,
+    pub name: String,
+    /// `‖(W − W_c) X‖² / ‖W X‖²` over the calibration inputs (when calibrated).
+    pub rel_error: Option<f64>,
+    /// Dampening actually used by a Hessian-based method (raised if needed).
+    pub damp: Option<f64>,
+    pub seconds: f64,
+}
+
+/// Applies `method` to every targeted linear of `layer` (the linear's HF name ends with one of
+/// `targets`; empty = all). `method(name, weight, stats)` rewrites the dense weight in place
+/// and returns the dampening it used, if any.
+pub fn compress_linears(
+    index: usize,
+    layer: &mut Layer,
+    stats: &LayerStats,
+    targets: &[String],
+    method: &mut dyn FnMut(&str, &mut Linear, Option<&InputStats>) -> Result<Option<f64>>,
+) -> Result<Vec<LinearReport>> {
+    let mut reports = Vec::new();
+    for (name, site, lin) in layer.linears_mut() {
+        if !targets.is_empty() && !targets.iter().any(|t| name.ends_with(t.as_str())) {
+            continue;
+        }
+        let start = Instant::now();
+        let st = stats.sites.get(&site);
+        let before = st.map(|_| lin.dense_weight().into_owned());
+        let full = format!("layers.{index}.{name}");
+        let damp = method(&full, lin, st)?;
+        lin.check_finite(&full)?;
+        let rel_error = match (st, before) {
+            (Some(s), Some(w)) => Some(s.relative_error(&w, &lin.dense_weight(), lin.out_features)),
+            _ => None,
+        };
+        reports.push(LinearReport {
+            layer: index,
+            name: name.to_string(),
+            rel_error,
+            damp,
+            seconds: start.elapsed().as_secs_f64(),
+        });
+    }
+    Ok(reports)
+}
+
+/// Runs `compress(i, layer, stats)` on every layer in order. Without calibration windows the
+/// statistics are empty and no forward pass runs (for data-free methods). `progress(done,
+/// total)` is called after each layer. Returns the seconds spent per layer.
 pub fn compress_sequential(
     model: &mut Model,
     windows: &[&[u32]],
@@ -18,7 +67,15 @@ pub fn compress_sequential(
     compress: &mut dyn FnMut(usize, &mut Layer, &LayerStats) -> Result<()>,
 ) -> Result<Vec<f64>> {
     if windows.is_empty() {
-        return Err(Error::Invalid("no calibration windows".into()));
+        let n = model.layers.len();
+        let mut seconds = Vec::with_capacity(n);
+        for (i, layer) in model.layers.iter_mut().enumerate() {
+            let start = Instant::now();
+            compress(i, layer, &LayerStats::default())?;
+            seconds.push(start.elapsed().as_secs_f64());
+            progress(i + 1, n);
+        }
+        return Ok(seconds);
     }
     let mut xs: Vec<Vec<f32>> = windows
         .iter()

@@ -52,6 +52,28 @@ impl InputStats {
         Ok(())
     }
 
+    /// `Σ_r m_r C m_rᵀ = ‖M X‖²_F` for `M` (`rows × dim`): the output energy of a weight (or of
+    /// a weight error) over the calibration inputs.
+    pub fn output_energy(&self, m: &[f32], rows: usize) -> f64 {
+        let d = self.dim;
+        let c: Vec<f32> = self.xtx.iter().map(|v| *v as f32).collect();
+        let mut mc = vec![0f32; rows * d];
+        gemm(
+            MatMut::from_row_major_slice_mut(&mut mc, rows, d),
+            Accum::Replace,
+            MatRef::from_row_major_slice(m, rows, d),
+            MatRef::from_row_major_slice(&c, d, d),
+            crate::threads::gemm_par(),
+        );
+        mc.iter().zip(m).map(|(a, b)| *a as f64 * *b as f64).sum()
+    }
+
+    /// `‖(W − W') X‖² / ‖W X‖²`: the relative output error of replacing `w` by `w2`.
+    pub fn relative_error(&self, w: &[f32], w2: &[f32], rows: usize) -> f64 {
+        let delta: Vec<f32> = w.iter().zip(w2).map(|(a, b)| a - b).collect();
+        self.output_energy(&delta, rows) / self.output_energy(w, rows).max(f64::MIN_POSITIVE)
+    }
+
     /// `diag(C)_j = ‖X_j‖²`.
     pub fn diag(&self) -> Vec<f64> {
         (0..self.dim).map(|j| self.xtx[j * self.dim + j]).collect()

@@ -72,6 +72,15 @@ impl Linear {
         }
     }
 
+    /// The dense weight for in-place rewriting (packed storage is expanded first).
+    pub fn dense_weight_mut(&mut self) -> &mut Vec<f32> {
+        self.densify();
+        match &mut self.weight {
+            Weight::Dense(w) => w,
+            Weight::Packed(_) => unreachable!("densify leaves a dense weight"),
+        }
+    }
+
     /// Replaces packed storage by its f32 expansion.
     pub fn densify(&mut self) {
         if let Weight::Packed(_) = &self.weight {

@@ -71,6 +71,27 @@ impl Layer {
         }
         v
     }
+
+    /// The layer's linears, mutable, with their names and the site whose input they read.
+    pub fn linears_mut(&mut self) -> Vec<(&'static str, Site, &mut Linear)> {
+        let mut v = Vec::with_capacity(7);
+        if let Some(a) = &mut self.attn {
+            v.extend([
+                ("self_attn.q_proj", Site::AttnIn, &mut a.q),
+                ("self_attn.k_proj", Site::AttnIn, &mut a.k),
+                ("self_attn.v_proj", Site::AttnIn, &mut a.v),
+                ("self_attn.o_proj", Site::AttnOut, &mut a.o),
+            ]);
+        }
+        if let Some(m) = &mut self.mlp {
+            v.extend([
+                ("mlp.gate_proj", Site::MlpIn, &mut m.gate),
+                ("mlp.up_proj", Site::MlpIn, &mut m.up),
+                ("mlp.down_proj", Site::MlpDown, &mut m.down),
+            ]);
+        }
+        v
+    }
 }
 
 pub struct Model {

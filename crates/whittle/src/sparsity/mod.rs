@@ -96,3 +96,49 @@ fn apply_scores(w: &mut [f32], scores: &[f32], cols: usize, pattern: Pattern) {
         }
     }
 }
+
+/// Sparsifies the targeted linears of every layer (sequentially calibrated on `windows` when
+/// the method needs data). Returns one report per linear.
+pub fn sparsify_model(
+    model: &mut crate::Model,
+    windows: &[&[u32]],
+    method: SparsityMethod,
+    pattern: Pattern,
+    targets: &[String],
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Vec<crate::calib::sequential::LinearReport>> {
+    use crate::calib::sequential::{compress_linears, compress_sequential};
+    if method.needs_calibration() && windows.is_empty() {
+        return Err(Error::Invalid(format!(
+            "{method:?} needs calibration windows"
+        )));
+    }
+    let windows = if method.needs_calibration() {
+        windows
+    } else {
+        &[]
+    };
+    let mut reports = Vec::new();
+    compress_sequential(model, windows, progress, &mut |i, layer, stats| {
+        reports.extend(compress_linears(
+            i,
+            layer,
+            stats,
+            targets,
+            &mut |name, lin, st| {
+                let (rows, cols) = (lin.out_features, lin.in_features);
+                prune(
+                    name,
+                    lin.dense_weight_mut(),
+                    rows,
+                    cols,
+                    pattern,
+                    method,
+                    st,
+                )
+            },
+        )?);
+        Ok(())
+    })?;
+    Ok(reports)
+}

@@ -1,0 +1,163 @@
+//! The one-shot compression commands (`sparsify`, ...): shared calibration and evaluation
+//! arguments, the per-layer table, and the before/after perplexity.
+
+use crate::commands::load;
+use crate::report::{progress, table, write_json};
+use anyhow::{Context, Result};
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use whittle::calib::sequential::LinearReport;
+use whittle::io::tokenizer::Tokenizer;
+use whittle::Model;
+
+/// Calibration data: windows of the text at GPTQ-style seeded random starts.
+#[derive(clap::Args, Clone)]
+pub struct CalibArgs {
+    #[arg(long, default_value = "../shared/reference/wikitext2-valid.txt")]
+    calib: PathBuf,
+    #[arg(long, default_value_t = 128)]
+    calib_samples: usize,
+    #[arg(long, default_value_t = 2048)]
+    calib_len: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+/// Perplexity before and after, when `--eval` is given.
+#[derive(clap::Args, Clone)]
+pub struct EvalArgs {
+    #[arg(long)]
+    eval: Option<PathBuf>,
+    #[arg(long, default_value_t = 2048)]
+    eval_seq_len: usize,
+    /// Keep only the first ⌊N / eval-seq-len⌋ windows.
+    #[arg(long)]
+    eval_max_tokens: Option<usize>,
+}
+
+/// Tokens of the calibration text (read once).
+pub fn calibration_ids(tok: &Tokenizer, args: &CalibArgs) -> Result<Vec<u32>> {
+    let text = whittle::data::text::read_text(&args.calib)?;
+    let ids = tok.encode(&text)?;
+    let need = args.calib_len + 2;
+    anyhow::ensure!(
+        ids.len() >= need,
+        "{}: {} tokens, fewer than one calibration window of {} needs",
+        args.calib.display(),
+        ids.len(),
+        args.calib_len
+    );
+    Ok(ids)
+}
+
+pub fn windows<'a>(ids: &'a [u32], args: &CalibArgs) -> Result<Vec<&'a [u32]>> {
+    Ok(whittle::data::calib::calibration_windows(
+        ids,
+        args.calib_samples,
+        args.calib_len,
+        args.seed,
+    )?)
+}
+
+fn perplexity(model: &Model, tok: &Tokenizer, args: &EvalArgs, what: &str) -> Result<Option<f64>> {
+    let Some(path) = &args.eval else {
+        return Ok(None);
+    };
+    let ids = tok.encode(&whittle::data::text::read_text(path)?)?;
+    let pb = progress(0, what);
+    let r = whittle::eval::perplexity::perplexity(
+        model,
+        &ids,
+        args.eval_seq_len,
+        args.eval_max_tokens,
+        &mut |d, t| {
+            pb.set_length(t as u64);
+            pb.set_position(d as u64);
+        },
+    )
+    .with_context(|| format!("perplexity of {}", path.display()))?;
+    pb.finish_and_clear();
+    Ok(Some(r.ppl))
+}
+
+/// Loads the model, measures it, runs `compress` with a per-layer progress bar, measures again,
+/// prints the tables, writes the model to `out` and the report to `json_out`.
+pub fn run(
+    model: Option<&str>,
+    what: &str,
+    settings: serde_json::Value,
+    eval: &EvalArgs,
+    out: &Path,
+    json_out: Option<PathBuf>,
+    compress: &mut dyn FnMut(
+        &mut Model,
+        &Tokenizer,
+        &mut dyn FnMut(usize, usize),
+    ) -> Result<Vec<LinearReport>>,
+) -> Result<()> {
+    anyhow::ensure!(
+        !out.exists(),
+        "{} already exists; choose a new output folder",
+        out.display()
+    );
+    let whittle::io::resolve::Loaded {
+        mut model,
+        tokenizer,
+        path,
+    } = load(model)?;
+    let before = perplexity(&model, &tokenizer, eval, "perplexity before")?;
+    let pb = progress(model.layers.len(), what);
+    let start = Instant::now();
+    let reports = compress(&mut model, &tokenizer, &mut |d, _| {
+        pb.set_position(d as u64)
+    })?;
+    let seconds = start.elapsed().as_secs_f64();
+    pb.finish_and_clear();
+    let after = perplexity(&model, &tokenizer, eval, "perplexity after")?;
+    layer_table(&reports);
+    println!("{what}: {seconds:.1} s");
+    if let (Some(b), Some(a)) = (before, after) {
+        println!("perplexity {b:.4} -> {a:.4}");
+    }
+    whittle::io::safetensors::save(&model, Some(&tokenizer), out)?;
+    eprintln!("wrote {}", out.display());
+    if let Some(j) = json_out {
+        write_json(
+            &j,
+            &json!({"model": path, "method": what, "settings": settings, "seconds": seconds,
+                    "ppl_before": before, "ppl_after": after, "eval": eval.eval,
+                    "eval_seq_len": eval.eval_seq_len, "eval_max_tokens": eval.eval_max_tokens,
+                    "linears": reports, "out": out}),
+        )?;
+    }
+    Ok(())
+}
+
+/// One row per layer: linears touched, mean and worst relative output error, time.
+fn layer_table(reports: &[LinearReport]) {
+    let layers = reports.iter().map(|r| r.layer).max().map_or(0, |m| m + 1);
+    let rows: Vec<Vec<String>> = (0..layers)
+        .map(|l| {
+            let rs: Vec<&LinearReport> = reports.iter().filter(|r| r.layer == l).collect();
+            let errs: Vec<f64> = rs.iter().filter_map(|r| r.rel_error).collect();
+            let fmt = |v: Option<f64>| v.map_or("—".into(), |v| format!("{v:.4}"));
+            let mean = (!errs.is_empty()).then(|| errs.iter().sum::<f64>() / errs.len() as f64);
+            let worst = errs
+                .iter()
+                .cloned()
+                .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))));
+            vec![
+                l.to_string(),
+                rs.len().to_string(),
+                fmt(mean),
+                fmt(worst),
+                format!("{:.2}", rs.iter().map(|r| r.seconds).sum::<f64>()),
+            ]
+        })
+        .collect();
+    table(
+        &["layer", "linears", "mean rel. error", "worst", "seconds"],
+        &rows,
+    );
+}
