@@ -13,6 +13,7 @@ pub mod error;
 pub mod eval;
 pub mod io;
 pub mod model;
+pub mod quant;
 pub mod sparsity;
 pub mod threads;
 

@@ -21,6 +21,11 @@ pub struct LinearReport {
     pub seconds: f64,
 }
 
+/// A method applied to one linear: `(full name, linear, its input statistics)`; rewrites the
+/// linear in place and returns the dampening it used, if any.
+pub type LinearMethod<'a> =
+    dyn FnMut(&str, &mut Linear, Option<&InputStats>) -> Result<Option<f64>> + 'a;
+
 /// Applies `method` to every targeted linear of `layer` (the linear's HF name ends with one of
 /// `targets`; empty = all). `method(name, weight, stats)` rewrites the dense weight in place
 /// and returns the dampening it used, if any.
@@ -29,7 +34,7 @@ pub fn compress_linears(
     layer: &mut Layer,
     stats: &LayerStats,
     targets: &[String],
-    method: &mut dyn FnMut(&str, &mut Linear, Option<&InputStats>) -> Result<Option<f64>>,
+    method: &mut LinearMethod,
 ) -> Result<Vec<LinearReport>> {
     let mut reports = Vec::new();
     for (name, site, lin) in layer.linears_mut() {

@@ -409,7 +409,7 @@ fn unpermute_rows(lin: &mut Linear, n_heads: usize, head_dim: usize) {
         Weight::Dense(w) => *w = un(w, inp),
         Weight::Packed(p) => {
             let row_bytes = inp * p.bits as usize / 8;
-            let groups = inp / p.group;
+            let groups = inp.div_ceil(p.group);
             *p = Packed::new(
                 "q/k",
                 (lin.out_features, inp),

@@ -4,8 +4,10 @@
 //! kept in its file's blocks computes with exactly the weights of its f32 expansion while
 //! reading 5–8.5 bits per weight instead of 32: decode is memory-bound, so that is its speed.
 //!
-//! Block layouts (32 weights): 4-bit — 16 bytes, byte `j` holds `q[j]` in the low nibble and
-//! `q[j+16]` in the high one (GGML's); 8-bit — 32 bytes, one `q` each.
+//! Block layouts (32 weights, `4·bits` bytes): 4-bit — byte `j` holds `q[j]` in the low nibble
+//! and `q[j+16]` in the high one (GGML's); 8-bit — one byte each; 2, 3, 5, 6, 7 bits — a
+//! little-endian bit stream, `q[j]` at bits `j·bits .. (j+1)·bits`. Groups hold a multiple of 32
+//! weights; a row's last group may be shorter (576 inputs in groups of 128: 4 × 128 + 64).
 
 pub const BLOCK: usize = 32;
 
@@ -24,18 +26,61 @@ pub struct QRow<'a> {
     pub mins: &'a [f32],
 }
 
+/// The codes of one block.
+#[inline(always)]
+pub fn unpack_block(bits: u8, bytes: &[u8], q: &mut [u8; BLOCK]) {
+    match bits {
+        4 => {
+            for j in 0..16 {
+                q[j] = bytes[j] & 0x0f;
+                q[j + 16] = bytes[j] >> 4;
+            }
+        }
+        8 => q.copy_from_slice(&bytes[..BLOCK]),
+        _ => {
+            let b = bits as usize;
+            let mask = (1u32 << b) - 1;
+            for (j, qj) in q.iter_mut().enumerate() {
+                let (byte, shift) = (j * b / 8, j * b % 8);
+                let lo = bytes[byte] as u32;
+                let hi = *bytes.get(byte + 1).unwrap_or(&0) as u32;
+                *qj = (((lo | hi << 8) >> shift) & mask) as u8;
+            }
+        }
+    }
+}
+
+/// Packs 32 codes (each below `2^bits`) into `4·bits` bytes; the inverse of [`unpack_block`].
+pub fn pack_block(bits: u8, q: &[u8; BLOCK], out: &mut [u8]) {
+    match bits {
+        4 => {
+            for j in 0..16 {
+                out[j] = q[j] | q[j + 16] << 4;
+            }
+        }
+        8 => out[..BLOCK].copy_from_slice(q),
+        _ => {
+            let b = bits as usize;
+            out[..block_bytes(bits)].fill(0);
+            for (j, &qj) in q.iter().enumerate() {
+                let (byte, shift) = (j * b / 8, j * b % 8);
+                let v = (qj as u32) << shift;
+                out[byte] |= v as u8;
+                if shift + b > 8 {
+                    out[byte + 1] |= (v >> 8) as u8;
+                }
+            }
+        }
+    }
+}
+
 /// Dequantizes one block (32 weights) into `out`.
 #[inline(always)]
 fn dequant_block(bits: u8, bytes: &[u8], scale: f32, min: f32, out: &mut [f32; BLOCK]) {
-    if bits == 4 {
-        for j in 0..16 {
-            out[j] = scale.mul_add((bytes[j] & 0x0f) as f32, min);
-            out[j + 16] = scale.mul_add((bytes[j] >> 4) as f32, min);
-        }
-    } else {
-        for j in 0..BLOCK {
-            out[j] = scale.mul_add(bytes[j] as f32, min);
-        }
+    let mut q = [0u8; BLOCK];
+    unpack_block(bits, bytes, &mut q);
+    for (o, q) in out.iter_mut().zip(q) {
+        *o = scale.mul_add(q as f32, min);
     }
 }
 
@@ -55,7 +100,7 @@ simd_dispatch! {
 /// `Σ w_i x_i` over one quantized row.
 pub fn qdot(row: QRow, x: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
+    if (row.bits == 4 || row.bits == 8) && std::arch::is_x86_feature_detected!("avx512f") {
         // SAFETY: the CPU has AVX-512F (checked above); lengths are checked inside.
         return unsafe { x86::qdot_avx512(row, x) };
     }
@@ -129,9 +174,13 @@ mod x86 {
     pub unsafe fn qdot_avx512(row: QRow, x: &[f32]) -> f32 {
         let blocks = x.len() / BLOCK;
         let per_group = row.group / BLOCK;
-        assert!(blocks * BLOCK == x.len() && blocks.is_multiple_of(per_group));
+        let groups = blocks.div_ceil(per_group);
+        assert!(blocks * BLOCK == x.len() && per_group > 0);
         assert!(row.data.len() >= blocks * block_bytes(row.bits));
-        assert!(row.scales.len() >= blocks / per_group && row.mins.len() >= blocks / per_group);
+        assert!(row.scales.len() >= groups && row.mins.len() >= groups);
+        // Group of a block without a division in the common power-of-two case.
+        let shift = per_group.trailing_zeros();
+        let pow2 = per_group.is_power_of_two();
         let (px, pd, bits) = (x.as_ptr(), row.data.as_ptr(), row.bits);
         // Four accumulators in registers, two blocks per step: independent FMA chains.
         let (mut a0, mut a1, mut a2, mut a3) = (
@@ -141,7 +190,7 @@ mod x86 {
             _mm512_setzero_ps(),
         );
         let sm = |b: usize| {
-            let g = if per_group == 1 { b } else { b / per_group };
+            let g = if pow2 { b >> shift } else { b / per_group };
             (
                 _mm512_set1_ps(*row.scales.get_unchecked(g)),
                 _mm512_set1_ps(*row.mins.get_unchecked(g)),
@@ -168,7 +217,7 @@ mod tests {
         let data: Vec<u8> = (0..n * bits as usize / 8)
             .map(|i| (i * 37 % 251) as u8)
             .collect();
-        let groups = n / group;
+        let groups = n.div_ceil(group);
         let scales = (0..groups).map(|g| 0.01 + g as f32 * 0.003).collect();
         let mins = (0..groups).map(|g| -0.05 * g as f32).collect();
         let x = (0..n)
@@ -196,8 +245,27 @@ mod tests {
     }
 
     #[test]
+    fn pack_round_trips_for_every_width() {
+        for bits in 2..=8u8 {
+            let q: [u8; BLOCK] = std::array::from_fn(|j| ((j * 7 + 3) % (1 << bits)) as u8);
+            let mut bytes = vec![0u8; block_bytes(bits)];
+            pack_block(bits, &q, &mut bytes);
+            let mut back = [0u8; BLOCK];
+            unpack_block(bits, &bytes, &mut back);
+            assert_eq!(q, back, "{bits} bits");
+        }
+    }
+
+    #[test]
     fn qdot_and_dequant_match_naive_layout() {
-        for (bits, group, n) in [(4u8, 32, 576), (4, 64, 1536), (8, 32, 576), (8, 128, 256)] {
+        for (bits, group, n) in [
+            (4u8, 32, 576),
+            (4, 64, 1536),
+            (8, 32, 576),
+            (8, 128, 256),
+            (4, 128, 576),
+            (8, 96, 576),
+        ] {
             let (data, scales, mins, x) = sample(bits, group, n);
             let row = QRow {
                 bits,

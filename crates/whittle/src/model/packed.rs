@@ -1,5 +1,5 @@
-//! Group-quantized weight storage: unsigned `bits`-bit codes with one (scale, min) per `group`
-//! inputs, `w = fma(scale, q, min)` (see [`crate::kernels::qdot`]). GGUF's Q4_0/Q4_1/Q8_0 map onto
+//! Group-quantized weight storage: unsigned `bits`-bit codes (2–8) with one (scale, min) per
+//! `group` inputs (the last group of a row may be shorter), `w = fma(scale, q, min)` (see [`crate::kernels::qdot`]). GGUF's Q4_0/Q4_1/Q8_0 map onto
 //! it exactly, so a GGUF model keeps its file's blocks in memory and decodes from them.
 
 use crate::kernels::qdot::{block_bytes, dequant_row, QRow, BLOCK};
@@ -28,15 +28,15 @@ impl Packed {
         mins: Vec<f32>,
     ) -> Result<Self> {
         let bad = |m: String| Err(Error::Invalid(format!("packed weight '{name}': {m}")));
-        if bits != 4 && bits != 8 {
-            return bad(format!("{bits}-bit codes are not supported (4 or 8)"));
+        if !(2..=8).contains(&bits) {
+            return bad(format!("{bits}-bit codes are not supported (2 to 8)"));
         }
-        if group == 0 || !group.is_multiple_of(BLOCK) || inp % group != 0 {
+        if group == 0 || !group.is_multiple_of(BLOCK) || !inp.is_multiple_of(BLOCK) {
             return bad(format!(
-                "group size {group} must be a multiple of {BLOCK} dividing the input width {inp}"
+                "group size {group} and input width {inp} must be multiples of {BLOCK}"
             ));
         }
-        let groups = out * inp / group;
+        let groups = out * inp.div_ceil(group);
         if data.len() != out * inp / BLOCK * block_bytes(bits)
             || scales.len() != groups
             || mins.len() != groups
@@ -59,7 +59,10 @@ impl Packed {
 
     /// Row `r` of a matrix `inp` wide.
     pub fn row(&self, r: usize, inp: usize) -> QRow<'_> {
-        let (rb, rg) = (inp / BLOCK * block_bytes(self.bits), inp / self.group);
+        let (rb, rg) = (
+            inp / BLOCK * block_bytes(self.bits),
+            inp.div_ceil(self.group),
+        );
         QRow {
             bits: self.bits,
             group: self.group,

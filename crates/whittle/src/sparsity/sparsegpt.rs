@@ -101,7 +101,7 @@ pub(crate) fn zero_dead(w: &mut [f32], cols: usize, dead: &[bool]) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::calib::obs::reference::{damped_inverse, naive_obs};
 

@@ -1,0 +1,221 @@
+//! GPTQ (Frantar et al., 2022), as the reference `fasterquant`: the OBS column walk where each
+//! column is rounded to its group's grid and the rounding error is pushed onto the later columns.
+//! Group parameters are computed from the error-updated weights when the walk reaches a group's
+//! first column. With act-order, columns are walked by decreasing Hessian diagonal; the group
+//! parameters are then fixed up front on the original consecutive groups ("static groups"), so
+//! the packed layout stays the plain contiguous one.
+
+use super::{code, decode, group_params, pack, QuantConfig};
+use crate::calib::hessian::inverse_hessian;
+use crate::calib::obs::{obs_walk, ColumnRule};
+use crate::model::Packed;
+use crate::sparsity::sparsegpt::zero_dead;
+use crate::Result;
+
+struct QuantRule {
+    cfg: QuantConfig,
+    rows: usize,
+    group: usize,
+    /// Per row (scale, zero) of the group being walked (dynamic groups), or of every group of
+    /// every row in original column order (static groups: `rows × groups`).
+    params: Vec<(f32, f32)>,
+    /// With act-order: original column of each walked position.
+    perm: Option<Vec<usize>>,
+    groups_per_row: usize,
+    /// Dynamic groups: (scale, zero) of every row and group, filled as the walk goes.
+    collected: Vec<(f32, f32)>,
+}
+
+impl QuantRule {
+    fn param(&self, row: usize, j: usize) -> (f32, f32) {
+        match &self.perm {
+            Some(p) => self.params[row * self.groups_per_row + p[j] / self.group],
+            None => self.params[row],
+        }
+    }
+}
+
+impl ColumnRule for QuantRule {
+    fn prepare(&mut self, w: &[f32], cols: usize, j: usize, _block_end: usize, _d: &[f32]) {
+        if self.perm.is_some() || !j.is_multiple_of(self.group) {
+            return;
+        }
+        let end = (j + self.group).min(cols);
+        self.params.clear();
+        for r in 0..self.rows {
+            let p = group_params(&w[r * cols + j..r * cols + end], self.cfg);
+            self.params.push(p);
+            self.collected[r * self.groups_per_row + j / self.group] = p;
+        }
+    }
+
+    fn apply(&self, row: usize, j: usize, w: f32) -> f32 {
+        let (s, z) = self.param(row, j);
+        decode(code(w, s, z, self.cfg.maxq()), s, z)
+    }
+}
+
+/// Quantizes `w` (`rows × cols`) with input covariance `xtx`. Returns the packed weight and the
+/// dampening used.
+#[allow(clippy::too_many_arguments)]
+pub fn gptq(
+    name: &str,
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    xtx: &[f64],
+    cfg: QuantConfig,
+    block: usize,
+    damp: f64,
+    act_order: bool,
+) -> Result<(Packed, f64)> {
+    cfg.check(name, cols)?;
+    crate::error::check_finite(name, w)?;
+    let group = cfg.group_for(cols);
+    let groups_per_row = cols.div_ceil(group);
+    let mut w = w.to_vec();
+    let dead: Vec<bool> = (0..cols).map(|j| xtx[j * cols + j] == 0.0).collect();
+    zero_dead(&mut w, cols, &dead);
+    // Static groups from the original weights (act-order only).
+    let static_params = |w: &[f32]| -> Vec<(f32, f32)> {
+        w.chunks_exact(cols)
+            .flat_map(|row| {
+                row.chunks(group)
+                    .map(|x| group_params(x, cfg))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    let (perm, mut walked, h) = if act_order {
+        let mut p: Vec<usize> = (0..cols).collect();
+        p.sort_by(|&a, &b| {
+            xtx[b * cols + b]
+                .total_cmp(&xtx[a * cols + a])
+                .then(a.cmp(&b))
+        });
+        let walked: Vec<f32> = w
+            .chunks_exact(cols)
+            .flat_map(|row| p.iter().map(move |&c| row[c]))
+            .collect();
+        let h: Vec<f64> = (0..cols * cols)
+            .map(|k| xtx[p[k / cols] * cols + p[k % cols]])
+            .collect();
+        (Some(p), walked, h)
+    } else {
+        (None, w.clone(), xtx.to_vec())
+    };
+    let f = inverse_hessian(&h, cols, damp)?;
+    let u: Vec<f32> = f.upper.iter().map(|v| *v as f32).collect();
+    let mut rule = QuantRule {
+        cfg,
+        rows,
+        group,
+        params: if act_order {
+            static_params(&w)
+        } else {
+            Vec::new()
+        },
+        perm: perm.clone(),
+        groups_per_row,
+        collected: vec![(0.0, 1.0); rows * groups_per_row],
+    };
+    obs_walk(&mut walked, rows, cols, &u, block, &mut rule);
+    let params = if act_order {
+        rule.params
+    } else {
+        rule.collected
+    };
+    // Back to the original column order, then to codes under each group's parameters.
+    let q: Vec<f32> = match &perm {
+        Some(p) => {
+            let mut q = vec![0f32; rows * cols];
+            for (r, row) in walked.chunks_exact(cols).enumerate() {
+                for (k, &c) in p.iter().enumerate() {
+                    q[r * cols + c] = row[k];
+                }
+            }
+            q
+        }
+        None => walked,
+    };
+    let mut codes = vec![0u8; rows * cols];
+    for (i, (c, v)) in codes.iter_mut().zip(&q).enumerate() {
+        let (s, z) = params[(i / cols) * groups_per_row + (i % cols) / group];
+        *c = code(*v, s, z, cfg.maxq());
+    }
+    let (scales, zeros): (Vec<f32>, Vec<f32>) = params.into_iter().unzip();
+    Ok((pack(name, &codes, rows, cols, cfg, scales, &zeros)?, f.damp))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::calib::obs::reference::{damped_inverse, naive_obs_with};
+
+    #[test]
+    fn matches_naive_obs_quantization() {
+        let (rows, cols) = (8, 64);
+        let (w, h) = crate::sparsity::sparsegpt::tests::layer(rows, cols, 3);
+        let hinv = damped_inverse(&h, cols, 0.01);
+        for (bits, group, sym, block) in
+            [(4u8, 32, false, 16), (3, 64, true, 64), (4, 0, false, 32)]
+        {
+            let cfg = QuantConfig { bits, group, sym };
+            let (p, _) = gptq("w", &w, rows, cols, &h, cfg, block, 0.01, false).unwrap();
+            let mut got = vec![0f32; rows * cols];
+            p.dequantize_into(cols, &mut got);
+            let g = cfg.group_for(cols);
+            for r in 0..rows {
+                let mut sz = (1f32, 0f32);
+                let want = naive_obs_with(&w[r * cols..(r + 1) * cols], &hinv, |row, j, _| {
+                    if j % g == 0 {
+                        let x: Vec<f32> = row[j..(j + g).min(cols)]
+                            .iter()
+                            .map(|v| *v as f32)
+                            .collect();
+                        sz = group_params(&x, cfg);
+                    }
+                    decode(code(row[j] as f32, sz.0, sz.1, cfg.maxq()), sz.0, sz.1) as f64
+                });
+                for c in 0..cols {
+                    let gv = got[r * cols + c] as f64;
+                    assert!(
+                        (gv - want[c]).abs() < 1e-3 * (1.0 + want[c].abs()),
+                        "{bits}b g{group}: r{r} c{c} {gv} vs {}",
+                        want[c]
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn gptq_beats_rtn_on_output_error_and_act_order_runs() {
+        use crate::calib::stats::InputStats;
+        let (rows, cols) = (16, 64);
+        let (w, h) = crate::sparsity::sparsegpt::tests::layer(rows, cols, 4);
+        let stats = InputStats {
+            dim: cols,
+            xtx: h.clone(),
+            tokens: 64,
+        };
+        let cfg = QuantConfig {
+            bits: 3,
+            group: 32,
+            sym: false,
+        };
+        let err = |p: &Packed| {
+            let mut d = vec![0f32; rows * cols];
+            p.dequantize_into(cols, &mut d);
+            stats.relative_error(&w, &d, rows)
+        };
+        let rtn = err(&super::super::rtn("w", &w, rows, cols, cfg).unwrap());
+        let g = err(&gptq("w", &w, rows, cols, &h, cfg, 32, 0.01, false)
+            .unwrap()
+            .0);
+        let ga = err(&gptq("w", &w, rows, cols, &h, cfg, 32, 0.01, true)
+            .unwrap()
+            .0);
+        assert!(g < rtn && ga < rtn, "gptq {g}, act-order {ga}, rtn {rtn}");
+    }
+}

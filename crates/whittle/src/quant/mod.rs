@@ -1,0 +1,223 @@
+//! Weight quantization: round-to-nearest and GPTQ, 2–8 bits, symmetric or asymmetric, per group
+//! of consecutive inputs (any multiple of 32; the last group of a row may be shorter) or per
+//! output channel. Results are stored packed ([`Packed`]), never as f32.
+
+pub mod gptq;
+
+use crate::kernels::qdot::{block_bytes, pack_block, BLOCK};
+use crate::model::Packed;
+use crate::{Error, Result};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct QuantConfig {
+    pub bits: u8,
+    /// Inputs per (scale, zero) group; 0 = one group per output channel (the whole row).
+    pub group: usize,
+    pub sym: bool,
+}
+
+impl QuantConfig {
+    /// Fails on settings the packed format cannot hold.
+    pub fn check(&self, name: &str, cols: usize) -> Result<()> {
+        if !(2..=8).contains(&self.bits) {
+            return Err(Error::Invalid(format!(
+                "{} bits: supported are 2 to 8",
+                self.bits
+            )));
+        }
+        if !cols.is_multiple_of(BLOCK) {
+            return Err(Error::Invalid(format!(
+                "{name}: {cols} inputs are not a multiple of {BLOCK}, the packing block"
+            )));
+        }
+        if self.group != 0 && !self.group.is_multiple_of(BLOCK) {
+            return Err(Error::Invalid(format!(
+                "group size {} must be a multiple of {BLOCK} (or 0 for per-channel)",
+                self.group
+            )));
+        }
+        Ok(())
+    }
+
+    /// The group size for rows of `cols` inputs.
+    pub fn group_for(&self, cols: usize) -> usize {
+        if self.group == 0 {
+            cols
+        } else {
+            self.group
+        }
+    }
+
+    pub fn maxq(&self) -> f32 {
+        ((1u32 << self.bits) - 1) as f32
+    }
+}
+
+/// Scale and zero point of one group (GPTQ's `Quantizer`): the range always includes 0;
+/// asymmetric maps `[min, max]` onto `0..=maxq`; symmetric uses `±max|x|` with the zero point in
+/// the middle. An all-zero group gets the range `[-1, 1]`.
+pub fn group_params(x: &[f32], cfg: QuantConfig) -> (f32, f32) {
+    let maxq = cfg.maxq();
+    let mut lo = x.iter().cloned().fold(0f32, f32::min);
+    let mut hi = x.iter().cloned().fold(0f32, f32::max);
+    if cfg.sym {
+        hi = hi.max(-lo);
+        if lo < 0.0 {
+            lo = -hi;
+        }
+    }
+    if lo == 0.0 && hi == 0.0 {
+        lo = -1.0;
+        hi = 1.0;
+    }
+    let scale = (hi - lo) / maxq;
+    let zero = if cfg.sym {
+        ((maxq + 1.0) / 2.0).floor()
+    } else {
+        (-lo / scale).round_ties_even()
+    };
+    (scale, zero)
+}
+
+/// The code of `x`: `clamp(round(x / scale) + zero, 0, maxq)`, rounding half to even in f32 as
+/// PyTorch does (so ties land where the reference puts them).
+pub fn code(x: f32, scale: f32, zero: f32, maxq: f32) -> u8 {
+    ((x / scale).round_ties_even() + zero).clamp(0.0, maxq) as u8
+}
+
+/// The value a code stands for in the packed format: `fma(scale, q, −scale·zero)`.
+pub fn decode(q: u8, scale: f32, zero: f32) -> f32 {
+    scale.mul_add(q as f32, -scale * zero)
+}
+
+/// Packs a rows × cols code matrix with per-row, per-group (scale, zero).
+pub(crate) fn pack(
+    name: &str,
+    codes: &[u8],
+    rows: usize,
+    cols: usize,
+    cfg: QuantConfig,
+    scales: Vec<f32>,
+    zeros: &[f32],
+) -> Result<Packed> {
+    let bb = block_bytes(cfg.bits);
+    let mut data = vec![0u8; rows * cols / BLOCK * bb];
+    for (b, chunk) in codes.chunks_exact(BLOCK).enumerate() {
+        let q: &[u8; BLOCK] = chunk.try_into().expect("32 codes");
+        pack_block(cfg.bits, q, &mut data[b * bb..(b + 1) * bb]);
+    }
+    let mins = scales.iter().zip(zeros).map(|(s, z)| -s * z).collect();
+    Packed::new(
+        name,
+        (rows, cols),
+        cfg.bits,
+        cfg.group_for(cols),
+        data,
+        scales,
+        mins,
+    )
+}
+
+/// Round-to-nearest quantization of `w` (`rows × cols`).
+pub fn rtn(name: &str, w: &[f32], rows: usize, cols: usize, cfg: QuantConfig) -> Result<Packed> {
+    cfg.check(name, cols)?;
+    crate::error::check_finite(name, w)?;
+    let g = cfg.group_for(cols);
+    let groups = cols.div_ceil(g);
+    let (mut scales, mut zeros) = (
+        Vec::with_capacity(rows * groups),
+        Vec::with_capacity(rows * groups),
+    );
+    let mut codes = vec![0u8; rows * cols];
+    for (row, crow) in w.chunks_exact(cols).zip(codes.chunks_exact_mut(cols)) {
+        for (x, c) in row.chunks(g).zip(crow.chunks_mut(g)) {
+            let (s, z) = group_params(x, cfg);
+            for (xi, ci) in x.iter().zip(c.iter_mut()) {
+                *ci = code(*xi, s, z, cfg.maxq());
+            }
+            scales.push(s);
+            zeros.push(z);
+        }
+    }
+    pack(name, &codes, rows, cols, cfg, scales, &zeros)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rtn_matches_the_reference_formula() {
+        let (rows, cols) = (3, 96);
+        let w: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 37 % 101) as f32 - 40.0) / 33.0)
+            .collect();
+        for (bits, group, sym) in [
+            (4u8, 64, false),
+            (4, 32, true),
+            (3, 0, false),
+            (8, 32, false),
+            (2, 64, true),
+        ] {
+            let cfg = QuantConfig { bits, group, sym };
+            let p = rtn("w", &w, rows, cols, cfg).unwrap();
+            let mut deq = vec![0f32; rows * cols];
+            p.dequantize_into(cols, &mut deq);
+            let g = cfg.group_for(cols);
+            let maxq = cfg.maxq();
+            for r in 0..rows {
+                for g0 in (0..cols).step_by(g) {
+                    let x = &w[r * cols + g0..r * cols + (g0 + g).min(cols)];
+                    // Independent statement of the reference (GPTQ Quantizer, torch f32 ops).
+                    let mut lo = x.iter().fold(0f32, |m, v| m.min(*v));
+                    let mut hi = x.iter().fold(0f32, |m, v| m.max(*v));
+                    if sym {
+                        hi = hi.max(-lo);
+                        if lo < 0.0 {
+                            lo = -hi;
+                        }
+                    }
+                    let s = (hi - lo) / maxq;
+                    let z = if sym {
+                        ((maxq + 1.0) / 2.0).floor()
+                    } else {
+                        (-lo / s).round_ties_even()
+                    };
+                    for (k, xv) in x.iter().enumerate() {
+                        let q = ((*xv / s).round_ties_even() + z).clamp(0.0, maxq);
+                        let want = (s * (q - z)) as f64;
+                        let got = deq[r * cols + g0 + k] as f64;
+                        assert!(
+                            (got - want).abs() < 1e-5,
+                            "{bits}b g{group} sym {sym}: {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+        assert!(rtn(
+            "w",
+            &w,
+            rows,
+            cols,
+            QuantConfig {
+                bits: 9,
+                group: 32,
+                sym: false
+            }
+        )
+        .is_err());
+        assert!(rtn(
+            "w",
+            &w,
+            rows,
+            cols,
+            QuantConfig {
+                bits: 4,
+                group: 48,
+                sym: false
+            }
+        )
+        .is_err());
+    }
+}
