@@ -81,6 +81,10 @@ fn perplexity(model: &Model, tok: &Tokenizer, args: &EvalArgs, what: &str) -> Re
     Ok(Some(r.ppl))
 }
 
+/// A compression run over a loaded model, reporting per-layer progress.
+pub type CompressFn<'a> = dyn FnMut(&mut Model, &Tokenizer, &mut dyn FnMut(usize, usize)) -> Result<Vec<LinearReport>>
+    + 'a;
+
 /// Loads the model, measures it, runs `compress` with a per-layer progress bar, measures again,
 /// prints the tables, writes the model to `out` and the report to `json_out`.
 pub fn run(
@@ -90,11 +94,7 @@ pub fn run(
     eval: &EvalArgs,
     out: &Path,
     json_out: Option<PathBuf>,
-    compress: &mut dyn FnMut(
-        &mut Model,
-        &Tokenizer,
-        &mut dyn FnMut(usize, usize),
-    ) -> Result<Vec<LinearReport>>,
+    compress: &mut CompressFn,
 ) -> Result<()> {
     anyhow::ensure!(
         !out.exists(),
