@@ -241,7 +241,7 @@ pub fn convert(model: Option<&str>, out: &Path, dtype: whittle::io::gguf::GgufTy
             dtype == whittle::io::gguf::GgufType::F32,
             "--dtype applies to GGUF output (an --out ending in .gguf); HF folders are written in f32"
         );
-        whittle::io::safetensors::save(&model, Some(&tokenizer), out)?;
+        whittle::io::safetensors::save(&model, Some(&tokenizer), false, out)?;
     }
     eprintln!(
         "wrote {} in {:.1} s",
@@ -270,24 +270,49 @@ pub fn sparsify(
     crate::compress::run(
         model,
         &format!("sparsify {pattern}"),
+        false,
         settings,
         eval,
         out,
         json_out,
         &mut |m, tok, progress| {
-            let ids = if method.needs_calibration() {
-                crate::compress::calibration_ids(tok, calib)?
-            } else {
-                Vec::new()
-            };
-            let windows = if ids.is_empty() {
-                Vec::new()
-            } else {
-                crate::compress::windows(&ids, calib)?
-            };
+            let ids = crate::compress::calibration_ids(tok, calib, method.needs_calibration())?;
+            let windows = crate::compress::windows(&ids, calib)?;
             Ok(sparsify_model(
                 m, &windows, method, pattern, targets, progress,
             )?)
+        },
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn quantize(
+    model: Option<&str>,
+    method: &str,
+    cfg: whittle::quant::QuantConfig,
+    act_order: bool,
+    targets: &[String],
+    calib: &crate::compress::CalibArgs,
+    eval: &crate::compress::EvalArgs,
+    out: &Path,
+    json_out: Option<PathBuf>,
+) -> Result<()> {
+    use whittle::quant::{quantize_model, QuantMethod};
+    let method = QuantMethod::parse(method, act_order)?;
+    let settings = json!({"method": format!("{method:?}"), "config": cfg, "targets": targets});
+    let what = format!("quantize int{} g{}", cfg.bits, cfg.group);
+    crate::compress::run(
+        model,
+        &what,
+        true,
+        settings,
+        eval,
+        out,
+        json_out,
+        &mut |m, tok, progress| {
+            let ids = crate::compress::calibration_ids(tok, calib, method.needs_calibration())?;
+            let windows = crate::compress::windows(&ids, calib)?;
+            Ok(quantize_model(m, &windows, method, cfg, targets, progress)?)
         },
     )
 }

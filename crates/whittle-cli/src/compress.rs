@@ -36,8 +36,11 @@ pub struct EvalArgs {
     eval_max_tokens: Option<usize>,
 }
 
-/// Tokens of the calibration text (read once).
-pub fn calibration_ids(tok: &Tokenizer, args: &CalibArgs) -> Result<Vec<u32>> {
+/// Tokens of the calibration text (read once); none when the method needs no data.
+pub fn calibration_ids(tok: &Tokenizer, args: &CalibArgs, needed: bool) -> Result<Vec<u32>> {
+    if !needed {
+        return Ok(Vec::new());
+    }
     let text = whittle::data::text::read_text(&args.calib)?;
     let ids = tok.encode(&text)?;
     let need = args.calib_len + 2;
@@ -51,7 +54,11 @@ pub fn calibration_ids(tok: &Tokenizer, args: &CalibArgs) -> Result<Vec<u32>> {
     Ok(ids)
 }
 
+/// The calibration windows (none without calibration tokens).
 pub fn windows<'a>(ids: &'a [u32], args: &CalibArgs) -> Result<Vec<&'a [u32]>> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
     Ok(whittle::data::calib::calibration_windows(
         ids,
         args.calib_samples,
@@ -86,10 +93,13 @@ pub type CompressFn<'a> = dyn FnMut(&mut Model, &Tokenizer, &mut dyn FnMut(usize
     + 'a;
 
 /// Loads the model, measures it, runs `compress` with a per-layer progress bar, measures again,
-/// prints the tables, writes the model to `out` and the report to `json_out`.
+/// prints the tables, writes the model to `out` (quantized linears kept packed when `packed`)
+/// and the report to `json_out`.
+#[allow(clippy::too_many_arguments)]
 pub fn run(
     model: Option<&str>,
     what: &str,
+    packed: bool,
     settings: serde_json::Value,
     eval: &EvalArgs,
     out: &Path,
@@ -120,7 +130,7 @@ pub fn run(
     if let (Some(b), Some(a)) = (before, after) {
         println!("perplexity {b:.4} -> {a:.4}");
     }
-    whittle::io::safetensors::save(&model, Some(&tokenizer), out)?;
+    whittle::io::safetensors::save(&model, Some(&tokenizer), packed, out)?;
     eprintln!("wrote {}", out.display());
     if let Some(j) = json_out {
         write_json(

@@ -95,6 +95,34 @@ enum Command {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Quantize weights to 2-8 bits per group (RTN, GPTQ); stored packed.
+    Quantize {
+        #[command(flatten)]
+        model: ModelArg,
+        #[arg(long)]
+        method: String,
+        #[arg(long, default_value_t = 4)]
+        bits: u8,
+        /// Inputs per scale/zero group (a multiple of 32; 0 = per output channel).
+        #[arg(long, default_value_t = 128)]
+        group_size: usize,
+        /// Symmetric grid (default asymmetric).
+        #[arg(long)]
+        sym: bool,
+        /// GPTQ: walk columns by decreasing Hessian diagonal (static groups).
+        #[arg(long)]
+        act_order: bool,
+        #[arg(long, value_delimiter = ',')]
+        targets: Vec<String>,
+        #[command(flatten)]
+        calib: compress::CalibArgs,
+        #[command(flatten)]
+        eval: compress::EvalArgs,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Prefill and decode throughput, next to the reference figures.
     Bench {
         #[command(flatten)]
@@ -204,6 +232,33 @@ fn main() {
             model.model.as_deref(),
             &method,
             &pattern,
+            &targets,
+            &calib,
+            &eval,
+            &out,
+            json,
+        ),
+        Command::Quantize {
+            model,
+            method,
+            bits,
+            group_size,
+            sym,
+            act_order,
+            targets,
+            calib,
+            eval,
+            out,
+            json,
+        } => commands::quantize(
+            model.model.as_deref(),
+            &method,
+            whittle::quant::QuantConfig {
+                bits,
+                group: group_size,
+                sym,
+            },
+            act_order,
             &targets,
             &calib,
             &eval,

@@ -49,7 +49,7 @@ fn unknown_architecture_and_missing_files() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("m");
     let tok = Tokenizer::from_spec(&tiny_tokenizer_spec()).unwrap();
-    safetensors::save(&tiny_model(1), Some(&tok), &out).unwrap();
+    safetensors::save(&tiny_model(1), Some(&tok), false, &out).unwrap();
     let cfg_path = out.join("config.json");
     let cfg = std::fs::read_to_string(&cfg_path).unwrap();
     std::fs::write(
@@ -96,7 +96,7 @@ fn hub_spec_parses_with_and_without_revision() {
 fn truncated_safetensors_and_shape_mismatch() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("m");
-    safetensors::save(&tiny_model(1), None, &out).unwrap();
+    safetensors::save(&tiny_model(1), None, false, &out).unwrap();
     let st = out.join("model.safetensors");
     let bytes = std::fs::read(&st).unwrap();
     std::fs::write(&st, &bytes[..bytes.len() / 3]).unwrap();
@@ -155,7 +155,7 @@ fn nan_in_weights_is_named() {
     // Linear::dense does not check values (compression methods build many); Model::new does.
     assert!(Linear::dense("x", vec![f32::NAN], 1, 1).is_ok());
     let st = dir.path().join("st");
-    safetensors::save(&m2, None, &st).unwrap();
+    safetensors::save(&m2, None, false, &st).unwrap();
     let e = safetensors::load(&st).err().unwrap().to_string();
     assert!(e.contains("lm_head") && e.contains("non-finite"), "{e}");
 }

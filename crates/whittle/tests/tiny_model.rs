@@ -44,7 +44,7 @@ fn safetensors_round_trip_gives_identical_logits() {
         let m = random_model(tiny_config(tied), &uniform_shapes(2), 3).unwrap();
         let tok = Tokenizer::from_spec(&tiny_tokenizer_spec()).unwrap();
         let _ = std::fs::remove_dir_all(&out);
-        safetensors::save(&m, Some(&tok), &out).unwrap();
+        safetensors::save(&m, Some(&tok), false, &out).unwrap();
         let loaded = resolve::load(&out).unwrap();
         assert_eq!(logits(&m, &TOKENS), logits(&loaded.model, &TOKENS));
         assert_eq!(loaded.model.config, m.config);
@@ -53,7 +53,7 @@ fn safetensors_round_trip_gives_identical_logits() {
             vec![97, 32, 49, 50]
         );
         // Saving onto an existing folder is refused, never half-overwritten.
-        assert!(safetensors::save(&m, Some(&tok), &out).is_err());
+        assert!(safetensors::save(&m, Some(&tok), false, &out).is_err());
     }
 }
 
@@ -125,7 +125,7 @@ fn heterogeneous_and_removed_sublayers_run_and_round_trip() {
             let (back, _) = gguf::load(&path).unwrap();
             assert_eq!(full, logits(&back, &TOKENS));
         } else {
-            safetensors::save(&m, None, &path).unwrap();
+            safetensors::save(&m, None, false, &path).unwrap();
             assert_eq!(full, logits(&safetensors::load(&path).unwrap(), &TOKENS));
         }
     }
@@ -225,7 +225,7 @@ fn sharded_half_precision_safetensors_load() {
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("src");
     let m = tiny_model(8);
-    safetensors::save(&m, None, &src).unwrap();
+    safetensors::save(&m, None, false, &src).unwrap();
     let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
     let out = dir.path().join("sharded");
@@ -284,4 +284,65 @@ fn sharded_half_precision_safetensors_load() {
     );
     // bf16 rounding moves logits only slightly.
     assert!(max_abs_diff(&logits(&m, &TOKENS), &logits(&loaded, &TOKENS)) < 0.1);
+}
+
+#[test]
+fn quantized_and_adapted_models_round_trip_packed() {
+    use whittle::model::{LowRank, Weight};
+    use whittle::quant::{quantize_model, QuantConfig, QuantMethod};
+    let dir = tempfile::tempdir().unwrap();
+    // Packing works on 32-wide blocks: an MLP of 64.
+    let mut shapes = uniform_shapes(3);
+    shapes.iter_mut().for_each(|s| s.mlp = Some(64));
+    let mut m = random_model(tiny_config(true), &shapes, 11).unwrap();
+    let cfg = QuantConfig {
+        bits: 3,
+        group: 64,
+        sym: false,
+    };
+    let calib: Vec<u32> = (0..40).map(|i| (i * 37 % 250) as u32).collect();
+    let windows = vec![&calib[..20], &calib[20..]];
+    let reports = quantize_model(
+        &mut m,
+        &windows,
+        QuantMethod::Gptq {
+            block: 16,
+            damp: 0.01,
+            act_order: false,
+        },
+        cfg,
+        &[],
+        &mut |_, _| {},
+    )
+    .unwrap();
+    assert_eq!(reports.len(), 3 * 7);
+    assert!(reports.iter().all(|r| r.rel_error.unwrap() < 0.2));
+    let lin = &mut m.layers[0].mlp.as_mut().unwrap().down;
+    assert!(matches!(lin.weight, Weight::Packed(_)));
+    lin.adapter = Some(LowRank {
+        rank: 2,
+        a: vec![0.01; 2 * 64],
+        b: vec![0.02; 32 * 2],
+    });
+    let out = dir.path().join("q");
+    safetensors::save(&m, None, true, &out).unwrap();
+    let back = safetensors::load(&out).unwrap();
+    assert_eq!(logits(&m, &TOKENS), logits(&back, &TOKENS));
+    let l = &back.layers[0].mlp.as_ref().unwrap().down;
+    assert!(matches!(&l.weight, Weight::Packed(p) if p.bits == 3 && p.group == 64));
+    // q_proj has 32 inputs: its single group is shorter than 64.
+    assert!(matches!(
+        &back.layers[0].attn.as_ref().unwrap().q.weight,
+        Weight::Packed(_)
+    ));
+    assert_eq!(l.adapter.as_ref().unwrap().rank, 2);
+    // Without `packed`, the same model is written as plain f32 with the same outputs.
+    let flat = dir.path().join("f32");
+    safetensors::save(&m, None, false, &flat).unwrap();
+    let back = safetensors::load(&flat).unwrap();
+    assert!(matches!(
+        back.layers[0].mlp.as_ref().unwrap().down.weight,
+        Weight::Dense(_)
+    ));
+    assert!(max_abs_diff(&logits(&m, &TOKENS), &logits(&back, &TOKENS)) < 1e-5);
 }

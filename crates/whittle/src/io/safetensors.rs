@@ -2,9 +2,20 @@
 //! Loading memory-maps the shards and converts f32/f16/bf16 to f32; per-layer widths come from
 //! tensor shapes, so pruned models round-trip. Saving writes into a temporary folder renamed into
 //! place at the end, so an interrupted save never leaves a folder that looks complete.
+//!
+//! Dense and sparse models are plain transformers checkpoints. whittle's extensions, read back by
+//! whittle (transformers does not know them):
+//! - packed quantized linear at `P` (saved with `packed = true`): `P.qweight` U8
+//!   `[out, in·bits/8]` — 32-weight blocks, layout of [`crate::kernels::qdot`]; `P.scales`, `P.mins`
+//!   F32 `[out, ⌈in/group⌉]`; weight `= fma(scale, q, min)`; the file's `__metadata__` maps
+//!   `P.qweight` to `{"bits": b, "group_size": g}`.
+//! - low-rank adapter on the linear at `P`: `P.adapter_A` `[r, in]`, `P.adapter_B` `[out, r]`;
+//!   output `W x + B (A x)`.
 
 use super::tokenizer::Tokenizer;
-use crate::model::{Arch, Attention, AttnShape, Layer, Linear, Mlp, Model, ModelConfig};
+use crate::model::{
+    Arch, Attention, AttnShape, Layer, Linear, LowRank, Mlp, Model, ModelConfig, Packed, Weight,
+};
 use crate::{Error, Result};
 use safetensors::{Dtype, SafeTensors, View};
 use serde_json::{json, Value};
@@ -105,6 +116,66 @@ impl Shards {
     fn linear(&self, name: &str, out: usize, inp: usize) -> Result<Linear> {
         Linear::dense(name, self.f32(name, &[out, inp])?, out, inp)
     }
+
+    /// The linear at `prefix`: dense `.weight` or packed `.qweight/.scales/.mins`, plus an
+    /// adapter `.adapter_A/.adapter_B` when present.
+    fn linear_at(&self, prefix: &str, out: usize, inp: usize) -> Result<Linear> {
+        let q = format!("{prefix}.qweight");
+        let mut lin = if self.has(&q) {
+            let (path, map) = &self.maps[self.index[&q]];
+            let (_, header) =
+                SafeTensors::read_metadata(map).map_err(|e| Error::format(path, e))?;
+            let spec: Value = header
+                .metadata()
+                .as_ref()
+                .and_then(|m| m.get(&q))
+                .and_then(|s| serde_json::from_str(s).ok())
+                .ok_or_else(|| {
+                    Error::format(path, format!("'{q}': bits/group_size metadata missing"))
+                })?;
+            let (bits, group) = (
+                spec["bits"].as_u64().unwrap_or(0),
+                spec["group_size"].as_u64().unwrap_or(0),
+            );
+            let st = SafeTensors::deserialize(map).map_err(|e| Error::format(path, e))?;
+            let data = st
+                .tensor(&q)
+                .map_err(|e| Error::format(path, e))?
+                .data()
+                .to_vec();
+            let groups = inp.div_ceil((group as usize).max(1));
+            let scales = self.f32(&format!("{prefix}.scales"), &[out, groups])?;
+            let mins = self.f32(&format!("{prefix}.mins"), &[out, groups])?;
+            let packed = Packed::new(
+                prefix,
+                (out, inp),
+                bits as u8,
+                group as usize,
+                data,
+                scales,
+                mins,
+            )
+            .map_err(|e| Error::format(path, e))?;
+            Linear {
+                out_features: out,
+                in_features: inp,
+                weight: Weight::Packed(packed),
+                adapter: None,
+            }
+        } else {
+            self.linear(&format!("{prefix}.weight"), out, inp)?
+        };
+        let a = format!("{prefix}.adapter_A");
+        if self.has(&a) {
+            let rank = self.shape(&a).map_or(0, |s| s[0]);
+            lin.adapter = Some(LowRank {
+                rank,
+                a: self.f32(&a, &[rank, inp])?,
+                b: self.f32(&format!("{prefix}.adapter_B"), &[out, rank])?,
+            });
+        }
+        Ok(lin)
+    }
 }
 
 /// Names, dtypes and shapes of all tensors in a folder's shards, sorted by name.
@@ -169,11 +240,17 @@ pub fn load(dir: &Path) -> Result<Model> {
     } else {
         Some(st.linear("lm_head.weight", config.vocab_size, h)?)
     };
-    let rows = |n: &str| st.shape(n).map_or(0, |s| s[0]);
+    let rows = |n: &str| {
+        st.shape(&format!("{n}.weight"))
+            .or_else(|| st.shape(&format!("{n}.qweight")))
+            .map_or(0, |s| s[0])
+    };
     let mut layers = Vec::with_capacity(n_layers);
     for i in 0..n_layers {
-        let p = |s: &str| format!("model.layers.{i}.{s}.weight");
-        let attn = if st.has(&p("self_attn.q_proj")) {
+        let p = |s: &str| format!("model.layers.{i}.{s}");
+        let present =
+            |s: &str| st.has(&format!("{}.weight", p(s))) || st.has(&format!("{}.qweight", p(s)));
+        let attn = if present("self_attn.q_proj") {
             let shape = AttnShape {
                 n_heads: rows(&p("self_attn.q_proj")) / head_dim,
                 n_kv_heads: rows(&p("self_attn.k_proj")) / head_dim,
@@ -181,20 +258,20 @@ pub fn load(dir: &Path) -> Result<Model> {
             };
             Some(Attention {
                 shape,
-                q: st.linear(&p("self_attn.q_proj"), shape.q_dim(), h)?,
-                k: st.linear(&p("self_attn.k_proj"), shape.kv_dim(), h)?,
-                v: st.linear(&p("self_attn.v_proj"), shape.kv_dim(), h)?,
-                o: st.linear(&p("self_attn.o_proj"), h, shape.q_dim())?,
+                q: st.linear_at(&p("self_attn.q_proj"), shape.q_dim(), h)?,
+                k: st.linear_at(&p("self_attn.k_proj"), shape.kv_dim(), h)?,
+                v: st.linear_at(&p("self_attn.v_proj"), shape.kv_dim(), h)?,
+                o: st.linear_at(&p("self_attn.o_proj"), h, shape.q_dim())?,
             })
         } else {
             None
         };
-        let mlp = if st.has(&p("mlp.gate_proj")) {
+        let mlp = if present("mlp.gate_proj") {
             let w = rows(&p("mlp.gate_proj"));
             Some(Mlp {
-                gate: st.linear(&p("mlp.gate_proj"), w, h)?,
-                up: st.linear(&p("mlp.up_proj"), w, h)?,
-                down: st.linear(&p("mlp.down_proj"), h, w)?,
+                gate: st.linear_at(&p("mlp.gate_proj"), w, h)?,
+                up: st.linear_at(&p("mlp.up_proj"), w, h)?,
+                down: st.linear_at(&p("mlp.down_proj"), h, w)?,
             })
         } else {
             None
@@ -207,33 +284,44 @@ pub fn load(dir: &Path) -> Result<Model> {
             }
         };
         layers.push(Layer {
-            attn_norm: norm(&p("input_layernorm"))?,
+            attn_norm: norm(&p("input_layernorm.weight"))?,
             attn,
-            mlp_norm: norm(&p("post_attention_layernorm"))?,
+            mlp_norm: norm(&p("post_attention_layernorm.weight"))?,
             mlp,
         });
     }
     Model::new(config, embed, layers, final_norm, lm_head).map_err(|e| Error::format(dir, e))
 }
 
-/// A borrowed f32 tensor for the safetensors writer; bytes are produced per tensor while writing.
-struct F32View<'a> {
-    data: Cow<'a, [f32]>,
-    shape: Vec<usize>,
+/// A tensor for the safetensors writer; f32 bytes are produced per tensor while writing.
+enum OutView<'a> {
+    F32(Cow<'a, [f32]>, Vec<usize>),
+    U8(&'a [u8], Vec<usize>),
 }
 
-impl View for F32View<'_> {
+impl View for OutView<'_> {
     fn dtype(&self) -> Dtype {
-        Dtype::F32
+        match self {
+            OutView::F32(..) => Dtype::F32,
+            OutView::U8(..) => Dtype::U8,
+        }
     }
     fn shape(&self) -> &[usize] {
-        &self.shape
+        match self {
+            OutView::F32(_, s) | OutView::U8(_, s) => s,
+        }
     }
     fn data(&self) -> Cow<'_, [u8]> {
-        Cow::Owned(self.data.iter().flat_map(|v| v.to_le_bytes()).collect())
+        match self {
+            OutView::F32(d, _) => Cow::Owned(d.iter().flat_map(|v| v.to_le_bytes()).collect()),
+            OutView::U8(d, _) => Cow::Borrowed(d),
+        }
     }
     fn data_len(&self) -> usize {
-        self.data.len() * 4
+        match self {
+            OutView::F32(d, _) => d.len() * 4,
+            OutView::U8(d, _) => d.len(),
+        }
     }
 }
 
@@ -275,7 +363,7 @@ fn config_json(model: &Model, tokenizer: Option<&Tokenizer>) -> Value {
 
 /// Writes `model` (and `tokenizer`) as an HF folder at `dir`, atomically: everything goes to a
 /// sibling temporary folder first, renamed to `dir` when complete. `dir` must not exist yet.
-pub fn save(model: &Model, tokenizer: Option<&Tokenizer>, dir: &Path) -> Result<()> {
+pub fn save(model: &Model, tokenizer: Option<&Tokenizer>, packed: bool, dir: &Path) -> Result<()> {
     if dir.exists() {
         return Err(Error::Invalid(format!(
             "{} already exists; choose a new output folder",
@@ -284,7 +372,7 @@ pub fn save(model: &Model, tokenizer: Option<&Tokenizer>, dir: &Path) -> Result<
     }
     let tmp = super::temp_sibling(dir);
     std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    let result = write_folder(model, tokenizer, &tmp)
+    let result = write_folder(model, tokenizer, packed, &tmp)
         .and_then(|_| std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e)));
     if result.is_err() {
         let _ = std::fs::remove_dir_all(&tmp);
@@ -292,7 +380,12 @@ pub fn save(model: &Model, tokenizer: Option<&Tokenizer>, dir: &Path) -> Result<
     result
 }
 
-fn write_folder(model: &Model, tokenizer: Option<&Tokenizer>, dir: &Path) -> Result<()> {
+fn write_folder(
+    model: &Model,
+    tokenizer: Option<&Tokenizer>,
+    packed: bool,
+    dir: &Path,
+) -> Result<()> {
     let write = |name: &str, text: String| {
         let p = dir.join(name);
         std::fs::write(&p, text).map_err(|e| Error::io(&p, e))
@@ -318,43 +411,73 @@ fn write_folder(model: &Model, tokenizer: Option<&Tokenizer>, dir: &Path) -> Res
         )?;
     }
     let h = model.config.hidden;
-    let mut views: Vec<(String, F32View)> = vec![
-        linear_view("model.embed_tokens.weight", &model.embed),
+    let mut meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    // Embeddings and head are always f32, as transformers expects them.
+    let mut views: Vec<(String, OutView)> = vec![
+        dense_view("model.embed_tokens.weight", &model.embed),
         view("model.norm.weight", &model.final_norm, vec![h]),
     ];
     if let Some(head) = &model.lm_head {
-        views.push(linear_view("lm_head.weight", head));
+        views.push(dense_view("lm_head.weight", head));
     }
     for (i, l) in model.layers.iter().enumerate() {
-        let p = |s: &str| format!("model.layers.{i}.{s}.weight");
-        views.push(view(&p("input_layernorm"), &l.attn_norm, vec![h]));
-        views.push(view(&p("post_attention_layernorm"), &l.mlp_norm, vec![h]));
+        let p = |s: &str| format!("model.layers.{i}.{s}");
+        views.push(view(&p("input_layernorm.weight"), &l.attn_norm, vec![h]));
+        views.push(view(
+            &p("post_attention_layernorm.weight"),
+            &l.mlp_norm,
+            vec![h],
+        ));
         for (name, lin) in l.linears() {
-            views.push(linear_view(&p(name), lin));
+            linear_views(&p(name), lin, packed, &mut views, &mut meta);
         }
     }
     let path = dir.join("model.safetensors");
-    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
     safetensors::serialize_to_file(views, Some(meta), &path).map_err(|e| Error::format(&path, e))
 }
 
-fn view<'a>(name: &str, data: &'a [f32], shape: Vec<usize>) -> (String, F32View<'a>) {
-    (
-        name.to_string(),
-        F32View {
-            data: Cow::Borrowed(data),
-            shape,
-        },
-    )
+fn view<'a>(name: &str, data: &'a [f32], shape: Vec<usize>) -> (String, OutView<'a>) {
+    (name.to_string(), OutView::F32(Cow::Borrowed(data), shape))
 }
 
-fn linear_view<'a>(name: &str, l: &'a Linear) -> (String, F32View<'a>) {
+fn dense_view<'a>(name: &str, l: &'a Linear) -> (String, OutView<'a>) {
     let shape = vec![l.out_features, l.in_features];
-    (
-        name.to_string(),
-        F32View {
-            data: l.dense_weight(),
-            shape,
-        },
-    )
+    (name.to_string(), OutView::F32(l.dense_weight(), shape))
+}
+
+/// The tensors of one linear at `prefix` (e.g. `model.layers.0.self_attn.q_proj`), in the
+/// layout described at the top of this module.
+fn linear_views<'a>(
+    prefix: &str,
+    l: &'a Linear,
+    packed: bool,
+    views: &mut Vec<(String, OutView<'a>)>,
+    meta: &mut HashMap<String, String>,
+) {
+    let out = l.out_features;
+    match &l.weight {
+        Weight::Packed(p) if packed => {
+            let groups = p.scales.len() / out;
+            views.push((
+                format!("{prefix}.qweight"),
+                OutView::U8(&p.data, vec![out, p.data.len() / out]),
+            ));
+            views.push(view(
+                &format!("{prefix}.scales"),
+                &p.scales,
+                vec![out, groups],
+            ));
+            views.push(view(&format!("{prefix}.mins"), &p.mins, vec![out, groups]));
+            meta.insert(
+                format!("{prefix}.qweight"),
+                format!("{{\"bits\":{},\"group_size\":{}}}", p.bits, p.group),
+            );
+        }
+        _ => views.push(dense_view(&format!("{prefix}.weight"), l)),
+    }
+    if let Some(a) = &l.adapter {
+        let (r, inp) = (a.rank, l.in_features);
+        views.push(view(&format!("{prefix}.adapter_A"), &a.a, vec![r, inp]));
+        views.push(view(&format!("{prefix}.adapter_B"), &a.b, vec![out, r]));
+    }
 }

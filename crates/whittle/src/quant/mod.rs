@@ -142,6 +142,84 @@ pub fn rtn(name: &str, w: &[f32], rows: usize, cols: usize, cfg: QuantConfig) ->
     pack(name, &codes, rows, cols, cfg, scales, &zeros)
 }
 
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum QuantMethod {
+    Rtn,
+    Gptq {
+        block: usize,
+        damp: f64,
+        act_order: bool,
+    },
+}
+
+impl QuantMethod {
+    pub fn parse(name: &str, act_order: bool) -> Result<Self> {
+        match name {
+            "rtn" => Ok(QuantMethod::Rtn),
+            "gptq" => Ok(QuantMethod::Gptq {
+                block: 128,
+                damp: 0.01,
+                act_order,
+            }),
+            other => Err(Error::Invalid(format!(
+                "unknown quantization method '{other}' (rtn, gptq)"
+            ))),
+        }
+    }
+
+    pub fn needs_calibration(&self) -> bool {
+        matches!(self, QuantMethod::Gptq { .. })
+    }
+}
+
+/// Quantizes the targeted linears of every layer, sequentially calibrated on `windows` (GPTQ
+/// needs them; RTN uses them only to report the output error). Returns one report per linear.
+pub fn quantize_model(
+    model: &mut crate::Model,
+    windows: &[&[u32]],
+    method: QuantMethod,
+    cfg: QuantConfig,
+    targets: &[String],
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Vec<crate::calib::sequential::LinearReport>> {
+    use crate::calib::sequential::{compress_linears, compress_sequential};
+    if method.needs_calibration() && windows.is_empty() {
+        return Err(Error::Invalid("GPTQ needs calibration windows".into()));
+    }
+    let mut reports = Vec::new();
+    compress_sequential(model, windows, progress, &mut |i, layer, stats| {
+        reports.extend(compress_linears(
+            i,
+            layer,
+            stats,
+            targets,
+            &mut |name, lin, st| {
+                let (rows, cols) = (lin.out_features, lin.in_features);
+                let w = lin.dense_weight().into_owned();
+                let (packed, damp) = match method {
+                    QuantMethod::Rtn => (rtn(name, &w, rows, cols, cfg)?, None),
+                    QuantMethod::Gptq {
+                        block,
+                        damp,
+                        act_order,
+                    } => {
+                        let st = st.filter(|s| s.dim == cols).ok_or_else(|| {
+                            Error::Invalid(format!("{name}: GPTQ needs calibration statistics"))
+                        })?;
+                        let (p, d) =
+                            gptq::gptq(name, &w, rows, cols, &st.xtx, cfg, block, damp, act_order)?;
+                        (p, Some(d))
+                    }
+                };
+                lin.weight = crate::model::Weight::Packed(packed);
+                Ok(damp)
+            },
+        )?);
+        Ok(())
+    })?;
+    Ok(reports)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
