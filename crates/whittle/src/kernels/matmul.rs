@@ -31,14 +31,32 @@ pub fn matmul_t(x: &[f32], w: &[f32], rows: usize, inp: usize, out: usize, y: &m
         }
         return;
     }
-    gemm(
-        MatMut::from_row_major_slice_mut(y, rows, out),
-        Accum::Replace,
-        MatRef::from_row_major_slice(x, rows, inp),
-        MatRef::from_row_major_slice(w, out, inp).transpose(),
-        crate::threads::gemm_par(),
-    );
+    let threads = crate::threads::threads();
+    let seq = |x: &[f32], y: &mut [f32]| {
+        let r = x.len() / inp;
+        gemm(
+            MatMut::from_row_major_slice_mut(y, r, out),
+            Accum::Replace,
+            MatRef::from_row_major_slice(x, r, inp),
+            MatRef::from_row_major_slice(w, out, inp).transpose(),
+            faer::Par::Seq,
+        );
+    };
+    if threads == 1 || rows < ROW_SPLIT_MIN {
+        seq(x, y);
+        return;
+    }
+    // Rows are independent: each thread multiplies its own slice of rows with a sequential
+    // GEMM. On these shapes this is ~10 % faster than one GEMM parallelised inside (measured on
+    // SmolLM2 prefill; the weight is packed once per thread instead of synchronising panels).
+    let chunk = rows.div_ceil(threads);
+    x.par_chunks(chunk * inp)
+        .zip(y.par_chunks_mut(chunk * out))
+        .for_each(|(x, y)| seq(x, y));
 }
+
+/// Fewest rows for which splitting rows between threads pays.
+const ROW_SPLIT_MIN: usize = 64;
 
 /// `dst (+)= lhs · rhs` with faer, scale 1.
 pub fn gemm(dst: MatMut<f32>, acc: Accum, lhs: MatRef<f32>, rhs: MatRef<f32>, par: faer::Par) {
