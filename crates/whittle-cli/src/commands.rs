@@ -316,3 +316,46 @@ pub fn quantize(
         },
     )
 }
+
+#[allow(clippy::too_many_arguments)]
+pub fn compensate(
+    model: Option<&str>,
+    reference: Option<&str>,
+    method: &str,
+    rank: usize,
+    fold: bool,
+    peft: Option<PathBuf>,
+    targets: &[String],
+    calib: &crate::compress::CalibArgs,
+    eval: &crate::compress::EvalArgs,
+    out: &Path,
+    json_out: Option<PathBuf>,
+) -> Result<()> {
+    use whittle::lowrank::{compensate_model, LowRankMethod};
+    let method = LowRankMethod::parse(method)?;
+    let settings = json!({"method": format!("{method:?}"), "rank": rank, "fold": fold,
+                          "reference": reference, "targets": targets});
+    let what = format!("compensate {method:?} r{rank}");
+    crate::compress::run(
+        model,
+        &what,
+        true,
+        settings,
+        eval,
+        out,
+        json_out,
+        &mut |m, tok, progress| {
+            let reference = load(reference)?.model;
+            let ids = crate::compress::calibration_ids(tok, calib, true)?;
+            let windows = crate::compress::windows(&ids, calib)?;
+            let reports = compensate_model(
+                m, &reference, &windows, method, rank, fold, targets, progress,
+            )?;
+            if let Some(dir) = &peft {
+                whittle::io::peft::save(m, dir)?;
+                eprintln!("wrote {}", dir.display());
+            }
+            Ok(reports)
+        },
+    )
+}

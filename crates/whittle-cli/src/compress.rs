@@ -144,7 +144,8 @@ pub fn run(
     Ok(())
 }
 
-/// One row per layer: linears touched, mean and worst relative output error, time.
+/// One row per layer: linears touched, mean relative output error (before compensation, when
+/// the method compensates), worst error, time.
 fn layer_table(reports: &[LinearReport]) {
     let layers = reports.iter().map(|r| r.layer).max().map_or(0, |m| m + 1);
     let rows: Vec<Vec<String>> = (0..layers)
@@ -152,7 +153,10 @@ fn layer_table(reports: &[LinearReport]) {
             let rs: Vec<&LinearReport> = reports.iter().filter(|r| r.layer == l).collect();
             let errs: Vec<f64> = rs.iter().filter_map(|r| r.rel_error).collect();
             let fmt = |v: Option<f64>| v.map_or("—".into(), |v| format!("{v:.4}"));
-            let mean = (!errs.is_empty()).then(|| errs.iter().sum::<f64>() / errs.len() as f64);
+            let mean_of =
+                |v: &[f64]| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
+            let mean = mean_of(&errs);
+            let before: Vec<f64> = rs.iter().filter_map(|r| r.error_before).collect();
             let worst = errs
                 .iter()
                 .cloned()
@@ -160,6 +164,7 @@ fn layer_table(reports: &[LinearReport]) {
             vec![
                 l.to_string(),
                 rs.len().to_string(),
+                fmt(mean_of(&before)),
                 fmt(mean),
                 fmt(worst),
                 format!("{:.2}", rs.iter().map(|r| r.seconds).sum::<f64>()),

@@ -123,6 +123,36 @@ enum Command {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Add low-rank adapters that compensate a compressed model's error against a reference
+    /// (plain SVD of the weight error, or EoRA in the input eigenspace).
+    Compensate {
+        /// The compressed model.
+        #[command(flatten)]
+        model: ModelArg,
+        /// The dense model it was made from (default: the default model).
+        #[arg(long)]
+        reference: Option<String>,
+        #[arg(long)]
+        method: String,
+        #[arg(long, default_value_t = 64)]
+        rank: usize,
+        /// Merge B·A into dense weights instead of keeping adapters.
+        #[arg(long)]
+        fold: bool,
+        /// Also write the adapters as a PEFT LoRA adapter folder.
+        #[arg(long)]
+        peft: Option<PathBuf>,
+        #[arg(long, value_delimiter = ',')]
+        targets: Vec<String>,
+        #[command(flatten)]
+        calib: compress::CalibArgs,
+        #[command(flatten)]
+        eval: compress::EvalArgs,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Prefill and decode throughput, next to the reference figures.
     Bench {
         #[command(flatten)]
@@ -259,6 +289,31 @@ fn main() {
                 sym,
             },
             act_order,
+            &targets,
+            &calib,
+            &eval,
+            &out,
+            json,
+        ),
+        Command::Compensate {
+            model,
+            reference,
+            method,
+            rank,
+            fold,
+            peft,
+            targets,
+            calib,
+            eval,
+            out,
+            json,
+        } => commands::compensate(
+            model.model.as_deref(),
+            reference.as_deref(),
+            &method,
+            rank,
+            fold,
+            peft,
             &targets,
             &calib,
             &eval,

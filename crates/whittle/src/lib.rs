@@ -12,6 +12,7 @@ pub mod data;
 pub mod error;
 pub mod eval;
 pub mod io;
+pub mod lowrank;
 pub mod model;
 pub mod quant;
 pub mod sparsity;

@@ -14,21 +14,33 @@ use std::time::Instant;
 pub struct LinearReport {
     pub layer: usize,
     pub name: String,
-    /// `‖(W − W_c) X‖² / ‖W X‖²` over the calibration inputs (when calibrated).
+    /// `‖(W − W_c) X‖² / ‖W X‖²` over the calibration inputs (when calibrated); for
+    /// compensation, the error left after it, against the reference weight.
     pub rel_error: Option<f64>,
+    /// For compensation: the error against the reference weight before it.
+    pub error_before: Option<f64>,
     /// Dampening actually used by a Hessian-based method (raised if needed).
     pub damp: Option<f64>,
     pub seconds: f64,
 }
 
+/// What a method reports about one linear besides the rewritten weight.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Outcome {
+    /// Dampening actually used by a Hessian-based method.
+    pub damp: Option<f64>,
+    /// Relative output errors (before, after) against a reference other than the layer's own
+    /// input weight (compensation measures against the dense model).
+    pub errors: Option<(f64, f64)>,
+}
+
 /// A method applied to one linear: `(full name, linear, its input statistics)`; rewrites the
-/// linear in place and returns the dampening it used, if any.
+/// linear in place.
 pub type LinearMethod<'a> =
-    dyn FnMut(&str, &mut Linear, Option<&InputStats>) -> Result<Option<f64>> + 'a;
+    dyn FnMut(&str, &mut Linear, Option<&InputStats>) -> Result<Outcome> + 'a;
 
 /// Applies `method` to every targeted linear of `layer` (the linear's HF name ends with one of
-/// `targets`; empty = all). `method(name, weight, stats)` rewrites the dense weight in place
-/// and returns the dampening it used, if any.
+/// `targets`; empty = all).
 pub fn compress_linears(
     index: usize,
     layer: &mut Layer,
@@ -45,17 +57,22 @@ pub fn compress_linears(
         let st = stats.sites.get(&site);
         let before = st.map(|_| lin.dense_weight().into_owned());
         let full = format!("layers.{index}.{name}");
-        let damp = method(&full, lin, st)?;
+        let outcome = method(&full, lin, st)?;
         lin.check_finite(&full)?;
-        let rel_error = match (st, before) {
-            (Some(s), Some(w)) => Some(s.relative_error(&w, &lin.dense_weight(), lin.out_features)),
-            _ => None,
+        let (error_before, rel_error) = match (outcome.errors, st, before) {
+            (Some((b, a)), _, _) => (Some(b), Some(a)),
+            (None, Some(s), Some(w)) => (
+                None,
+                Some(s.relative_error(&w, &lin.dense_weight(), lin.out_features)),
+            ),
+            _ => (None, None),
         };
         reports.push(LinearReport {
             layer: index,
             name: name.to_string(),
             rel_error,
-            damp,
+            error_before,
+            damp: outcome.damp,
             seconds: start.elapsed().as_secs_f64(),
         });
     }

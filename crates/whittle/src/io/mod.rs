@@ -4,6 +4,7 @@
 pub mod fetch;
 pub mod gguf;
 pub mod hub;
+pub mod peft;
 pub mod resolve;
 pub mod safetensors;
 pub mod tokenizer;

@@ -212,7 +212,7 @@ pub fn quantize_model(
                     }
                 };
                 lin.weight = crate::model::Weight::Packed(packed);
-                Ok(damp)
+                Ok(crate::calib::sequential::Outcome { damp, errors: None })
             },
         )?);
         Ok(())

@@ -127,15 +127,9 @@ pub fn sparsify_model(
             targets,
             &mut |name, lin, st| {
                 let (rows, cols) = (lin.out_features, lin.in_features);
-                prune(
-                    name,
-                    lin.dense_weight_mut(),
-                    rows,
-                    cols,
-                    pattern,
-                    method,
-                    st,
-                )
+                let w = lin.dense_weight_mut();
+                let damp = prune(name, w, rows, cols, pattern, method, st)?;
+                Ok(crate::calib::sequential::Outcome { damp, errors: None })
             },
         )?);
         Ok(())
