@@ -3,6 +3,7 @@
 //! Plain SVD minimises `‖ΔW − BA‖_F`; EoRA minimises the error on the calibration inputs,
 //! `‖(ΔW − BA) X‖_F`, by truncating the SVD in the eigenspace of `C = XᵀX`.
 
+use crate::calib::stats::InputStats;
 use crate::model::LowRank;
 use crate::{Error, Result};
 use faer::{Mat, Side};
@@ -72,46 +73,66 @@ pub fn svd_lowrank(
     truncated(&m, rank, None)
 }
 
+/// The eigenbasis of an input covariance, `S = Q Λ^{1/2}` and `S⁻¹ = Λ^{-1/2} Qᵀ`. Linears that
+/// share an input (q/k/v, gate/up) share one basis, so it is computed once per input site.
+pub struct EigenBasis {
+    s: Mat<f64>,
+    s_inv: Mat<f64>,
+}
+
+impl EigenBasis {
+    /// Eigenvalues ≤ 0 (directions the calibration data never excites, or rounding) are clamped
+    /// to the smallest positive eigenvalue, as the reference does, so `Λ^{-1/2}` stays finite and
+    /// those directions get the least weight.
+    pub fn new(name: &str, xtx: &[f64], cols: usize) -> Result<Self> {
+        if xtx.len() != cols * cols || xtx.iter().any(|v| !v.is_finite()) {
+            return Err(Error::Invalid(format!(
+                "{name}: input covariance must be {cols}×{cols} and finite"
+            )));
+        }
+        let c = Mat::<f64>::from_fn(cols, cols, |i, j| xtx[i * cols + j]);
+        let evd = c
+            .self_adjoint_eigen(Side::Lower)
+            .map_err(|e| Error::Invalid(format!("{name}: eigendecomposition failed: {e:?}")))?;
+        let (q, lam) = (evd.U(), evd.S().column_vector());
+        let min_pos = (0..cols)
+            .map(|i| lam[i])
+            .filter(|l| *l > 0.0)
+            .fold(f64::INFINITY, f64::min);
+        if !min_pos.is_finite() {
+            return Err(Error::Invalid(format!(
+                "{name}: calibration inputs are all zero"
+            )));
+        }
+        let sq: Vec<f64> = (0..cols)
+            .map(|i| if lam[i] > 0.0 { lam[i] } else { min_pos }.sqrt())
+            .collect();
+        Ok(EigenBasis {
+            s: Mat::<f64>::from_fn(cols, cols, |i, j| q[(i, j)] * sq[j]),
+            s_inv: Mat::<f64>::from_fn(cols, cols, |i, j| q[(j, i)] / sq[i]),
+        })
+    }
+}
+
 /// EoRA: with `C = Q Λ Qᵀ`, truncate the SVD of `ΔW Q Λ^{1/2}` to rank `r` and map back with
-/// `Λ^{-1/2} Qᵀ`. Eigenvalues ≤ 0 (directions the calibration data never excites, or rounding)
-/// are clamped to the smallest positive eigenvalue, as the reference does, so `Λ^{-1/2}` stays
-/// finite and those directions get the least weight.
+/// `Λ^{-1/2} Qᵀ`.
 pub fn eora_lowrank(
     name: &str,
     dw: &[f32],
     rows: usize,
     cols: usize,
-    xtx: &[f64],
+    basis: &EigenBasis,
     rank: usize,
 ) -> Result<LowRank> {
     check_rank(name, rank, rows, cols)?;
     crate::error::check_finite(name, dw)?;
-    if xtx.len() != cols * cols || xtx.iter().any(|v| !v.is_finite()) {
+    if basis.s.nrows() != cols {
         return Err(Error::Invalid(format!(
-            "{name}: input covariance must be {cols}×{cols} and finite"
+            "{name}: eigenbasis is not {cols} wide"
         )));
     }
-    let c = Mat::<f64>::from_fn(cols, cols, |i, j| xtx[i * cols + j]);
-    let evd = c
-        .self_adjoint_eigen(Side::Lower)
-        .map_err(|e| Error::Invalid(format!("{name}: eigendecomposition failed: {e:?}")))?;
-    let (q, lam) = (evd.U(), evd.S().column_vector());
-    let min_pos = (0..cols)
-        .map(|i| lam[i])
-        .filter(|l| *l > 0.0)
-        .fold(f64::INFINITY, f64::min);
-    if !min_pos.is_finite() {
-        return Err(Error::Invalid(format!(
-            "{name}: calibration inputs are all zero"
-        )));
-    }
-    let sq: Vec<f64> = (0..cols)
-        .map(|i| if lam[i] > 0.0 { lam[i] } else { min_pos }.sqrt())
-        .collect();
     let dwm = Mat::<f64>::from_fn(rows, cols, |i, j| dw[i * cols + j] as f64);
-    let s = Mat::<f64>::from_fn(cols, cols, |i, j| q[(i, j)] * sq[j]);
-    let s_inv = Mat::<f64>::from_fn(cols, cols, |i, j| q[(j, i)] / sq[i]);
-    truncated(&(&dwm * &s), rank, Some(&s_inv))
+    truncated(&(&dwm * &basis.s), rank, Some(&basis.s_inv))
 }
 
 /// Adds (or, with `fold`, merges into dense weights) low-rank compensation to every targeted
@@ -144,6 +165,8 @@ pub fn compensate_model(
     let mut reports = Vec::new();
     compress_sequential(model, windows, progress, &mut |i, layer, stats| {
         let refs = reference.layers[i].linears();
+        // One eigenbasis per input site (keyed by the statistics it comes from).
+        let mut bases: Vec<(*const InputStats, EigenBasis)> = Vec::new();
         reports.extend(compress_linears(
             i,
             layer,
@@ -168,7 +191,17 @@ pub fn compensate_model(
                     .collect();
                 let lr = match method {
                     LowRankMethod::Svd => svd_lowrank(name, &dw, rows, cols, rank)?,
-                    LowRankMethod::Eora => eora_lowrank(name, &dw, rows, cols, &st.xtx, rank)?,
+                    LowRankMethod::Eora => {
+                        let key: *const InputStats = st;
+                        let k = match bases.iter().position(|(p, _)| *p == key) {
+                            Some(k) => k,
+                            None => {
+                                bases.push((key, EigenBasis::new(name, &st.xtx, cols)?));
+                                bases.len() - 1
+                            }
+                        };
+                        eora_lowrank(name, &dw, rows, cols, &bases[k].1, rank)?
+                    }
                 };
                 let ba: Vec<f32> = {
                     let mut m = vec![0f32; rows * cols];
@@ -220,7 +253,6 @@ fn transpose(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::calib::stats::InputStats;
 
     fn apply(lr: &LowRank, rows: usize, cols: usize) -> Vec<f32> {
         let r = lr.rank;
@@ -266,7 +298,15 @@ mod tests {
                 };
                 let (s, e) = (
                     err(&svd_lowrank("w", &dw, rows, cols, rank).unwrap()),
-                    err(&eora_lowrank("w", &dw, rows, cols, &h, rank).unwrap()),
+                    err(&eora_lowrank(
+                        "w",
+                        &dw,
+                        rows,
+                        cols,
+                        &EigenBasis::new("w", &h, cols).unwrap(),
+                        rank,
+                    )
+                    .unwrap()),
                 );
                 assert!(
                     e <= s * (1.0 + 1e-4),
@@ -274,7 +314,8 @@ mod tests {
                 );
             }
             // At full rank both reconstruct ΔW.
-            let lr = eora_lowrank("w", &dw, rows, cols, &h, cols).unwrap();
+            let basis = EigenBasis::new("w", &h, cols).unwrap();
+            let lr = eora_lowrank("w", &dw, rows, cols, &basis, cols).unwrap();
             for (a, b) in apply(&lr, rows, cols).iter().zip(&dw) {
                 assert!((a - b).abs() < 1e-4);
             }

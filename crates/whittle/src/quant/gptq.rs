@@ -5,7 +5,7 @@
 //! parameters are then fixed up front on the original consecutive groups ("static groups"), so
 //! the packed layout stays the plain contiguous one.
 
-use super::{code, decode, group_params, pack, QuantConfig};
+use super::{code, decode, exact_zero_scale, group_params, pack, QuantConfig};
 use crate::calib::hessian::inverse_hessian;
 use crate::calib::obs::{obs_walk, ColumnRule};
 use crate::model::Packed;
@@ -24,6 +24,9 @@ struct QuantRule {
     groups_per_row: usize,
     /// Dynamic groups: (scale, zero) of every row and group, filled as the walk goes.
     collected: Vec<(f32, f32)>,
+    /// Walked positions that were exact zeros (a sparsity mask to keep), `rows × cols`.
+    mask: Option<Vec<bool>>,
+    cols: usize,
 }
 
 impl QuantRule {
@@ -43,13 +46,20 @@ impl ColumnRule for QuantRule {
         let end = (j + self.group).min(cols);
         self.params.clear();
         for r in 0..self.rows {
-            let p = group_params(&w[r * cols + j..r * cols + end], self.cfg);
+            let (mut s, z) = group_params(&w[r * cols + j..r * cols + end], self.cfg);
+            if self.mask.is_some() {
+                s = exact_zero_scale(s);
+            }
+            let p = (s, z);
             self.params.push(p);
             self.collected[r * self.groups_per_row + j / self.group] = p;
         }
     }
 
     fn apply(&self, row: usize, j: usize, w: f32) -> f32 {
+        if self.mask.as_ref().is_some_and(|m| m[row * self.cols + j]) {
+            return 0.0;
+        }
         let (s, z) = self.param(row, j);
         decode(code(w, s, z, self.cfg.maxq()), s, z)
     }
@@ -76,12 +86,19 @@ pub fn gptq(
     let mut w = w.to_vec();
     let dead: Vec<bool> = (0..cols).map(|j| xtx[j * cols + j] == 0.0).collect();
     zero_dead(&mut w, cols, &dead);
+    // A sparse weight keeps its zeros: they are pinned during the walk and their scales made
+    // exact (see `exact_zero_scale`).
+    let sparse = w.contains(&0.0);
+    let scale = |s: f32| if sparse { exact_zero_scale(s) } else { s };
     // Static groups from the original weights (act-order only).
     let static_params = |w: &[f32]| -> Vec<(f32, f32)> {
         w.chunks_exact(cols)
             .flat_map(|row| {
                 row.chunks(group)
-                    .map(|x| group_params(x, cfg))
+                    .map(|x| {
+                        let (s, z) = group_params(x, cfg);
+                        (scale(s), z)
+                    })
                     .collect::<Vec<_>>()
             })
             .collect()
@@ -118,6 +135,8 @@ pub fn gptq(
         perm: perm.clone(),
         groups_per_row,
         collected: vec![(0.0, 1.0); rows * groups_per_row],
+        mask: sparse.then(|| walked.iter().map(|v| *v == 0.0).collect()),
+        cols,
     };
     obs_walk(&mut walked, rows, cols, &u, block, &mut rule);
     let params = if act_order {
@@ -186,6 +205,31 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    #[test]
+    fn sparse_mask_survives_gptq() {
+        let (rows, cols) = (8, 64);
+        let (mut w, h) = crate::sparsity::sparsegpt::tests::layer(rows, cols, 5);
+        w.iter_mut().enumerate().for_each(|(i, v)| {
+            if i % 4 < 2 {
+                *v = 0.0
+            }
+        });
+        for act_order in [false, true] {
+            let cfg = QuantConfig {
+                bits: 4,
+                group: 32,
+                sym: false,
+            };
+            let (p, _) = gptq("w", &w, rows, cols, &h, cfg, 16, 0.01, act_order).unwrap();
+            let mut d = vec![1f32; rows * cols];
+            p.dequantize_into(cols, &mut d);
+            for (i, v) in d.iter().enumerate() {
+                assert!(i % 4 >= 2 || *v == 0.0, "act_order {act_order}, {i}: {v}");
+            }
+            assert!(d.iter().filter(|v| **v != 0.0).count() > rows * cols / 3);
         }
     }
 

@@ -79,6 +79,13 @@ pub fn group_params(x: &[f32], cfg: QuantConfig) -> (f32, f32) {
     (scale, zero)
 }
 
+/// `scale` rounded to 16 significant bits, so that `scale · zero` (zero ≤ 255) is exact in f32
+/// and a zero weight decodes to exactly 0 (`fma(s, z, −s·z) = 0`). Used when the weight is
+/// sparse, so that quantization keeps its mask (changes the grid by < 1e-5 relative).
+pub fn exact_zero_scale(s: f32) -> f32 {
+    f32::from_bits((s.to_bits() + 0x80) & !0xff)
+}
+
 /// The code of `x`: `clamp(round(x / scale) + zero, 0, maxq)`, rounding half to even in f32 as
 /// PyTorch does (so ties land where the reference puts them).
 pub fn code(x: f32, scale: f32, zero: f32, maxq: f32) -> u8 {
@@ -119,9 +126,11 @@ pub(crate) fn pack(
 }
 
 /// Round-to-nearest quantization of `w` (`rows × cols`).
+/// Exact zeros in `w` (a sparsity mask) stay exact zeros.
 pub fn rtn(name: &str, w: &[f32], rows: usize, cols: usize, cfg: QuantConfig) -> Result<Packed> {
     cfg.check(name, cols)?;
     crate::error::check_finite(name, w)?;
+    let sparse = w.contains(&0.0);
     let g = cfg.group_for(cols);
     let groups = cols.div_ceil(g);
     let (mut scales, mut zeros) = (
@@ -131,7 +140,10 @@ pub fn rtn(name: &str, w: &[f32], rows: usize, cols: usize, cfg: QuantConfig) ->
     let mut codes = vec![0u8; rows * cols];
     for (row, crow) in w.chunks_exact(cols).zip(codes.chunks_exact_mut(cols)) {
         for (x, c) in row.chunks(g).zip(crow.chunks_mut(g)) {
-            let (s, z) = group_params(x, cfg);
+            let (mut s, z) = group_params(x, cfg);
+            if sparse {
+                s = exact_zero_scale(s);
+            }
             for (xi, ci) in x.iter().zip(c.iter_mut()) {
                 *ci = code(*xi, s, z, cfg.maxq());
             }
@@ -225,10 +237,42 @@ mod tests {
     use super::*;
 
     #[test]
+    fn sparse_weights_keep_exact_zeros() {
+        let (rows, cols) = (4, 64);
+        let w: Vec<f32> = (0..rows * cols)
+            .map(|i| {
+                if i % 4 < 2 {
+                    0.0
+                } else {
+                    ((i * 37 % 101) as f32 - 40.0) / 33.0
+                }
+            })
+            .collect();
+        let p = rtn(
+            "w",
+            &w,
+            rows,
+            cols,
+            QuantConfig {
+                bits: 4,
+                group: 32,
+                sym: false,
+            },
+        )
+        .unwrap();
+        let mut d = vec![1f32; rows * cols];
+        p.dequantize_into(cols, &mut d);
+        for (a, b) in w.iter().zip(&d) {
+            assert!(*a != 0.0 || *b == 0.0, "{a} -> {b}");
+        }
+    }
+
+    #[test]
     fn rtn_matches_the_reference_formula() {
         let (rows, cols) = (3, 96);
+        // No exact zeros: those switch on mask-keeping scales (tested separately).
         let w: Vec<f32> = (0..rows * cols)
-            .map(|i| ((i * 37 % 101) as f32 - 40.0) / 33.0)
+            .map(|i| ((i * 37 % 101) as f32 - 40.5) / 33.0)
             .collect();
         for (bits, group, sym) in [
             (4u8, 64, false),
@@ -267,7 +311,7 @@ mod tests {
                         let got = deq[r * cols + g0 + k] as f64;
                         assert!(
                             (got - want).abs() < 1e-5,
-                            "{bits}b g{group} sym {sym}: {got} vs {want}"
+                            "{bits}b g{group} sym {sym}: r{r} g0 {g0} k{k} x {xv} s {s} z {z} q {q}: {got} vs {want}"
                         );
                     }
                 }
