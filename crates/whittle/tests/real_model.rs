@@ -4,29 +4,15 @@
 
 mod common;
 
+use common::{load_default, reference};
 use serde_json::Value;
-use std::path::PathBuf;
 use std::sync::OnceLock;
-use whittle::io::resolve::{self, Loaded};
+use whittle::io::resolve::Loaded;
 use whittle::model::{sampling::argmax, KvCache, Logits};
-
-fn shared() -> PathBuf {
-    std::env::var_os("WHITTLE_SHARED").map_or_else(
-        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared"),
-        PathBuf::from,
-    )
-}
-
-fn reference(name: &str) -> PathBuf {
-    shared().join("reference").join(name)
-}
 
 fn model() -> &'static Loaded {
     static M: OnceLock<Loaded> = OnceLock::new();
-    M.get_or_init(|| {
-        let path = whittle::io::fetch::default_model().expect("fetch the default model");
-        resolve::load(&path).expect("load the default model")
-    })
+    M.get_or_init(load_default)
 }
 
 fn json(name: &str) -> Value {
@@ -42,9 +28,7 @@ fn ids_of(v: &Value) -> Vec<u32> {
 }
 
 fn split_ids(split: &str) -> Vec<u32> {
-    let text =
-        whittle::data::text::read_text(&reference(&format!("wikitext2-{split}.txt"))).unwrap();
-    model().tokenizer.encode(&text).unwrap()
+    common::split_ids(&model().tokenizer, split)
 }
 
 #[test]

@@ -83,3 +83,28 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
 }
+
+/// The shared read-only material: `../shared` from the project root, or `$WHITTLE_SHARED`.
+pub fn shared() -> std::path::PathBuf {
+    std::env::var_os("WHITTLE_SHARED").map_or_else(
+        || std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared"),
+        std::path::PathBuf::from,
+    )
+}
+
+pub fn reference(name: &str) -> std::path::PathBuf {
+    shared().join("reference").join(name)
+}
+
+/// The default model (fetched on first use) and its tokenizer, freshly loaded.
+pub fn load_default() -> whittle::io::resolve::Loaded {
+    let path = whittle::io::fetch::default_model().expect("fetch the default model");
+    whittle::io::resolve::load(&path).expect("load the default model")
+}
+
+/// Token ids of `wikitext2-{split}.txt`.
+pub fn split_ids(tok: &whittle::io::tokenizer::Tokenizer, split: &str) -> Vec<u32> {
+    let text =
+        whittle::data::text::read_text(&reference(&format!("wikitext2-{split}.txt"))).unwrap();
+    tok.encode(&text).unwrap()
+}
