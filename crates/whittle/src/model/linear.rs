@@ -146,11 +146,15 @@ impl Linear {
                 Weight::Dense(w) => matmul_t(x, w, rows, inp, out, y),
                 // Expanding costs ~1/(2·rows) of the GEMM's time; keeping the expansion would
                 // cost the memory of an f32 model.
-                Weight::Packed(p) => DEQUANTIZED.with_borrow_mut(|w| {
+                Weight::Packed(p) => {
+                    // Taken out of the thread-local (not borrowed) while the GEMM runs: a worker
+                    // waiting inside it may pick up another forward pass that needs a buffer.
+                    let mut w = DEQUANTIZED.with_borrow_mut(std::mem::take);
                     w.resize(out * inp, 0.0);
-                    p.dequantize_into(inp, w);
-                    matmul_t(x, w, rows, inp, out, y);
-                }),
+                    p.dequantize_into(inp, &mut w);
+                    matmul_t(x, &w, rows, inp, out, y);
+                    DEQUANTIZED.with_borrow_mut(|b| *b = w);
+                }
             }
         }
         self.add_adapter(x, rows, y);
