@@ -359,3 +359,37 @@ pub fn compensate(
         },
     )
 }
+
+pub fn compress_recipe(
+    model: Option<&str>,
+    recipe: &Path,
+    eval: &crate::compress::EvalArgs,
+    out: &Path,
+    json_out: Option<PathBuf>,
+) -> Result<()> {
+    let recipe = whittle::recipe::Recipe::from_file(recipe)?;
+    let settings = json!({"recipe": format!("{recipe:?}")});
+    let calib = crate::compress::CalibArgs::from_spec(&recipe.calib);
+    crate::compress::run(
+        model,
+        "recipe",
+        true,
+        settings,
+        eval,
+        out,
+        json_out,
+        &mut |m, tok, progress| {
+            let reference = load(model)?.model;
+            let ids = crate::compress::calibration_ids(tok, &calib, recipe.needs_calibration())?;
+            let windows = crate::compress::windows(&ids, &calib)?;
+            let stages = recipe.stages.len();
+            let done = recipe.run(m, &reference, &windows, &mut |s, d, t| {
+                progress(s * t + d, stages * t)
+            })?;
+            for (name, reports) in &done {
+                eprintln!("stage {name}: {} linears", reports.len());
+            }
+            Ok(done.into_iter().flat_map(|(_, r)| r).collect())
+        },
+    )
+}

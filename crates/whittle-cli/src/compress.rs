@@ -24,6 +24,18 @@ pub struct CalibArgs {
     seed: u64,
 }
 
+impl CalibArgs {
+    /// The calibration settings of a recipe file.
+    pub fn from_spec(s: &whittle::recipe::CalibSpec) -> Self {
+        CalibArgs {
+            calib: s.file.clone(),
+            calib_samples: s.samples,
+            calib_len: s.len,
+            seed: s.seed,
+        }
+    }
+}
+
 /// Perplexity before and after, when `--eval` is given.
 #[derive(clap::Args, Clone)]
 pub struct EvalArgs {

@@ -153,6 +153,20 @@ enum Command {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Apply a recipe of stages in order (e.g. SparseGPT 2:4 -> GPTQ int4 -> EoRA r64); the
+    /// recipe format is documented in the library's `recipe` module.
+    Compress {
+        #[command(flatten)]
+        model: ModelArg,
+        #[arg(long)]
+        recipe: PathBuf,
+        #[command(flatten)]
+        eval: compress::EvalArgs,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Prefill and decode throughput, next to the reference figures.
     Bench {
         #[command(flatten)]
@@ -320,6 +334,13 @@ fn main() {
             &out,
             json,
         ),
+        Command::Compress {
+            model,
+            recipe,
+            eval,
+            out,
+            json,
+        } => commands::compress_recipe(model.model.as_deref(), &recipe, &eval, &out, json),
         Command::Bench {
             model,
             data,

@@ -15,6 +15,7 @@ pub mod io;
 pub mod lowrank;
 pub mod model;
 pub mod quant;
+pub mod recipe;
 pub mod sparsity;
 pub mod threads;
 

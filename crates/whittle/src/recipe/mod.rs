@@ -1,0 +1,267 @@
+//! Recipes: several one-shot stages applied in order to one model, e.g.
+//! SparseGPT 2:4 → GPTQ int4 → EoRA r64, written as TOML:
+//!
+//! ```toml
+//! [calib]                      # optional; these are the defaults
+//! file = "../shared/reference/wikitext2-valid.txt"
+//! samples = 128
+//! len = 2048
+//! seed = 0
+//!
+//! [[stage]]
+//! kind = "sparsify"            # method: magnitude | wanda | sparsegpt; pattern: "2:4", "50%"
+//! method = "sparsegpt"
+//! pattern = "2:4"
+//!
+//! [[stage]]
+//! kind = "quantize"            # method: rtn | gptq; bits, group_size, sym, act_order
+//! method = "gptq"
+//! bits = 4
+//! group_size = 128
+//!
+//! [[stage]]
+//! kind = "compensate"          # method: svd | eora; rank, fold
+//! method = "eora"
+//! rank = 64
+//! ```
+//!
+//! Every stage may name `targets` (linear names or suffixes). Compensation measures against the
+//! model as it was before the first stage. A quantized base keeps its mask when it was sparse.
+
+use crate::calib::sequential::LinearReport;
+use crate::lowrank::{compensate_model, LowRankMethod};
+use crate::quant::{quantize_model, QuantConfig, QuantMethod};
+use crate::sparsity::{sparsify_model, Pattern, SparsityMethod};
+use crate::{Error, Model, Result};
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CalibSpec {
+    #[serde(default = "default_calib_file")]
+    pub file: PathBuf,
+    #[serde(default = "default_samples")]
+    pub samples: usize,
+    #[serde(default = "default_len")]
+    pub len: usize,
+    #[serde(default)]
+    pub seed: u64,
+}
+
+fn default_calib_file() -> PathBuf {
+    PathBuf::from("../shared/reference/wikitext2-valid.txt")
+}
+fn default_samples() -> usize {
+    128
+}
+fn default_len() -> usize {
+    2048
+}
+fn default_bits() -> u8 {
+    4
+}
+fn default_group() -> usize {
+    128
+}
+fn default_rank() -> usize {
+    64
+}
+
+impl Default for CalibSpec {
+    fn default() -> Self {
+        CalibSpec {
+            file: default_calib_file(),
+            samples: default_samples(),
+            len: default_len(),
+            seed: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum Stage {
+    Sparsify {
+        method: String,
+        pattern: String,
+        #[serde(default)]
+        targets: Vec<String>,
+    },
+    Quantize {
+        method: String,
+        #[serde(default = "default_bits")]
+        bits: u8,
+        #[serde(default = "default_group")]
+        group_size: usize,
+        #[serde(default)]
+        sym: bool,
+        #[serde(default)]
+        act_order: bool,
+        #[serde(default)]
+        targets: Vec<String>,
+    },
+    Compensate {
+        method: String,
+        #[serde(default = "default_rank")]
+        rank: usize,
+        #[serde(default)]
+        fold: bool,
+        #[serde(default)]
+        targets: Vec<String>,
+    },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Recipe {
+    #[serde(default)]
+    pub calib: CalibSpec,
+    #[serde(rename = "stage")]
+    pub stages: Vec<Stage>,
+}
+
+impl Recipe {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let r: Recipe = toml::from_str(&text).map_err(|e| Error::format(path, e))?;
+        if r.stages.is_empty() {
+            return Err(Error::format(path, "the recipe has no [[stage]]"));
+        }
+        r.check().map_err(|e| Error::format(path, e))?;
+        Ok(r)
+    }
+
+    /// Parses every stage's settings up front, so a typo fails before hours of work.
+    fn check(&self) -> Result<()> {
+        for s in &self.stages {
+            match s {
+                Stage::Sparsify {
+                    method, pattern, ..
+                } => {
+                    SparsityMethod::parse(method)?;
+                    Pattern::parse(pattern)?;
+                }
+                Stage::Quantize {
+                    method,
+                    bits,
+                    group_size,
+                    sym,
+                    act_order,
+                    ..
+                } => {
+                    QuantMethod::parse(method, *act_order)?;
+                    QuantConfig {
+                        bits: *bits,
+                        group: *group_size,
+                        sym: *sym,
+                    }
+                    .check("recipe", 32)?;
+                }
+                Stage::Compensate { method, rank, .. } => {
+                    LowRankMethod::parse(method)?;
+                    if *rank == 0 {
+                        return Err(Error::Invalid("rank must be positive".into()));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies the stages in order; `reference` is the model before the first stage.
+    /// `progress(stage, done, total)` reports each stage's layers.
+    pub fn run(
+        &self,
+        model: &mut Model,
+        reference: &Model,
+        windows: &[&[u32]],
+        progress: &mut dyn FnMut(usize, usize, usize),
+    ) -> Result<Vec<(String, Vec<LinearReport>)>> {
+        let mut out = Vec::new();
+        for (i, s) in self.stages.iter().enumerate() {
+            let p = &mut |d, t| progress(i, d, t);
+            let (name, reports) = match s {
+                Stage::Sparsify {
+                    method,
+                    pattern,
+                    targets,
+                } => {
+                    let (m, pat) = (SparsityMethod::parse(method)?, Pattern::parse(pattern)?);
+                    (
+                        format!("sparsify {method} {pat}"),
+                        sparsify_model(model, windows, m, pat, targets, p)?,
+                    )
+                }
+                Stage::Quantize {
+                    method,
+                    bits,
+                    group_size,
+                    sym,
+                    act_order,
+                    targets,
+                } => {
+                    let m = QuantMethod::parse(method, *act_order)?;
+                    let cfg = QuantConfig {
+                        bits: *bits,
+                        group: *group_size,
+                        sym: *sym,
+                    };
+                    let w = if m.needs_calibration() { windows } else { &[] };
+                    (
+                        format!("quantize {method} int{bits} g{group_size}"),
+                        quantize_model(model, w, m, cfg, targets, p)?,
+                    )
+                }
+                Stage::Compensate {
+                    method,
+                    rank,
+                    fold,
+                    targets,
+                } => {
+                    let m = LowRankMethod::parse(method)?;
+                    (
+                        format!("compensate {method} r{rank}"),
+                        compensate_model(model, reference, windows, m, *rank, *fold, targets, p)?,
+                    )
+                }
+            };
+            out.push((name, reports));
+        }
+        Ok(out)
+    }
+
+    /// Whether any stage needs calibration data.
+    pub fn needs_calibration(&self) -> bool {
+        self.stages.iter().any(|s| match s {
+            Stage::Sparsify { method, .. } => method != "magnitude",
+            Stage::Quantize { method, .. } => method == "gptq",
+            Stage::Compensate { .. } => true,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_rejects() {
+        let r: Recipe = toml::from_str(
+            "[[stage]]\nkind = \"sparsify\"\nmethod = \"sparsegpt\"\npattern = \"2:4\"\n\
+             [[stage]]\nkind = \"quantize\"\nmethod = \"gptq\"\n\
+             [[stage]]\nkind = \"compensate\"\nmethod = \"eora\"\nrank = 16\n",
+        )
+        .unwrap();
+        assert_eq!(r.stages.len(), 3);
+        assert_eq!(r.calib.samples, 128);
+        r.check().unwrap();
+        assert!(r.needs_calibration());
+        let bad: Recipe = toml::from_str(
+            "[[stage]]\nkind = \"sparsify\"\nmethod = \"wanda\"\npattern = \"5:4\"\n",
+        )
+        .unwrap();
+        assert!(bad.check().is_err());
+        assert!(toml::from_str::<Recipe>("[[stage]]\nkind = \"prune\"\n").is_err());
+    }
+}
