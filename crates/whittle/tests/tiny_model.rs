@@ -346,3 +346,119 @@ fn quantized_and_adapted_models_round_trip_packed() {
     ));
     assert!(max_abs_diff(&logits(&m, &TOKENS), &logits(&back, &TOKENS)) < 1e-5);
 }
+
+#[test]
+fn sparsify_compensate_fold_and_peft_on_a_tiny_model() {
+    use ::safetensors::SafeTensors;
+    use whittle::lowrank::{compensate_model, LowRankMethod};
+    use whittle::quant::{quantize_model, QuantConfig, QuantMethod};
+    use whittle::sparsity::{sparsify_model, Pattern, SparsityMethod};
+    let mut shapes = uniform_shapes(2);
+    shapes.iter_mut().for_each(|s| s.mlp = Some(64));
+    let dense = random_model(tiny_config(true), &shapes, 21).unwrap();
+    let calib: Vec<u32> = (0..96).map(|i| (i * 53 % 256) as u32).collect();
+    let windows: Vec<&[u32]> = calib.chunks(32).collect();
+    // Sparsify: every 4-group of every targeted row keeps exactly 2.
+    let mut sparse = random_model(tiny_config(true), &shapes, 21).unwrap();
+    let nm = Pattern::NM { n: 2, m: 4 };
+    let method = SparsityMethod::SparseGpt {
+        block: 16,
+        damp: 0.01,
+    };
+    let reports = sparsify_model(
+        &mut sparse,
+        &windows,
+        method,
+        nm,
+        &["q_proj".into(), "down_proj".into()],
+        &mut |_, _| {},
+    )
+    .unwrap();
+    assert_eq!(reports.len(), 2 * 2);
+    for l in &sparse.layers {
+        for (name, lin) in l.linears() {
+            let w = lin.dense_weight();
+            let pruned = name.ends_with("q_proj") || name.ends_with("down_proj");
+            for g in w.chunks_exact(4) {
+                let nz = g.iter().filter(|v| **v != 0.0).count();
+                assert!(if pruned { nz == 2 } else { nz == 4 }, "{name}");
+            }
+        }
+    }
+    // Quantize hard (2 bits), then compensate: EoRA's calibration error ≤ SVD's < none.
+    let mut errs = Vec::new();
+    for (method, fold) in [
+        (LowRankMethod::Svd, false),
+        (LowRankMethod::Eora, false),
+        (LowRankMethod::Eora, true),
+    ] {
+        let mut m = random_model(tiny_config(true), &shapes, 21).unwrap();
+        let cfg = QuantConfig {
+            bits: 2,
+            group: 32,
+            sym: false,
+        };
+        quantize_model(&mut m, &[], QuantMethod::Rtn, cfg, &[], &mut |_, _| {}).unwrap();
+        let r = compensate_model(
+            &mut m,
+            &dense,
+            &windows,
+            method,
+            4,
+            fold,
+            &[],
+            &mut |_, _| {},
+        )
+        .unwrap();
+        // The first layer sees the same inputs under both methods: compare there.
+        let first: Vec<&_> = r.iter().filter(|x| x.layer == 0).collect();
+        assert!(first
+            .iter()
+            .all(|x| x.rel_error.unwrap() < x.error_before.unwrap()));
+        errs.push(first.iter().map(|x| x.rel_error.unwrap()).sum::<f64>());
+        if fold {
+            assert!(m
+                .layers
+                .iter()
+                .all(|l| l.linears().iter().all(|(_, x)| x.adapter.is_none())));
+            continue;
+        }
+        if method == LowRankMethod::Eora {
+            let dir = tempfile::tempdir().unwrap();
+            let p = dir.path().join("peft");
+            whittle::io::peft::save(&m, &p).unwrap();
+            let cfg: serde_json::Value = serde_json::from_str(
+                &std::fs::read_to_string(p.join("adapter_config.json")).unwrap(),
+            )
+            .unwrap();
+            assert_eq!(
+                (cfg["r"].as_u64(), cfg["lora_alpha"].as_u64()),
+                (Some(4), Some(4))
+            );
+            assert_eq!(cfg["target_modules"].as_array().unwrap().len(), 7);
+            let bytes = std::fs::read(p.join("adapter_model.safetensors")).unwrap();
+            let st = SafeTensors::deserialize(&bytes).unwrap();
+            assert_eq!(st.names().len(), 2 * 7 * 2);
+            let a = st
+                .tensor("base_model.model.model.layers.1.mlp.down_proj.lora_A.weight")
+                .unwrap();
+            let b = st
+                .tensor("base_model.model.model.layers.1.mlp.down_proj.lora_B.weight")
+                .unwrap();
+            assert_eq!(
+                (a.shape(), b.shape()),
+                (&[4usize, 64][..], &[32usize, 4][..])
+            );
+        }
+    }
+    assert!(
+        errs[1] <= errs[0] * (1.0 + 1e-6),
+        "EoRA {} vs SVD {}",
+        errs[1],
+        errs[0]
+    );
+    assert!(
+        (errs[2] - errs[1]).abs() < 1e-6 * (1.0 + errs[1]),
+        "folding changes nothing"
+    );
+}
