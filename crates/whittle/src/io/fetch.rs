@@ -36,11 +36,16 @@ pub fn whittle_home() -> PathBuf {
 /// Path of the default model, fetching it first if it is not in the cache yet. Files appear in
 /// the cache only after their checksum passed, so an existing file is trusted.
 pub fn default_model() -> Result<PathBuf> {
+    // Threads of one process (parallel tests) wait for a single download.
+    static FETCHING: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let dest = whittle_home().join(DEFAULT_MODEL.file_name);
     if dest.is_file() {
         return Ok(dest);
     }
-    fetch(&DEFAULT_MODEL, &dest)?;
+    let _guard = FETCHING.lock().unwrap_or_else(|e| e.into_inner());
+    if !dest.is_file() {
+        fetch(&DEFAULT_MODEL, &dest)?;
+    }
     Ok(dest)
 }
 
