@@ -59,3 +59,22 @@ fn bad_inputs_fail_cleanly() {
         assert!(!err.contains("panicked"), "{args:?}: {err}");
     }
 }
+
+#[test]
+fn fetch_without_python_says_what_is_missing() {
+    let home = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_whittle"))
+        .arg("fetch")
+        .env("WHITTLE_HOME", home.path())
+        .env("WHITTLE_PYTHON", "/nonexistent/python3")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("needs Python 3 with pip") && !err.contains("panicked"),
+        "{err}"
+    );
+    // Nothing half-written is left in the cache.
+    assert_eq!(std::fs::read_dir(home.path()).unwrap().count(), 0);
+}
