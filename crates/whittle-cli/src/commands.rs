@@ -1,5 +1,6 @@
 //! The subcommands other than `bench`.
 
+use crate::compress::JobArgs;
 use crate::report::{progress, table, write_json};
 use anyhow::{Context, Result};
 use serde_json::json;
@@ -251,17 +252,14 @@ pub fn convert(model: Option<&str>, out: &Path, dtype: whittle::io::gguf::GgufTy
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-pub fn sparsify(
-    model: Option<&str>,
-    method: &str,
-    pattern: &str,
-    targets: &[String],
-    calib: &crate::compress::CalibArgs,
-    eval: &crate::compress::EvalArgs,
-    out: &Path,
-    json_out: Option<PathBuf>,
-) -> Result<()> {
+pub fn sparsify(model: Option<&str>, method: &str, pattern: &str, job: &JobArgs) -> Result<()> {
+    let JobArgs {
+        targets,
+        calib,
+        eval,
+        out,
+        json: json_out,
+    } = job;
     use whittle::sparsity::{sparsify_model, Pattern, SparsityMethod};
     let method = SparsityMethod::parse(method)?;
     let pattern = Pattern::parse(pattern)?;
@@ -274,7 +272,7 @@ pub fn sparsify(
         settings,
         eval,
         out,
-        json_out,
+        json_out.clone(),
         &mut |m, tok, progress| {
             let ids = crate::compress::calibration_ids(tok, calib, method.needs_calibration())?;
             let windows = crate::compress::windows(&ids, calib)?;
@@ -285,18 +283,20 @@ pub fn sparsify(
     )
 }
 
-#[allow(clippy::too_many_arguments)]
 pub fn quantize(
     model: Option<&str>,
     method: &str,
     cfg: whittle::quant::QuantConfig,
     act_order: bool,
-    targets: &[String],
-    calib: &crate::compress::CalibArgs,
-    eval: &crate::compress::EvalArgs,
-    out: &Path,
-    json_out: Option<PathBuf>,
+    job: &JobArgs,
 ) -> Result<()> {
+    let JobArgs {
+        targets,
+        calib,
+        eval,
+        out,
+        json: json_out,
+    } = job;
     use whittle::quant::{quantize_model, QuantMethod};
     let method = QuantMethod::parse(method, act_order)?;
     let settings = json!({"method": format!("{method:?}"), "config": cfg, "targets": targets});
@@ -308,7 +308,7 @@ pub fn quantize(
         settings,
         eval,
         out,
-        json_out,
+        json_out.clone(),
         &mut |m, tok, progress| {
             let ids = crate::compress::calibration_ids(tok, calib, method.needs_calibration())?;
             let windows = crate::compress::windows(&ids, calib)?;
@@ -317,7 +317,6 @@ pub fn quantize(
     )
 }
 
-#[allow(clippy::too_many_arguments)]
 pub fn compensate(
     model: Option<&str>,
     reference: Option<&str>,
@@ -325,12 +324,15 @@ pub fn compensate(
     rank: usize,
     fold: bool,
     peft: Option<PathBuf>,
-    targets: &[String],
-    calib: &crate::compress::CalibArgs,
-    eval: &crate::compress::EvalArgs,
-    out: &Path,
-    json_out: Option<PathBuf>,
+    job: &JobArgs,
 ) -> Result<()> {
+    let JobArgs {
+        targets,
+        calib,
+        eval,
+        out,
+        json: json_out,
+    } = job;
     use whittle::lowrank::{compensate_model, LowRankMethod};
     let method = LowRankMethod::parse(method)?;
     let settings = json!({"method": format!("{method:?}"), "rank": rank, "fold": fold,
@@ -343,7 +345,7 @@ pub fn compensate(
         settings,
         eval,
         out,
-        json_out,
+        json_out.clone(),
         &mut |m, tok, progress| {
             let reference = load(reference)?.model;
             let ids = crate::compress::calibration_ids(tok, calib, true)?;
@@ -377,7 +379,7 @@ pub fn compress_recipe(
         settings,
         eval,
         out,
-        json_out,
+        json_out.clone(),
         &mut |m, tok, progress| {
             let reference = load(model)?.model;
             let ids = crate::compress::calibration_ids(tok, &calib, recipe.needs_calibration())?;

@@ -48,6 +48,23 @@ pub struct EvalArgs {
     eval_max_tokens: Option<usize>,
 }
 
+/// What every one-shot command takes besides its method: which linears, calibration data,
+/// evaluation, where to write.
+#[derive(clap::Args, Clone)]
+pub struct JobArgs {
+    /// Linears to compress (names or suffixes: q_proj,k_proj,...); default all seven.
+    #[arg(long, value_delimiter = ',')]
+    pub targets: Vec<String>,
+    #[command(flatten)]
+    pub calib: CalibArgs,
+    #[command(flatten)]
+    pub eval: EvalArgs,
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
 /// Tokens of the calibration text (read once); none when the method needs no data.
 pub fn calibration_ids(tok: &Tokenizer, args: &CalibArgs, needed: bool) -> Result<Vec<u32>> {
     if !needed {

@@ -83,17 +83,8 @@ enum Command {
         /// N:M (N kept of every M consecutive inputs) or P% (unstructured, per output row).
         #[arg(long)]
         pattern: String,
-        /// Linears to prune (names or suffixes: q_proj,k_proj,...); default all seven.
-        #[arg(long, value_delimiter = ',')]
-        targets: Vec<String>,
         #[command(flatten)]
-        calib: compress::CalibArgs,
-        #[command(flatten)]
-        eval: compress::EvalArgs,
-        #[arg(long)]
-        out: PathBuf,
-        #[arg(long)]
-        json: Option<PathBuf>,
+        job: compress::JobArgs,
     },
     /// Quantize weights to 2-8 bits per group (RTN, GPTQ); stored packed.
     Quantize {
@@ -112,16 +103,8 @@ enum Command {
         /// GPTQ: walk columns by decreasing Hessian diagonal (static groups).
         #[arg(long)]
         act_order: bool,
-        #[arg(long, value_delimiter = ',')]
-        targets: Vec<String>,
         #[command(flatten)]
-        calib: compress::CalibArgs,
-        #[command(flatten)]
-        eval: compress::EvalArgs,
-        #[arg(long)]
-        out: PathBuf,
-        #[arg(long)]
-        json: Option<PathBuf>,
+        job: compress::JobArgs,
     },
     /// Add low-rank adapters that compensate a compressed model's error against a reference
     /// (plain SVD of the weight error, or EoRA in the input eigenspace).
@@ -142,16 +125,8 @@ enum Command {
         /// Also write the adapters as a PEFT LoRA adapter folder.
         #[arg(long)]
         peft: Option<PathBuf>,
-        #[arg(long, value_delimiter = ',')]
-        targets: Vec<String>,
         #[command(flatten)]
-        calib: compress::CalibArgs,
-        #[command(flatten)]
-        eval: compress::EvalArgs,
-        #[arg(long)]
-        out: PathBuf,
-        #[arg(long)]
-        json: Option<PathBuf>,
+        job: compress::JobArgs,
     },
     /// Apply a recipe of stages in order (e.g. SparseGPT 2:4 -> GPTQ int4 -> EoRA r64); the
     /// recipe format is documented in the library's `recipe` module.
@@ -267,21 +242,8 @@ fn main() {
             model,
             method,
             pattern,
-            targets,
-            calib,
-            eval,
-            out,
-            json,
-        } => commands::sparsify(
-            model.model.as_deref(),
-            &method,
-            &pattern,
-            &targets,
-            &calib,
-            &eval,
-            &out,
-            json,
-        ),
+            job,
+        } => commands::sparsify(model.model.as_deref(), &method, &pattern, &job),
         Command::Quantize {
             model,
             method,
@@ -289,11 +251,7 @@ fn main() {
             group_size,
             sym,
             act_order,
-            targets,
-            calib,
-            eval,
-            out,
-            json,
+            job,
         } => commands::quantize(
             model.model.as_deref(),
             &method,
@@ -303,11 +261,7 @@ fn main() {
                 sym,
             },
             act_order,
-            &targets,
-            &calib,
-            &eval,
-            &out,
-            json,
+            &job,
         ),
         Command::Compensate {
             model,
@@ -316,11 +270,7 @@ fn main() {
             rank,
             fold,
             peft,
-            targets,
-            calib,
-            eval,
-            out,
-            json,
+            job,
         } => commands::compensate(
             model.model.as_deref(),
             reference.as_deref(),
@@ -328,11 +278,7 @@ fn main() {
             rank,
             fold,
             peft,
-            &targets,
-            &calib,
-            &eval,
-            &out,
-            json,
+            &job,
         ),
         Command::Compress {
             model,
