@@ -253,31 +253,23 @@ pub fn convert(model: Option<&str>, out: &Path, dtype: whittle::io::gguf::GgufTy
 }
 
 pub fn sparsify(model: Option<&str>, method: &str, pattern: &str, job: &JobArgs) -> Result<()> {
-    let JobArgs {
-        targets,
-        calib,
-        eval,
-        out,
-        json: json_out,
-    } = job;
     use whittle::sparsity::{sparsify_model, Pattern, SparsityMethod};
     let method = SparsityMethod::parse(method)?;
     let pattern = Pattern::parse(pattern)?;
+    let targets = &job.targets;
     let settings = json!({"method": format!("{method:?}"), "pattern": pattern.to_string(),
                           "targets": targets});
+    let what = format!("sparsify {pattern}");
     crate::compress::run(
         model,
-        &format!("sparsify {pattern}"),
+        job,
+        &what,
         false,
+        method.needs_calibration(),
         settings,
-        eval,
-        out,
-        json_out.clone(),
-        &mut |m, tok, progress| {
-            let ids = crate::compress::calibration_ids(tok, calib, method.needs_calibration())?;
-            let windows = crate::compress::windows(&ids, calib)?;
+        &mut |m, windows, progress| {
             Ok(sparsify_model(
-                m, &windows, method, pattern, targets, progress,
+                m, windows, method, pattern, targets, progress,
             )?)
         },
     )
@@ -290,30 +282,19 @@ pub fn quantize(
     act_order: bool,
     job: &JobArgs,
 ) -> Result<()> {
-    let JobArgs {
-        targets,
-        calib,
-        eval,
-        out,
-        json: json_out,
-    } = job;
     use whittle::quant::{quantize_model, QuantMethod};
     let method = QuantMethod::parse(method, act_order)?;
+    let targets = &job.targets;
     let settings = json!({"method": format!("{method:?}"), "config": cfg, "targets": targets});
     let what = format!("quantize int{} g{}", cfg.bits, cfg.group);
     crate::compress::run(
         model,
+        job,
         &what,
         true,
+        method.needs_calibration(),
         settings,
-        eval,
-        out,
-        json_out.clone(),
-        &mut |m, tok, progress| {
-            let ids = crate::compress::calibration_ids(tok, calib, method.needs_calibration())?;
-            let windows = crate::compress::windows(&ids, calib)?;
-            Ok(quantize_model(m, &windows, method, cfg, targets, progress)?)
-        },
+        &mut |m, windows, progress| Ok(quantize_model(m, windows, method, cfg, targets, progress)?),
     )
 }
 
@@ -326,32 +307,23 @@ pub fn compensate(
     peft: Option<PathBuf>,
     job: &JobArgs,
 ) -> Result<()> {
-    let JobArgs {
-        targets,
-        calib,
-        eval,
-        out,
-        json: json_out,
-    } = job;
     use whittle::lowrank::{compensate_model, LowRankMethod};
     let method = LowRankMethod::parse(method)?;
+    let targets = &job.targets;
     let settings = json!({"method": format!("{method:?}"), "rank": rank, "fold": fold,
                           "reference": reference, "targets": targets});
     let what = format!("compensate {method:?} r{rank}");
     crate::compress::run(
         model,
+        job,
         &what,
         true,
+        true,
         settings,
-        eval,
-        out,
-        json_out.clone(),
-        &mut |m, tok, progress| {
+        &mut |m, windows, progress| {
             let reference = load(reference)?.model;
-            let ids = crate::compress::calibration_ids(tok, calib, true)?;
-            let windows = crate::compress::windows(&ids, calib)?;
             let reports = compensate_model(
-                m, &reference, &windows, method, rank, fold, targets, progress,
+                m, &reference, windows, method, rank, fold, targets, progress,
             )?;
             if let Some(dir) = &peft {
                 whittle::io::peft::save(m, dir)?;
@@ -371,21 +343,25 @@ pub fn compress_recipe(
 ) -> Result<()> {
     let recipe = whittle::recipe::Recipe::from_file(recipe)?;
     let settings = json!({"recipe": format!("{recipe:?}")});
-    let calib = crate::compress::CalibArgs::from_spec(&recipe.calib);
+    let job = JobArgs {
+        targets: Vec::new(),
+        calib: crate::compress::CalibArgs::from_spec(&recipe.calib),
+        eval: eval.clone(),
+        out: out.to_path_buf(),
+        json: json_out,
+    };
+    let calibrate = recipe.needs_calibration();
     crate::compress::run(
         model,
+        &job,
         "recipe",
         true,
+        calibrate,
         settings,
-        eval,
-        out,
-        json_out.clone(),
-        &mut |m, tok, progress| {
+        &mut |m, windows, progress| {
             let reference = load(model)?.model;
-            let ids = crate::compress::calibration_ids(tok, &calib, recipe.needs_calibration())?;
-            let windows = crate::compress::windows(&ids, &calib)?;
             let stages = recipe.stages.len();
-            let done = recipe.run(m, &reference, &windows, &mut |s, d, t| {
+            let done = recipe.run(m, &reference, windows, &mut |s, d, t| {
                 progress(s * t + d, stages * t)
             })?;
             for (name, reports) in &done {

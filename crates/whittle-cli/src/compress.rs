@@ -5,7 +5,7 @@ use crate::commands::load;
 use crate::report::{progress, table, write_json};
 use anyhow::{Context, Result};
 use serde_json::json;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 use whittle::calib::sequential::LinearReport;
 use whittle::io::tokenizer::Tokenizer;
@@ -66,7 +66,7 @@ pub struct JobArgs {
 }
 
 /// Tokens of the calibration text (read once); none when the method needs no data.
-pub fn calibration_ids(tok: &Tokenizer, args: &CalibArgs, needed: bool) -> Result<Vec<u32>> {
+fn calibration_ids(tok: &Tokenizer, args: &CalibArgs, needed: bool) -> Result<Vec<u32>> {
     if !needed {
         return Ok(Vec::new());
     }
@@ -84,7 +84,7 @@ pub fn calibration_ids(tok: &Tokenizer, args: &CalibArgs, needed: bool) -> Resul
 }
 
 /// The calibration windows (none without calibration tokens).
-pub fn windows<'a>(ids: &'a [u32], args: &CalibArgs) -> Result<Vec<&'a [u32]>> {
+fn calibration_windows<'a>(ids: &'a [u32], args: &CalibArgs) -> Result<Vec<&'a [u32]>> {
     if ids.is_empty() {
         return Ok(Vec::new());
     }
@@ -117,24 +117,23 @@ fn perplexity(model: &Model, tok: &Tokenizer, args: &EvalArgs, what: &str) -> Re
     Ok(Some(r.ppl))
 }
 
-/// A compression run over a loaded model, reporting per-layer progress.
-pub type CompressFn<'a> = dyn FnMut(&mut Model, &Tokenizer, &mut dyn FnMut(usize, usize)) -> Result<Vec<LinearReport>>
+/// A compression run over a loaded model: `(model, calibration windows, progress)`.
+pub type CompressFn<'a> = dyn FnMut(&mut Model, &[&[u32]], &mut dyn FnMut(usize, usize)) -> Result<Vec<LinearReport>>
     + 'a;
 
-/// Loads the model, measures it, runs `compress` with a per-layer progress bar, measures again,
-/// prints the tables, writes the model to `out` (quantized linears kept packed when `packed`)
-/// and the report to `json_out`.
-#[allow(clippy::too_many_arguments)]
+/// Loads the model, measures it, draws the calibration windows (when `calibrate`), runs
+/// `compress` with a per-layer progress bar, measures again, prints the tables, writes the model
+/// to `job.out` (quantized linears kept packed when `packed`) and the report to `job.json`.
 pub fn run(
     model: Option<&str>,
+    job: &JobArgs,
     what: &str,
     packed: bool,
+    calibrate: bool,
     settings: serde_json::Value,
-    eval: &EvalArgs,
-    out: &Path,
-    json_out: Option<PathBuf>,
     compress: &mut CompressFn,
 ) -> Result<()> {
+    let (eval, out) = (&job.eval, &job.out);
     anyhow::ensure!(
         !out.exists(),
         "{} already exists; choose a new output folder",
@@ -146,9 +145,12 @@ pub fn run(
         path,
     } = load(model)?;
     let before = perplexity(&model, &tokenizer, eval, "perplexity before")?;
+    let ids = calibration_ids(&tokenizer, &job.calib, calibrate)?;
+    let windows = calibration_windows(&ids, &job.calib)?;
     let pb = progress(model.layers.len(), what);
     let start = Instant::now();
-    let reports = compress(&mut model, &tokenizer, &mut |d, _| {
+    let reports = compress(&mut model, &windows, &mut |d, t| {
+        pb.set_length(t as u64);
         pb.set_position(d as u64)
     })?;
     let seconds = start.elapsed().as_secs_f64();
@@ -161,9 +163,9 @@ pub fn run(
     }
     whittle::io::safetensors::save(&model, Some(&tokenizer), packed, out)?;
     eprintln!("wrote {}", out.display());
-    if let Some(j) = json_out {
+    if let Some(j) = &job.json {
         write_json(
-            &j,
+            j,
             &json!({"model": path, "method": what, "settings": settings, "seconds": seconds,
                     "ppl_before": before, "ppl_after": after, "eval": eval.eval,
                     "eval_seq_len": eval.eval_seq_len, "eval_max_tokens": eval.eval_max_tokens,

@@ -134,39 +134,7 @@ impl Recipe {
 
     /// Parses every stage's settings up front, so a typo fails before hours of work.
     fn check(&self) -> Result<()> {
-        for s in &self.stages {
-            match s {
-                Stage::Sparsify {
-                    method, pattern, ..
-                } => {
-                    SparsityMethod::parse(method)?;
-                    Pattern::parse(pattern)?;
-                }
-                Stage::Quantize {
-                    method,
-                    bits,
-                    group_size,
-                    sym,
-                    act_order,
-                    ..
-                } => {
-                    QuantMethod::parse(method, *act_order)?;
-                    QuantConfig {
-                        bits: *bits,
-                        group: *group_size,
-                        sym: *sym,
-                    }
-                    .check("recipe", 32)?;
-                }
-                Stage::Compensate { method, rank, .. } => {
-                    LowRankMethod::parse(method)?;
-                    if *rank == 0 {
-                        return Err(Error::Invalid("rank must be positive".into()));
-                    }
-                }
-            }
-        }
-        Ok(())
+        self.stages.iter().try_for_each(|s| s.step().map(|_| ()))
     }
 
     /// Applies the stages in order; `reference` is the model before the first stage.
@@ -181,63 +149,97 @@ impl Recipe {
         let mut out = Vec::new();
         for (i, s) in self.stages.iter().enumerate() {
             let p = &mut |d, t| progress(i, d, t);
-            let (name, reports) = match s {
-                Stage::Sparsify {
-                    method,
-                    pattern,
-                    targets,
-                } => {
-                    let (m, pat) = (SparsityMethod::parse(method)?, Pattern::parse(pattern)?);
-                    (
-                        format!("sparsify {method} {pat}"),
-                        sparsify_model(model, windows, m, pat, targets, p)?,
-                    )
+            let reports = match s.step()? {
+                Step::Sparsify(m, pat, targets) => {
+                    sparsify_model(model, windows, m, pat, targets, p)?
                 }
-                Stage::Quantize {
-                    method,
-                    bits,
-                    group_size,
-                    sym,
-                    act_order,
-                    targets,
-                } => {
-                    let m = QuantMethod::parse(method, *act_order)?;
-                    let cfg = QuantConfig {
-                        bits: *bits,
-                        group: *group_size,
-                        sym: *sym,
-                    };
+                Step::Quantize(m, cfg, targets) => {
                     let w = if m.needs_calibration() { windows } else { &[] };
-                    (
-                        format!("quantize {method} int{bits} g{group_size}"),
-                        quantize_model(model, w, m, cfg, targets, p)?,
-                    )
+                    quantize_model(model, w, m, cfg, targets, p)?
                 }
-                Stage::Compensate {
-                    method,
-                    rank,
-                    fold,
-                    targets,
-                } => {
-                    let m = LowRankMethod::parse(method)?;
-                    (
-                        format!("compensate {method} r{rank}"),
-                        compensate_model(model, reference, windows, m, *rank, *fold, targets, p)?,
-                    )
+                Step::Compensate(m, rank, fold, targets) => {
+                    compensate_model(model, reference, windows, m, rank, fold, targets, p)?
                 }
             };
-            out.push((name, reports));
+            out.push((s.describe(), reports));
         }
         Ok(out)
     }
 
     /// Whether any stage needs calibration data.
     pub fn needs_calibration(&self) -> bool {
-        self.stages.iter().any(|s| match s {
-            Stage::Sparsify { method, .. } => method != "magnitude",
-            Stage::Quantize { method, .. } => method == "gptq",
-            Stage::Compensate { .. } => true,
+        self.stages.iter().any(|s| match s.step() {
+            Ok(Step::Sparsify(m, ..)) => m.needs_calibration(),
+            Ok(Step::Quantize(m, ..)) => m.needs_calibration(),
+            Ok(Step::Compensate(..)) | Err(_) => true,
         })
+    }
+}
+
+/// A stage with its settings parsed.
+enum Step<'a> {
+    Sparsify(SparsityMethod, Pattern, &'a [String]),
+    Quantize(QuantMethod, QuantConfig, &'a [String]),
+    Compensate(LowRankMethod, usize, bool, &'a [String]),
+}
+
+impl Stage {
+    fn step(&self) -> Result<Step<'_>> {
+        Ok(match self {
+            Stage::Sparsify {
+                method,
+                pattern,
+                targets,
+            } => Step::Sparsify(
+                SparsityMethod::parse(method)?,
+                Pattern::parse(pattern)?,
+                targets,
+            ),
+            Stage::Quantize {
+                method,
+                bits,
+                group_size,
+                sym,
+                act_order,
+                targets,
+            } => {
+                let cfg = QuantConfig {
+                    bits: *bits,
+                    group: *group_size,
+                    sym: *sym,
+                };
+                cfg.check("recipe", 32)?;
+                Step::Quantize(QuantMethod::parse(method, *act_order)?, cfg, targets)
+            }
+            Stage::Compensate {
+                method,
+                rank,
+                fold,
+                targets,
+            } => {
+                if *rank == 0 {
+                    return Err(Error::Invalid("rank must be positive".into()));
+                }
+                Step::Compensate(LowRankMethod::parse(method)?, *rank, *fold, targets)
+            }
+        })
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Stage::Sparsify {
+                method, pattern, ..
+            } => format!("sparsify {method} {pattern}"),
+            Stage::Quantize {
+                method,
+                bits,
+                group_size,
+                ..
+            } => {
+                format!("quantize {method} int{bits} g{group_size}")
+            }
+            Stage::Compensate { method, rank, .. } => format!("compensate {method} r{rank}"),
+        }
     }
 }
 
