@@ -43,7 +43,7 @@ pub fn inspect(model: Option<&str>, json_out: Option<PathBuf>) -> Result<()> {
     *modules.entry("norms".into()).or_default() += model.final_norm.len();
     for l in &model.layers {
         *modules.entry("norms".into()).or_default() += l.attn_norm.len() + l.mlp_norm.len();
-        for (name, lin) in l.linears() {
+        for (name, _, lin) in l.linears() {
             *modules.entry(name.to_string()).or_default() += lin.n_params();
         }
     }

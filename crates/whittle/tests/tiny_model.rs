@@ -84,23 +84,18 @@ fn gguf_round_trip_gives_identical_logits_and_tokenizer() {
 fn heterogeneous_and_removed_sublayers_run_and_round_trip() {
     let shapes = vec![
         LayerShape {
-            attn: Some(AttnShape {
-                n_heads: 2,
-                n_kv_heads: 1,
-                head_dim: 8,
-            }),
+            attn: Some(AttnShape::new(2, 1, 8)),
+            ssm: None,
             mlp: Some(20),
         },
         LayerShape {
             attn: None,
+            ssm: None,
             mlp: Some(48),
         },
         LayerShape {
-            attn: Some(AttnShape {
-                n_heads: 4,
-                n_kv_heads: 4,
-                head_dim: 8,
-            }),
+            attn: Some(AttnShape::new(4, 4, 8)),
+            ssm: None,
             mlp: None,
         },
     ];
@@ -188,7 +183,7 @@ fn gguf_block_types_stay_packed_and_match_their_f32_expansion() {
         let path = dir.path().join(format!("{ty:?}.gguf"));
         gguf::save(&m, None, ty, &path).unwrap();
         let (packed, mut file) = gguf::load(&path).unwrap();
-        let q = &packed.layers[0].attn.as_ref().unwrap().v;
+        let q = &packed.layers[0].linears()[2].2;
         assert!(matches!(q.weight, Weight::Packed(_)), "{ty:?}");
         // Bit-exact against candle's own dequantization of the same tensor.
         let (candle_f32, _) = file.tensor_f32("blk.0.attn_v.weight").unwrap();
@@ -376,7 +371,7 @@ fn sparsify_compensate_fold_and_peft_on_a_tiny_model() {
     .unwrap();
     assert_eq!(reports.len(), 2 * 2);
     for l in &sparse.layers {
-        for (name, lin) in l.linears() {
+        for (name, _, lin) in l.linears() {
             let w = lin.dense_weight();
             let pruned = name.ends_with("q_proj") || name.ends_with("down_proj");
             for g in w.chunks_exact(4) {
@@ -420,7 +415,7 @@ fn sparsify_compensate_fold_and_peft_on_a_tiny_model() {
             assert!(m
                 .layers
                 .iter()
-                .all(|l| l.linears().iter().all(|(_, x)| x.adapter.is_none())));
+                .all(|l| l.linears().iter().all(|(_, _, x)| x.adapter.is_none())));
             continue;
         }
         if method == LowRankMethod::Eora {

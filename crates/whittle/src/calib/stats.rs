@@ -103,7 +103,7 @@ impl LayerStats {
 
 impl crate::model::Observer for LayerStats {
     fn observe(&mut self, _layer: usize, site: Site, x: &[f32], rows: usize) {
-        if self.error.is_some() {
+        if self.error.is_some() || !site.feeds_linear() {
             return;
         }
         let dim = x.len() / rows.max(1);

@@ -4,7 +4,7 @@
 
 use super::tokenizer::TokenizerSpec;
 use crate::model::{
-    Arch, Attention, AttnShape, Layer, Linear, Mlp, Model, ModelConfig, Packed, Weight,
+    Arch, Attention, AttnShape, KvSource, Layer, Linear, Mlp, Model, ModelConfig, Packed, Weight,
 };
 use crate::{Error, Result};
 use candle_core::quantized::gguf_file::{Content, Value};
@@ -166,6 +166,8 @@ impl GgufFile {
             tie_embeddings: !self.has_tensor("output.weight"),
             bos_token_id: self.uint("tokenizer.ggml.bos_token_id")?.map(|x| x as u32),
             eos_token_id: self.uint("tokenizer.ggml.eos_token_id")?.map(|x| x as u32),
+            memory_tokens: 0,
+            window_rule: Default::default(),
         })
     }
 
@@ -239,11 +241,11 @@ impl GgufFile {
             let p = |s: &str| format!("blk.{i}.{s}.weight");
             let attn = if self.has_tensor(&p("attn_q")) {
                 let rows = |n: &str| self.shape(n).map_or(0, |s| s[0]);
-                let shape = AttnShape {
-                    n_heads: rows(&p("attn_q")) / head_dim,
-                    n_kv_heads: rows(&p("attn_k")) / head_dim,
+                let shape = AttnShape::new(
+                    rows(&p("attn_q")) / head_dim,
+                    rows(&p("attn_k")) / head_dim,
                     head_dim,
-                };
+                );
                 let mut q = self.linear(&p("attn_q"), shape.q_dim(), h)?;
                 let mut k = self.linear(&p("attn_k"), shape.kv_dim(), h)?;
                 unpermute_rows(&mut q, shape.n_heads, head_dim);
@@ -251,9 +253,12 @@ impl GgufFile {
                 Some(Attention {
                     shape,
                     q,
-                    k,
-                    v: self.linear(&p("attn_v"), shape.kv_dim(), h)?,
+                    kv: KvSource::Own {
+                        k,
+                        v: self.linear(&p("attn_v"), shape.kv_dim(), h)?,
+                    },
                     o: self.linear(&p("attn_output"), h, shape.q_dim())?,
+                    window: None,
                 })
             } else {
                 None
@@ -279,6 +284,8 @@ impl GgufFile {
             layers.push(Layer {
                 attn_norm: norm(self, &p("attn_norm"))?,
                 attn,
+                ssm: None,
+                fusion: None,
                 mlp_norm: norm(self, &p("ffn_norm"))?,
                 mlp,
             });
@@ -472,6 +479,12 @@ fn write_gguf(
 ) -> Result<()> {
     use candle_core::quantized::QTensor;
     let c = &model.config;
+    if c.arch != Arch::Llama {
+        return Err(Error::Invalid(format!(
+            "GGUF export writes Llama models; this one is {}",
+            c.arch.name()
+        )));
+    }
     let arch = c.arch.name();
     let first_attn = model
         .layers
@@ -540,13 +553,19 @@ fn write_gguf(
             let w = rows.as_deref().unwrap_or(&dense);
             tensor(&p(name), w, &[x.out_features, x.in_features])
         };
-        if let Some(a) = &l.attn {
+        if let Some(
+            a @ Attention {
+                kv: KvSource::Own { k, v },
+                ..
+            },
+        ) = &l.attn
+        {
             let s = a.shape;
             let q = permuted_rows(&a.q.dense_weight(), h, s.n_heads, s.head_dim, true);
-            let kk = permuted_rows(&a.k.dense_weight(), h, s.n_kv_heads, s.head_dim, true);
+            let kk = permuted_rows(&k.dense_weight(), h, s.n_kv_heads, s.head_dim, true);
             tensors.push(lin("attn_q", &a.q, Some(q))?);
-            tensors.push(lin("attn_k", &a.k, Some(kk))?);
-            tensors.push(lin("attn_v", &a.v, None)?);
+            tensors.push(lin("attn_k", k, Some(kk))?);
+            tensors.push(lin("attn_v", v, None)?);
             tensors.push(lin("attn_output", &a.o, None)?);
         }
         if let Some(m) = &l.mlp {

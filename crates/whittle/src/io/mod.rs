@@ -4,6 +4,7 @@
 pub mod fetch;
 pub mod gguf;
 pub mod hub;
+pub mod hymba;
 pub mod peft;
 pub mod resolve;
 pub mod safetensors;

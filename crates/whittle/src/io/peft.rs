@@ -15,7 +15,7 @@ pub fn save(model: &Model, dir: &Path) -> Result<()> {
     let mut modules = BTreeSet::new();
     let mut rank = None;
     for (i, l) in model.layers.iter().enumerate() {
-        for (name, lin) in l.linears() {
+        for (name, _, lin) in l.linears() {
             let Some(a) = &lin.adapter else { continue };
             if *rank.get_or_insert(a.rank) != a.rank {
                 return Err(Error::Invalid(

@@ -14,7 +14,8 @@
 
 use super::tokenizer::Tokenizer;
 use crate::model::{
-    Arch, Attention, AttnShape, Layer, Linear, LowRank, Mlp, Model, ModelConfig, Packed, Weight,
+    Arch, Attention, AttnShape, KvSource, Layer, Linear, LowRank, Mlp, Model, ModelConfig, Packed,
+    Weight,
 };
 use crate::{Error, Result};
 use safetensors::{Dtype, SafeTensors, View};
@@ -24,14 +25,14 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 /// Tensors of all shards of a folder, converted to f32 on request.
-struct Shards {
+pub(super) struct Shards {
     maps: Vec<(PathBuf, memmap2::Mmap)>,
     /// tensor name → index into `maps`.
     index: HashMap<String, usize>,
 }
 
 impl Shards {
-    fn open(dir: &Path) -> Result<Self> {
+    pub(super) fn open(dir: &Path) -> Result<Self> {
         let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
             .map_err(|e| Error::io(dir, e))?
             .filter_map(|e| e.ok().map(|e| e.path()))
@@ -58,11 +59,11 @@ impl Shards {
         Ok(Shards { maps, index })
     }
 
-    fn has(&self, name: &str) -> bool {
+    pub(super) fn has(&self, name: &str) -> bool {
         self.index.contains_key(name)
     }
 
-    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+    pub(super) fn shape(&self, name: &str) -> Option<Vec<usize>> {
         let (_, map) = &self.maps[*self.index.get(name)?];
         SafeTensors::deserialize(map)
             .ok()?
@@ -71,7 +72,7 @@ impl Shards {
             .map(|t| t.shape().to_vec())
     }
 
-    fn f32(&self, name: &str, want: &[usize]) -> Result<Vec<f32>> {
+    pub(super) fn f32(&self, name: &str, want: &[usize]) -> Result<Vec<f32>> {
         let i = *self
             .index
             .get(name)
@@ -113,7 +114,7 @@ impl Shards {
         Ok(v)
     }
 
-    fn linear(&self, name: &str, out: usize, inp: usize) -> Result<Linear> {
+    pub(super) fn linear(&self, name: &str, out: usize, inp: usize) -> Result<Linear> {
         Linear::dense(name, self.f32(name, &[out, inp])?, out, inp)
     }
 
@@ -192,7 +193,7 @@ pub fn tensor_infos(dir: &Path) -> Result<Vec<(String, String, Vec<usize>)>> {
     Ok(v)
 }
 
-fn read_config(dir: &Path) -> Result<(Value, PathBuf)> {
+pub(super) fn read_config(dir: &Path) -> Result<(Value, PathBuf)> {
     let path = dir.join("config.json");
     let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
     let v: Value = serde_json::from_str(&text).map_err(|e| Error::format(&path, e))?;
@@ -207,6 +208,9 @@ pub fn load(dir: &Path) -> Result<Model> {
         .or(cfg["model_type"].as_str())
         .unwrap_or("<missing>");
     let arch = Arch::parse(arch_name)?;
+    if arch == Arch::Hymba {
+        return super::hymba::load(dir, &cfg, &cfg_path);
+    }
     let num = |k: &str| -> Result<usize> {
         cfg[k]
             .as_u64()
@@ -229,6 +233,8 @@ pub fn load(dir: &Path) -> Result<Model> {
         tie_embeddings: cfg["tie_word_embeddings"].as_bool().unwrap_or(false),
         bos_token_id: id("bos_token_id"),
         eos_token_id: id("eos_token_id"),
+        memory_tokens: 0,
+        window_rule: Default::default(),
     };
     let n_layers = num("num_hidden_layers")?;
     let st = Shards::open(dir)?;
@@ -251,17 +257,20 @@ pub fn load(dir: &Path) -> Result<Model> {
         let present =
             |s: &str| st.has(&format!("{}.weight", p(s))) || st.has(&format!("{}.qweight", p(s)));
         let attn = if present("self_attn.q_proj") {
-            let shape = AttnShape {
-                n_heads: rows(&p("self_attn.q_proj")) / head_dim,
-                n_kv_heads: rows(&p("self_attn.k_proj")) / head_dim,
+            let shape = AttnShape::new(
+                rows(&p("self_attn.q_proj")) / head_dim,
+                rows(&p("self_attn.k_proj")) / head_dim,
                 head_dim,
-            };
+            );
             Some(Attention {
                 shape,
                 q: st.linear_at(&p("self_attn.q_proj"), shape.q_dim(), h)?,
-                k: st.linear_at(&p("self_attn.k_proj"), shape.kv_dim(), h)?,
-                v: st.linear_at(&p("self_attn.v_proj"), shape.kv_dim(), h)?,
+                kv: KvSource::Own {
+                    k: st.linear_at(&p("self_attn.k_proj"), shape.kv_dim(), h)?,
+                    v: st.linear_at(&p("self_attn.v_proj"), shape.kv_dim(), h)?,
+                },
                 o: st.linear_at(&p("self_attn.o_proj"), h, shape.q_dim())?,
+                window: None,
             })
         } else {
             None
@@ -286,6 +295,8 @@ pub fn load(dir: &Path) -> Result<Model> {
         layers.push(Layer {
             attn_norm: norm(&p("input_layernorm.weight"))?,
             attn,
+            ssm: None,
+            fusion: None,
             mlp_norm: norm(&p("post_attention_layernorm.weight"))?,
             mlp,
         });
@@ -428,7 +439,7 @@ fn write_folder(
             &l.mlp_norm,
             vec![h],
         ));
-        for (name, lin) in l.linears() {
+        for (name, _, lin) in l.linears() {
             linear_views(&p(name), lin, packed, &mut views, &mut meta);
         }
     }

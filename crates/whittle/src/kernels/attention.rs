@@ -28,10 +28,36 @@ impl OutPtr {
     }
 }
 
-/// `out[t, n_heads·d] = softmax(q kᵀ / √d + causal) v`.
+/// Which keys a query may see besides causality: with `window = Some(w)`, key `j` is visible to
+/// the query at position `i` only if `i − j ≤ w` or `j < sink` (meta tokens stay visible).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Mask {
+    pub window: Option<usize>,
+    pub sink: usize,
+}
+
+impl Mask {
+    pub const CAUSAL: Mask = Mask {
+        window: None,
+        sink: 0,
+    };
+
+    /// Keys `sink..end` are hidden from the query at position `i`: the part of the history that
+    /// slid out of the window (empty when there is no window).
+    fn hidden(self, i: usize) -> std::ops::Range<usize> {
+        match self.window {
+            Some(w) if i > w => self.sink..(i - w).max(self.sink),
+            _ => 0..0,
+        }
+    }
+}
+
+/// `out[t, n_heads·dv] = softmax(q kᵀ / √d + mask) v`.
 ///
-/// `q` holds `t` query rows at positions `past..past+t` (`past = s − t`); `k`, `v` hold `s` rows
-/// (`n_kv_heads·d` wide) for positions `0..s`. Query head `h` reads KV head `h / (n_heads/n_kv)`.
+/// `q` holds `t` query rows at positions `past..past+t` (`past = s − t`); `k` holds `s` rows
+/// (`n_kv_heads·d` wide) and `v` holds `s` rows (`n_kv_heads·dv` wide) for positions `0..s`.
+/// Query head `h` reads KV head `h / (n_heads/n_kv)`.
+#[allow(clippy::too_many_arguments)]
 pub fn causal_attention(
     q: &[f32],
     k: &[f32],
@@ -39,18 +65,20 @@ pub fn causal_attention(
     t: usize,
     s: usize,
     shape: AttnShape,
+    mask: Mask,
     out: &mut [f32],
 ) {
     let AttnShape {
         n_heads,
         n_kv_heads,
         head_dim: d,
+        v_head_dim: dv,
     } = shape;
-    let (qd, kvd) = (n_heads * d, n_kv_heads * d);
+    let (qd, kvd, vd, od) = (n_heads * d, n_kv_heads * d, n_kv_heads * dv, n_heads * dv);
     assert!(t <= s);
     assert_eq!(q.len(), t * qd);
-    assert!(k.len() >= s * kvd && v.len() >= s * kvd);
-    assert_eq!(out.len(), t * qd);
+    assert!(k.len() >= s * kvd && v.len() >= s * vd);
+    assert_eq!(out.len(), t * od);
     let past = s - t;
     let group = n_heads / n_kv_heads;
     let scale = 1.0 / (d as f32).sqrt();
@@ -64,7 +92,7 @@ pub fn causal_attention(
         let (bt, keys) = (i1 - i0, past + i1);
         let qb = MatRef::from_row_major_slice_with_stride(&q[i0 * qd + h * d..], bt, d, qd);
         let kb = MatRef::from_row_major_slice_with_stride(&k[kvh * d..], keys, d, kvd);
-        let vb = MatRef::from_row_major_slice_with_stride(&v[kvh * d..], keys, d, kvd);
+        let vb = MatRef::from_row_major_slice_with_stride(&v[kvh * dv..], keys, dv, vd);
         let mut scores = vec![0f32; bt * keys];
         gemm(
             MatMut::from_row_major_slice_mut(&mut scores, bt, keys),
@@ -74,14 +102,17 @@ pub fn causal_attention(
             Par::Seq,
         );
         for (r, row) in scores.chunks_exact_mut(keys).enumerate() {
-            let visible = past + i0 + r + 1;
-            softmax_in_place(&mut row[..visible], scale);
-            row[visible..].fill(0.0);
+            let pos = past + i0 + r;
+            let hidden = mask.hidden(pos);
+            row[hidden.clone()].fill(f32::NEG_INFINITY);
+            softmax_in_place(&mut row[..pos + 1], scale);
+            row[hidden].fill(0.0);
+            row[pos + 1..].fill(0.0);
         }
-        // SAFETY: this task alone writes rows i0..i1, columns h·d..(h+1)·d of `out`, which lie
-        // inside the buffer (t rows of qd floats); the strides describe exactly that tile.
+        // SAFETY: this task alone writes rows i0..i1, columns h·dv..(h+1)·dv of `out`, which lie
+        // inside the buffer (t rows of od floats); the strides describe exactly that tile.
         let ob =
-            unsafe { MatMut::from_raw_parts_mut(dst.at(i0 * qd + h * d), bt, d, qd as isize, 1) };
+            unsafe { MatMut::from_raw_parts_mut(dst.at(i0 * od + h * dv), bt, dv, od as isize, 1) };
         gemm(
             ob,
             Accum::Replace,
@@ -92,7 +123,7 @@ pub fn causal_attention(
     };
     let jobs = n_heads * blocks;
     // A decode step's attention is a few hundred kFLOP: waking a second thread costs more.
-    let small = t * s * n_heads * d < PARALLEL_MIN_WORK;
+    let small = t * s * n_heads * (d + dv) < 2 * PARALLEL_MIN_WORK;
     if crate::threads::threads() == 1 || jobs == 1 || small {
         (0..jobs).for_each(task);
     } else {
@@ -106,17 +137,29 @@ mod tests {
 
     /// Direct transcription of the definition, in f64.
     #[allow(clippy::too_many_arguments)]
-    fn naive(q: &[f32], k: &[f32], v: &[f32], t: usize, s: usize, sh: AttnShape) -> Vec<f64> {
-        let d = sh.head_dim;
-        let (qd, kvd) = (sh.q_dim(), sh.kv_dim());
+    fn naive(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        t: usize,
+        s: usize,
+        sh: AttnShape,
+        mask: Mask,
+    ) -> Vec<f64> {
+        let (d, dv) = (sh.head_dim, sh.v_head_dim);
+        let (qd, kvd, vd, od) = (sh.q_dim(), sh.kv_dim(), sh.v_dim(), sh.out_dim());
         let past = s - t;
-        let mut out = vec![0f64; t * qd];
+        let mut out = vec![0f64; t * od];
         for h in 0..sh.n_heads {
             let kvh = h / (sh.n_heads / sh.n_kv_heads);
             for i in 0..t {
-                let vis = past + i + 1;
-                let mut w: Vec<f64> = (0..vis)
-                    .map(|j| {
+                let p = past + i;
+                let visible: Vec<usize> = (0..=p)
+                    .filter(|&j| mask.window.is_none_or(|w| p - j <= w || j < mask.sink))
+                    .collect();
+                let mut w: Vec<f64> = visible
+                    .iter()
+                    .map(|&j| {
                         (0..d)
                             .map(|c| q[i * qd + h * d + c] as f64 * k[j * kvd + kvh * d + c] as f64)
                             .sum::<f64>()
@@ -126,9 +169,11 @@ mod tests {
                 let m = w.iter().cloned().fold(f64::MIN, f64::max);
                 w.iter_mut().for_each(|x| *x = (*x - m).exp());
                 let z: f64 = w.iter().sum();
-                for c in 0..d {
-                    out[i * qd + h * d + c] = (0..vis)
-                        .map(|j| w[j] / z * v[j * kvd + kvh * d + c] as f64)
+                for c in 0..dv {
+                    out[i * od + h * dv + c] = visible
+                        .iter()
+                        .zip(&w)
+                        .map(|(&j, wj)| wj / z * v[j * vd + kvh * dv + c] as f64)
                         .sum();
                 }
             }
@@ -137,27 +182,45 @@ mod tests {
     }
 
     #[test]
-    fn gqa_causal_matches_naive_with_and_without_history() {
-        let sh = AttnShape {
-            n_heads: 6,
-            n_kv_heads: 2,
-            head_dim: 8,
-        };
-        for (t, s) in [(1, 1), (5, 5), (130, 130), (1, 77), (70, 100)] {
-            let f = |n: usize, m: usize| -> Vec<f32> {
-                (0..n)
-                    .map(|i| ((i * m % 97) as f32 / 97.0 - 0.5) * 2.0)
-                    .collect()
-            };
-            let (q, k, v) = (
-                f(t * sh.q_dim(), 31),
-                f(s * sh.kv_dim(), 17),
-                f(s * sh.kv_dim(), 29),
-            );
-            let mut out = vec![f32::NAN; t * sh.q_dim()];
-            causal_attention(&q, &k, &v, t, s, sh, &mut out);
-            for (a, b) in out.iter().zip(naive(&q, &k, &v, t, s, sh)) {
-                assert!((*a as f64 - b).abs() < 1e-5, "t={t} s={s}: {a} vs {b}");
+    fn gqa_causal_matches_naive_with_history_window_and_wide_values() {
+        let masks = [
+            Mask::CAUSAL,
+            Mask {
+                window: Some(8),
+                sink: 3,
+            },
+            Mask {
+                window: Some(20),
+                sink: 0,
+            },
+        ];
+        for (sh, mask) in [
+            (AttnShape::new(6, 2, 8), masks[0]),
+            (
+                AttnShape {
+                    v_head_dim: 16,
+                    ..AttnShape::new(4, 2, 8)
+                },
+                masks[1],
+            ),
+            (AttnShape::new(2, 1, 4), masks[2]),
+        ] {
+            for (t, s) in [(1, 1), (5, 5), (130, 130), (1, 77), (70, 100)] {
+                let f = |n: usize, m: usize| -> Vec<f32> {
+                    (0..n)
+                        .map(|i| ((i * m % 97) as f32 / 97.0 - 0.5) * 2.0)
+                        .collect()
+                };
+                let (q, k, v) = (
+                    f(t * sh.q_dim(), 31),
+                    f(s * sh.kv_dim(), 17),
+                    f(s * sh.v_dim(), 29),
+                );
+                let mut out = vec![f32::NAN; t * sh.out_dim()];
+                causal_attention(&q, &k, &v, t, s, sh, mask, &mut out);
+                for (a, b) in out.iter().zip(naive(&q, &k, &v, t, s, sh, mask)) {
+                    assert!((*a as f64 - b).abs() < 1e-5, "t={t} s={s}: {a} vs {b}");
+                }
             }
         }
     }

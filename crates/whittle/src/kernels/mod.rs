@@ -41,3 +41,4 @@ pub mod matmul;
 pub mod norm;
 pub mod qdot;
 pub mod rope;
+pub mod ssm;

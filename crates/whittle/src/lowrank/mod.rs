@@ -174,7 +174,7 @@ pub fn compensate_model(
             targets,
             &mut |name, lin, st| {
                 let rel = name.trim_start_matches(&format!("layers.{i}."));
-                let (_, w_ref) = refs.iter().find(|(n, _)| *n == rel).ok_or_else(|| {
+                let (_, _, w_ref) = refs.iter().find(|(n, _, _)| *n == rel).ok_or_else(|| {
                     Error::Invalid(format!("{name}: no such linear in the reference model"))
                 })?;
                 let (rows, cols) = (lin.out_features, lin.in_features);

@@ -9,6 +9,11 @@ use serde::{Deserialize, Serialize};
 #[serde(rename_all = "lowercase")]
 pub enum Arch {
     Llama,
+    /// Hymba: attention and SSM heads in parallel in every layer, meta tokens, sliding windows
+    /// and cross-layer KV sharing.
+    Hymba,
+    /// Mamba: SSM-only layers (built from the same parts as Hymba's SSM branch).
+    Mamba,
 }
 
 impl Arch {
@@ -16,12 +21,16 @@ impl Arch {
     pub fn name(self) -> &'static str {
         match self {
             Arch::Llama => "llama",
+            Arch::Hymba => "hymba",
+            Arch::Mamba => "mamba",
         }
     }
 
     pub fn parse(name: &str) -> crate::Result<Self> {
         match name {
             "llama" | "LlamaForCausalLM" => Ok(Arch::Llama),
+            "hymba" | "HymbaForCausalLM" => Ok(Arch::Hymba),
+            "mamba" | "MambaForCausalLM" => Ok(Arch::Mamba),
             other => Err(crate::Error::UnknownArchitecture(other.to_string())),
         }
     }
@@ -32,22 +41,59 @@ impl Arch {
 pub struct AttnShape {
     pub n_heads: usize,
     pub n_kv_heads: usize,
+    /// Query/key head width.
     pub head_dim: usize,
+    /// Value head width: equal to `head_dim` in Llama; Hymba's is the SSM inner width per head.
+    pub v_head_dim: usize,
 }
 
 impl AttnShape {
+    /// A shape whose value heads are as wide as its query/key heads.
+    pub fn new(n_heads: usize, n_kv_heads: usize, head_dim: usize) -> Self {
+        AttnShape {
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            v_head_dim: head_dim,
+        }
+    }
     pub fn q_dim(&self) -> usize {
         self.n_heads * self.head_dim
     }
+    /// Width of the key rows (`n_kv_heads · head_dim`).
     pub fn kv_dim(&self) -> usize {
         self.n_kv_heads * self.head_dim
     }
+    /// Width of the value rows (`n_kv_heads · v_head_dim`).
+    pub fn v_dim(&self) -> usize {
+        self.n_kv_heads * self.v_head_dim
+    }
+    /// Width of the attention output (`n_heads · v_head_dim`).
+    pub fn out_dim(&self) -> usize {
+        self.n_heads * self.v_head_dim
+    }
+}
+
+/// Shape of a selective-state-space (Mamba-1) branch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SsmShape {
+    /// Inner width `E` (channels of the conv and the scan).
+    pub inner: usize,
+    /// State size `N` per channel.
+    pub d_state: usize,
+    /// Causal conv kernel width `K`.
+    pub d_conv: usize,
+    /// Rank `R` of the Δ projection.
+    pub dt_rank: usize,
 }
 
 /// Shape of one layer; `None` means the sublayer was removed (depth pruning at sublayer level).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct LayerShape {
     pub attn: Option<AttnShape>,
+    /// SSM heads, alone (Mamba) or in parallel with the attention heads (Hymba).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssm: Option<SsmShape>,
     /// MLP intermediate width.
     pub mlp: Option<usize>,
 }
@@ -65,6 +111,35 @@ pub struct ModelConfig {
     pub tie_embeddings: bool,
     pub bos_token_id: Option<u32>,
     pub eos_token_id: Option<u32>,
+    /// Learned meta tokens prepended to every sequence (Hymba); they take positions `0..M`.
+    #[serde(default)]
+    pub memory_tokens: usize,
+    /// How sliding-window layers count their window during cached decoding.
+    #[serde(default)]
+    pub window_rule: WindowRule,
+}
+
+/// Sliding-window semantics. A windowed layer with window `W` lets position `i` see key `j` when
+/// `j ≤ i` and (`i − j ≤ W` or `j` is a meta token), i.e. `W + 1` positions, on a full forward
+/// pass. Hymba's upstream cached decode keeps only `W` positions (itself included): an
+/// off-by-one that changes decode logits. `Upstream` reproduces it (the default, for parity with
+/// published generations); `Consistent` keeps `W + 1` so decode equals a full forward pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WindowRule {
+    #[default]
+    Upstream,
+    Consistent,
+}
+
+impl WindowRule {
+    /// Positions (including the current one) a decode step sees in a layer with window `w`.
+    pub fn decode_positions(self, w: usize) -> usize {
+        match self {
+            WindowRule::Upstream => w,
+            WindowRule::Consistent => w + 1,
+        }
+    }
 }
 
 impl ModelConfig {
@@ -74,6 +149,12 @@ impl ModelConfig {
             return Err(crate::Error::Invalid(
                 "model config: vocab size, hidden size and context length must be positive".into(),
             ));
+        }
+        if self.memory_tokens >= self.context_length {
+            return Err(crate::Error::Invalid(format!(
+                "model config: {} meta tokens leave no room in a context of {}",
+                self.memory_tokens, self.context_length
+            )));
         }
         if !(self.rms_eps.is_finite() && self.rms_eps >= 0.0 && self.rope_theta > 0.0) {
             return Err(crate::Error::Invalid(format!(
@@ -90,7 +171,12 @@ impl LayerShape {
     pub fn validate(&self, layer: usize) -> crate::Result<()> {
         let bad = |m: String| Err(crate::Error::Invalid(format!("layer {layer}: {m}")));
         if let Some(a) = self.attn {
-            if a.n_heads == 0 || a.n_kv_heads == 0 || a.head_dim == 0 || a.head_dim % 2 != 0 {
+            if a.n_heads == 0
+                || a.n_kv_heads == 0
+                || a.head_dim == 0
+                || a.head_dim % 2 != 0
+                || a.v_head_dim == 0
+            {
                 return bad("heads must be positive and head_dim even".into());
             }
             if a.n_heads % a.n_kv_heads != 0 {
@@ -98,6 +184,20 @@ impl LayerShape {
                     "{} query heads not a multiple of {} KV heads",
                     a.n_heads, a.n_kv_heads
                 ));
+            }
+        }
+        if let Some(s) = self.ssm {
+            if s.inner == 0 || s.d_state == 0 || s.d_conv == 0 || s.dt_rank == 0 {
+                return bad(format!("SSM dimensions must be positive: {s:?}"));
+            }
+            if let Some(a) = self.attn {
+                if a.out_dim() != s.inner {
+                    return bad(format!(
+                        "attention output width {} differs from the SSM width {} it is fused with",
+                        a.out_dim(),
+                        s.inner
+                    ));
+                }
             }
         }
         if self.mlp == Some(0) {

@@ -1,9 +1,11 @@
 //! The forward pass. One code path serves prefill (many tokens), cached decode (one token) and
 //! calibration (an [`Observer`] sees the input of every linear).
 
-use super::kv_cache::KvCache;
-use super::{Layer, Linear, Model};
-use crate::kernels::{activation::swiglu_in_place, attention::causal_attention, norm::rms_norm};
+use super::kv_cache::{KvCache, LayerCache};
+use super::ssm::SsmState;
+use super::{Attention, KvSource, Layer, Linear, Model};
+use crate::kernels::attention::{causal_attention, Mask};
+use crate::kernels::{activation::swiglu_in_place, norm::rms_norm};
 use crate::{Error, Result};
 
 /// Which logits a forward pass computes. Generation needs only the last row; the output head is
@@ -14,18 +16,33 @@ pub enum Logits {
     Last,
 }
 
-/// Where a linear's input is observed. Linears that read the same input share a site
-/// (q/k/v read `AttnIn`, gate/up read `MlpIn`), so calibration keeps one statistic for them.
+/// Where an activation is observed. Linears that read the same input share a site (q/k/v and the
+/// SSM's x/z read `AttnIn`, gate/up read `MlpIn`), so calibration keeps one statistic for them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Site {
-    /// Input of q_proj, k_proj, v_proj.
+    /// The mixer's normalised input: input of q/k/v (and Hymba's SSM in-projections).
     AttnIn,
-    /// Input of o_proj.
+    /// Input of the mixer's output projection (o_proj; a hybrid layer's fused branches).
     AttnOut,
     /// Input of gate_proj, up_proj.
     MlpIn,
     /// Input of down_proj.
     MlpDown,
+    /// Input of the SSM's x_proj (the conv output).
+    SsmConv,
+    /// Input of the SSM's dt_proj (the normalised low-rank Δ).
+    SsmDt,
+    /// Attention heads' output in a hybrid layer, before its branch norm (no linear reads it).
+    AttnHeads,
+    /// Gated SSM output in a hybrid layer, before its branch norm (no linear reads it).
+    SsmGated,
+}
+
+impl Site {
+    /// Whether a linear reads this site (calibration keeps statistics only for those).
+    pub fn feeds_linear(self) -> bool {
+        !matches!(self, Site::AttnHeads | Site::SsmGated)
+    }
 }
 
 /// Receives the input rows (`rows × width`, row-major) of every linear during a forward pass.
@@ -40,7 +57,10 @@ struct Scratch {
     q: Vec<f32>,
     k: Vec<f32>,
     v: Vec<f32>,
+    xs: Vec<f32>,
+    z: Vec<f32>,
     attn: Vec<f32>,
+    ssm: Vec<f32>,
     delta: Vec<f32>,
     gate: Vec<f32>,
     up: Vec<f32>,
@@ -71,7 +91,8 @@ impl Model {
         })
     }
 
-    /// Residual stream after the last layer (before the final norm), `t × hidden`.
+    /// Residual stream after the last layer (before the final norm), `t × hidden`; meta-token
+    /// rows are not returned.
     pub fn hidden_states(
         &self,
         tokens: &[u32],
@@ -83,34 +104,56 @@ impl Model {
             return Err(Error::Invalid("forward pass over zero tokens".into()));
         }
         let start = cache.as_ref().map_or(0, |c| c.len());
-        if start + t > self.config.context_length {
+        // A sliding-window cache holds only the last positions; new tokens after the prefill go
+        // through it one at a time, as decode steps.
+        if start > 0 && t > 1 && self.has_window() {
+            let mut out = Vec::with_capacity(t * self.config.hidden);
+            for tok in tokens {
+                let obs = observer.as_mut().map(|o| &mut **o as &mut dyn Observer);
+                out.extend(self.hidden_states(&[*tok], cache.as_deref_mut(), obs)?);
+            }
+            return Ok(out);
+        }
+        let prefix = if start == 0 {
+            self.config.memory_tokens
+        } else {
+            0
+        };
+        let n = prefix + t;
+        if start + n > self.config.context_length {
             return Err(Error::Invalid(format!(
                 "{} positions exceed the model's context length {}",
-                start + t,
+                start + n,
                 self.config.context_length
             )));
         }
         if let Some(c) = &cache {
-            c.check_room(t)?;
+            c.check_room(n)?;
         }
-        let mut x = self.embed_tokens(tokens)?;
+        let mut x = self.memory[..prefix * self.config.hidden].to_vec();
+        x.extend(self.embed_tokens(tokens)?);
         let mut scratch = Scratch::default();
+        let mut shared = vec![None; self.layers.len()];
         for (i, layer) in self.layers.iter().enumerate() {
-            let lc = cache.as_deref_mut().and_then(|c| c.layers[i].as_mut());
+            let run = LayerRun {
+                index: i,
+                t: n,
+                start,
+                cache: cache.as_deref_mut().map(|c| &mut c.layers[..]),
+                shared: &mut shared,
+            };
             self.layer_forward(
-                i,
                 layer,
                 &mut x,
-                t,
-                start,
-                lc,
+                run,
                 &mut scratch,
                 observer.as_mut().map(|o| &mut **o as &mut dyn Observer),
             );
         }
         if let Some(c) = cache {
-            c.advance(t);
+            c.advance(n);
         }
+        x.drain(..prefix * self.config.hidden);
         Ok(x)
     }
 
@@ -164,55 +207,86 @@ impl Model {
                 self.config.hidden
             )));
         }
-        let mut scratch = Scratch::default();
-        self.layer_forward(index, layer, x, t, 0, None, &mut scratch, observer);
+        if let Some(Attention {
+            kv: KvSource::Shared(p),
+            ..
+        }) = &layer.attn
+        {
+            return Err(Error::Invalid(format!(
+                "layer {index} reads the K/V of layer {p}: it cannot run on its own"
+            )));
+        }
+        let mut shared = vec![None; self.layers.len()];
+        let run = LayerRun {
+            index,
+            t,
+            start: 0,
+            cache: None,
+            shared: &mut shared,
+        };
+        self.layer_forward(layer, x, run, &mut Scratch::default(), observer);
         Ok(())
     }
 
     /// One block over `x` (`t × hidden`, positions `start..start+t`), updating `x` in place.
-    #[allow(clippy::too_many_arguments)]
     fn layer_forward(
         &self,
-        index: usize,
         layer: &Layer,
         x: &mut [f32],
-        t: usize,
-        start: usize,
-        cache: Option<&mut super::kv_cache::LayerCache>,
+        run: LayerRun,
         s: &mut Scratch,
         mut observer: Option<&mut dyn Observer>,
     ) {
-        let (h, eps) = (self.config.hidden, self.config.rms_eps);
+        let (h, eps, t, index) = (self.config.hidden, self.config.rms_eps, run.t, run.index);
         let mut observe = |site, buf: &[f32]| {
             if let Some(o) = observer.as_deref_mut() {
                 o.observe(index, site, buf, t);
             }
         };
-        if let Some(a) = &layer.attn {
-            let sh = a.shape;
+        if layer.attn.is_some() || layer.ssm.is_some() {
             let normed = sized(&mut s.normed, t * h);
             rms_norm(x, &layer.attn_norm, eps, normed);
             observe(Site::AttnIn, normed);
-            let (q, k, v) = (
-                sized(&mut s.q, t * sh.q_dim()),
-                sized(&mut s.k, t * sh.kv_dim()),
-                sized(&mut s.v, t * sh.kv_dim()),
-            );
-            Linear::forward_shared_input(&[&a.q, &a.k, &a.v], normed, t, &mut [q, k, v]);
-            let (q, k, v) = (&mut s.q[..], &mut s.k[..], &s.v[..]);
-            self.rope.apply(q, t, sh.q_dim(), sh.n_heads, start);
-            self.rope.apply(k, t, sh.kv_dim(), sh.n_kv_heads, start);
-            let attn = sized(&mut s.attn, t * sh.q_dim());
-            match cache {
-                Some(c) => {
-                    let (kh, vh) = c.append(start, k, v);
-                    causal_attention(q, kh, vh, t, start + t, sh, attn);
-                }
-                None => causal_attention(q, k, v, t, t, sh, attn),
+            self.mixer_projections(layer, t, s);
+            let mut cache = run.cache;
+            if let Some(a) = &layer.attn {
+                self.attention(a, &mut cache, index, run.start, t, run.shared, s);
             }
-            observe(Site::AttnOut, attn);
+            if let Some(m) = &layer.ssm {
+                let e = m.shape.inner;
+                let mut fresh = None;
+                let state = match cache {
+                    Some(c) => c[index].ssm.as_mut().expect("cache has the SSM state"),
+                    None => fresh.insert(SsmState::new(m.shape)),
+                };
+                let y = sized(&mut s.ssm, t * e);
+                m.run(&s.xs, &s.z, t, state, eps, &mut observe, y);
+            }
+            let mixed: &[f32] = match (&layer.attn, &layer.ssm, &layer.fusion) {
+                (Some(_), Some(_), Some([wa, ws])) => {
+                    observe(Site::AttnHeads, &s.attn);
+                    observe(Site::SsmGated, &s.ssm);
+                    // (norm_a(attn) + norm_s(ssm)) / 2, into the attention buffer.
+                    let normed_ssm = &mut s.xs[..s.ssm.len()];
+                    rms_norm(&s.ssm, ws, eps, normed_ssm);
+                    let heads = s.attn.clone();
+                    rms_norm(&heads, wa, eps, &mut s.attn);
+                    for (a, b) in s.attn.iter_mut().zip(normed_ssm.iter()) {
+                        *a = (*a + b) * 0.5;
+                    }
+                    &s.attn
+                }
+                (Some(_), _, _) => &s.attn,
+                _ => &s.ssm,
+            };
+            observe(Site::AttnOut, mixed);
+            let out = match (&layer.attn, &layer.ssm) {
+                (Some(a), _) => &a.o,
+                (None, Some(m)) => m.out.as_ref().expect("validated: SSM-only layers project"),
+                (None, None) => unreachable!(),
+            };
             let delta = sized(&mut s.delta, t * h);
-            a.o.forward(attn, t, delta);
+            out.forward(mixed, t, delta);
             x.iter_mut().zip(delta.iter()).for_each(|(x, d)| *x += d);
         }
         if let Some(m) = &layer.mlp {
@@ -230,4 +304,105 @@ impl Model {
             x.iter_mut().zip(delta.iter()).for_each(|(x, d)| *x += d);
         }
     }
+
+    /// All projections of the mixer's normalised input (q, own k/v, SSM x and z) in one pass.
+    fn mixer_projections(&self, layer: &Layer, t: usize, s: &mut Scratch) {
+        let mut lins: Vec<&Linear> = Vec::with_capacity(5);
+        let mut outs: Vec<&mut [f32]> = Vec::with_capacity(5);
+        if let Some(a) = &layer.attn {
+            lins.push(&a.q);
+            outs.push(sized(&mut s.q, t * a.q.out_features));
+            if let KvSource::Own { k, v } = &a.kv {
+                lins.extend([k, v]);
+                outs.push(sized(&mut s.k, t * k.out_features));
+                outs.push(sized(&mut s.v, t * v.out_features));
+            }
+        }
+        if let Some(m) = &layer.ssm {
+            lins.extend([&m.in_x, &m.in_z]);
+            outs.push(sized(&mut s.xs, t * m.in_x.out_features));
+            outs.push(sized(&mut s.z, t * m.in_z.out_features));
+        }
+        Linear::forward_shared_input(&lins, &s.normed, t, &mut outs);
+    }
+
+    /// Attention heads of layer `index` into `s.attn`, from `s.q` (and `s.k`, `s.v` when the
+    /// layer has its own K/V). A full pass (`start == 0`) attends over this call's keys with the
+    /// layer's mask and stores them in the cache; a cached step attends over the cache.
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        a: &Attention,
+        cache: &mut Option<&mut [LayerCache]>,
+        index: usize,
+        start: usize,
+        t: usize,
+        shared: &mut [Option<(Vec<f32>, Vec<f32>)>],
+        s: &mut Scratch,
+    ) {
+        let sh = a.shape;
+        let q = &mut s.q[..t * sh.q_dim()];
+        self.rope.apply(q, t, sh.q_dim(), sh.n_heads, start);
+        let producer = match a.kv {
+            KvSource::Own { .. } => {
+                let k = &mut s.k[..t * sh.kv_dim()];
+                self.rope.apply(k, t, sh.kv_dim(), sh.n_kv_heads, start);
+                if let Some(c) = cache.as_deref_mut() {
+                    c[index]
+                        .kv
+                        .as_mut()
+                        .expect("cache has rows for layers with own K/V")
+                        .store(start, k, &s.v[..t * sh.v_dim()]);
+                }
+                if start == 0 && self.kv_is_shared(index) {
+                    shared[index] = Some((k.to_vec(), s.v[..t * sh.v_dim()].to_vec()));
+                }
+                index
+            }
+            KvSource::Shared(p) => p,
+        };
+        let out = sized(&mut s.attn, t * sh.out_dim());
+        if start == 0 {
+            let (k, v) = match (producer == index, &shared[producer]) {
+                (true, _) => (&s.k[..t * sh.kv_dim()], &s.v[..t * sh.v_dim()]),
+                (false, Some((k, v))) => (&k[..], &v[..]),
+                (false, None) => unreachable!("producers run before their consumers"),
+            };
+            let mask = Mask {
+                window: a.window,
+                sink: self.config.memory_tokens,
+            };
+            causal_attention(&s.q[..t * sh.q_dim()], k, v, t, t, sh, mask, out);
+        } else {
+            let rows = cache.as_deref().expect("start > 0 implies a cache")[producer]
+                .kv
+                .as_ref()
+                .expect("producers store K/V");
+            let (k, v) = rows.view();
+            // A ring holds exactly the visible keys (in slot order); a full history is causal.
+            let keys = if rows.is_ring() {
+                k.len() / sh.kv_dim()
+            } else {
+                start + t
+            };
+            causal_attention(&s.q[..t * sh.q_dim()], k, v, t, keys, sh, Mask::CAUSAL, out);
+        }
+    }
+
+    /// Whether a later layer reads layer `index`'s K/V.
+    fn kv_is_shared(&self, index: usize) -> bool {
+        self.layers[index + 1..].iter().any(
+            |l| matches!(l.attn.as_ref().map(|a| &a.kv), Some(KvSource::Shared(p)) if *p == index),
+        )
+    }
+}
+
+/// Where one layer's pass sits: its index, rows, first position, the cache and the K/V that
+/// earlier layers share with later ones.
+struct LayerRun<'a> {
+    index: usize,
+    t: usize,
+    start: usize,
+    cache: Option<&'a mut [LayerCache]>,
+    shared: &'a mut [Option<(Vec<f32>, Vec<f32>)>],
 }

@@ -25,8 +25,8 @@ pub fn generate(
     eos: Option<u32>,
     on_token: &mut dyn FnMut(u32) -> bool,
 ) -> Result<Generation> {
-    let capacity = (prompt.len() + max_new).min(model.config.context_length);
-    let mut cache = KvCache::new(model, capacity)?;
+    let room = model.config.context_length - model.config.memory_tokens;
+    let mut cache = KvCache::new(model, (prompt.len() + max_new).min(room))?;
     let mut out = Generation::default();
     if max_new == 0 {
         return Ok(out);
@@ -42,7 +42,7 @@ pub fn generate(
             break;
         }
         out.tokens.push(next);
-        if !on_token(next) || out.tokens.len() == max_new || cache.len() == capacity {
+        if !on_token(next) || out.tokens.len() == max_new || cache.len() == cache.capacity() {
             break;
         }
         logits = model.forward(&[next], Some(&mut cache), Logits::Last, None)?;

@@ -1,42 +1,133 @@
-//! Key/value cache for decoding: per layer, preallocated `capacity` rows of K and V (post-RoPE),
-//! so that decode steps never allocate or copy the history.
+//! The decode cache: per layer, preallocated K/V rows (post-RoPE) and, for SSM layers, the conv and
+//! recurrent state, so that decode steps never allocate or copy the history.
+//!
+//! A global-attention layer keeps every position. A sliding-window layer keeps its meta-token rows
+//! plus a ring of the last `W` (or `W+1`, see [`WindowRule`]) positions: attention is invariant
+//! to the order of its keys once RoPE is applied, so the ring is never rotated. A layer that
+//! shares another layer's K/V stores nothing. Hence only global layers grow with the length.
 
-use super::Model;
+use super::ssm::SsmState;
+use super::{KvSource, Model};
 use crate::{Error, Result};
 
+/// K/V rows of one layer.
+pub(crate) struct KvRows {
+    k: Vec<f32>,
+    v: Vec<f32>,
+    k_dim: usize,
+    v_dim: usize,
+    /// `(sink, ring)`: rows `0..sink` are kept (meta tokens); later positions cycle through
+    /// `ring` rows. `None`: one row per position.
+    ring: Option<(usize, usize)>,
+    /// Rows holding data.
+    rows: usize,
+}
+
+impl KvRows {
+    fn new(k_dim: usize, v_dim: usize, rows: usize, ring: Option<(usize, usize)>) -> Self {
+        KvRows {
+            k: vec![0.0; rows * k_dim],
+            v: vec![0.0; rows * v_dim],
+            k_dim,
+            v_dim,
+            ring,
+            rows: 0,
+        }
+    }
+
+    fn slot(&self, pos: usize) -> usize {
+        match self.ring {
+            Some((sink, ring)) if pos >= sink => sink + (pos - sink) % ring,
+            _ => pos,
+        }
+    }
+
+    /// Stores the rows of positions `at..at+t`; on a ring, later positions overwrite older ones.
+    pub(crate) fn store(&mut self, at: usize, k: &[f32], v: &[f32]) {
+        let t = k.len() / self.k_dim;
+        for r in 0..t {
+            let s = self.slot(at + r);
+            let (kd, vd) = (self.k_dim, self.v_dim);
+            self.k[s * kd..(s + 1) * kd].copy_from_slice(&k[r * kd..(r + 1) * kd]);
+            self.v[s * vd..(s + 1) * vd].copy_from_slice(&v[r * vd..(r + 1) * vd]);
+        }
+        let end = at + t;
+        self.rows = match self.ring {
+            Some((sink, ring)) => end.min(sink + ring),
+            None => end,
+        };
+    }
+
+    /// The stored K and V rows (for a ring: in slot order, not position order).
+    pub(crate) fn view(&self) -> (&[f32], &[f32]) {
+        (
+            &self.k[..self.rows * self.k_dim],
+            &self.v[..self.rows * self.v_dim],
+        )
+    }
+
+    pub(crate) fn is_ring(&self) -> bool {
+        self.ring.is_some()
+    }
+
+    fn bytes(&self) -> usize {
+        (self.k.len() + self.v.len()) * 4
+    }
+}
+
+/// What one layer carries between calls.
 pub struct LayerCache {
-    pub k: Vec<f32>,
-    pub v: Vec<f32>,
-    kv_dim: usize,
+    pub(crate) kv: Option<KvRows>,
+    pub(crate) ssm: Option<SsmState>,
 }
 
 pub struct KvCache {
-    pub(crate) layers: Vec<Option<LayerCache>>,
+    pub(crate) layers: Vec<LayerCache>,
     len: usize,
     capacity: usize,
 }
 
+/// Rows a layer's K/V buffer needs for `positions` positions: `None` if it stores none, else
+/// `(rows, ring)` as in [`KvRows`].
+fn kv_rows(
+    model: &Model,
+    layer: usize,
+    positions: usize,
+) -> Option<(usize, Option<(usize, usize)>)> {
+    let a = model.layers[layer].attn.as_ref()?;
+    if matches!(a.kv, KvSource::Shared(_)) {
+        return None;
+    }
+    Some(match a.window {
+        None => (positions, None),
+        Some(w) => {
+            let sink = model.config.memory_tokens;
+            let ring = model.config.window_rule.decode_positions(w);
+            (positions.min(sink + ring), Some((sink, ring)))
+        }
+    })
+}
+
 impl KvCache {
-    /// A cache for up to `capacity` positions (at most the model's context length).
-    pub fn new(model: &Model, capacity: usize) -> Result<Self> {
+    /// A cache for up to `tokens` tokens (plus the model's meta tokens, which take positions too).
+    pub fn new(model: &Model, tokens: usize) -> Result<Self> {
+        let capacity = tokens + model.config.memory_tokens;
         if capacity > model.config.context_length {
             return Err(Error::Invalid(format!(
-                "KV cache of {capacity} positions exceeds the model's context length {}",
+                "a cache of {capacity} positions exceeds the model's context length {}",
                 model.config.context_length
             )));
         }
-        let layers = model
-            .layers
-            .iter()
-            .map(|l| {
-                l.attn.as_ref().map(|a| {
-                    let kv_dim = a.shape.kv_dim();
-                    LayerCache {
-                        k: vec![0.0; capacity * kv_dim],
-                        v: vec![0.0; capacity * kv_dim],
-                        kv_dim,
-                    }
-                })
+        let layers = (0..model.layers.len())
+            .map(|i| {
+                let shape = model.layers[i].shape();
+                LayerCache {
+                    kv: kv_rows(model, i, capacity).map(|(rows, ring)| {
+                        let a = shape.attn.expect("kv rows imply attention");
+                        KvRows::new(a.kv_dim(), a.v_dim(), rows, ring)
+                    }),
+                    ssm: shape.ssm.map(SsmState::new),
+                }
             })
             .collect();
         Ok(KvCache {
@@ -46,7 +137,24 @@ impl KvCache {
         })
     }
 
-    /// Positions already stored.
+    /// Bytes a cache for `tokens` tokens holds, from the model's shapes alone (what `inspect`
+    /// reports; equals [`KvCache::bytes`] of such a cache).
+    pub fn footprint(model: &Model, tokens: usize) -> usize {
+        let positions = tokens + model.config.memory_tokens;
+        (0..model.layers.len())
+            .map(|i| {
+                let shape = model.layers[i].shape();
+                let kv = kv_rows(model, i, positions).map_or(0, |(rows, _)| {
+                    let a = shape.attn.expect("kv rows imply attention");
+                    rows * (a.kv_dim() + a.v_dim()) * 4
+                });
+                let ssm = shape.ssm.map_or(0, |s| SsmState::new(s).bytes());
+                kv + ssm
+            })
+            .sum()
+    }
+
+    /// Positions already stored (meta tokens included).
     pub fn len(&self) -> usize {
         self.len
     }
@@ -55,22 +163,33 @@ impl KvCache {
         self.len == 0
     }
 
+    /// Positions the cache can hold (meta tokens included).
     pub fn capacity(&self) -> usize {
         self.capacity
     }
 
-    /// Bytes held by K and V for all layers.
+    /// Bytes held by K/V rows and SSM states of all layers.
     pub fn bytes(&self) -> usize {
         self.layers
             .iter()
-            .flatten()
-            .map(|c| (c.k.len() + c.v.len()) * 4)
+            .map(|c| {
+                c.kv.as_ref().map_or(0, KvRows::bytes) + c.ssm.as_ref().map_or(0, SsmState::bytes)
+            })
             .sum()
     }
 
     /// Forgets all positions (keeps the memory).
     pub fn clear(&mut self) {
         self.len = 0;
+        for c in &mut self.layers {
+            if let Some(kv) = &mut c.kv {
+                kv.rows = 0;
+            }
+            if let Some(s) = &mut c.ssm {
+                s.conv.fill(0.0);
+                s.h.fill(0.0);
+            }
+        }
     }
 
     pub(crate) fn check_room(&self, t: usize) -> Result<()> {
@@ -85,15 +204,5 @@ impl KvCache {
 
     pub(crate) fn advance(&mut self, t: usize) {
         self.len += t;
-    }
-}
-
-impl LayerCache {
-    /// Appends `t` rows at position `at` and returns the K and V history `0..at+t`.
-    pub(crate) fn append(&mut self, at: usize, k: &[f32], v: &[f32]) -> (&[f32], &[f32]) {
-        let (lo, hi) = (at * self.kv_dim, at * self.kv_dim + k.len());
-        self.k[lo..hi].copy_from_slice(k);
-        self.v[lo..hi].copy_from_slice(v);
-        (&self.k[..hi], &self.v[..hi])
     }
 }

@@ -10,12 +10,14 @@ pub mod linear;
 pub mod packed;
 pub mod random;
 pub mod sampling;
+pub mod ssm;
 
-pub use config::{Arch, AttnShape, LayerShape, ModelConfig};
+pub use config::{Arch, AttnShape, LayerShape, ModelConfig, SsmShape, WindowRule};
 pub use forward::{Logits, Observer, Site};
 pub use kv_cache::KvCache;
 pub use linear::{Linear, LowRank, Weight};
 pub use packed::Packed;
+pub use ssm::{Ssm, SsmState};
 
 use crate::error::check_finite;
 use crate::kernels::rope::RopeTable;
@@ -24,9 +26,23 @@ use crate::{Error, Result};
 pub struct Attention {
     pub shape: AttnShape,
     pub q: Linear,
-    pub k: Linear,
-    pub v: Linear,
+    pub kv: KvSource,
+    /// Output projection. In a hybrid (attention ∥ SSM) layer it maps the fused branches, i.e.
+    /// Hymba's `out_proj`.
     pub o: Linear,
+    /// Sliding window `W` (see [`crate::model::WindowRule`]); `None` for global attention.
+    pub window: Option<usize>,
+}
+
+/// Where a layer's keys and values come from.
+// One per layer: the size difference between the variants is not worth a box.
+#[allow(clippy::large_enum_variant)]
+pub enum KvSource {
+    /// Its own K/V projections.
+    Own { k: Linear, v: Linear },
+    /// The post-RoPE K/V of an earlier layer (Hymba's cross-layer KV sharing): the layer stores
+    /// nothing in the cache.
+    Shared(usize),
 }
 
 pub struct Mlp {
@@ -35,62 +51,75 @@ pub struct Mlp {
     pub down: Linear,
 }
 
-/// One pre-norm residual block: `x += attn(norm(x)); x += mlp(norm(x))`.
+/// One pre-norm residual block: `x += mixer(norm(x)); x += mlp(norm(x))`. The mixer is attention
+/// (Llama), an SSM (Mamba) or both in parallel on the same input (Hymba): then each branch is
+/// RMS-normalised with its own weights (`fusion`), the two are averaged and `attn.o` projects them.
 pub struct Layer {
     pub attn_norm: Vec<f32>,
     pub attn: Option<Attention>,
+    pub ssm: Option<Ssm>,
+    /// RMSNorm weights of the [attention, SSM] branch outputs of a hybrid layer.
+    pub fusion: Option<[Vec<f32>; 2]>,
     pub mlp_norm: Vec<f32>,
     pub mlp: Option<Mlp>,
+}
+
+/// The body of [`Layer::linears`] and [`Layer::linears_mut`], which differ only in `mut`.
+macro_rules! layer_linears {
+    ($layer:expr $(, $m:ident)?) => {{
+        let layer = $layer;
+        let mut v = Vec::with_capacity(12);
+        let hybrid = layer.ssm.is_some();
+        if let Some(a) = & $($m)? layer.attn {
+            let n = |llama, hymba| if hybrid { hymba } else { llama };
+            v.push((n("self_attn.q_proj", "mamba.in_proj.q"), Site::AttnIn, & $($m)? a.q));
+            if let KvSource::Own { k, v: vp } = & $($m)? a.kv {
+                v.push((n("self_attn.k_proj", "mamba.in_proj.k"), Site::AttnIn, k));
+                v.push((n("self_attn.v_proj", "mamba.in_proj.v"), Site::AttnIn, vp));
+            }
+            v.push((n("self_attn.o_proj", "mamba.out_proj"), Site::AttnOut, & $($m)? a.o));
+        }
+        if let Some(m) = & $($m)? layer.ssm {
+            v.extend([
+                ("mamba.in_proj.x", Site::AttnIn, & $($m)? m.in_x),
+                ("mamba.in_proj.z", Site::AttnIn, & $($m)? m.in_z),
+                ("mamba.x_proj.0", Site::SsmConv, & $($m)? m.x_proj),
+                ("mamba.dt_proj.0", Site::SsmDt, & $($m)? m.dt_proj),
+            ]);
+            if let Some(o) = & $($m)? m.out {
+                v.push(("mamba.out_proj", Site::AttnOut, o));
+            }
+        }
+        if let Some(m) = & $($m)? layer.mlp {
+            v.extend([
+                ("mlp.gate_proj", Site::MlpIn, & $($m)? m.gate),
+                ("mlp.up_proj", Site::MlpIn, & $($m)? m.up),
+                ("mlp.down_proj", Site::MlpDown, & $($m)? m.down),
+            ]);
+        }
+        v
+    }};
 }
 
 impl Layer {
     pub fn shape(&self) -> LayerShape {
         LayerShape {
             attn: self.attn.as_ref().map(|a| a.shape),
+            ssm: self.ssm.as_ref().map(|m| m.shape),
             mlp: self.mlp.as_ref().map(|m| m.gate.out_features),
         }
     }
 
-    /// The layer's linears with their HF names relative to the layer (`self_attn.q_proj`, ...).
-    pub fn linears(&self) -> Vec<(&'static str, &Linear)> {
-        let mut v = Vec::with_capacity(7);
-        if let Some(a) = &self.attn {
-            v.extend([
-                ("self_attn.q_proj", &a.q),
-                ("self_attn.k_proj", &a.k),
-                ("self_attn.v_proj", &a.v),
-                ("self_attn.o_proj", &a.o),
-            ]);
-        }
-        if let Some(m) = &self.mlp {
-            v.extend([
-                ("mlp.gate_proj", &m.gate),
-                ("mlp.up_proj", &m.up),
-                ("mlp.down_proj", &m.down),
-            ]);
-        }
-        v
+    /// The layer's linears with their names relative to the layer (HF names for Llama layers:
+    /// `self_attn.q_proj`, ...; Hymba's `in_proj` appears split into its row blocks
+    /// `mamba.in_proj.{q,k,v,x,z}`) and the site whose input they read.
+    pub fn linears(&self) -> Vec<(&'static str, Site, &Linear)> {
+        layer_linears!(self)
     }
 
-    /// The layer's linears, mutable, with their names and the site whose input they read.
+    /// [`Layer::linears`], mutable.
     pub fn linears_mut(&mut self) -> Vec<(&'static str, Site, &mut Linear)> {
-        let mut v = Vec::with_capacity(7);
-        if let Some(a) = &mut self.attn {
-            v.extend([
-                ("self_attn.q_proj", Site::AttnIn, &mut a.q),
-                ("self_attn.k_proj", Site::AttnIn, &mut a.k),
-                ("self_attn.v_proj", Site::AttnIn, &mut a.v),
-                ("self_attn.o_proj", Site::AttnOut, &mut a.o),
-            ]);
-        }
-        if let Some(m) = &mut self.mlp {
-            v.extend([
-                ("mlp.gate_proj", Site::MlpIn, &mut m.gate),
-                ("mlp.up_proj", Site::MlpIn, &mut m.up),
-                ("mlp.down_proj", Site::MlpDown, &mut m.down),
-            ]);
-        }
-        v
+        layer_linears!(self, mut)
     }
 }
 
@@ -99,6 +128,8 @@ pub struct Model {
     /// Token embeddings as a `vocab × hidden` linear (rows are looked up); also the output head
     /// when tied.
     pub embed: Linear,
+    /// Meta tokens `[memory_tokens, hidden]` prepended to every sequence (empty without).
+    pub memory: Vec<f32>,
     pub layers: Vec<Layer>,
     pub final_norm: Vec<f32>,
     /// Untied output head `[vocab, hidden]`; `None` when tied to `embed`.
@@ -108,6 +139,7 @@ pub struct Model {
 
 impl Model {
     /// Assembles a model, checking every shape against the config and that all weights are finite.
+    /// Meta tokens (`config.memory_tokens` of them) start at zero; see [`Model::with_memory`].
     pub fn new(
         config: ModelConfig,
         embed: Linear,
@@ -128,36 +160,15 @@ impl Model {
         }
         let mut head_dim = None;
         for (i, l) in layers.iter().enumerate() {
-            l.shape().validate(i)?;
-            expect_len(&format!("layers.{i}.input_layernorm"), &l.attn_norm, &[h])?;
-            expect_len(
-                &format!("layers.{i}.post_attention_layernorm"),
-                &l.mlp_norm,
-                &[h],
-            )?;
-            check_finite(&format!("layers.{i}.input_layernorm"), &l.attn_norm)?;
-            check_finite(&format!("layers.{i}.post_attention_layernorm"), &l.mlp_norm)?;
+            check_layer(i, l, &layers[..i], h)?;
             if let Some(a) = &l.attn {
-                let s = a.shape;
-                let n = |p: &str| format!("layers.{i}.self_attn.{p}");
-                check_linear(&n("q_proj"), &a.q, s.q_dim(), h)?;
-                check_linear(&n("k_proj"), &a.k, s.kv_dim(), h)?;
-                check_linear(&n("v_proj"), &a.v, s.kv_dim(), h)?;
-                check_linear(&n("o_proj"), &a.o, h, s.q_dim())?;
-                if *head_dim.get_or_insert(s.head_dim) != s.head_dim {
+                let d = a.shape.head_dim;
+                if *head_dim.get_or_insert(d) != d {
                     return Err(Error::Invalid(format!(
-                        "layer {i}: head_dim {} differs from earlier layers' {}",
-                        s.head_dim,
+                        "layer {i}: head_dim {d} differs from earlier layers' {}",
                         head_dim.unwrap_or_default()
                     )));
                 }
-            }
-            if let Some(m) = &l.mlp {
-                let w = m.gate.out_features;
-                let n = |p: &str| format!("layers.{i}.mlp.{p}");
-                check_linear(&n("gate_proj"), &m.gate, w, h)?;
-                check_linear(&n("up_proj"), &m.up, w, h)?;
-                check_linear(&n("down_proj"), &m.down, h, w)?;
             }
         }
         let rope = RopeTable::new(
@@ -166,6 +177,7 @@ impl Model {
             config.context_length,
         );
         Ok(Model {
+            memory: vec![0.0; config.memory_tokens * h],
             config,
             embed,
             layers,
@@ -175,6 +187,18 @@ impl Model {
         })
     }
 
+    /// Sets the meta tokens (`[M, hidden]`, row-major; `M` must equal `config.memory_tokens`).
+    pub fn with_memory(mut self, memory: Vec<f32>) -> Result<Self> {
+        expect_len(
+            "memory_tokens",
+            &memory,
+            &[self.config.memory_tokens, self.config.hidden],
+        )?;
+        check_finite("memory_tokens", &memory)?;
+        self.memory = memory;
+        Ok(self)
+    }
+
     /// Converts every packed weight to f32 (for f32-only measurements).
     pub fn densify(&mut self) {
         self.embed.densify();
@@ -182,32 +206,124 @@ impl Model {
             h.densify();
         }
         for l in &mut self.layers {
-            if let Some(a) = &mut l.attn {
-                [&mut a.q, &mut a.k, &mut a.v, &mut a.o]
-                    .into_iter()
-                    .for_each(Linear::densify);
-            }
-            if let Some(m) = &mut l.mlp {
-                [&mut m.gate, &mut m.up, &mut m.down]
-                    .into_iter()
-                    .for_each(Linear::densify);
+            for (_, _, lin) in l.linears_mut() {
+                lin.densify();
             }
         }
     }
 
-    /// Parameter count: embeddings, each layer, norms, and the head if untied.
+    /// Parameter count: embeddings, meta tokens, each layer, norms, and the head if untied.
     pub fn n_params(&self) -> usize {
         self.embed.n_params()
+            + self.memory.len()
             + self.final_norm.len()
             + self.lm_head.as_ref().map_or(0, Linear::n_params)
             + self.layers.iter().map(layer_params).sum::<usize>()
+    }
+
+    /// Whether any layer attends through a sliding window.
+    pub fn has_window(&self) -> bool {
+        self.layers
+            .iter()
+            .any(|l| l.attn.as_ref().is_some_and(|a| a.window.is_some()))
     }
 }
 
 fn layer_params(l: &Layer) -> usize {
     l.attn_norm.len()
         + l.mlp_norm.len()
-        + l.linears().iter().map(|(_, x)| x.n_params()).sum::<usize>()
+        + l.fusion.as_ref().map_or(0, |f| f[0].len() + f[1].len())
+        + l.ssm.as_ref().map_or(0, Ssm::extra_params)
+        + l.linears()
+            .iter()
+            .map(|(_, _, x)| x.n_params())
+            .sum::<usize>()
+}
+
+/// Checks layer `i` against the hidden width and the layers before it (KV sharing reads them).
+fn check_layer(i: usize, l: &Layer, earlier: &[Layer], h: usize) -> Result<()> {
+    l.shape().validate(i)?;
+    for (name, w) in [
+        ("input_layernorm", &l.attn_norm),
+        ("post_attention_layernorm", &l.mlp_norm),
+    ] {
+        let name = format!("layers.{i}.{name}");
+        expect_len(&name, w, &[h])?;
+        check_finite(&name, w)?;
+    }
+    for (name, _, lin) in l.linears() {
+        // Widths were validated through the shape; here each linear's own dims are checked.
+        let (out, inp) = expected_dims(l, name, h);
+        check_linear(&format!("layers.{i}.{name}"), lin, out, inp)?;
+    }
+    if let (Some(a), Some(m)) = (&l.attn, &l.ssm) {
+        let fusion = l.fusion.as_ref().ok_or_else(|| {
+            Error::Invalid(format!("layer {i}: hybrid layer without branch norms"))
+        })?;
+        for (k, w) in fusion.iter().enumerate() {
+            let name = format!("layers.{i}.mamba.pre_avg_layernorm{}", k + 1);
+            expect_len(&name, w, &[a.shape.out_dim()])?;
+            check_finite(&name, w)?;
+        }
+        if m.out.is_some() {
+            return Err(Error::Invalid(format!(
+                "layer {i}: a hybrid layer projects through the attention's output only"
+            )));
+        }
+    }
+    if let Some(m) = &l.ssm {
+        m.validate(i, h)?;
+        if l.attn.is_none() && m.out.is_none() {
+            return Err(Error::Invalid(format!(
+                "layer {i}: SSM-only layer without an output projection"
+            )));
+        }
+    }
+    if let Some(Attention {
+        kv: KvSource::Shared(p),
+        shape,
+        window,
+        ..
+    }) = &l.attn
+    {
+        let producer = earlier.get(*p).and_then(|l| l.attn.as_ref());
+        let ok = producer.is_some_and(|pa| {
+            matches!(pa.kv, KvSource::Own { .. })
+                && pa.window == *window
+                && (pa.shape.n_kv_heads, pa.shape.head_dim, pa.shape.v_head_dim)
+                    == (shape.n_kv_heads, shape.head_dim, shape.v_head_dim)
+        });
+        if !ok {
+            return Err(Error::Invalid(format!(
+                "layer {i}: shares the K/V of layer {p}, which is not an earlier layer with its \
+                 own K/V of the same shape and window"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// `(out, in)` a linear of layer `l` named `name` must have.
+fn expected_dims(l: &Layer, name: &str, h: usize) -> (usize, usize) {
+    let a = l.attn.as_ref().map(|a| a.shape);
+    let s = l.ssm.as_ref().map(|m| m.shape);
+    let mlp = l.mlp.as_ref().map_or(0, |m| m.gate.out_features);
+    let (a_q, a_k, a_v, a_o) = a.map_or((0, 0, 0, 0), |a| {
+        (a.q_dim(), a.kv_dim(), a.v_dim(), a.out_dim())
+    });
+    let e = s.map_or(0, |s| s.inner);
+    match name {
+        "self_attn.q_proj" | "mamba.in_proj.q" => (a_q, h),
+        "self_attn.k_proj" | "mamba.in_proj.k" => (a_k, h),
+        "self_attn.v_proj" | "mamba.in_proj.v" => (a_v, h),
+        "self_attn.o_proj" => (h, a_o),
+        "mamba.out_proj" => (h, if a.is_some() { a_o } else { e }),
+        "mamba.in_proj.x" | "mamba.in_proj.z" => (e, h),
+        "mamba.x_proj.0" => s.map_or((0, 0), |s| (s.dt_rank + 2 * s.d_state, e)),
+        "mamba.dt_proj.0" => s.map_or((0, 0), |s| (e, s.dt_rank)),
+        "mlp.gate_proj" | "mlp.up_proj" => (mlp, h),
+        _ => (h, mlp),
+    }
 }
 
 fn expect_len(name: &str, v: &[f32], shape: &[usize]) -> Result<()> {

@@ -1,6 +1,6 @@
 //! Seeded random models: the "tiny random model" every method and kernel test runs on.
 
-use super::{Attention, Layer, LayerShape, Linear, Mlp, Model, ModelConfig};
+use super::{Attention, KvSource, Layer, LayerShape, Linear, Mlp, Model, ModelConfig};
 use crate::Result;
 use rand::{rngs::SmallRng, Rng, SeedableRng};
 
@@ -15,9 +15,12 @@ pub fn random_model(config: ModelConfig, shapes: &[LayerShape], seed: u64) -> Re
             Some(sh) => Some(Attention {
                 shape: sh,
                 q: lin(sh.q_dim(), h)?,
-                k: lin(sh.kv_dim(), h)?,
-                v: lin(sh.kv_dim(), h)?,
-                o: lin(h, sh.q_dim())?,
+                kv: KvSource::Own {
+                    k: lin(sh.kv_dim(), h)?,
+                    v: lin(sh.v_dim(), h)?,
+                },
+                o: lin(h, sh.out_dim())?,
+                window: None,
             }),
             None => None,
         };
@@ -32,6 +35,8 @@ pub fn random_model(config: ModelConfig, shapes: &[LayerShape], seed: u64) -> Re
         layers.push(Layer {
             attn_norm: vec![1.0; h],
             attn,
+            ssm: None,
+            fusion: None,
             mlp_norm: vec![1.0; h],
             mlp,
         });

@@ -18,17 +18,16 @@ pub fn tiny_config(tied: bool) -> ModelConfig {
         tie_embeddings: tied,
         bos_token_id: Some(256),
         eos_token_id: Some(257),
+        memory_tokens: 0,
+        window_rule: Default::default(),
     }
 }
 
 pub fn uniform_shapes(n: usize) -> Vec<LayerShape> {
     vec![
         LayerShape {
-            attn: Some(AttnShape {
-                n_heads: 4,
-                n_kv_heads: 2,
-                head_dim: 8,
-            }),
+            attn: Some(AttnShape::new(4, 2, 8)),
+            ssm: None,
             mlp: Some(48),
         };
         n
