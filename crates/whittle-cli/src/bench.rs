@@ -125,3 +125,141 @@ pub fn run(model: Option<&str>, data: &Path, reps: usize, json_out: Option<PathB
     }
     Ok(())
 }
+
+/// Token ids to run a benchmark on: the text's tokens when the model has a tokenizer, else a
+/// fixed pseudo-random sequence over the vocabulary (checkpoints such as test fixtures ship none).
+fn bench_ids(
+    loaded_path: &Path,
+    model: &whittle::Model,
+    data: &Path,
+    n: usize,
+) -> Result<Vec<u32>> {
+    match resolve::load_tokenizer(loaded_path, model) {
+        Ok(tok) => Ok(tok.encode(&whittle::data::text::read_text(data)?)?),
+        Err(_) => {
+            eprintln!("no tokenizer: benchmarking on pseudo-random token ids");
+            let v = model.config.vocab_size as u64;
+            Ok((0..n as u64)
+                .map(|i| ((i * 7919 + 13) % v) as u32)
+                .collect())
+        }
+    }
+}
+
+/// Decode throughput and cache size at growing context lengths.
+pub fn contexts(
+    model: Option<&str>,
+    data: &Path,
+    contexts: &[usize],
+    steps: usize,
+    reps: usize,
+    json_out: Option<PathBuf>,
+) -> Result<()> {
+    let path = whittle::io::resolve::ModelSpec::parse(model)?.resolve()?;
+    let model = crate::commands::load_model(&path)?;
+    let longest = contexts.iter().max().copied().unwrap_or(0);
+    let ids = bench_ids(&path, &model, data, longest)?;
+    let mut rows = Vec::new();
+    for &c in contexts {
+        eprintln!("decode at context {c} ({reps} runs + warm-up) ...");
+        let (r, bytes) = speed::decode_at_context(&model, &ids, c, steps, reps.max(1))?;
+        rows.push((c, r, bytes));
+    }
+    table(
+        &["context", "decode tok/s", "cache MiB", "cache bytes/token"],
+        &rows
+            .iter()
+            .map(|(c, r, b)| {
+                vec![
+                    c.to_string(),
+                    format!("{:.1}", r.tokens_per_s),
+                    format!("{:.2}", *b as f64 / (1 << 20) as f64),
+                    format!("{:.0}", *b as f64 / (c + steps) as f64),
+                ]
+            })
+            .collect::<Vec<_>>(),
+    );
+    println!(
+        "threads {}; {steps} greedy steps timed after an untimed prefill",
+        whittle::threads::threads()
+    );
+    if let Some(out) = json_out {
+        let rows: Vec<_> = rows
+            .iter()
+            .map(|(c, r, b)| json!({"context": c, "decode": r, "cache_bytes": b}))
+            .collect();
+        write_json(&out, &json!({"model": path, "rows": rows}))?;
+    }
+    Ok(())
+}
+
+/// The selective scan, blocked and parallel, against the textbook sequential loop.
+pub fn scan(reps: usize) -> Result<()> {
+    use whittle::kernels::ssm::{selective_scan, selective_scan_naive, ScanInputs};
+    let mut rows = Vec::new();
+    // Hymba-1.5B's SSM (E = 3200, N = 16) at 2048 steps; a few-million-parameter model's.
+    for (t, e, n) in [
+        (2048usize, 3200usize, 16usize),
+        (256, 256, 16),
+        (1, 3200, 16),
+    ] {
+        let wave = |len: usize, m: usize, lo: f32, hi: f32| -> Vec<f32> {
+            (0..len)
+                .map(|i| lo + (hi - lo) * ((i * m % 97) as f32 / 96.0))
+                .collect()
+        };
+        let (x, delta, z) = (
+            wave(t * e, 31, -2.0, 2.0),
+            wave(t * e, 17, 0.001, 0.2),
+            wave(t * e, 13, -3.0, 3.0),
+        );
+        let (b, c) = (wave(t * n, 7, -1.5, 1.5), wave(t * n, 11, -1.5, 1.5));
+        let a: Vec<f32> = wave(e * n, 5, 0.0, 2.7).iter().map(|v| -v.exp()).collect();
+        let d = wave(e, 3, 0.5, 1.5);
+        let inp = ScanInputs {
+            x: &x,
+            delta: &delta,
+            b: &b,
+            c: &c,
+            z: &z,
+            a: &a,
+            d: &d,
+            channels: e,
+            d_state: n,
+        };
+        let time = |f: &dyn Fn(&mut [f32], &mut [f32])| {
+            let (mut st, mut y) = (vec![0f32; e * n], vec![0f32; t * e]);
+            let mut runs = Vec::new();
+            for i in 0..=reps.max(1) {
+                let s = std::time::Instant::now();
+                f(&mut st, &mut y);
+                if i > 0 {
+                    runs.push(s.elapsed().as_secs_f64());
+                }
+            }
+            runs.sort_by(f64::total_cmp);
+            runs[runs.len() / 2]
+        };
+        let naive = time(&|st, y| selective_scan_naive(&inp, st, y));
+        let fast = whittle::threads::install(|| time(&|st, y| selective_scan(&inp, st, y)));
+        rows.push(vec![
+            format!("{t} × {e} × {n}"),
+            format!("{:.3}", naive * 1e3),
+            format!("{:.3}", fast * 1e3),
+            format!("{:.1}x", naive / fast),
+            format!("{:.2}", (t * e * n) as f64 / fast / 1e9),
+        ]);
+    }
+    table(
+        &[
+            "steps × channels × states",
+            "naive ms",
+            "whittle ms",
+            "speed-up",
+            "G updates/s",
+        ],
+        &rows,
+    );
+    println!("threads {}", whittle::threads::threads());
+    Ok(())
+}

@@ -10,12 +10,34 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 use whittle::io::resolve::{self, Loaded, ModelSpec};
 use whittle::model::sampling::{Sampler, SamplingConfig};
+use whittle::model::KvCache;
+
+static WINDOW_RULE: std::sync::OnceLock<whittle::model::WindowRule> = std::sync::OnceLock::new();
+
+/// The global `--window-rule`, applied to every model the commands load.
+pub fn set_window_rule(rule: whittle::model::WindowRule) {
+    let _ = WINDOW_RULE.set(rule);
+}
+
+/// Loads a model from a resolved path, with the global `--window-rule` applied.
+pub fn load_model(path: &Path) -> Result<whittle::Model> {
+    let mut model = resolve::load_model(path)?;
+    if let Some(rule) = WINDOW_RULE.get() {
+        model.config.window_rule = *rule;
+    }
+    Ok(model)
+}
 
 /// Resolves `--model` (fetching the default model if needed) and loads it.
 pub fn load(model: Option<&str>) -> Result<Loaded> {
     let path = ModelSpec::parse(model)?.resolve()?;
     let t = Instant::now();
-    let loaded = resolve::load(&path)?;
+    let model = load_model(&path)?;
+    let loaded = Loaded {
+        tokenizer: resolve::load_tokenizer(&path, &model)?,
+        model,
+        path: path.clone(),
+    };
     eprintln!(
         "loaded {} ({:.1} M parameters) in {:.1} s",
         path.display(),
@@ -32,23 +54,32 @@ pub fn fetch() -> Result<()> {
 }
 
 pub fn inspect(model: Option<&str>, json_out: Option<PathBuf>) -> Result<()> {
-    let Loaded {
-        model,
-        tokenizer,
-        path,
-    } = load(model)?;
+    let path = ModelSpec::parse(model)?.resolve()?;
+    let model = load_model(&path)?;
+    // A checkpoint without a tokenizer can still be inspected.
+    let tokenizer = resolve::load_tokenizer(&path, &model).ok();
     let c = &model.config;
     let mut modules: BTreeMap<String, usize> = BTreeMap::new();
     *modules.entry("embed_tokens".into()).or_default() += model.embed.n_params();
     *modules.entry("norms".into()).or_default() += model.final_norm.len();
     for l in &model.layers {
-        *modules.entry("norms".into()).or_default() += l.attn_norm.len() + l.mlp_norm.len();
+        *modules.entry("norms".into()).or_default() += l.attn_norm.len()
+            + l.mlp_norm.len()
+            + l.fusion.as_ref().map_or(0, |f| f[0].len() + f[1].len());
+        if let Some(m) = &l.ssm {
+            *modules
+                .entry("mamba (conv, Δ bias, A, D, norms)".into())
+                .or_default() += m.extra_params();
+        }
         for (name, _, lin) in l.linears() {
             *modules.entry(name.to_string()).or_default() += lin.n_params();
         }
     }
     if let Some(h) = &model.lm_head {
         modules.insert("lm_head".into(), h.n_params());
+    }
+    if !model.memory.is_empty() {
+        modules.insert("memory_tokens".into(), model.memory.len());
     }
     let total = model.n_params();
     let mut dtypes: BTreeMap<String, usize> = BTreeMap::new();
@@ -74,6 +105,9 @@ pub fn inspect(model: Option<&str>, json_out: Option<PathBuf>) -> Result<()> {
         let n = shapes.iter().filter(|x| &format!("{x:?}") == s).count();
         println!("layers     {n} × {s}");
     }
+    if let Some(line) = attention_layout(&model) {
+        println!("attention  {line}");
+    }
     println!(
         "file       {:.1} MiB on disk · stored as {}",
         size as f64 / (1 << 20) as f64,
@@ -83,14 +117,25 @@ pub fn inspect(model: Option<&str>, json_out: Option<PathBuf>) -> Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
     );
+    match &tokenizer {
+        Some(t) => println!(
+            "tokenizer  {} tokens · chat template {}",
+            t.vocab_size(),
+            if t.chat_template().is_some() {
+                "yes"
+            } else {
+                "no"
+            }
+        ),
+        None => println!("tokenizer  none in the checkpoint"),
+    }
+    let cache = cache_figures(&model);
     println!(
-        "tokenizer  {} tokens · chat template {}",
-        tokenizer.vocab_size(),
-        if tokenizer.chat_template().is_some() {
-            "yes"
-        } else {
-            "no"
-        }
+        "cache      {} bytes/token · {:.2} MiB at {} tokens ({} meta tokens, f32 K/V and SSM state)",
+        cache.per_token,
+        cache.at_context as f64 / (1 << 20) as f64,
+        cache.context,
+        c.memory_tokens
     );
     println!();
     let mut rows: Vec<Vec<String>> = modules
@@ -109,10 +154,64 @@ pub fn inspect(model: Option<&str>, json_out: Option<PathBuf>) -> Result<()> {
         write_json(
             &out,
             &json!({"path": path, "config": c, "layers": shapes, "parameters": modules,
-                    "total_parameters": total, "bytes_on_disk": size, "tensor_types": dtypes}),
+                    "total_parameters": total, "bytes_on_disk": size, "tensor_types": dtypes,
+                    "cache": {"bytes_per_token": cache.per_token, "context": cache.context,
+                              "bytes_at_context": cache.at_context}}),
         )?;
     }
     Ok(())
+}
+
+/// Global vs sliding-window layers and cross-layer KV sharing, when the model has either.
+fn attention_layout(model: &whittle::Model) -> Option<String> {
+    use whittle::model::KvSource;
+    let attn: Vec<_> = model
+        .layers
+        .iter()
+        .enumerate()
+        .filter_map(|(i, l)| l.attn.as_ref().map(|a| (i, a)))
+        .collect();
+    let global: Vec<usize> = attn
+        .iter()
+        .filter(|(_, a)| a.window.is_none())
+        .map(|(i, _)| *i)
+        .collect();
+    let windows: std::collections::BTreeSet<usize> =
+        attn.iter().filter_map(|(_, a)| a.window).collect();
+    let shared: Vec<String> = attn
+        .iter()
+        .filter_map(|(i, a)| match a.kv {
+            KvSource::Shared(p) => Some(format!("{i}←{p}")),
+            KvSource::Own { .. } => None,
+        })
+        .collect();
+    if windows.is_empty() && shared.is_empty() {
+        return None;
+    }
+    Some(format!(
+        "global layers {global:?} · sliding window {windows:?} elsewhere ({:?} decode rule) · KV shared {}",
+        model.config.window_rule,
+        if shared.is_empty() { "nowhere".to_string() } else { shared.join(", ") }
+    ))
+}
+
+/// Decode-cache size of a model: bytes added per token (layers whose cache grows) and the total
+/// at 8k tokens of context (or the model's whole context when shorter).
+struct CacheFigures {
+    per_token: usize,
+    context: usize,
+    at_context: usize,
+}
+
+fn cache_figures(model: &whittle::Model) -> CacheFigures {
+    let room = model.config.context_length - model.config.memory_tokens;
+    let context = room.min(8192);
+    let at_context = KvCache::footprint(model, context);
+    CacheFigures {
+        per_token: at_context - KvCache::footprint(model, context - 1),
+        context,
+        at_context,
+    }
 }
 
 pub fn eval_ppl(

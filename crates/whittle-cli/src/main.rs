@@ -19,6 +19,11 @@ struct Cli {
     /// Worker threads (default: available cores).
     #[arg(long, global = true)]
     threads: Option<usize>,
+    /// Sliding-window layers during cached decode: `upstream` sees W positions as Hymba's
+    /// reference code does (parity with its generations), `consistent` sees W+1 like a full
+    /// forward pass.
+    #[arg(long, global = true, value_enum)]
+    window_rule: Option<WindowRuleArg>,
     #[command(subcommand)]
     command: Command,
 }
@@ -152,9 +157,25 @@ enum Command {
         /// Timed runs per figure (median reported), after one warm-up.
         #[arg(long, default_value_t = 3)]
         reps: usize,
+        /// Instead of the reference protocol: decode speed and cache size after prefilling each
+        /// of these context lengths (e.g. 1024,4096,8192).
+        #[arg(long, value_delimiter = ',')]
+        contexts: Vec<usize>,
+        /// Decode steps timed at each context.
+        #[arg(long, default_value_t = 32)]
+        steps: usize,
+        /// Instead of a model: the selective-scan kernel against a naive sequential loop.
+        #[arg(long)]
+        scan: bool,
         #[arg(long)]
         json: Option<PathBuf>,
     },
+}
+
+#[derive(clap::ValueEnum, Clone, Copy)]
+enum WindowRuleArg {
+    Upstream,
+    Consistent,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy)]
@@ -206,6 +227,12 @@ fn main() {
         cli.threads
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
     );
+    if let Some(rule) = cli.window_rule {
+        commands::set_window_rule(match rule {
+            WindowRuleArg::Upstream => whittle::model::WindowRule::Upstream,
+            WindowRuleArg::Consistent => whittle::model::WindowRule::Consistent,
+        });
+    }
     let result = match cli.command {
         Command::Fetch => commands::fetch(),
         Command::Inspect { model, json } => commands::inspect(model.model.as_deref(), json),
@@ -291,8 +318,19 @@ fn main() {
             model,
             data,
             reps,
+            contexts,
+            steps,
+            scan,
             json,
-        } => bench::run(model.model.as_deref(), &data, reps, json),
+        } => {
+            if scan {
+                bench::scan(reps)
+            } else if !contexts.is_empty() {
+                bench::contexts(model.model.as_deref(), &data, &contexts, steps, reps, json)
+            } else {
+                bench::run(model.model.as_deref(), &data, reps, json)
+            }
+        }
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

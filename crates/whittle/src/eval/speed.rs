@@ -4,7 +4,7 @@
 //! Each figure is the median of `reps` timed runs after one warm-up.
 
 use crate::model::sampling::{argmax, Sampler, SamplingConfig};
-use crate::model::{generate::generate, Logits};
+use crate::model::{generate::generate, KvCache, Logits};
 use crate::{Error, Model, Result};
 use serde::Serialize;
 use std::time::Instant;
@@ -83,4 +83,35 @@ pub fn decode(
         row(&format!("decode {new} after {prompt_len}"), new - 1, runs),
         tokens,
     ))
+}
+
+/// Decode throughput at a long context: the first `context` tokens of `ids` are prefilled into a
+/// cache (not timed), then `steps` greedy one-token steps are timed. Also returns the cache's
+/// bytes at the end, which is what grows with context.
+pub fn decode_at_context(
+    model: &Model,
+    ids: &[u32],
+    context: usize,
+    steps: usize,
+    reps: usize,
+) -> Result<(SpeedRow, usize)> {
+    let prompt = ids
+        .get(..context)
+        .ok_or_else(|| Error::Invalid(format!("bench needs {context} tokens of text")))?;
+    let mut runs = Vec::with_capacity(reps);
+    let mut bytes = 0;
+    for i in 0..=reps {
+        let mut cache = KvCache::new(model, context + steps)?;
+        let mut logits = model.forward(prompt, Some(&mut cache), Logits::Last, None)?;
+        let s = Instant::now();
+        for _ in 0..steps {
+            let next = argmax(&logits);
+            logits = model.forward(&[next], Some(&mut cache), Logits::Last, None)?;
+        }
+        if i > 0 {
+            runs.push(s.elapsed().as_secs_f64());
+        }
+        bytes = cache.bytes();
+    }
+    Ok((row(&format!("decode at {context}"), steps, runs), bytes))
 }

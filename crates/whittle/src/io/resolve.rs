@@ -64,32 +64,41 @@ pub struct Loaded {
 
 /// Loads a model file or folder and its tokenizer.
 pub fn load(path: &Path) -> Result<Loaded> {
+    let model = load_model(path)?;
+    let tokenizer = load_tokenizer(path, &model)?;
+    Ok(Loaded {
+        model,
+        tokenizer,
+        path: path.to_path_buf(),
+    })
+}
+
+/// Loads the model of a file or folder (no tokenizer needed: `inspect` and `bench` run on
+/// checkpoints that ship none).
+pub fn load_model(path: &Path) -> Result<Model> {
     if path.is_dir() {
-        let model = safetensors::load(path)?;
-        let tok_path = path.join("tokenizer.json");
-        if !tok_path.is_file() {
-            return Err(Error::Tokenizer(format!(
-                "{}: tokenizer.json missing from the model folder",
-                path.display()
-            )));
-        }
-        let mut tokenizer = Tokenizer::from_file(&tok_path)?;
-        tokenizer.bos = tokenizer.bos.or(model.config.bos_token_id);
-        tokenizer.eos = tokenizer.eos.or(model.config.eos_token_id);
-        Ok(Loaded {
-            model,
-            tokenizer,
-            path: path.to_path_buf(),
-        })
+        safetensors::load(path)
     } else {
-        let (model, file) = gguf::load(path)?;
-        let tokenizer = Tokenizer::from_spec(&file.tokenizer_spec()?)?;
-        Ok(Loaded {
-            model,
-            tokenizer,
-            path: path.to_path_buf(),
-        })
+        Ok(gguf::load(path)?.0)
     }
+}
+
+/// The tokenizer of a model folder (`tokenizer.json`) or GGUF file (its metadata).
+pub fn load_tokenizer(path: &Path, model: &Model) -> Result<Tokenizer> {
+    if !path.is_dir() {
+        return Tokenizer::from_spec(&gguf::GgufFile::open(path)?.tokenizer_spec()?);
+    }
+    let tok_path = path.join("tokenizer.json");
+    if !tok_path.is_file() {
+        return Err(Error::Tokenizer(format!(
+            "{}: tokenizer.json missing from the model folder",
+            path.display()
+        )));
+    }
+    let mut tokenizer = Tokenizer::from_file(&tok_path)?;
+    tokenizer.bos = tokenizer.bos.or(model.config.bos_token_id);
+    tokenizer.eos = tokenizer.eos.or(model.config.eos_token_id);
+    Ok(tokenizer)
 }
 
 /// Names, storage types and shapes of the tensors in a model file or folder.

@@ -33,15 +33,7 @@ pub(super) struct Shards {
 
 impl Shards {
     pub(super) fn open(dir: &Path) -> Result<Self> {
-        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-            .map_err(|e| Error::io(dir, e))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-            .collect();
-        files.sort();
-        if files.is_empty() {
-            return Err(Error::format(dir, "no *.safetensors file in the folder"));
-        }
+        let files = weight_files(dir)?;
         let mut maps = Vec::new();
         let mut index = HashMap::new();
         for (i, path) in files.into_iter().enumerate() {
@@ -177,6 +169,47 @@ impl Shards {
         }
         Ok(lin)
     }
+}
+
+/// The weight files of a folder: the shards an index (`model.safetensors.index.json`) names, else
+/// `model.safetensors`, else every `model*.safetensors`. Other safetensors files in the folder
+/// (adapters, test fixtures) are not weights of the model.
+fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let index = dir.join("model.safetensors.index.json");
+    if index.is_file() {
+        let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+        let v: Value = serde_json::from_str(&text).map_err(|e| Error::format(&index, e))?;
+        let mut files: Vec<PathBuf> = v["weight_map"]
+            .as_object()
+            .ok_or_else(|| Error::format(&index, "no weight_map"))?
+            .values()
+            .filter_map(|f| f.as_str().map(|f| dir.join(f)))
+            .collect();
+        files.sort();
+        files.dedup();
+        return Ok(files);
+    }
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("model") && n.ends_with(".safetensors"))
+        })
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(Error::format(
+            dir,
+            "no model*.safetensors file in the folder",
+        ));
+    }
+    Ok(files)
 }
 
 /// Names, dtypes and shapes of all tensors in a folder's shards, sorted by name.

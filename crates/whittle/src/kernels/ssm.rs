@@ -94,7 +94,7 @@ pub fn selective_scan(inp: &ScanInputs, state: &mut [f32], y: &mut [f32]) {
     let run = |blk: usize, st: &mut [f32]| -> Vec<f32> {
         let c0 = blk * CH_BLOCK;
         let cw = (e - c0).min(CH_BLOCK);
-        let mut out = vec![0f32; t * cw];
+        let mut out = vec![0f32; t * CH_BLOCK];
         scan_block(inp, c0, cw, st, &mut out);
         out
     };
@@ -114,33 +114,75 @@ pub fn selective_scan(inp: &ScanInputs, state: &mut [f32], y: &mut [f32]) {
     debug_assert_eq!(parts.len(), blocks);
     for (blk, part) in parts.iter().enumerate() {
         let c0 = blk * CH_BLOCK;
-        let cw = part.len() / t.max(1);
-        for s in 0..t {
-            y[s * e + c0..s * e + c0 + cw].copy_from_slice(&part[s * cw..(s + 1) * cw]);
+        let cw = (e - c0).min(CH_BLOCK);
+        for (s, src) in part.chunks_exact(CH_BLOCK).enumerate() {
+            let dst = &mut y[s * e + c0..s * e + c0 + cw];
+            if cw == CH_BLOCK {
+                let full: &mut [f32; CH_BLOCK] = dst.try_into().expect("CH_BLOCK floats");
+                *full = src.try_into().expect("CH_BLOCK floats");
+            } else {
+                dst.copy_from_slice(&src[..cw]);
+            }
         }
     }
 }
 
 simd_dispatch! {
-    /// The scan of channels `c0..c0+cw` over all steps; `out` is `[t, cw]`.
+    /// The scan of channels `c0..c0+cw` (`cw ≤ CH_BLOCK`) over all steps; `out` is `[t, CH_BLOCK]`
+    /// (lanes past `cw` are padding).
+    /// The block's state is held transposed, `[d_state][CH_BLOCK]`, so every operation of a step
+    /// is a vertical one over `CH_BLOCK` lanes (one AVX-512 register): no horizontal sums.
     fn scan_block(inp: &ScanInputs, c0: usize, cw: usize, state: &mut [f32], out: &mut [f32]) {
+        const L: usize = CH_BLOCK;
         let (e, n) = (inp.channels, inp.d_state);
         let t = inp.x.len() / e;
-        for s in 0..t {
-            let (bs, cs) = (&inp.b[s * n..(s + 1) * n], &inp.c[s * n..(s + 1) * n]);
-            for j in 0..cw {
-                let ch = c0 + j;
-                let (dt, xv) = (inp.delta[s * e + ch], inp.x[s * e + ch]);
-                let dx = dt * xv;
-                let h = &mut state[j * n..(j + 1) * n];
-                let a = &inp.a[ch * n..(ch + 1) * n];
-                let mut acc = 0f32;
-                for k in 0..n {
-                    let hk = exp_approx(dt * a[k]) * h[k] + dx * bs[k];
-                    h[k] = hk;
-                    acc += hk * cs[k];
+        let mut h = vec![[0f32; L]; n];
+        let mut a = vec![[0f32; L]; n];
+        for j in 0..cw {
+            for k in 0..n {
+                h[k][j] = state[j * n + k];
+                a[k][j] = inp.a[(c0 + j) * n + k];
+            }
+        }
+        // Fixed-length loads for full blocks (a runtime-length copy is a memmove call per step).
+        let lanes = |src: &[f32], s: usize| -> [f32; L] {
+            let at = s * e + c0;
+            match src.get(at..at + L) {
+                Some(full) if cw == L => full.try_into().expect("L floats"),
+                _ => {
+                    let mut v = [0f32; L];
+                    v[..cw].copy_from_slice(&src[at..at + cw]);
+                    v
                 }
-                out[s * cw + j] = (acc + inp.d[ch] * xv) * silu(inp.z[s * e + ch]);
+            }
+        };
+        let mut d = [0f32; L];
+        d[..cw].copy_from_slice(&inp.d[c0..c0 + cw]);
+        for s in 0..t {
+            // Padding lanes have Δ = 0: their state stays 0 and is never written back.
+            let (dt, xv, z) = (lanes(inp.delta, s), lanes(inp.x, s), lanes(inp.z, s));
+            let (bs, cs) = (&inp.b[s * n..(s + 1) * n], &inp.c[s * n..(s + 1) * n]);
+            let mut dx = [0f32; L];
+            let mut acc = [0f32; L];
+            for l in 0..L {
+                dx[l] = dt[l] * xv[l];
+            }
+            for k in 0..n {
+                let (hk, ak, bk, ck) = (&mut h[k], &a[k], bs[k], cs[k]);
+                for l in 0..L {
+                    hk[l] = exp_approx(dt[l] * ak[l]) * hk[l] + dx[l] * bk;
+                    acc[l] += hk[l] * ck;
+                }
+            }
+            let mut y = [0f32; L];
+            for l in 0..L {
+                y[l] = (acc[l] + d[l] * xv[l]) * silu(z[l]);
+            }
+            out[s * L..(s + 1) * L].copy_from_slice(&y);
+        }
+        for j in 0..cw {
+            for k in 0..n {
+                state[j * n + k] = h[k][j];
             }
         }
     }
