@@ -18,6 +18,7 @@ pub mod quant;
 pub mod recipe;
 pub mod sparsity;
 pub mod threads;
+pub mod train;
 
 pub use error::{Error, Result};
 pub use model::Model;

@@ -10,6 +10,7 @@ pub mod linear;
 pub mod packed;
 pub mod random;
 pub mod sampling;
+pub mod params;
 pub mod ssm;
 
 pub use config::{Arch, AttnShape, LayerShape, ModelConfig, SsmShape, WindowRule};

@@ -1,0 +1,329 @@
+//! The forward pass on candle tensors, for training: the same computation as
+//! [`crate::model::Model::forward`] (attention, SSM and hybrid layers, meta tokens, sliding
+//! windows, KV sharing), over a batch, with gradients. The model's structure is read from the
+//! [`Model`]; its weights live in [`Trainable`]'s variables while training and are written back
+//! afterwards.
+//!
+//! Only ops whose backward candle implements are used (no fused softmax/RMSNorm/RoPE, which drop
+//! gradients silently); the selective scan is [`super::scan_op::SelectiveScan`].
+
+use super::scan_op::SelectiveScan;
+use crate::model::{KvSource, Layer, Model};
+use candle_core::{Device, Result, Tensor, Var, D};
+use std::collections::HashMap;
+
+/// The model's parameters as candle variables, by [`Model::visit_parameters`] name.
+pub struct Trainable {
+    pub names: Vec<String>,
+    pub vars: HashMap<String, Var>,
+}
+
+impl Trainable {
+    /// Copies every parameter of `model` into a variable.
+    pub fn new(model: &mut Model) -> Result<Self> {
+        let mut names = Vec::new();
+        let mut vars = HashMap::new();
+        let mut err = None;
+        model.visit_parameters(&mut |name, shape, data| {
+            match Var::from_slice(data, shape, &Device::Cpu) {
+                Ok(v) => {
+                    names.push(name.to_string());
+                    vars.insert(name.to_string(), v);
+                }
+                Err(e) => err = Some(e),
+            }
+        });
+        err.map_or(Ok(Trainable { names, vars }), Err)
+    }
+
+    /// Copies the variables' values back into `model`.
+    pub fn write_back(&self, model: &mut Model) -> Result<()> {
+        let mut err = None;
+        model.visit_parameters(&mut |name, _, data| {
+            if let Some(v) = self.vars.get(name) {
+                match v.flatten_all().and_then(|t| t.to_vec1::<f32>()) {
+                    Ok(vals) => *data = vals,
+                    Err(e) => err = Some(e),
+                }
+            }
+        });
+        err.map_or(Ok(()), Err)
+    }
+
+    fn get(&self, name: &str) -> Result<&Tensor> {
+        self.vars
+            .get(name)
+            .map(|v| v.as_tensor())
+            .ok_or_else(|| candle_core::Error::Msg(format!("no parameter {name}")))
+    }
+
+    /// Parameter count.
+    pub fn len(&self) -> usize {
+        self.vars.values().map(|v| v.elem_count()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.vars.is_empty()
+    }
+}
+
+/// `x [B, S, in] · Wᵀ` for `w [out, in]`.
+fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let (b, s, i) = x.dims3()?;
+    x.reshape((b * s, i))?
+        .matmul(&w.t()?)?
+        .reshape((b, s, w.dim(0)?))
+}
+
+/// RMSNorm over the last dimension, from primitives.
+fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+    x.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(w)
+}
+
+/// Softmax over the last dimension, from primitives (the max is a constant for the gradient).
+fn softmax(x: &Tensor) -> Result<Tensor> {
+    let m = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&m)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+/// `log(1 + e^x)`, stable for large `|x|`.
+fn softplus(x: &Tensor) -> Result<Tensor> {
+    x.relu()? + ((x.abs()?.neg()?.exp()? + 1.0)?.log()?)
+}
+
+/// Half-split rotary embedding of `x [B, heads, S, d]` with `cos`, `sin` `[S, d/2]`.
+fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let half = x.dim(3)? / 2;
+    let (x1, x2) = (x.narrow(3, 0, half)?, x.narrow(3, half, half)?);
+    let a = (x1.broadcast_mul(cos)? - x2.broadcast_mul(sin)?)?;
+    let b = (x2.broadcast_mul(cos)? + x1.broadcast_mul(sin)?)?;
+    Tensor::cat(&[a, b], 3)
+}
+
+/// Additive mask `[S, S]`: 0 where query `i` sees key `j` (the rule of
+/// [`crate::kernels::attention::Mask`]), −∞ elsewhere.
+fn mask(s: usize, window: Option<usize>, sink: usize) -> Result<Tensor> {
+    let v: Vec<f32> = (0..s * s)
+        .map(|k| {
+            let (i, j) = (k / s, k % s);
+            let visible = j <= i && window.is_none_or(|w| i - j <= w || j < sink);
+            if visible {
+                0.0
+            } else {
+                f32::NEG_INFINITY
+            }
+        })
+        .collect();
+    Tensor::from_vec(v, (s, s), &Device::Cpu)
+}
+
+/// Logits `[B, T, vocab]` of token ids `[B, T]`.
+pub fn forward(model: &Model, p: &Trainable, ids: &Tensor) -> Result<Tensor> {
+    let (b, t) = ids.dims2()?;
+    let c = &model.config;
+    let (h, m, eps) = (c.hidden, c.memory_tokens, c.rms_eps as f64);
+    let embed = p.get("embed")?;
+    let mut x = embed
+        .index_select(&ids.flatten_all()?, 0)?
+        .reshape((b, t, h))?;
+    if m > 0 {
+        let mem = p.get("memory")?.unsqueeze(0)?.broadcast_as((b, m, h))?;
+        x = Tensor::cat(&[&mem, &x], 1)?;
+    }
+    let s = m + t;
+    let ctx = Context::new(model, s)?;
+    let mut shared: Vec<Option<(Tensor, Tensor)>> = vec![None; model.layers.len()];
+    for (i, layer) in model.layers.iter().enumerate() {
+        x = layer_forward(i, layer, model, p, &ctx, &x, &mut shared)?;
+    }
+    let x = rms_norm(&x.narrow(1, m, t)?, p.get("final_norm")?, eps)?;
+    let head = match p.vars.get("lm_head") {
+        Some(v) => v.as_tensor(),
+        None => embed,
+    };
+    linear(&x, head)
+}
+
+/// Per-call constants: RoPE tables and one mask per distinct window.
+struct Context {
+    cos: Tensor,
+    sin: Tensor,
+    masks: HashMap<Option<usize>, Tensor>,
+}
+
+impl Context {
+    fn new(model: &Model, s: usize) -> Result<Self> {
+        let head_dim = model
+            .layers
+            .iter()
+            .find_map(|l| l.attn.as_ref().map(|a| a.shape.head_dim))
+            .unwrap_or(2);
+        let half = head_dim / 2;
+        let theta = model.config.rope_theta;
+        let (mut cos, mut sin) = (Vec::with_capacity(s * half), Vec::with_capacity(s * half));
+        for pos in 0..s {
+            for i in 0..half {
+                let angle = pos as f32 / theta.powf((2 * i) as f32 / head_dim as f32);
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        let mut masks = HashMap::new();
+        for l in &model.layers {
+            if let Some(a) = &l.attn {
+                if !masks.contains_key(&a.window) {
+                    masks.insert(a.window, mask(s, a.window, model.config.memory_tokens)?);
+                }
+            }
+        }
+        Ok(Context {
+            cos: Tensor::from_vec(cos, (s, half), &Device::Cpu)?,
+            sin: Tensor::from_vec(sin, (s, half), &Device::Cpu)?,
+            masks,
+        })
+    }
+}
+
+fn layer_forward(
+    i: usize,
+    layer: &Layer,
+    model: &Model,
+    p: &Trainable,
+    ctx: &Context,
+    x: &Tensor,
+    shared: &mut [Option<(Tensor, Tensor)>],
+) -> Result<Tensor> {
+    let eps = model.config.rms_eps as f64;
+    let w = |name: &str| p.get(&format!("layers.{i}.{name}"));
+    let hybrid = layer.ssm.is_some();
+    let mut x = x.clone();
+    if layer.attn.is_some() || layer.ssm.is_some() {
+        let normed = rms_norm(&x, w("attn_norm")?, eps)?;
+        let attn = match &layer.attn {
+            Some(a) => Some(attention(i, a, hybrid, p, ctx, &normed, shared)?),
+            None => None,
+        };
+        let ssm = match &layer.ssm {
+            Some(m) => Some(ssm_branch(i, m, p, &normed, eps)?),
+            None => None,
+        };
+        let (mixed, out_name) = match (attn, ssm) {
+            (Some(a), Some(y)) => {
+                let a = rms_norm(&a, w("fusion.0")?, eps)?;
+                let y = rms_norm(&y, w("fusion.1")?, eps)?;
+                (((a + y)? * 0.5)?, "mamba.out_proj")
+            }
+            (Some(a), None) => (a, "self_attn.o_proj"),
+            (None, Some(y)) => (y, "mamba.out_proj"),
+            (None, None) => unreachable!(),
+        };
+        x = (x + linear(&mixed, w(out_name)?)?)?;
+    }
+    if layer.mlp.is_some() {
+        let normed = rms_norm(&x, w("mlp_norm")?, eps)?;
+        let g = linear(&normed, w("mlp.gate_proj")?)?.silu()?;
+        let u = linear(&normed, w("mlp.up_proj")?)?;
+        x = (x + linear(&(g * u)?, w("mlp.down_proj")?)?)?;
+    }
+    Ok(x)
+}
+
+/// Attention heads `[B, S, n_heads·v_head_dim]` of layer `i`.
+fn attention(
+    i: usize,
+    a: &crate::model::Attention,
+    hybrid: bool,
+    p: &Trainable,
+    ctx: &Context,
+    normed: &Tensor,
+    shared: &mut [Option<(Tensor, Tensor)>],
+) -> Result<Tensor> {
+    let (b, s, _) = normed.dims3()?;
+    let sh = a.shape;
+    // The names of Layer::linears: Hymba's split in_proj, or Llama's projections.
+    let w = |x: &str| -> Result<&Tensor> {
+        p.get(&if hybrid {
+            format!("layers.{i}.mamba.in_proj.{x}")
+        } else {
+            format!("layers.{i}.self_attn.{x}_proj")
+        })
+    };
+    let heads = |x: Tensor, n: usize, d: usize| -> Result<Tensor> {
+        x.reshape((b, s, n, d))?.transpose(1, 2)?.contiguous()
+    };
+    let q = heads(linear(normed, w("q")?)?, sh.n_heads, sh.head_dim)?;
+    let q = rope(&q, &ctx.cos, &ctx.sin)?;
+    let (k, v) = match a.kv {
+        KvSource::Own { .. } => {
+            let k = linear(normed, w("k")?)?;
+            let v = linear(normed, w("v")?)?;
+            let k = rope(&heads(k, sh.n_kv_heads, sh.head_dim)?, &ctx.cos, &ctx.sin)?;
+            let v = heads(v, sh.n_kv_heads, sh.v_head_dim)?;
+            shared[i] = Some((k.clone(), v.clone()));
+            (k, v)
+        }
+        KvSource::Shared(src) => shared[src]
+            .clone()
+            .ok_or_else(|| candle_core::Error::Msg(format!("layer {i}: layer {src} has no K/V")))?,
+    };
+    // GQA: repeat each KV head for its group of query heads.
+    let group = sh.n_heads / sh.n_kv_heads;
+    let repeat = |x: &Tensor, d: usize| -> Result<Tensor> {
+        x.unsqueeze(2)?
+            .broadcast_as((b, sh.n_kv_heads, group, s, d))?
+            .reshape((b, sh.n_heads, s, d))
+    };
+    let (k, v) = (repeat(&k, sh.head_dim)?, repeat(&v, sh.v_head_dim)?);
+    let scores = (q.matmul(&k.t()?)? / (sh.head_dim as f64).sqrt())?;
+    let scores = scores.broadcast_add(&ctx.masks[&a.window])?;
+    softmax(&scores)?
+        .matmul(&v)?
+        .transpose(1, 2)?
+        .reshape((b, s, sh.out_dim()))
+}
+
+/// The gated SSM output `[B, S, E]` of layer `i`.
+fn ssm_branch(i: usize, m: &crate::model::Ssm, p: &Trainable, normed: &Tensor, eps: f64) -> Result<Tensor> {
+    let w = |name: &str| p.get(&format!("layers.{i}.mamba.{name}"));
+    let (b, s, _) = normed.dims3()?;
+    let sh = m.shape;
+    let (e, n, k, r) = (sh.inner, sh.d_state, sh.d_conv, sh.dt_rank);
+    let xs = linear(normed, w("in_proj.x")?)?;
+    let z = linear(normed, w("in_proj.z")?)?;
+    // Depthwise causal conv: K shifted copies of the zero-padded input, each scaled per channel.
+    let padded = xs.pad_with_zeros(1, k - 1, 0)?;
+    let conv_w = w("conv1d.weight")?;
+    let mut xc = w("conv1d.bias")?.reshape((1, 1, e))?.broadcast_as((b, s, e))?.clone();
+    for j in 0..k {
+        let tap = conv_w.narrow(1, j, 1)?.reshape((1, 1, e))?;
+        xc = (xc + padded.narrow(1, j, s)?.broadcast_mul(&tap)?)?;
+    }
+    let xc = xc.silu()?;
+    let proj = linear(&xc, w("x_proj.0")?)?;
+    let (mut dt_r, mut bm, mut cm) = (proj.narrow(2, 0, r)?, proj.narrow(2, r, n)?, proj.narrow(2, r + n, n)?);
+    if m.inner_norms.is_some() {
+        dt_r = rms_norm(&dt_r, w("dt_layernorm")?, eps)?;
+        bm = rms_norm(&bm, w("B_layernorm")?, eps)?;
+        cm = rms_norm(&cm, w("C_layernorm")?, eps)?;
+    }
+    let delta = softplus(&linear(&dt_r, w("dt_proj.0")?)?.broadcast_add(w("dt_proj.0.bias")?)?)?;
+    let u = (&delta * &xc)?;
+    let a = w("A_log.0")?.exp()?.neg()?;
+    let du = Tensor::cat(&[&delta, &u], 2)?.contiguous()?;
+    let bc = Tensor::cat(&[&bm, &cm], 2)?.contiguous()?;
+    let y = du.apply_op3(&a.contiguous()?, &bc, SelectiveScan)?;
+    let y = (y + xc.broadcast_mul(w("D.0")?)?)?;
+    y * z.silu()?
+}
+
+/// Mean next-token cross-entropy of `logits [B, T, V]` against `targets [B, T]` (u32).
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let (b, t, v) = logits.dims3()?;
+    let l = logits.reshape((b * t, v))?;
+    let mx = l.max_keepdim(1)?.detach();
+    let lse = (l.broadcast_sub(&mx)?.exp()?.sum_keepdim(1)?.log()? + &mx)?;
+    let picked = l.gather(&targets.reshape((b * t, 1))?, 1)?;
+    (lse - picked)?.mean_all()
+}

@@ -1,0 +1,6 @@
+//! Training on candle autograd: the forward pass as a differentiable graph over the one model
+//! representation, the selective scan as a custom op with its own backward, AdamW with a
+//! warmup + cosine schedule, and a resumable training loop.
+
+pub mod graph;
+pub mod scan_op;

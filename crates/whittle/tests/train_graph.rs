@@ -1,0 +1,108 @@
+//! The differentiable forward pass used for training agrees with the inference forward pass on
+//! every architecture, and its gradients agree with finite differences.
+
+mod common;
+
+use candle_core::{Device, Tensor};
+use whittle::model::Logits;
+use whittle::train::graph::{cross_entropy, forward, Trainable};
+use whittle::Model;
+
+fn hymba() -> Model {
+    whittle::io::safetensors::load(&common::shared().join("fixtures/hymba-tiny")).unwrap()
+}
+
+fn mamba() -> Model {
+    use whittle::model::{random::random_model, Arch, LayerShape, ModelConfig, SsmShape};
+    let config = ModelConfig {
+        arch: Arch::Mamba,
+        ..common::tiny_config(true)
+    };
+    let ssm = SsmShape {
+        inner: 32,
+        d_state: 8,
+        d_conv: 4,
+        dt_rank: 3,
+    };
+    let shape = LayerShape {
+        attn: None,
+        ssm: Some(ssm),
+        mlp: Some(24),
+    };
+    random_model(config, &[shape; 2], 5).unwrap()
+}
+
+fn ids(n: usize, vocab: usize, seed: usize) -> Vec<u32> {
+    (0..n).map(|i| ((i * 31 + seed * 7 + 3) % vocab) as u32).collect()
+}
+
+#[test]
+fn graph_logits_equal_inference_logits() {
+    for (name, mut m) in [
+        ("llama", common::tiny_model(2)),
+        ("hymba", hymba()),
+        ("mamba", mamba()),
+    ] {
+        let vocab = m.config.vocab_size;
+        let (a, b) = (ids(21, vocab, 1), ids(21, vocab, 2));
+        let p = Trainable::new(&mut m).unwrap();
+        let batch = Tensor::from_vec([a.clone(), b.clone()].concat(), (2, 21), &Device::Cpu).unwrap();
+        let got = forward(&m, &p, &batch).unwrap();
+        let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let want = [
+            m.forward(&a, None, Logits::All, None).unwrap(),
+            m.forward(&b, None, Logits::All, None).unwrap(),
+        ]
+        .concat();
+        let d = common::max_abs_diff(&got, &want);
+        assert!(d < 1e-4, "{name}: graph vs inference logits differ by {d}");
+    }
+}
+
+/// Central differences of the loss along a few coordinates of every parameter tensor.
+fn check_gradients(mut m: Model) {
+    let vocab = m.config.vocab_size;
+    let seq = ids(13, vocab, 3);
+    let p = Trainable::new(&mut m).unwrap();
+    let x = Tensor::from_vec(seq[..12].to_vec(), (1, 12), &Device::Cpu).unwrap();
+    let y = Tensor::from_vec(seq[1..].to_vec(), (1, 12), &Device::Cpu).unwrap();
+    let loss = |p: &Trainable| cross_entropy(&forward(&m, p, &x).unwrap(), &y).unwrap();
+    let grads = loss(&p).backward().unwrap();
+    for name in &p.names {
+        let var = &p.vars[name];
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{name}: no gradient"));
+        let g = g.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let base = var.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        // The largest-gradient coordinate and one fixed coordinate.
+        let big = (0..g.len()).max_by(|&a, &b| g[a].abs().total_cmp(&g[b].abs())).unwrap();
+        for i in [big, base.len() / 3] {
+            let h = 1e-2f32;
+            let at = |delta: f32| {
+                let mut v = base.clone();
+                v[i] += delta;
+                var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap()).unwrap();
+                loss(&p).to_scalar::<f32>().unwrap() as f64
+            };
+            let fd = (at(h) - at(-h)) / (2.0 * h as f64);
+            at(0.0);
+            let got = g[i] as f64;
+            assert!(
+                (got - fd).abs() < 5e-3 + 0.05 * fd.abs(),
+                "{name}[{i}]: autograd {got} vs finite difference {fd}"
+            );
+        }
+    }
+}
+
+#[test]
+fn gradients_match_finite_differences_llama_and_mamba() {
+    check_gradients(common::tiny_model(4));
+    check_gradients(mamba());
+}
+
+#[test]
+fn gradients_match_finite_differences_hymba() {
+    check_gradients(hymba());
+}
