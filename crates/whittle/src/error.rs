@@ -18,7 +18,7 @@ pub enum Error {
     #[error("{path}: {msg}")]
     Format { path: PathBuf, msg: String },
     /// A model whose architecture whittle does not implement.
-    #[error("unsupported architecture '{0}' (whittle runs: llama)")]
+    #[error("unsupported architecture '{0}' (whittle runs: llama, hymba, mamba)")]
     UnknownArchitecture(String),
     /// A tensor whose shape disagrees with the model configuration.
     #[error("tensor '{name}': expected shape {expected:?}, found {found:?}")]
@@ -38,6 +38,9 @@ pub enum Error {
     /// Fetching a model failed (pip missing, offline, checksum mismatch, ...).
     #[error("fetch: {0}")]
     Fetch(String),
+    /// A tensor operation of the training graph failed.
+    #[error("training: {0}")]
+    Train(#[from] candle_core::Error),
 }
 
 impl Error {

@@ -33,7 +33,9 @@ fn mamba() -> Model {
 }
 
 fn ids(n: usize, vocab: usize, seed: usize) -> Vec<u32> {
-    (0..n).map(|i| ((i * 31 + seed * 7 + 3) % vocab) as u32).collect()
+    (0..n)
+        .map(|i| ((i * 31 + seed * 7 + 3) % vocab) as u32)
+        .collect()
 }
 
 #[test]
@@ -46,7 +48,8 @@ fn graph_logits_equal_inference_logits() {
         let vocab = m.config.vocab_size;
         let (a, b) = (ids(21, vocab, 1), ids(21, vocab, 2));
         let p = Trainable::new(&mut m).unwrap();
-        let batch = Tensor::from_vec([a.clone(), b.clone()].concat(), (2, 21), &Device::Cpu).unwrap();
+        let batch =
+            Tensor::from_vec([a.clone(), b.clone()].concat(), (2, 21), &Device::Cpu).unwrap();
         let got = forward(&m, &p, &batch).unwrap();
         let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let want = [
@@ -76,13 +79,16 @@ fn check_gradients(mut m: Model) {
         let g = g.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let base = var.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         // The largest-gradient coordinate and one fixed coordinate.
-        let big = (0..g.len()).max_by(|&a, &b| g[a].abs().total_cmp(&g[b].abs())).unwrap();
+        let big = (0..g.len())
+            .max_by(|&a, &b| g[a].abs().total_cmp(&g[b].abs()))
+            .unwrap();
         for i in [big, base.len() / 3] {
             let h = 1e-2f32;
             let at = |delta: f32| {
                 let mut v = base.clone();
                 v[i] += delta;
-                var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap()).unwrap();
+                var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
+                    .unwrap();
                 loss(&p).to_scalar::<f32>().unwrap() as f64
             };
             let fd = (at(h) - at(-h)) / (2.0 * h as f64);

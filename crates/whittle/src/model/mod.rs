@@ -8,9 +8,9 @@ pub mod generate;
 pub mod kv_cache;
 pub mod linear;
 pub mod packed;
+pub mod params;
 pub mod random;
 pub mod sampling;
-pub mod params;
 pub mod ssm;
 
 pub use config::{Arch, AttnShape, LayerShape, ModelConfig, SsmShape, WindowRule};

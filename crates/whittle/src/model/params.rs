@@ -4,13 +4,16 @@
 
 use super::{Layer, Model};
 
+/// Receives `(name, shape, values)` of one parameter.
+pub type ParamVisitor<'a> = dyn FnMut(&str, &[usize], &mut Vec<f32>) + 'a;
+
 impl Model {
     /// Calls `f(name, shape, values)` for every parameter, in a fixed order. Packed linears are
     /// expanded to f32 first (training updates dense values). Names: `embed`, `memory`,
     /// `final_norm`, `lm_head`, and per layer `layers.{i}.` followed by `attn_norm`, `mlp_norm`,
     /// `fusion.{0,1}`, an SSM tensor (`mamba.conv1d.weight`, `mamba.A_log.0`, ...) or a linear's
     /// name (see [`Layer::linears`]).
-    pub fn visit_parameters(&mut self, f: &mut dyn FnMut(&str, &[usize], &mut Vec<f32>)) {
+    pub fn visit_parameters(&mut self, f: &mut ParamVisitor) {
         let (h, m) = (self.config.hidden, self.config.memory_tokens);
         let (vocab, width) = (self.embed.out_features, self.embed.in_features);
         f("embed", &[vocab, width], self.embed.dense_weight_mut());
@@ -28,7 +31,7 @@ impl Model {
     }
 }
 
-fn visit_layer(i: usize, l: &mut Layer, f: &mut dyn FnMut(&str, &[usize], &mut Vec<f32>)) {
+fn visit_layer(i: usize, l: &mut Layer, f: &mut ParamVisitor) {
     let p = |s: &str| format!("layers.{i}.{s}");
     let h = l.attn_norm.len();
     f(&p("attn_norm"), &[h], &mut l.attn_norm);

@@ -24,14 +24,16 @@ impl Trainable {
         let mut names = Vec::new();
         let mut vars = HashMap::new();
         let mut err = None;
-        model.visit_parameters(&mut |name, shape, data| {
-            match Var::from_slice(data, shape, &Device::Cpu) {
-                Ok(v) => {
-                    names.push(name.to_string());
-                    vars.insert(name.to_string(), v);
-                }
-                Err(e) => err = Some(e),
+        model.visit_parameters(&mut |name, shape, data| match Var::from_slice(
+            data,
+            shape,
+            &Device::Cpu,
+        ) {
+            Ok(v) => {
+                names.push(name.to_string());
+                vars.insert(name.to_string(), v);
             }
+            Err(e) => err = Some(e),
         });
         err.map_or(Ok(Trainable { names, vars }), Err)
     }
@@ -173,8 +175,8 @@ impl Context {
         let mut masks = HashMap::new();
         for l in &model.layers {
             if let Some(a) = &l.attn {
-                if !masks.contains_key(&a.window) {
-                    masks.insert(a.window, mask(s, a.window, model.config.memory_tokens)?);
+                if let std::collections::hash_map::Entry::Vacant(slot) = masks.entry(a.window) {
+                    slot.insert(mask(s, a.window, model.config.memory_tokens)?);
                 }
             }
         }
@@ -285,7 +287,13 @@ fn attention(
 }
 
 /// The gated SSM output `[B, S, E]` of layer `i`.
-fn ssm_branch(i: usize, m: &crate::model::Ssm, p: &Trainable, normed: &Tensor, eps: f64) -> Result<Tensor> {
+fn ssm_branch(
+    i: usize,
+    m: &crate::model::Ssm,
+    p: &Trainable,
+    normed: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
     let w = |name: &str| p.get(&format!("layers.{i}.mamba.{name}"));
     let (b, s, _) = normed.dims3()?;
     let sh = m.shape;
@@ -295,14 +303,21 @@ fn ssm_branch(i: usize, m: &crate::model::Ssm, p: &Trainable, normed: &Tensor, e
     // Depthwise causal conv: K shifted copies of the zero-padded input, each scaled per channel.
     let padded = xs.pad_with_zeros(1, k - 1, 0)?;
     let conv_w = w("conv1d.weight")?;
-    let mut xc = w("conv1d.bias")?.reshape((1, 1, e))?.broadcast_as((b, s, e))?.clone();
+    let mut xc = w("conv1d.bias")?
+        .reshape((1, 1, e))?
+        .broadcast_as((b, s, e))?
+        .clone();
     for j in 0..k {
         let tap = conv_w.narrow(1, j, 1)?.reshape((1, 1, e))?;
         xc = (xc + padded.narrow(1, j, s)?.broadcast_mul(&tap)?)?;
     }
     let xc = xc.silu()?;
     let proj = linear(&xc, w("x_proj.0")?)?;
-    let (mut dt_r, mut bm, mut cm) = (proj.narrow(2, 0, r)?, proj.narrow(2, r, n)?, proj.narrow(2, r + n, n)?);
+    let (mut dt_r, mut bm, mut cm) = (
+        proj.narrow(2, 0, r)?,
+        proj.narrow(2, r, n)?,
+        proj.narrow(2, r + n, n)?,
+    );
     if m.inner_norms.is_some() {
         dt_r = rms_norm(&dt_r, w("dt_layernorm")?, eps)?;
         bm = rms_norm(&bm, w("B_layernorm")?, eps)?;

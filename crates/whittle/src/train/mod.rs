@@ -3,4 +3,7 @@
 //! warmup + cosine schedule, and a resumable training loop.
 
 pub mod graph;
+pub mod optim;
+pub mod presets;
 pub mod scan_op;
+pub mod trainer;

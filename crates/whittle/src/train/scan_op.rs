@@ -39,11 +39,21 @@ fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
 }
 
 /// Runs the recurrence of one sequence; `states`, when given, receives `h_t` for every step.
-fn scan_one(d: Dims, du: &[f32], a: &[f32], bc: &[f32], y: &mut [f32], mut states: Option<&mut [f32]>) {
+fn scan_one(
+    d: Dims,
+    du: &[f32],
+    a: &[f32],
+    bc: &[f32],
+    y: &mut [f32],
+    mut states: Option<&mut [f32]>,
+) {
     let Dims { t, e, n, .. } = d;
     let mut h = vec![0f32; e * n];
     for s in 0..t {
-        let (row, bcs) = (&du[s * 2 * e..(s + 1) * 2 * e], &bc[s * 2 * n..(s + 1) * 2 * n]);
+        let (row, bcs) = (
+            &du[s * 2 * e..(s + 1) * 2 * e],
+            &bc[s * 2 * n..(s + 1) * 2 * n],
+        );
         let (bs, cs) = bcs.split_at(n);
         for c in 0..e {
             let (delta, u) = (row[c], row[e + c]);
@@ -98,8 +108,14 @@ impl CustomOp3 for SelectiveScan {
         let (b, t, e2) = du.dims3()?;
         let (e, n) = a.dims2()?;
         let d = Dims { b, t, e: e2 / 2, n };
-        let (du_v, a_v) = (du.flatten_all()?.to_vec1::<f32>()?, a.flatten_all()?.to_vec1::<f32>()?);
-        let (bc_v, gy) = (bc.flatten_all()?.to_vec1::<f32>()?, grad.flatten_all()?.to_vec1::<f32>()?);
+        let (du_v, a_v) = (
+            du.flatten_all()?.to_vec1::<f32>()?,
+            a.flatten_all()?.to_vec1::<f32>()?,
+        );
+        let (bc_v, gy) = (
+            bc.flatten_all()?.to_vec1::<f32>()?,
+            grad.flatten_all()?.to_vec1::<f32>()?,
+        );
         let per: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = (0..b)
             .into_par_iter()
             .map(|i| {
@@ -127,16 +143,29 @@ impl CustomOp3 for SelectiveScan {
 }
 
 /// Reverse-time pass of one sequence: gradients of `du`, `a` and `bc` given `gy = ∂L/∂y`.
-fn backward_one(d: Dims, du: &[f32], a: &[f32], bc: &[f32], gy: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+fn backward_one(
+    d: Dims,
+    du: &[f32],
+    a: &[f32],
+    bc: &[f32],
+    gy: &[f32],
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let Dims { t, e, n, .. } = d;
     let mut states = vec![0f32; t * e * n];
     let mut y = vec![0f32; t * e];
     scan_one(d, du, a, bc, &mut y, Some(&mut states));
-    let (mut g_du, mut g_a, mut g_bc) = (vec![0f32; t * 2 * e], vec![0f32; e * n], vec![0f32; t * 2 * n]);
+    let (mut g_du, mut g_a, mut g_bc) = (
+        vec![0f32; t * 2 * e],
+        vec![0f32; e * n],
+        vec![0f32; t * 2 * n],
+    );
     // ∂L/∂h_t, carried backwards through h_t = α_t ⊙ h_{t−1} + …
     let mut gh = vec![0f32; e * n];
     for s in (0..t).rev() {
-        let (row, bcs) = (&du[s * 2 * e..(s + 1) * 2 * e], &bc[s * 2 * n..(s + 1) * 2 * n]);
+        let (row, bcs) = (
+            &du[s * 2 * e..(s + 1) * 2 * e],
+            &bc[s * 2 * n..(s + 1) * 2 * n],
+        );
         let (bs, cs) = bcs.split_at(n);
         let (gb_row, gc_row) = g_bc[s * 2 * n..(s + 1) * 2 * n].split_at_mut(n);
         for c in 0..e {
@@ -145,7 +174,11 @@ fn backward_one(d: Dims, du: &[f32], a: &[f32], bc: &[f32], gy: &[f32]) -> (Vec<
             let (mut g_delta, mut g_u) = (0f32, 0f32);
             for k in 0..n {
                 let i = c * n + k;
-                let prev = if s > 0 { states[((s - 1) * e + c) * n + k] } else { 0.0 };
+                let prev = if s > 0 {
+                    states[((s - 1) * e + c) * n + k]
+                } else {
+                    0.0
+                };
                 gh[i] += g * cs[k];
                 gc_row[k] += g * h[k];
                 gb_row[k] += gh[i] * u;
@@ -210,7 +243,10 @@ mod tests {
             let g = grads.get(var.as_tensor()).unwrap();
             let g = g.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let eval = |vals: Vec<f32>| -> f64 {
-                let mut ts: Vec<Tensor> = inputs.iter().map(|(v, _, _)| v.as_tensor().clone()).collect();
+                let mut ts: Vec<Tensor> = inputs
+                    .iter()
+                    .map(|(v, _, _)| v.as_tensor().clone())
+                    .collect();
                 ts[k] = Tensor::from_vec(vals, shape.clone(), &dev).unwrap();
                 loss(&ts[0], &ts[1], &ts[2]).to_scalar::<f32>().unwrap() as f64
             };
