@@ -336,9 +336,9 @@ fn ssm_branch(
 /// Mean next-token cross-entropy of `logits [B, T, V]` against `targets [B, T]` (u32).
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let (b, t, v) = logits.dims3()?;
-    let l = logits.reshape((b * t, v))?;
-    let mx = l.max_keepdim(1)?.detach();
-    let lse = (l.broadcast_sub(&mx)?.exp()?.sum_keepdim(1)?.log()? + &mx)?;
-    let picked = l.gather(&targets.reshape((b * t, 1))?, 1)?;
-    (lse - picked)?.mean_all()
+    let targets = targets.flatten_all()?.to_vec1::<u32>()?;
+    logits
+        .reshape((b * t, v))?
+        .contiguous()?
+        .apply_op1(super::loss_op::CrossEntropy { targets })
 }

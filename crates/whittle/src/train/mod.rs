@@ -3,6 +3,7 @@
 //! warmup + cosine schedule, and a resumable training loop.
 
 pub mod graph;
+pub mod loss_op;
 pub mod optim;
 pub mod presets;
 pub mod scan_op;

@@ -125,6 +125,11 @@ impl Preset {
             ),
         };
         let mut model = random_model(config, &vec![shape; n], seed)?;
+        // Embeddings (also the tied output head) with standard deviation 0.02, as GPT-2 and
+        // Llama initialise them: the first logits are then near uniform.
+        for v in model.embed.dense_weight_mut().iter_mut() {
+            *v *= 0.02 * 3f32.sqrt();
+        }
         if hymba {
             hymba_layout(&mut model, d.window, self.kv_sharing)?;
             let mut rng_state = seed ^ 0x5eed;

@@ -92,7 +92,10 @@ impl Trainer {
                 "training needs batch, accumulation, steps ≥ 1 and a sequence length ≥ 2".into(),
             ));
         }
-        let mut model = config.preset.build(vocab, config.seq_len, config.seed)?;
+        // Room for 8k positions, so that trained models can be measured at long context.
+        let mut model = config
+            .preset
+            .build(vocab, config.seq_len.max(8192), config.seed)?;
         let params = Trainable::new(&mut model)?;
         Ok(Trainer {
             config,
@@ -235,17 +238,25 @@ impl Trainer {
         Ok(r.ppl)
     }
 
-    /// Runs until `config.steps` (or `stop_at`, if earlier), validating and checkpointing as
-    /// configured; `report` sees every row.
+    /// Runs until `config.steps` (or `stop_at`, or the first step boundary after `deadline`,
+    /// whichever comes first), validating and checkpointing as configured; the last step run is
+    /// always checkpointed when `dir` is given. `report` sees every row.
     pub fn run(
         &mut self,
         data: &TokenData,
         dir: Option<&Path>,
         stop_at: Option<u64>,
+        deadline: Option<Instant>,
         report: &mut dyn FnMut(&LogRow),
     ) -> Result<()> {
         let end = stop_at.unwrap_or(self.config.steps).min(self.config.steps);
         while self.step < end {
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                if let Some(dir) = dir {
+                    self.save(dir)?;
+                }
+                break;
+            }
             self.train_step(data)?;
             let (s, c) = (self.step, self.config.clone());
             let last = s == c.steps;

@@ -1,0 +1,89 @@
+//! `whittle plot`: training curves of `whittle train` runs (loss and validation perplexity
+//! against tokens seen), one line per run, as SVG.
+
+use anyhow::{Context, Result};
+use plotters::prelude::*;
+use std::path::{Path, PathBuf};
+use whittle::train::trainer::LogRow;
+
+/// A run's name (its folder) and log.
+fn read_log(dir: &Path) -> Result<(String, Vec<LogRow>)> {
+    let path = dir.join("checkpoint/state.json");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("{}", path.display()))?;
+    let state: serde_json::Value = serde_json::from_str(&text)?;
+    let log: Vec<LogRow> = serde_json::from_value(state["log"].clone())?;
+    let name = dir
+        .file_name()
+        .map_or("run".into(), |n| n.to_string_lossy().into_owned());
+    Ok((name, log))
+}
+
+/// Exponential moving average (the per-step loss is noisy).
+fn smooth(v: &[(f64, f64)], alpha: f64) -> Vec<(f64, f64)> {
+    let mut acc = None;
+    v.iter()
+        .map(|&(x, y)| {
+            let s = acc.map_or(y, |a: f64| a + alpha * (y - a));
+            acc = Some(s);
+            (x, s)
+        })
+        .collect()
+}
+
+pub fn curves(runs: &[PathBuf], out: &Path) -> Result<()> {
+    let logs: Vec<(String, Vec<LogRow>)> =
+        runs.iter().map(|r| read_log(r)).collect::<Result<_>>()?;
+    let series = |f: &dyn Fn(&LogRow) -> Option<f64>| -> Vec<(String, Vec<(f64, f64)>)> {
+        logs.iter()
+            .map(|(n, log)| {
+                let pts = log
+                    .iter()
+                    .filter_map(|r| f(r).map(|y| (r.tokens as f64 / 1e6, y)))
+                    .collect();
+                (n.clone(), pts)
+            })
+            .collect()
+    };
+    let loss: Vec<_> = series(&|r| Some(r.loss))
+        .into_iter()
+        .map(|(n, p)| (n, smooth(&p, 0.05)))
+        .collect();
+    let ppl = series(&|r| r.val_ppl.map(f64::ln));
+    let root = SVGBackend::new(out, (1200, 480)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let panels = root.split_evenly((1, 2));
+    for (area, (title, data)) in panels.iter().zip([
+        ("training loss (EMA 0.05)", &loss),
+        ("validation log-perplexity", &ppl),
+    ]) {
+        let pts = data.iter().flat_map(|(_, p)| p.iter());
+        let (x1, lo, hi) = pts.fold((0f64, f64::MAX, f64::MIN), |(x, lo, hi), &(a, b)| {
+            (x.max(a), lo.min(b), hi.max(b))
+        });
+        if lo > hi {
+            continue;
+        }
+        let mut chart = ChartBuilder::on(area)
+            .caption(title, ("sans-serif", 20))
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(48)
+            .build_cartesian_2d(0f64..x1.max(1e-3), lo * 0.98..hi * 1.02)?;
+        chart.configure_mesh().x_desc("million tokens").draw()?;
+        for (i, (name, p)) in data.iter().enumerate() {
+            let color = Palette99::pick(i).to_rgba();
+            chart
+                .draw_series(LineSeries::new(p.iter().copied(), color.stroke_width(2)))?
+                .label(name.clone())
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color));
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()?;
+    }
+    root.present()?;
+    println!("wrote {}", out.display());
+    Ok(())
+}
