@@ -127,10 +127,11 @@ pub fn run(
         ));
     })?;
     if trainer.step < c.steps {
-        pb.abandon_with_message(format!(
+        pb.abandon();
+        eprintln!(
             "time budget spent at step {}; run the same command again to resume",
             trainer.step
-        ));
+        );
         return Ok(());
     }
     pb.finish();

@@ -78,3 +78,68 @@ fn fetch_without_python_says_what_is_missing() {
     // Nothing half-written is left in the cache.
     assert_eq!(std::fs::read_dir(home.path()).unwrap().count(), 0);
 }
+
+fn shared(rel: &str) -> String {
+    format!("{}/../../../shared/{rel}", env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn hybrid_checkpoint_inspects_and_benches_without_a_tokenizer() {
+    let hymba = shared("fixtures/hymba-tiny");
+    let (code, out, err) = whittle(&["inspect", "--model", &hymba]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("KV shared 2←1, 5←4, 6←4"), "{out}");
+    // 3 global layers × (2·16 + 2·32) floats per position.
+    assert!(out.contains("1152 bytes/token"), "{out}");
+    let (code, out, err) = whittle(&[
+        "bench", "--model", &hymba, "--contexts", "64,512", "--steps", "4", "--reps", "1",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("decode tok/s") && out.contains("512"), "{out}");
+    let (code, out, err) = whittle(&["bench", "--scan", "--reps", "1"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("speed-up"), "{out}");
+}
+
+/// Uses the default model's tokenizer, so it runs with the real cache (not the test home).
+#[test]
+fn train_stops_on_its_time_budget_resumes_and_plots() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let out_s = out.to_str().unwrap();
+    let data = shared("data/gutenberg");
+    let args = |extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = [
+            "train", "--arch", "hymba", "--size", "tiny", "--data", &data, "--out", out_s,
+            "--steps", "3", "--batch", "2", "--seq-len", "32", "--warmup", "1", "--eval-every",
+            "2", "--eval-tokens", "256",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let run = |a: Vec<String>| {
+        let o = Command::new(env!("CARGO_BIN_EXE_whittle"))
+            .args(&a)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(o.status.success(), "{err}");
+        err
+    };
+    let err = run(args(&["--max-minutes", "0"]));
+    assert!(err.contains("time budget spent at step 0"), "{err}");
+    assert!(!out.join("summary.json").exists());
+    let err = run(args(&[]));
+    assert!(err.contains("resuming at step 0"), "{err}");
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["steps"], 3);
+    assert!(summary["val_ppl"].as_f64().unwrap().is_finite());
+    let svg = dir.path().join("curves.svg");
+    let (code, _, err) = whittle(&["plot", "--run", out_s, "--out", svg.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(std::fs::read_to_string(&svg).unwrap().contains("<svg"));
+}
