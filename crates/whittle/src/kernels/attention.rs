@@ -79,6 +79,9 @@ pub fn causal_attention(
     assert_eq!(q.len(), t * qd);
     assert!(k.len() >= s * kvd && v.len() >= s * vd);
     assert_eq!(out.len(), t * od);
+    if t == 1 && s >= SINGLE_QUERY_MIN_KEYS {
+        return single_query(q, k, v, s, shape, mask, out);
+    }
     let past = s - t;
     let group = n_heads / n_kv_heads;
     let scale = 1.0 / (d as f32).sqrt();
@@ -128,6 +131,124 @@ pub fn causal_attention(
         (0..jobs).for_each(task);
     } else {
         (0..jobs).into_par_iter().for_each(task);
+    }
+}
+
+/// From this many keys on, a decode step takes the matrix-vector path below instead of GEMMs
+/// (a GEMM with one query row spends its time packing the keys).
+const SINGLE_QUERY_MIN_KEYS: usize = 64;
+
+/// Attention of one query row (a decode step) over `s` keys: per KV head, the scores of its group
+/// of query heads (dot products), a softmax, and the value rows accumulated with those weights.
+/// One task per KV head, so each head's keys and values are read once for the whole group.
+fn single_query(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    s: usize,
+    shape: AttnShape,
+    mask: Mask,
+    out: &mut [f32],
+) {
+    let AttnShape {
+        n_heads,
+        n_kv_heads,
+        head_dim: d,
+        v_head_dim: dv,
+    } = shape;
+    let (kvd, vd) = (n_kv_heads * d, n_kv_heads * dv);
+    let group = n_heads / n_kv_heads;
+    let scale = 1.0 / (d as f32).sqrt();
+    let hidden = mask.hidden(s - 1);
+    let task = |(kvh, o): (usize, &mut [f32])| {
+        let heads = KvHead {
+            q: &q[kvh * group * d..(kvh + 1) * group * d],
+            k: &k[kvh * d..],
+            v: &v[kvh * dv..],
+            stride: (kvd, vd),
+            dims: (d, dv, s),
+        };
+        one_kv_head(&heads, scale, hidden.clone(), o);
+    };
+    let chunks = out.chunks_mut(group * dv).enumerate();
+    if crate::threads::threads() == 1 || s * n_heads * (d + dv) < PARALLEL_MIN_WORK {
+        chunks.for_each(task);
+    } else {
+        out.par_chunks_mut(group * dv).enumerate().for_each(task);
+    }
+}
+
+/// One KV head's share of a decode step: its group of query heads (`q`, `group × d`), its key and
+/// value rows (`k`, `v` start at the head's columns; rows are `stride` apart), `dims = (d, dv, s)`.
+struct KvHead<'a> {
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    stride: (usize, usize),
+    dims: (usize, usize, usize),
+}
+
+/// Rows ahead that [`one_kv_head`] asks the memory system for: cache rows are strided (all KV
+/// heads of a position are adjacent), which the hardware prefetcher follows poorly.
+const PREFETCH_ROWS: usize = 8;
+
+#[inline(always)]
+fn prefetch(buf: &[f32], at: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if at < buf.len() {
+        // SAFETY: a prefetch is only a hint; `at` is inside the buffer.
+        unsafe {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+            _mm_prefetch::<_MM_HINT_T0>(buf.as_ptr().add(at) as *const i8);
+        }
+    }
+}
+
+/// Lanes of the accumulators below (one AVX-512 register).
+const LANES: usize = 16;
+
+#[inline(always)]
+fn dot_inline(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ca.zip(cb) {
+        for l in 0..LANES {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+simd_dispatch! {
+    /// Scores, softmax and weighted values of one KV head's query group, with the inner loops
+    /// inlined into one vectorised body (a call per key was most of the time at long context).
+    fn one_kv_head(h: &KvHead, scale: f32, hidden: std::ops::Range<usize>, out: &mut [f32]) {
+        let (d, dv, s) = h.dims;
+        let (ks, vs) = h.stride;
+        let group = h.q.len() / d;
+        let mut p = vec![0f32; group * s];
+        for (g, row) in p.chunks_exact_mut(s).enumerate() {
+            let qh = &h.q[g * d..(g + 1) * d];
+            for (j, x) in row.iter_mut().enumerate() {
+                prefetch(h.k, (j + PREFETCH_ROWS) * ks);
+                *x = dot_inline(qh, &h.k[j * ks..j * ks + d]);
+            }
+            row[hidden.clone()].fill(f32::NEG_INFINITY);
+            softmax_in_place(row, scale);
+            row[hidden.clone()].fill(0.0);
+        }
+        out.fill(0.0);
+        for j in 0..s {
+            prefetch(h.v, (j + PREFETCH_ROWS) * vs);
+            let vj = &h.v[j * vs..j * vs + dv];
+            for (g, og) in out.chunks_exact_mut(dv).enumerate() {
+                let w = p[g * s + j];
+                for (o, x) in og.iter_mut().zip(vj) {
+                    *o += w * x;
+                }
+            }
+        }
     }
 }
 
