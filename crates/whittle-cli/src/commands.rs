@@ -401,17 +401,20 @@ pub fn compensate(
     model: Option<&str>,
     reference: Option<&str>,
     method: &str,
-    rank: usize,
+    rank: whittle::lowrank::RankChoice,
     fold: bool,
     peft: Option<PathBuf>,
     job: &JobArgs,
 ) -> Result<()> {
-    use whittle::lowrank::{compensate_model, LowRankMethod};
+    use whittle::lowrank::{compensate_choice, LowRankMethod, RankChoice, Ranks};
     let method = LowRankMethod::parse(method)?;
     let targets = &job.targets;
-    let settings = json!({"method": format!("{method:?}"), "rank": rank, "fold": fold,
-                          "reference": reference, "targets": targets});
-    let what = format!("compensate {method:?} r{rank}");
+    let settings = json!({"method": format!("{method:?}"), "rank": format!("{rank:?}"),
+                          "fold": fold, "reference": reference, "targets": targets});
+    let what = match rank {
+        RankChoice::Fixed(r) => format!("compensate {method:?} r{r}"),
+        RankChoice::Budget(b) => format!("compensate {method:?} budget {b}"),
+    };
     crate::compress::run(
         model,
         job,
@@ -421,9 +424,19 @@ pub fn compensate(
         settings,
         &mut |m, windows, progress| {
             let reference = load(reference)?.model;
-            let reports = compensate_model(
+            let (reports, ranks) = compensate_choice(
                 m, &reference, windows, method, rank, fold, targets, progress,
             )?;
+            if let Ranks::PerLinear(r) = &ranks {
+                let used: Vec<usize> = r.values().copied().filter(|x| *x > 0).collect();
+                eprintln!(
+                    "rank budget: {} of {} linears get an adapter, ranks {}..{}",
+                    used.len(),
+                    r.len(),
+                    used.iter().min().unwrap_or(&0),
+                    used.iter().max().unwrap_or(&0)
+                );
+            }
             if let Some(dir) = &peft {
                 whittle::io::peft::save(m, dir)?;
                 eprintln!("wrote {}", dir.display());

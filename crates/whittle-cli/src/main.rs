@@ -124,8 +124,13 @@ enum Command {
         reference: Option<String>,
         #[arg(long)]
         method: String,
-        #[arg(long, default_value_t = 64)]
+        /// Rank of every adapter.
+        #[arg(long, default_value_t = 64, conflicts_with = "rank_budget")]
         rank: usize,
+        /// Instead of one rank: a total number of adapter parameters, spent where the singular
+        /// values are largest per parameter (one extra calibration pass).
+        #[arg(long)]
+        rank_budget: Option<usize>,
         /// Merge B·A into dense weights instead of keeping adapters.
         #[arg(long)]
         fold: bool,
@@ -220,6 +225,9 @@ enum Command {
         /// Stop (with a checkpoint) after this many minutes; the same command resumes.
         #[arg(long)]
         max_minutes: Option<f64>,
+        /// Matrix products in bf16 (weights, norms, softmax, scan and loss stay f32).
+        #[arg(long)]
+        bf16: bool,
     },
     /// Plot training curves (loss and validation perplexity) of runs to an SVG file.
     Plot {
@@ -367,6 +375,7 @@ fn main() {
             reference,
             method,
             rank,
+            rank_budget,
             fold,
             peft,
             job,
@@ -374,7 +383,10 @@ fn main() {
             model.model.as_deref(),
             reference.as_deref(),
             &method,
-            rank,
+            rank_budget.map_or(
+                whittle::lowrank::RankChoice::Fixed(rank),
+                whittle::lowrank::RankChoice::Budget,
+            ),
             fold,
             peft,
             &job,
@@ -424,6 +436,7 @@ fn main() {
             no_meta_tokens,
             no_kv_sharing,
             max_minutes,
+            bf16,
         } => {
             use whittle::train::{optim::AdamWConfig, presets, trainer::TrainConfig};
             let config = TrainConfig {
@@ -456,6 +469,7 @@ fn main() {
                 eval_tokens,
                 ckpt_every,
                 seed,
+                bf16,
             };
             train::run(config, &data, &out, max_minutes)
         }

@@ -92,7 +92,15 @@ fn hybrid_checkpoint_inspects_and_benches_without_a_tokenizer() {
     // 3 global layers × (2·16 + 2·32) floats per position.
     assert!(out.contains("1152 bytes/token"), "{out}");
     let (code, out, err) = whittle(&[
-        "bench", "--model", &hymba, "--contexts", "64,512", "--steps", "4", "--reps", "1",
+        "bench",
+        "--model",
+        &hymba,
+        "--contexts",
+        "64,512",
+        "--steps",
+        "4",
+        "--reps",
+        "1",
     ]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("decode tok/s") && out.contains("512"), "{out}");
@@ -110,9 +118,27 @@ fn train_stops_on_its_time_budget_resumes_and_plots() {
     let data = shared("data/gutenberg");
     let args = |extra: &[&str]| -> Vec<String> {
         let mut v: Vec<String> = [
-            "train", "--arch", "hymba", "--size", "tiny", "--data", &data, "--out", out_s,
-            "--steps", "3", "--batch", "2", "--seq-len", "32", "--warmup", "1", "--eval-every",
-            "2", "--eval-tokens", "256",
+            "train",
+            "--arch",
+            "hymba",
+            "--size",
+            "tiny",
+            "--data",
+            &data,
+            "--out",
+            out_s,
+            "--steps",
+            "3",
+            "--batch",
+            "2",
+            "--seq-len",
+            "32",
+            "--warmup",
+            "1",
+            "--eval-every",
+            "2",
+            "--eval-tokens",
+            "256",
         ]
         .iter()
         .map(|s| s.to_string())

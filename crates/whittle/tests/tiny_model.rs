@@ -430,7 +430,8 @@ fn sparsify_compensate_fold_and_peft_on_a_tiny_model() {
                 (cfg["r"].as_u64(), cfg["lora_alpha"].as_u64()),
                 (Some(4), Some(4))
             );
-            assert_eq!(cfg["target_modules"].as_array().unwrap().len(), 7);
+            assert_eq!(cfg["target_modules"].as_array().unwrap().len(), 2 * 7);
+            assert!(cfg["rank_pattern"].as_object().unwrap().is_empty());
             let bytes = std::fs::read(p.join("adapter_model.safetensors")).unwrap();
             let st = SafeTensors::deserialize(&bytes).unwrap();
             assert_eq!(st.names().len(), 2 * 7 * 2);
@@ -456,4 +457,76 @@ fn sparsify_compensate_fold_and_peft_on_a_tiny_model() {
         (errs[2] - errs[1]).abs() < 1e-6 * (1.0 + errs[1]),
         "folding changes nothing"
     );
+}
+
+#[test]
+fn rank_budget_spends_adapter_parameters_where_the_error_is() {
+    use whittle::lowrank::{allocate_ranks, compensate_with_ranks, spectra, LowRankMethod, Ranks};
+    use whittle::quant::{quantize_model, QuantConfig, QuantMethod};
+    let mut shapes = uniform_shapes(2);
+    shapes.iter_mut().for_each(|s| s.mlp = Some(64));
+    let dense = random_model(tiny_config(true), &shapes, 31).unwrap();
+    let calib: Vec<u32> = (0..96).map(|i| (i * 37 % 256) as u32).collect();
+    let windows: Vec<&[u32]> = calib.chunks(32).collect();
+    let mut m = random_model(tiny_config(true), &shapes, 31).unwrap();
+    let cfg = QuantConfig {
+        bits: 2,
+        group: 32,
+        sym: false,
+    };
+    quantize_model(&mut m, &[], QuantMethod::Rtn, cfg, &[], &mut |_, _| {}).unwrap();
+    let spec = spectra(
+        &mut m,
+        &dense,
+        &windows,
+        LowRankMethod::Eora,
+        &[],
+        &mut |_, _| {},
+    )
+    .unwrap();
+    assert_eq!(spec.len(), 2 * 7);
+    // The budget of rank 4 everywhere.
+    let budget: usize = spec.iter().map(|(_, cost, _)| 4 * cost).sum();
+    let ranks = allocate_ranks(&spec, budget);
+    let spent: usize = spec.iter().map(|(n, cost, _)| ranks[n] * cost).sum();
+    assert!(
+        spent <= budget && spent + 96 > budget,
+        "spent {spent} of {budget}"
+    );
+    assert!(ranks.values().any(|r| *r != 4), "{ranks:?}");
+    // Error left in the metric EoRA truncates in: no more than with the uniform rank.
+    let tail = |r: &dyn Fn(&str) -> usize| -> f64 {
+        spec.iter()
+            .map(|(n, _, s)| s.iter().skip(r(n)).map(|v| v * v).sum::<f64>())
+            .sum()
+    };
+    assert!(tail(&|n| ranks[n]) <= tail(&|_| 4));
+    let reports = compensate_with_ranks(
+        &mut m,
+        &dense,
+        &windows,
+        LowRankMethod::Eora,
+        &Ranks::PerLinear(ranks.clone()),
+        false,
+        &[],
+        &mut |_, _| {},
+    )
+    .unwrap();
+    assert_eq!(reports.len(), 2 * 7);
+    for (i, l) in m.layers.iter().enumerate() {
+        for (name, _, lin) in l.linears() {
+            let want = ranks[&format!("layers.{i}.{name}")];
+            assert_eq!(lin.adapter.as_ref().map_or(0, |a| a.rank), want);
+        }
+    }
+    // PEFT: the most common rank is `r`, the rest in rank_pattern / alpha_pattern.
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("peft");
+    whittle::io::peft::save(&m, &p).unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(p.join("adapter_config.json")).unwrap())
+            .unwrap();
+    let pattern = cfg["rank_pattern"].as_object().unwrap();
+    assert!(!pattern.is_empty());
+    assert_eq!(pattern, cfg["alpha_pattern"].as_object().unwrap());
 }

@@ -48,6 +48,7 @@ fn config(arch: Arch, steps: u64) -> TrainConfig {
         eval_tokens: 96,
         ckpt_every: 0,
         seed: 7,
+        bf16: false,
     }
 }
 
@@ -132,4 +133,21 @@ fn study_presets_have_matched_non_embedding_sizes() {
     let max = counts.iter().map(|c| c.1).max().unwrap() as f64;
     let min = counts.iter().map(|c| c.1).min().unwrap() as f64;
     assert!(max / min < 1.1, "{counts:?}");
+}
+
+#[test]
+fn bf16_matmuls_train_too() {
+    let data = data();
+    let mut cfg = config(Arch::Hymba, 30);
+    cfg.bf16 = true;
+    cfg.lr = 1e-2;
+    cfg.eval_every = 30;
+    let mut t = Trainer::new(cfg, VOCAB).unwrap();
+    let before = t.validate(&data).unwrap();
+    t.run(&data, None, None, None, &mut |_| {}).unwrap();
+    let after = t.log.last().unwrap().val_ppl.unwrap();
+    assert!(
+        after < 0.8 * before,
+        "bf16: validation perplexity {before} -> {after}"
+    );
 }

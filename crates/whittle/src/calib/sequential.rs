@@ -39,6 +39,12 @@ pub struct Outcome {
 pub type LinearMethod<'a> =
     dyn FnMut(&str, &mut Linear, Option<&InputStats>) -> Result<Outcome> + 'a;
 
+/// Whether a linear named `name` is among `targets` (name suffixes such as `q_proj`; empty:
+/// every linear).
+pub fn targeted(name: &str, targets: &[String]) -> bool {
+    targets.is_empty() || targets.iter().any(|t| name.ends_with(t.as_str()))
+}
+
 /// Applies `method` to every targeted linear of `layer` (the linear's HF name ends with one of
 /// `targets`; empty = all).
 pub fn compress_linears(
@@ -50,7 +56,7 @@ pub fn compress_linears(
 ) -> Result<Vec<LinearReport>> {
     let mut reports = Vec::new();
     for (name, site, lin) in layer.linears_mut() {
-        if !targets.is_empty() && !targets.iter().any(|t| name.ends_with(t.as_str())) {
+        if !targeted(name, targets) {
             continue;
         }
         let start = Instant::now();

@@ -7,6 +7,7 @@ use crate::calib::stats::InputStats;
 use crate::model::LowRank;
 use crate::{Error, Result};
 use faer::{Mat, Side};
+use std::collections::HashMap;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LowRankMethod {
@@ -135,6 +136,92 @@ pub fn eora_lowrank(
     truncated(&(&dwm * &basis.s), rank, Some(&basis.s_inv))
 }
 
+/// Singular values of what each method truncates (`ΔW` for SVD, `ΔW Q Λ^{1/2}` for EoRA): the
+/// error left at rank `r` is the root of the sum of squares of those past `r` — in Frobenius norm
+/// for SVD, on the calibration inputs for EoRA.
+fn spectrum(dw: &[f32], rows: usize, cols: usize, basis: Option<&EigenBasis>) -> Result<Vec<f64>> {
+    let dwm = Mat::<f64>::from_fn(rows, cols, |i, j| dw[i * cols + j] as f64);
+    let m = match basis {
+        Some(b) => &dwm * &b.s,
+        None => dwm,
+    };
+    m.singular_values()
+        .map_err(|e| Error::Invalid(format!("SVD did not converge: {e:?}")))
+}
+
+/// Ranks that spend a budget of adapter parameters where they remove the most error: every
+/// singular value `σ` of every linear is a candidate costing `in + out` parameters and removing
+/// `σ²`; candidates are taken by decreasing `σ² / cost` while they fit. Since each linear's
+/// values are sorted, this takes a prefix of each spectrum, i.e. a rank per linear (possibly 0).
+pub fn allocate_ranks(
+    spectra: &[(String, usize, Vec<f64>)],
+    budget: usize,
+) -> HashMap<String, usize> {
+    let mut cands: Vec<(f64, usize, usize)> = spectra
+        .iter()
+        .enumerate()
+        .flat_map(|(k, (_, cost, s))| s.iter().map(move |v| (v * v / *cost as f64, *cost, k)))
+        .collect();
+    cands.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let mut ranks: HashMap<String, usize> =
+        spectra.iter().map(|(n, _, _)| (n.clone(), 0)).collect();
+    let mut left = budget;
+    for (_, cost, k) in cands {
+        if cost > left {
+            break;
+        }
+        left -= cost;
+        *ranks
+            .get_mut(&spectra[k].0)
+            .expect("every linear has an entry") += 1;
+    }
+    ranks
+}
+
+/// One calibration pass over the compressed `model` (left unchanged) collecting, for every
+/// targeted linear, `(name, in + out, spectrum)` as [`allocate_ranks`] takes them.
+pub fn spectra(
+    model: &mut crate::Model,
+    reference: &crate::Model,
+    windows: &[&[u32]],
+    method: LowRankMethod,
+    targets: &[String],
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Vec<(String, usize, Vec<f64>)>> {
+    use crate::calib::sequential::compress_sequential;
+    let mut out = Vec::new();
+    compress_sequential(model, windows, progress, &mut |i, layer, stats| {
+        let refs = reference.layers[i].linears();
+        for (name, site, lin) in layer.linears() {
+            let full = format!("layers.{i}.{name}");
+            if !crate::calib::sequential::targeted(&full, targets) {
+                continue;
+            }
+            let (_, _, w_ref) = refs.iter().find(|(n, _, _)| *n == name).ok_or_else(|| {
+                Error::Invalid(format!("{full}: no such linear in the reference model"))
+            })?;
+            let (rows, cols) = (lin.out_features, lin.in_features);
+            let dw: Vec<f32> = w_ref
+                .dense_weight()
+                .iter()
+                .zip(lin.dense_weight().iter())
+                .map(|(a, b)| a - b)
+                .collect();
+            let basis = match method {
+                LowRankMethod::Svd => None,
+                LowRankMethod::Eora => Some(EigenBasis::new(&full, &stats.get(site)?.xtx, cols)?),
+            };
+            out.push((
+                full,
+                rows + cols,
+                spectrum(&dw, rows, cols, basis.as_ref())?,
+            ));
+        }
+        Ok(())
+    })?;
+    Ok(out)
+}
+
 /// Adds (or, with `fold`, merges into dense weights) low-rank compensation to every targeted
 /// linear of `model`, a compressed version of `reference`. Layers are processed in order with
 /// calibration inputs from the already-compensated earlier layers; `ΔW = W_reference − W_model`.
@@ -145,6 +232,65 @@ pub fn compensate_model(
     windows: &[&[u32]],
     method: LowRankMethod,
     rank: usize,
+    fold: bool,
+    targets: &[String],
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Vec<crate::calib::sequential::LinearReport>> {
+    let ranks = Ranks::Fixed(rank);
+    compensate_with_ranks(
+        model, reference, windows, method, &ranks, fold, targets, progress,
+    )
+}
+
+/// How the user sets ranks: one for all, or a total of adapter parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RankChoice {
+    Fixed(usize),
+    Budget(usize),
+}
+
+/// Compensation with ranks as chosen; for a budget, one calibration pass measures the spectra
+/// ([`spectra`]), [`allocate_ranks`] splits the budget, and a second pass compensates. Returns
+/// the reports and the rank given to each linear.
+#[allow(clippy::too_many_arguments)]
+pub fn compensate_choice(
+    model: &mut crate::Model,
+    reference: &crate::Model,
+    windows: &[&[u32]],
+    method: LowRankMethod,
+    choice: RankChoice,
+    fold: bool,
+    targets: &[String],
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<(Vec<crate::calib::sequential::LinearReport>, Ranks)> {
+    let ranks = match choice {
+        RankChoice::Fixed(r) => Ranks::Fixed(r),
+        RankChoice::Budget(budget) => {
+            let spec = spectra(model, reference, windows, method, targets, progress)?;
+            Ranks::PerLinear(allocate_ranks(&spec, budget))
+        }
+    };
+    let reports = compensate_with_ranks(
+        model, reference, windows, method, &ranks, fold, targets, progress,
+    )?;
+    Ok((reports, ranks))
+}
+
+/// The rank of each linear's adapter.
+pub enum Ranks {
+    Fixed(usize),
+    /// By full linear name (`layers.{i}.{name}`); 0 leaves a linear without adapter.
+    PerLinear(HashMap<String, usize>),
+}
+
+/// [`compensate_model`] with a rank per linear (e.g. from [`allocate_ranks`]).
+#[allow(clippy::too_many_arguments)]
+pub fn compensate_with_ranks(
+    model: &mut crate::Model,
+    reference: &crate::Model,
+    windows: &[&[u32]],
+    method: LowRankMethod,
+    ranks: &Ranks,
     fold: bool,
     targets: &[String],
     progress: &mut dyn FnMut(usize, usize),
@@ -178,6 +324,10 @@ pub fn compensate_model(
                     Error::Invalid(format!("{name}: no such linear in the reference model"))
                 })?;
                 let (rows, cols) = (lin.out_features, lin.in_features);
+                let rank = match ranks {
+                    Ranks::Fixed(r) => *r,
+                    Ranks::PerLinear(m) => m.get(name).copied().unwrap_or(0),
+                };
                 if (w_ref.out_features, w_ref.in_features) != (rows, cols) {
                     return Err(Error::Invalid(format!("{name}: reference shape differs")));
                 }
@@ -189,6 +339,14 @@ pub fn compensate_model(
                     .zip(lin.dense_weight().iter())
                     .map(|(a, b)| a - b)
                     .collect();
+                let energy = st.output_energy(&w, rows).max(f64::MIN_POSITIVE);
+                if rank == 0 {
+                    let e = st.output_energy(&dw, rows) / energy;
+                    return Ok(Outcome {
+                        damp: None,
+                        errors: Some((e, e)),
+                    });
+                }
                 let lr = match method {
                     LowRankMethod::Svd => svd_lowrank(name, &dw, rows, cols, rank)?,
                     LowRankMethod::Eora => {
@@ -216,7 +374,6 @@ pub fn compensate_model(
                     m
                 };
                 let rest: Vec<f32> = dw.iter().zip(&ba).map(|(d, x)| d - x).collect();
-                let energy = st.output_energy(&w, rows).max(f64::MIN_POSITIVE);
                 let errors = (
                     st.output_energy(&dw, rows) / energy,
                     st.output_energy(&rest, rows) / energy,

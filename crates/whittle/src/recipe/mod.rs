@@ -20,16 +20,16 @@
 //! group_size = 128
 //!
 //! [[stage]]
-//! kind = "compensate"          # method: svd | eora; rank, fold
+//! kind = "compensate"          # method: svd | eora; rank (or rank_budget), fold
 //! method = "eora"
-//! rank = 64
+//! rank = 64                    # or rank_budget = 5000000 (adapter parameters in total)
 //! ```
 //!
 //! Every stage may name `targets` (linear names or suffixes). Compensation measures against the
 //! model as it was before the first stage. A quantized base keeps its mask when it was sparse.
 
 use crate::calib::sequential::LinearReport;
-use crate::lowrank::{compensate_model, LowRankMethod};
+use crate::lowrank::{compensate_choice, LowRankMethod, RankChoice};
 use crate::quant::{quantize_model, QuantConfig, QuantMethod};
 use crate::sparsity::{sparsify_model, Pattern, SparsityMethod};
 use crate::{Error, Model, Result};
@@ -106,6 +106,8 @@ pub enum Stage {
         #[serde(default = "default_rank")]
         rank: usize,
         #[serde(default)]
+        rank_budget: Option<usize>,
+        #[serde(default)]
         fold: bool,
         #[serde(default)]
         targets: Vec<String>,
@@ -157,8 +159,8 @@ impl Recipe {
                     let w = if m.needs_calibration() { windows } else { &[] };
                     quantize_model(model, w, m, cfg, targets, p)?
                 }
-                Step::Compensate(m, rank, fold, targets) => {
-                    compensate_model(model, reference, windows, m, rank, fold, targets, p)?
+                Step::Compensate(m, ranks, fold, targets) => {
+                    compensate_choice(model, reference, windows, m, ranks, fold, targets, p)?.0
                 }
             };
             out.push((s.describe(), reports));
@@ -180,7 +182,7 @@ impl Recipe {
 enum Step<'a> {
     Sparsify(SparsityMethod, Pattern, &'a [String]),
     Quantize(QuantMethod, QuantConfig, &'a [String]),
-    Compensate(LowRankMethod, usize, bool, &'a [String]),
+    Compensate(LowRankMethod, RankChoice, bool, &'a [String]),
 }
 
 impl Stage {
@@ -214,13 +216,17 @@ impl Stage {
             Stage::Compensate {
                 method,
                 rank,
+                rank_budget,
                 fold,
                 targets,
             } => {
-                if *rank == 0 {
-                    return Err(Error::Invalid("rank must be positive".into()));
+                if *rank == 0 || *rank_budget == Some(0) {
+                    return Err(Error::Invalid(
+                        "rank and rank_budget must be positive".into(),
+                    ));
                 }
-                Step::Compensate(LowRankMethod::parse(method)?, *rank, *fold, targets)
+                let ranks = rank_budget.map_or(RankChoice::Fixed(*rank), RankChoice::Budget);
+                Step::Compensate(LowRankMethod::parse(method)?, ranks, *fold, targets)
             }
         })
     }
@@ -238,6 +244,11 @@ impl Stage {
             } => {
                 format!("quantize {method} int{bits} g{group_size}")
             }
+            Stage::Compensate {
+                method,
+                rank_budget: Some(b),
+                ..
+            } => format!("compensate {method} budget {b}"),
             Stage::Compensate { method, rank, .. } => format!("compensate {method} r{rank}"),
         }
     }

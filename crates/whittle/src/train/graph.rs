@@ -9,13 +9,16 @@
 
 use super::scan_op::SelectiveScan;
 use crate::model::{KvSource, Layer, Model};
-use candle_core::{Device, Result, Tensor, Var, D};
+use candle_core::{DType, Device, Result, Tensor, Var, D};
 use std::collections::HashMap;
 
 /// The model's parameters as candle variables, by [`Model::visit_parameters`] name.
 pub struct Trainable {
     pub names: Vec<String>,
     pub vars: HashMap<String, Var>,
+    /// Dtype of the matrix products (bf16: mixed precision, weights and everything else stay
+    /// f32, as PyTorch's autocast does).
+    pub matmul_dtype: DType,
 }
 
 impl Trainable {
@@ -35,7 +38,12 @@ impl Trainable {
             }
             Err(e) => err = Some(e),
         });
-        err.map_or(Ok(Trainable { names, vars }), Err)
+        let t = Trainable {
+            names,
+            vars,
+            matmul_dtype: DType::F32,
+        };
+        err.map_or(Ok(t), Err)
     }
 
     /// Copies the variables' values back into `model`.
@@ -69,12 +77,18 @@ impl Trainable {
     }
 }
 
-/// `x [B, S, in] · Wᵀ` for `w [out, in]`.
-fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+/// `x [B, S, in] · Wᵀ` for `w [out, in]`, computed in `dt` and returned in f32.
+fn linear(x: &Tensor, w: &Tensor, dt: DType) -> Result<Tensor> {
     let (b, s, i) = x.dims3()?;
-    x.reshape((b * s, i))?
-        .matmul(&w.t()?)?
-        .reshape((b, s, w.dim(0)?))
+    let x = x.reshape((b * s, i))?;
+    let y = if dt == DType::F32 {
+        x.matmul(&w.t()?)?
+    } else {
+        x.to_dtype(dt)?
+            .matmul(&w.to_dtype(dt)?.t()?)?
+            .to_dtype(DType::F32)?
+    };
+    y.reshape((b, s, w.dim(0)?))
 }
 
 /// RMSNorm over the last dimension, from primitives.
@@ -135,7 +149,7 @@ pub fn forward(model: &Model, p: &Trainable, ids: &Tensor) -> Result<Tensor> {
         x = Tensor::cat(&[&mem, &x], 1)?;
     }
     let s = m + t;
-    let ctx = Context::new(model, s)?;
+    let ctx = Context::new(model, s, p.matmul_dtype)?;
     let mut shared: Vec<Option<(Tensor, Tensor)>> = vec![None; model.layers.len()];
     for (i, layer) in model.layers.iter().enumerate() {
         x = layer_forward(i, layer, model, p, &ctx, &x, &mut shared)?;
@@ -145,18 +159,19 @@ pub fn forward(model: &Model, p: &Trainable, ids: &Tensor) -> Result<Tensor> {
         Some(v) => v.as_tensor(),
         None => embed,
     };
-    linear(&x, head)
+    linear(&x, head, ctx.dt)
 }
 
-/// Per-call constants: RoPE tables and one mask per distinct window.
+/// Per-call constants: RoPE tables, one mask per distinct window, the matmul dtype.
 struct Context {
     cos: Tensor,
     sin: Tensor,
     masks: HashMap<Option<usize>, Tensor>,
+    dt: DType,
 }
 
 impl Context {
-    fn new(model: &Model, s: usize) -> Result<Self> {
+    fn new(model: &Model, s: usize, dt: DType) -> Result<Self> {
         let head_dim = model
             .layers
             .iter()
@@ -184,6 +199,7 @@ impl Context {
             cos: Tensor::from_vec(cos, (s, half), &Device::Cpu)?,
             sin: Tensor::from_vec(sin, (s, half), &Device::Cpu)?,
             masks,
+            dt,
         })
     }
 }
@@ -208,7 +224,7 @@ fn layer_forward(
             None => None,
         };
         let ssm = match &layer.ssm {
-            Some(m) => Some(ssm_branch(i, m, p, &normed, eps)?),
+            Some(m) => Some(ssm_branch(i, m, p, ctx, &normed, eps)?),
             None => None,
         };
         let (mixed, out_name) = match (attn, ssm) {
@@ -221,13 +237,13 @@ fn layer_forward(
             (None, Some(y)) => (y, "mamba.out_proj"),
             (None, None) => unreachable!(),
         };
-        x = (x + linear(&mixed, w(out_name)?)?)?;
+        x = (x + linear(&mixed, w(out_name)?, ctx.dt)?)?;
     }
     if layer.mlp.is_some() {
         let normed = rms_norm(&x, w("mlp_norm")?, eps)?;
-        let g = linear(&normed, w("mlp.gate_proj")?)?.silu()?;
-        let u = linear(&normed, w("mlp.up_proj")?)?;
-        x = (x + linear(&(g * u)?, w("mlp.down_proj")?)?)?;
+        let g = linear(&normed, w("mlp.gate_proj")?, ctx.dt)?.silu()?;
+        let u = linear(&normed, w("mlp.up_proj")?, ctx.dt)?;
+        x = (x + linear(&(g * u)?, w("mlp.down_proj")?, ctx.dt)?)?;
     }
     Ok(x)
 }
@@ -255,12 +271,12 @@ fn attention(
     let heads = |x: Tensor, n: usize, d: usize| -> Result<Tensor> {
         x.reshape((b, s, n, d))?.transpose(1, 2)?.contiguous()
     };
-    let q = heads(linear(normed, w("q")?)?, sh.n_heads, sh.head_dim)?;
+    let q = heads(linear(normed, w("q")?, ctx.dt)?, sh.n_heads, sh.head_dim)?;
     let q = rope(&q, &ctx.cos, &ctx.sin)?;
     let (k, v) = match a.kv {
         KvSource::Own { .. } => {
-            let k = linear(normed, w("k")?)?;
-            let v = linear(normed, w("v")?)?;
+            let k = linear(normed, w("k")?, ctx.dt)?;
+            let v = linear(normed, w("v")?, ctx.dt)?;
             let k = rope(&heads(k, sh.n_kv_heads, sh.head_dim)?, &ctx.cos, &ctx.sin)?;
             let v = heads(v, sh.n_kv_heads, sh.v_head_dim)?;
             shared[i] = Some((k.clone(), v.clone()));
@@ -291,6 +307,7 @@ fn ssm_branch(
     i: usize,
     m: &crate::model::Ssm,
     p: &Trainable,
+    ctx: &Context,
     normed: &Tensor,
     eps: f64,
 ) -> Result<Tensor> {
@@ -298,8 +315,8 @@ fn ssm_branch(
     let (b, s, _) = normed.dims3()?;
     let sh = m.shape;
     let (e, n, k, r) = (sh.inner, sh.d_state, sh.d_conv, sh.dt_rank);
-    let xs = linear(normed, w("in_proj.x")?)?;
-    let z = linear(normed, w("in_proj.z")?)?;
+    let xs = linear(normed, w("in_proj.x")?, ctx.dt)?;
+    let z = linear(normed, w("in_proj.z")?, ctx.dt)?;
     // Depthwise causal conv: K shifted copies of the zero-padded input, each scaled per channel.
     let padded = xs.pad_with_zeros(1, k - 1, 0)?;
     let conv_w = w("conv1d.weight")?;
@@ -312,7 +329,7 @@ fn ssm_branch(
         xc = (xc + padded.narrow(1, j, s)?.broadcast_mul(&tap)?)?;
     }
     let xc = xc.silu()?;
-    let proj = linear(&xc, w("x_proj.0")?)?;
+    let proj = linear(&xc, w("x_proj.0")?, ctx.dt)?;
     let (mut dt_r, mut bm, mut cm) = (
         proj.narrow(2, 0, r)?,
         proj.narrow(2, r, n)?,
@@ -323,7 +340,8 @@ fn ssm_branch(
         bm = rms_norm(&bm, w("B_layernorm")?, eps)?;
         cm = rms_norm(&cm, w("C_layernorm")?, eps)?;
     }
-    let delta = softplus(&linear(&dt_r, w("dt_proj.0")?)?.broadcast_add(w("dt_proj.0.bias")?)?)?;
+    let delta =
+        softplus(&linear(&dt_r, w("dt_proj.0")?, ctx.dt)?.broadcast_add(w("dt_proj.0.bias")?)?)?;
     let u = (&delta * &xc)?;
     let a = w("A_log.0")?.exp()?.neg()?;
     let du = Tensor::cat(&[&delta, &u], 2)?.contiguous()?;

@@ -39,6 +39,9 @@ pub struct TrainConfig {
     /// Save a checkpoint every this many steps (0: only at the end).
     pub ckpt_every: u64,
     pub seed: u64,
+    /// Matrix products in bf16 (mixed precision) instead of f32.
+    #[serde(default)]
+    pub bf16: bool,
 }
 
 /// One logged step.
@@ -96,7 +99,10 @@ impl Trainer {
         let mut model = config
             .preset
             .build(vocab, config.seq_len.max(8192), config.seed)?;
-        let params = Trainable::new(&mut model)?;
+        let mut params = Trainable::new(&mut model)?;
+        if config.bf16 {
+            params.matmul_dtype = candle_core::DType::BF16;
+        }
         Ok(Trainer {
             config,
             model,
