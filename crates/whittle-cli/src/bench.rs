@@ -195,7 +195,7 @@ pub fn contexts(
 
 /// The selective scan, blocked and parallel, against the textbook sequential loop.
 pub fn scan(reps: usize) -> Result<()> {
-    use whittle::kernels::ssm::{selective_scan, selective_scan_naive, ScanInputs};
+    use whittle::kernels::ssm::{selective_scan, selective_scan_naive, ScanData};
     let mut rows = Vec::new();
     // Hymba-1.5B's SSM (E = 3200, N = 16) at 2048 steps; a few-million-parameter model's.
     for (t, e, n) in [
@@ -203,30 +203,8 @@ pub fn scan(reps: usize) -> Result<()> {
         (256, 256, 16),
         (1, 3200, 16),
     ] {
-        let wave = |len: usize, m: usize, lo: f32, hi: f32| -> Vec<f32> {
-            (0..len)
-                .map(|i| lo + (hi - lo) * ((i * m % 97) as f32 / 96.0))
-                .collect()
-        };
-        let (x, delta, z) = (
-            wave(t * e, 31, -2.0, 2.0),
-            wave(t * e, 17, 0.001, 0.2),
-            wave(t * e, 13, -3.0, 3.0),
-        );
-        let (b, c) = (wave(t * n, 7, -1.5, 1.5), wave(t * n, 11, -1.5, 1.5));
-        let a: Vec<f32> = wave(e * n, 5, 0.0, 2.7).iter().map(|v| -v.exp()).collect();
-        let d = wave(e, 3, 0.5, 1.5);
-        let inp = ScanInputs {
-            x: &x,
-            delta: &delta,
-            b: &b,
-            c: &c,
-            z: &z,
-            a: &a,
-            d: &d,
-            channels: e,
-            d_state: n,
-        };
+        let data = ScanData::synthetic(t, e, n);
+        let inp = data.inputs();
         let time = |f: &dyn Fn(&mut [f32], &mut [f32])| {
             let (mut st, mut y) = (vec![0f32; e * n], vec![0f32; t * e]);
             let mut runs = Vec::new();

@@ -179,56 +179,7 @@ enum Command {
     },
     /// Train a Llama, Mamba or Hymba model from scratch on a corpus folder (resumes from
     /// OUT/checkpoint when present).
-    Train {
-        #[arg(long, value_enum)]
-        arch: ArchArg,
-        #[arg(long, value_enum, default_value = "small")]
-        size: SizeArg,
-        /// Corpus folder with train.list / valid.list (the Gutenberg corpus layout).
-        #[arg(long, default_value = "../shared/data/gutenberg")]
-        data: PathBuf,
-        #[arg(long)]
-        out: PathBuf,
-        #[arg(long, default_value_t = 2000)]
-        steps: u64,
-        #[arg(long, default_value_t = 8)]
-        batch: usize,
-        #[arg(long, default_value_t = 256)]
-        seq_len: usize,
-        #[arg(long, default_value_t = 1)]
-        accum: usize,
-        #[arg(long, default_value_t = 3e-3)]
-        lr: f64,
-        #[arg(long, default_value_t = 3e-4)]
-        min_lr: f64,
-        #[arg(long, default_value_t = 100)]
-        warmup: u64,
-        /// Global gradient-norm clip (0: none).
-        #[arg(long, default_value_t = 1.0)]
-        clip: f64,
-        #[arg(long, default_value_t = 0.1)]
-        weight_decay: f64,
-        #[arg(long, default_value_t = 200)]
-        eval_every: u64,
-        #[arg(long, default_value_t = 32768)]
-        eval_tokens: usize,
-        #[arg(long, default_value_t = 100)]
-        ckpt_every: u64,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        /// Hymba ablation: no meta tokens.
-        #[arg(long)]
-        no_meta_tokens: bool,
-        /// Hymba ablation: every layer keeps its own K/V.
-        #[arg(long)]
-        no_kv_sharing: bool,
-        /// Stop (with a checkpoint) after this many minutes; the same command resumes.
-        #[arg(long)]
-        max_minutes: Option<f64>,
-        /// Matrix products in bf16 (weights, norms, softmax, scan and loss stay f32).
-        #[arg(long)]
-        bf16: bool,
-    },
+    Train(train::TrainArgs),
     /// Plot training curves (loss and validation perplexity) of runs to an SVG file.
     Plot {
         /// Run folders written by `whittle train`.
@@ -237,19 +188,6 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
-}
-
-#[derive(clap::ValueEnum, Clone, Copy)]
-enum ArchArg {
-    Llama,
-    Mamba,
-    Hymba,
-}
-
-#[derive(clap::ValueEnum, Clone, Copy)]
-enum SizeArg {
-    Tiny,
-    Small,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy)]
@@ -415,64 +353,7 @@ fn main() {
                 bench::run(model.model.as_deref(), &data, reps, json)
             }
         }
-        Command::Train {
-            arch,
-            size,
-            data,
-            out,
-            steps,
-            batch,
-            seq_len,
-            accum,
-            lr,
-            min_lr,
-            warmup,
-            clip,
-            weight_decay,
-            eval_every,
-            eval_tokens,
-            ckpt_every,
-            seed,
-            no_meta_tokens,
-            no_kv_sharing,
-            max_minutes,
-            bf16,
-        } => {
-            use whittle::train::{optim::AdamWConfig, presets, trainer::TrainConfig};
-            let config = TrainConfig {
-                preset: presets::Preset {
-                    arch: match arch {
-                        ArchArg::Llama => whittle::model::Arch::Llama,
-                        ArchArg::Mamba => whittle::model::Arch::Mamba,
-                        ArchArg::Hymba => whittle::model::Arch::Hymba,
-                    },
-                    size: match size {
-                        SizeArg::Tiny => presets::Size::Tiny,
-                        SizeArg::Small => presets::Size::Small,
-                    },
-                    meta_tokens: !no_meta_tokens,
-                    kv_sharing: !no_kv_sharing,
-                },
-                steps,
-                batch,
-                seq_len,
-                accum,
-                lr,
-                min_lr,
-                warmup,
-                clip,
-                adamw: AdamWConfig {
-                    weight_decay,
-                    ..AdamWConfig::default()
-                },
-                eval_every,
-                eval_tokens,
-                ckpt_every,
-                seed,
-                bf16,
-            };
-            train::run(config, &data, &out, max_minutes)
-        }
+        Command::Train(args) => train::run(&args),
         Command::Plot { runs, out } => plot::curves(&runs, &out),
     };
     if let Err(e) = result {

@@ -9,8 +9,113 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 use whittle::eval::speed;
 use whittle::io::resolve::{self, ModelSpec};
-use whittle::model::KvCache;
+use whittle::model::{Arch, KvCache};
+use whittle::train::optim::AdamWConfig;
+use whittle::train::presets::{Preset, Size};
 use whittle::train::trainer::{TokenData, TrainConfig, Trainer};
+
+#[derive(clap::ValueEnum, Clone, Copy)]
+pub enum ArchArg {
+    Llama,
+    Mamba,
+    Hymba,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy)]
+pub enum SizeArg {
+    Tiny,
+    Small,
+}
+
+/// `whittle train` arguments.
+#[derive(clap::Args)]
+pub struct TrainArgs {
+    #[arg(long, value_enum)]
+    arch: ArchArg,
+    #[arg(long, value_enum, default_value = "small")]
+    size: SizeArg,
+    /// Corpus folder with train.list / valid.list (the Gutenberg corpus layout).
+    #[arg(long, default_value = "../shared/data/gutenberg")]
+    data: PathBuf,
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value_t = 2000)]
+    steps: u64,
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    #[arg(long, default_value_t = 256)]
+    seq_len: usize,
+    #[arg(long, default_value_t = 1)]
+    accum: usize,
+    #[arg(long, default_value_t = 3e-3)]
+    lr: f64,
+    #[arg(long, default_value_t = 3e-4)]
+    min_lr: f64,
+    #[arg(long, default_value_t = 100)]
+    warmup: u64,
+    /// Global gradient-norm clip (0: none).
+    #[arg(long, default_value_t = 1.0)]
+    clip: f64,
+    #[arg(long, default_value_t = 0.1)]
+    weight_decay: f64,
+    #[arg(long, default_value_t = 200)]
+    eval_every: u64,
+    #[arg(long, default_value_t = 32768)]
+    eval_tokens: usize,
+    #[arg(long, default_value_t = 100)]
+    ckpt_every: u64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Hymba ablation: no meta tokens.
+    #[arg(long)]
+    no_meta_tokens: bool,
+    /// Hymba ablation: every layer keeps its own K/V.
+    #[arg(long)]
+    no_kv_sharing: bool,
+    /// Stop (with a checkpoint) after this many minutes; the same command resumes.
+    #[arg(long)]
+    max_minutes: Option<f64>,
+    /// Matrix products in bf16 (weights, norms, softmax, scan and loss stay f32).
+    #[arg(long)]
+    bf16: bool,
+}
+
+impl TrainArgs {
+    fn config(&self) -> TrainConfig {
+        TrainConfig {
+            preset: Preset {
+                arch: match self.arch {
+                    ArchArg::Llama => Arch::Llama,
+                    ArchArg::Mamba => Arch::Mamba,
+                    ArchArg::Hymba => Arch::Hymba,
+                },
+                size: match self.size {
+                    SizeArg::Tiny => Size::Tiny,
+                    SizeArg::Small => Size::Small,
+                },
+                meta_tokens: !self.no_meta_tokens,
+                kv_sharing: !self.no_kv_sharing,
+            },
+            steps: self.steps,
+            batch: self.batch,
+            seq_len: self.seq_len,
+            accum: self.accum,
+            lr: self.lr,
+            min_lr: self.min_lr,
+            warmup: self.warmup,
+            clip: self.clip,
+            adamw: AdamWConfig {
+                weight_decay: self.weight_decay,
+                ..AdamWConfig::default()
+            },
+            eval_every: self.eval_every,
+            eval_tokens: self.eval_tokens,
+            ckpt_every: self.ckpt_every,
+            seed: self.seed,
+            bf16: self.bf16,
+        }
+    }
+}
 
 /// Files of a corpus folder's split: the names in `SPLIT.list` (the Gutenberg corpus's layout).
 fn split_files(dir: &Path, split: &str) -> Result<Vec<PathBuf>> {
@@ -65,12 +170,13 @@ fn keep_freed_memory() {
     }
 }
 
-pub fn run(
-    config: TrainConfig,
-    data_dir: &Path,
-    out: &Path,
-    max_minutes: Option<f64>,
-) -> Result<()> {
+pub fn run(args: &TrainArgs) -> Result<()> {
+    let (config, data_dir, out, max_minutes) = (
+        args.config(),
+        args.data.as_path(),
+        args.out.as_path(),
+        args.max_minutes,
+    );
     keep_freed_memory();
     std::fs::create_dir_all(out)?;
     let t0 = Instant::now();

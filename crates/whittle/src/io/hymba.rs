@@ -92,28 +92,9 @@ fn parse(cfg: &Value, path: &Path) -> Result<(ModelConfig, HymbaConfig)> {
             _ => hidden.div_ceil(16),
         },
     };
-    let list = |k: &str| -> Vec<usize> {
-        cfg[k]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|v| v.as_u64())
-                    .map(|v| v as usize)
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
     let mut producer = vec![None; n_layers];
     for group in cfg["kv_reuse_group"].as_array().into_iter().flatten() {
-        let g: Vec<usize> = group
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|v| v.as_u64())
-                    .map(|v| v as usize)
-                    .collect()
-            })
-            .unwrap_or_default();
+        let g = indices(group);
         for &c in g.iter().skip(1) {
             if c >= n_layers || c <= g[0] {
                 return Err(bad(format!("kv_reuse_group {g:?}: bad layer index")));
@@ -155,11 +136,23 @@ fn parse(cfg: &Value, path: &Path) -> Result<(ModelConfig, HymbaConfig)> {
         head_dim,
         ssm,
         window: uint("sliding_window")?,
-        global: list("global_attn_idx"),
+        global: indices(&cfg["global_attn_idx"]),
         producer,
         inner_norms: cfg["mamba_inner_layernorms"].as_bool().unwrap_or(true),
     };
     Ok((config, hy))
+}
+
+/// A JSON array of layer indices (empty when absent).
+fn indices(v: &Value) -> Vec<usize> {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_u64())
+                .map(|v| v as usize)
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Cuts a `[rows, inp]` weight into consecutive row blocks of the given heights.

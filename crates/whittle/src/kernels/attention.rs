@@ -3,6 +3,7 @@
 //! block only multiplies against the keys it can see, which halves the prefill cost compared with
 //! a full masked `T × T` product.
 
+use super::dot::dot_portable;
 use super::exp::softmax_in_place;
 use super::matmul::gemm;
 use crate::model::AttnShape;
@@ -204,27 +205,6 @@ fn prefetch(buf: &[f32], at: usize) {
     }
 }
 
-/// Lanes of the accumulators below (one AVX-512 register).
-const LANES: usize = 16;
-
-#[inline(always)]
-fn dot_inline(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; LANES];
-    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for l in 0..LANES {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
-}
-
 simd_dispatch! {
     /// Scores, softmax and weighted values of one KV head's query group, with the inner loops
     /// inlined into one vectorised body (a call per key was most of the time at long context).
@@ -237,7 +217,7 @@ simd_dispatch! {
             let qh = &h.q[g * d..(g + 1) * d];
             for (j, x) in row.iter_mut().enumerate() {
                 prefetch(h.k, (j + PREFETCH_ROWS) * ks);
-                *x = dot_inline(qh, &h.k[j * ks..j * ks + d]);
+                *x = dot_portable(qh, &h.k[j * ks..j * ks + d]);
             }
             row[hidden.clone()].fill(f32::NEG_INFINITY);
             softmax_in_place(row, scale);

@@ -81,6 +81,57 @@ pub struct ScanInputs<'a> {
     pub d_state: usize,
 }
 
+/// Owned scan inputs with deterministic, realistic values (Δ in [0.001, 0.2], A = −e^[0, 2.7],
+/// bounded x, z, B, C): the shared workload of the scan's tests and `whittle bench --scan`.
+pub struct ScanData {
+    x: Vec<f32>,
+    delta: Vec<f32>,
+    b: Vec<f32>,
+    c: Vec<f32>,
+    z: Vec<f32>,
+    a: Vec<f32>,
+    d: Vec<f32>,
+    channels: usize,
+    d_state: usize,
+}
+
+impl ScanData {
+    /// `t` steps of `channels` channels with `d_state` states each.
+    pub fn synthetic(t: usize, channels: usize, d_state: usize) -> Self {
+        let wave = |len: usize, m: usize, lo: f32, hi: f32| -> Vec<f32> {
+            (0..len)
+                .map(|i| lo + (hi - lo) * ((i * m % 97) as f32 / 96.0))
+                .collect()
+        };
+        let (e, n) = (channels, d_state);
+        ScanData {
+            x: wave(t * e, 31, -2.0, 2.0),
+            delta: wave(t * e, 17, 0.001, 0.2),
+            z: wave(t * e, 13, -3.0, 3.0),
+            b: wave(t * n, 7, -1.5, 1.5),
+            c: wave(t * n, 11, -1.5, 1.5),
+            a: wave(e * n, 5, 0.0, 2.7).iter().map(|v| -v.exp()).collect(),
+            d: wave(e, 3, 0.5, 1.5),
+            channels,
+            d_state,
+        }
+    }
+
+    pub fn inputs(&self) -> ScanInputs<'_> {
+        ScanInputs {
+            x: &self.x,
+            delta: &self.delta,
+            b: &self.b,
+            c: &self.c,
+            z: &self.z,
+            a: &self.a,
+            d: &self.d,
+            channels: self.channels,
+            d_state: self.d_state,
+        }
+    }
+}
+
 /// Runs the scan from `state` (`[channels, d_state]`, updated in place) and writes
 /// `y[s, ch] = (⟨h_s[ch], C_s⟩ + D[ch]·x[s, ch]) · silu(z[s, ch])`.
 pub fn selective_scan(inp: &ScanInputs, state: &mut [f32], y: &mut [f32]) {
@@ -245,25 +296,9 @@ mod tests {
     fn scan_matches_f64_recurrence_and_resumes_from_state() {
         // 37 channels: two full blocks and a partial one; 300 steps cross the parallel threshold.
         let (t, e, n) = (300usize, 37usize, 16usize);
-        let (x, delta, z) = (
-            wave(t * e, 31, -2.0, 2.0),
-            wave(t * e, 17, 0.001, 0.2),
-            wave(t * e, 13, -3.0, 3.0),
-        );
-        let (b, c) = (wave(t * n, 7, -1.5, 1.5), wave(t * n, 11, -1.5, 1.5));
-        let a: Vec<f32> = wave(e * n, 5, 0.0, 2.7).iter().map(|v| -v.exp()).collect();
-        let d = wave(e, 3, 0.5, 1.5);
-        let inp = ScanInputs {
-            x: &x,
-            delta: &delta,
-            b: &b,
-            c: &c,
-            z: &z,
-            a: &a,
-            d: &d,
-            channels: e,
-            d_state: n,
-        };
+        let data = ScanData::synthetic(t, e, n);
+        let inp = data.inputs();
+        let (x, delta, z, b, c) = (inp.x, inp.delta, inp.z, inp.b, inp.c);
         let mut want_state = vec![0f64; e * n];
         let want = reference(&inp, &mut want_state);
         for scan in [selective_scan, selective_scan_naive] {
