@@ -320,11 +320,11 @@ mod tests {
         let mut y = Vec::new();
         for r in [0..half, half..t] {
             let (xs, ds, zs) = (
-                sub(&x, e, r.clone()),
-                sub(&delta, e, r.clone()),
-                sub(&z, e, r.clone()),
+                sub(x, e, r.clone()),
+                sub(delta, e, r.clone()),
+                sub(z, e, r.clone()),
             );
-            let (bs, cs) = (sub(&b, n, r.clone()), sub(&c, n, r.clone()));
+            let (bs, cs) = (sub(b, n, r.clone()), sub(c, n, r.clone()));
             let part = ScanInputs {
                 x: &xs,
                 delta: &ds,
