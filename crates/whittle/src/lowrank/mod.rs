@@ -192,6 +192,8 @@ pub fn spectra(
     let mut out = Vec::new();
     compress_sequential(model, windows, progress, &mut |i, layer, stats| {
         let refs = reference.layers[i].linears();
+        // Linears that read one site share its eigenbasis.
+        let mut bases: HashMap<crate::model::Site, EigenBasis> = HashMap::new();
         for (name, site, lin) in layer.linears() {
             let full = format!("layers.{i}.{name}");
             if !crate::calib::sequential::targeted(&full, targets) {
@@ -209,13 +211,14 @@ pub fn spectra(
                 .collect();
             let basis = match method {
                 LowRankMethod::Svd => None,
-                LowRankMethod::Eora => Some(EigenBasis::new(&full, &stats.get(site)?.xtx, cols)?),
+                LowRankMethod::Eora => Some(match bases.entry(site) {
+                    std::collections::hash_map::Entry::Occupied(e) => &*e.into_mut(),
+                    std::collections::hash_map::Entry::Vacant(e) => {
+                        e.insert(EigenBasis::new(&full, &stats.get(site)?.xtx, cols)?)
+                    }
+                }),
             };
-            out.push((
-                full,
-                rows + cols,
-                spectrum(&dw, rows, cols, basis.as_ref())?,
-            ));
+            out.push((full, rows + cols, spectrum(&dw, rows, cols, basis)?));
         }
         Ok(())
     })?;
