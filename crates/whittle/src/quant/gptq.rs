@@ -88,7 +88,7 @@ pub fn gptq(
     zero_dead(&mut w, cols, &dead);
     // A sparse weight keeps its zeros: they are pinned during the walk and their scales made
     // exact (see `exact_zero_scale`).
-    let sparse = w.contains(&0.0);
+    let sparse = super::has_mask(&w);
     let scale = |s: f32| if sparse { exact_zero_scale(s) } else { s };
     // Static groups from the original weights (act-order only).
     let static_params = |w: &[f32]| -> Vec<(f32, f32)> {
