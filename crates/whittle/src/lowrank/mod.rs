@@ -150,9 +150,10 @@ fn spectrum(dw: &[f32], rows: usize, cols: usize, basis: Option<&EigenBasis>) ->
 }
 
 /// Ranks that spend a budget of adapter parameters where they remove the most error: every
-/// singular value `σ` of every linear (as [`spectra`] scales them: relative to the linear's
-/// output energy) is a candidate costing `in + out` parameters and removing `σ²`; candidates are
-/// taken by decreasing `σ² / cost` while they fit. Since each linear's
+/// singular value `σ` of every linear is a candidate costing `in + out` parameters and removing
+/// `σ²` (for EoRA: squared output error on the calibration inputs); candidates are taken by
+/// decreasing `σ² / cost` while they fit. Measured on SmolLM2 (BENCHMARKS.md): raw errors
+/// allocate better than errors relative to each linear's output energy. Since each linear's
 /// values are sorted, this takes a prefix of each spectrum, i.e. a rank per linear (possibly 0).
 pub fn allocate_ranks(
     spectra: &[(String, usize, Vec<f64>)],
@@ -180,8 +181,7 @@ pub fn allocate_ranks(
 }
 
 /// One calibration pass over the compressed `model` (left unchanged) collecting, for every
-/// targeted linear, `(name, in + out, spectrum / √(output energy of the reference linear))` as
-/// [`allocate_ranks`] takes them.
+/// targeted linear, `(name, in + out, spectrum)` as [`allocate_ranks`] takes them.
 pub fn spectra(
     model: &mut crate::Model,
     reference: &crate::Model,
@@ -220,18 +220,7 @@ pub fn spectra(
                     }
                 }),
             };
-            // Relative to the linear's own output energy, so that the budget goes where the
-            // *relative* error drops most (output scales differ by orders of magnitude between
-            // linears; raw energies sent the budget to a few of them).
-            let w = w_ref.dense_weight();
-            let energy = match method {
-                LowRankMethod::Svd => w.iter().map(|v| (*v as f64).powi(2)).sum::<f64>(),
-                LowRankMethod::Eora => stats.get(site)?.output_energy(&w, rows),
-            }
-            .max(f64::MIN_POSITIVE);
-            let spec = spectrum(&dw, rows, cols, basis)?;
-            let scaled = spec.iter().map(|v| v / energy.sqrt()).collect();
-            out.push((full, rows + cols, scaled));
+            out.push((full, rows + cols, spectrum(&dw, rows, cols, basis)?));
         }
         Ok(())
     })?;
