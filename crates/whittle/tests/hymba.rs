@@ -209,3 +209,13 @@ fn cache_size_follows_the_config_formula() {
     let per_token = KvCache::footprint(&m, 8001) - KvCache::footprint(&m, 8000);
     assert_eq!(per_token, 3 * kv_row);
 }
+
+#[test]
+fn hf_export_of_a_hybrid_model_is_a_clear_error() {
+    let m = model();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let e = whittle::io::safetensors::save(&m, None, false, &out).unwrap_err();
+    assert!(e.to_string().contains("hymba"), "{e}");
+    assert!(!out.exists());
+}

@@ -408,6 +408,13 @@ fn config_json(model: &Model, tokenizer: Option<&Tokenizer>) -> Value {
 /// Writes `model` (and `tokenizer`) as an HF folder at `dir`, atomically: everything goes to a
 /// sibling temporary folder first, renamed to `dir` when complete. `dir` must not exist yet.
 pub fn save(model: &Model, tokenizer: Option<&Tokenizer>, packed: bool, dir: &Path) -> Result<()> {
+    if model.config.arch != Arch::Llama {
+        return Err(Error::Invalid(format!(
+            "HF export writes Llama models; this one is {} (trained models are kept in their \
+             `whittle train` checkpoint)",
+            model.config.arch.name()
+        )));
+    }
     if dir.exists() {
         return Err(Error::Invalid(format!(
             "{} already exists; choose a new output folder",
