@@ -151,14 +151,9 @@ fn single_query(
     mask: Mask,
     out: &mut [f32],
 ) {
-    let AttnShape {
-        n_heads,
-        n_kv_heads,
-        head_dim: d,
-        v_head_dim: dv,
-    } = shape;
-    let (kvd, vd) = (n_kv_heads * d, n_kv_heads * dv);
-    let group = n_heads / n_kv_heads;
+    let (d, dv) = (shape.head_dim, shape.v_head_dim);
+    let (kvd, vd) = (shape.kv_dim(), shape.v_dim());
+    let group = shape.n_heads / shape.n_kv_heads;
     let scale = 1.0 / (d as f32).sqrt();
     let hidden = mask.hidden(s - 1);
     let task = |(kvh, o): (usize, &mut [f32])| {
@@ -172,7 +167,7 @@ fn single_query(
         one_kv_head(&heads, scale, hidden.clone(), o);
     };
     let chunks = out.chunks_mut(group * dv).enumerate();
-    if crate::threads::threads() == 1 || s * n_heads * (d + dv) < PARALLEL_MIN_WORK {
+    if crate::threads::threads() == 1 || s * shape.n_heads * (d + dv) < PARALLEL_MIN_WORK {
         chunks.for_each(task);
     } else {
         out.par_chunks_mut(group * dv).enumerate().for_each(task);
