@@ -14,15 +14,11 @@ use whittle::Model;
 
 const TOL: f32 = 5e-5;
 
-fn fixture() -> std::path::PathBuf {
-    common::shared().join("fixtures/hymba-tiny")
-}
-
 struct Expected(Vec<u8>);
 
 impl Expected {
     fn load() -> Self {
-        Expected(std::fs::read(fixture().join("expected.safetensors")).unwrap())
+        Expected(std::fs::read(common::hymba_fixture().join("expected.safetensors")).unwrap())
     }
     fn f32(&self, name: &str) -> Vec<f32> {
         let st = SafeTensors::deserialize(&self.0).unwrap();
@@ -43,7 +39,7 @@ impl Expected {
 }
 
 fn model() -> Model {
-    whittle::io::safetensors::load(&fixture()).unwrap()
+    common::hymba_tiny()
 }
 
 /// Records, per layer, the mixer's normalised input and the two branch outputs.

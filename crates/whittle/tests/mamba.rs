@@ -4,30 +4,11 @@
 
 mod common;
 
-use whittle::model::random::random_model;
-use whittle::model::{Arch, KvCache, LayerShape, Logits, ModelConfig, SsmShape};
+use whittle::model::{KvCache, Logits};
 use whittle::Model;
 
 fn mamba(seed: u64) -> Model {
-    let config = ModelConfig {
-        arch: Arch::Mamba,
-        ..common::tiny_config(true)
-    };
-    let ssm = SsmShape {
-        inner: 48,
-        d_state: 8,
-        d_conv: 4,
-        dt_rank: 3,
-    };
-    let shapes = vec![
-        LayerShape {
-            attn: None,
-            ssm: Some(ssm),
-            mlp: None,
-        };
-        3
-    ];
-    random_model(config, &shapes, seed).unwrap()
+    common::tiny_mamba(3, 48, None, seed)
 }
 
 fn rms(x: &[f64], w: &[f32], eps: f64) -> Vec<f64> {

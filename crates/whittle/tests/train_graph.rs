@@ -8,30 +8,6 @@ use whittle::model::Logits;
 use whittle::train::graph::{cross_entropy, forward, Trainable};
 use whittle::Model;
 
-fn hymba() -> Model {
-    whittle::io::safetensors::load(&common::shared().join("fixtures/hymba-tiny")).unwrap()
-}
-
-fn mamba() -> Model {
-    use whittle::model::{random::random_model, Arch, LayerShape, ModelConfig, SsmShape};
-    let config = ModelConfig {
-        arch: Arch::Mamba,
-        ..common::tiny_config(true)
-    };
-    let ssm = SsmShape {
-        inner: 32,
-        d_state: 8,
-        d_conv: 4,
-        dt_rank: 3,
-    };
-    let shape = LayerShape {
-        attn: None,
-        ssm: Some(ssm),
-        mlp: Some(24),
-    };
-    random_model(config, &[shape; 2], 5).unwrap()
-}
-
 fn ids(n: usize, vocab: usize, seed: usize) -> Vec<u32> {
     (0..n)
         .map(|i| ((i * 31 + seed * 7 + 3) % vocab) as u32)
@@ -42,8 +18,8 @@ fn ids(n: usize, vocab: usize, seed: usize) -> Vec<u32> {
 fn graph_logits_equal_inference_logits() {
     for (name, mut m) in [
         ("llama", common::tiny_model(2)),
-        ("hymba", hymba()),
-        ("mamba", mamba()),
+        ("hymba", common::hymba_tiny()),
+        ("mamba", common::tiny_mamba(2, 32, Some(24), 5)),
     ] {
         let vocab = m.config.vocab_size;
         let (a, b) = (ids(21, vocab, 1), ids(21, vocab, 2));
@@ -105,10 +81,10 @@ fn check_gradients(mut m: Model) {
 #[test]
 fn gradients_match_finite_differences_llama_and_mamba() {
     check_gradients(common::tiny_model(4));
-    check_gradients(mamba());
+    check_gradients(common::tiny_mamba(2, 32, Some(24), 5));
 }
 
 #[test]
 fn gradients_match_finite_differences_hymba() {
-    check_gradients(hymba());
+    check_gradients(common::hymba_tiny());
 }

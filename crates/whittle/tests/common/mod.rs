@@ -107,3 +107,33 @@ pub fn split_ids(tok: &whittle::io::tokenizer::Tokenizer, split: &str) -> Vec<u3
         whittle::data::text::read_text(&reference(&format!("wikitext2-{split}.txt"))).unwrap();
     tok.encode(&text).unwrap()
 }
+
+/// A tiny random Mamba model (SSM-only mixers; `mlp` adds an MLP to each of the `layers`).
+pub fn tiny_mamba(layers: usize, inner: usize, mlp: Option<usize>, seed: u64) -> Model {
+    use whittle::model::{Arch, SsmShape};
+    let config = ModelConfig {
+        arch: Arch::Mamba,
+        ..tiny_config(true)
+    };
+    let ssm = SsmShape {
+        inner,
+        d_state: 8,
+        d_conv: 4,
+        dt_rank: 3,
+    };
+    let shape = LayerShape {
+        attn: None,
+        ssm: Some(ssm),
+        mlp,
+    };
+    random_model(config, &vec![shape; layers], seed).unwrap()
+}
+
+/// The Hymba parity fixture's folder and its model.
+pub fn hymba_fixture() -> std::path::PathBuf {
+    shared().join("fixtures/hymba-tiny")
+}
+
+pub fn hymba_tiny() -> Model {
+    whittle::io::safetensors::load(&hymba_fixture()).unwrap()
+}
