@@ -175,11 +175,25 @@ pub fn run(
     Ok(())
 }
 
-/// One row per layer: linears touched, mean relative output error (before compensation, when
-/// the method compensates), worst error, time.
+/// Columns of [`layer_table`].
+const LAYER_HEADER: [&str; 6] = [
+    "layer",
+    "linears",
+    "rel. error before",
+    "rel. error",
+    "worst",
+    "seconds",
+];
+
+/// One row per layer: linears touched, mean relative output error before compensation (when the
+/// method compensates) and after the method, worst error, time.
 fn layer_table(reports: &[LinearReport]) {
+    table(&LAYER_HEADER, &layer_rows(reports));
+}
+
+fn layer_rows(reports: &[LinearReport]) -> Vec<Vec<String>> {
     let layers = reports.iter().map(|r| r.layer).max().map_or(0, |m| m + 1);
-    let rows: Vec<Vec<String>> = (0..layers)
+    (0..layers)
         .map(|l| {
             let rs: Vec<&LinearReport> = reports.iter().filter(|r| r.layer == l).collect();
             let errs: Vec<f64> = rs.iter().filter_map(|r| r.rel_error).collect();
@@ -201,9 +215,31 @@ fn layer_table(reports: &[LinearReport]) {
                 format!("{:.2}", rs.iter().map(|r| r.seconds).sum::<f64>()),
             ]
         })
-        .collect();
-    table(
-        &["layer", "linears", "mean rel. error", "worst", "seconds"],
-        &rows,
-    );
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layer_rows_fill_every_column() {
+        let report = |layer, rel, before| LinearReport {
+            layer,
+            name: format!("layers.{layer}.q_proj"),
+            rel_error: Some(rel),
+            error_before: before,
+            damp: None,
+            seconds: 0.5,
+        };
+        let rows = layer_rows(&[
+            report(0, 0.1, Some(0.4)),
+            report(0, 0.3, Some(0.6)),
+            report(1, 0.2, None),
+        ]);
+        assert_eq!(rows.len(), 2);
+        assert!(rows.iter().all(|r| r.len() == LAYER_HEADER.len()));
+        assert_eq!(rows[0], ["0", "2", "0.5000", "0.2000", "0.3000", "1.00"]);
+        assert_eq!(rows[1][2], "—");
+    }
 }

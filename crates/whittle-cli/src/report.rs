@@ -5,7 +5,17 @@ use std::path::Path;
 
 /// Prints rows as a left-aligned text table with a header rule.
 pub fn table(header: &[&str], rows: &[Vec<String>]) {
-    let mut width: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    print!("{}", render(header, rows));
+}
+
+/// The text of [`table`].
+fn render(header: &[&str], rows: &[Vec<String>]) -> String {
+    // As many columns as the longest row, so that a cell without a header is still shown.
+    let columns = rows.iter().map(Vec::len).fold(header.len(), usize::max);
+    let mut width = vec![0; columns];
+    for (w, h) in width.iter_mut().zip(header) {
+        *w = h.chars().count();
+    }
     for r in rows {
         for (w, c) in width.iter_mut().zip(r) {
             *w = (*w).max(c.chars().count());
@@ -17,16 +27,15 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) {
             .zip(&width)
             .map(|(c, w)| format!("{c:<w$}"))
             .collect();
-        println!("{}", s.join("  ").trim_end());
+        format!("{}\n", s.join("  ").trim_end())
     };
-    line(header.to_vec());
-    println!(
-        "{}",
-        "-".repeat(width.iter().sum::<usize>() + 2 * (width.len() - 1))
-    );
+    let mut out = line(header.to_vec());
+    out += &"-".repeat(width.iter().sum::<usize>() + 2 * width.len().saturating_sub(1));
+    out.push('\n');
     for r in rows {
-        line(r.iter().map(String::as_str).collect());
+        out += &line(r.iter().map(String::as_str).collect());
     }
+    out
 }
 
 /// Writes `value` as pretty JSON to `path` via a temporary file and a rename.
@@ -51,4 +60,13 @@ pub fn progress(total: usize, what: &str) -> indicatif::ProgressBar {
     );
     pb.set_message(what.to_string());
     pb
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_cell_is_shown_and_aligned() {
+        let t = super::render(&["a", "bb"], &[vec!["1".into(), "22".into(), "333".into()]]);
+        assert_eq!(t, "a  bb\n----------\n1  22  333\n");
+    }
 }
