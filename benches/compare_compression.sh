@@ -53,7 +53,7 @@ ref rtn4 --method rtn4
 # pass (EoRA's covariances); whittle runs one `compensate` each.
 ref rtn4-lowrank --method rtn4 --compensate svd:64,eora:64
 ours rtn4 quantize --method rtn --bits 4 --group-size 128
-ours rtn4-svd64 compensate --model "$OUT/whittle-rtn4" --method svd --rank 64 "${CAL[@]}"
+ours rtn4-svd64 compensate --model "$OUT/whittle-rtn4" --method svd --rank 64 --calib-samples 0
 ours rtn4-eora64 compensate --model "$OUT/whittle-rtn4" --method eora --rank 64 "${CAL[@]}"
 python3 - "$OUT" <<'PY'
 import json, sys

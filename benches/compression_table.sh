@@ -2,8 +2,8 @@
 # Reproduces the compression table of shared/reference/README.md with whittle: calibration
 # windows from wikitext2-valid.txt (seed 0), evaluation on the first 4 windows of 2048 tokens of
 # wikitext2-test.txt. SAMPLES (default 8, the reference's budget) calibration windows of 2048.
-# SVD rows calibrate with SVD_SAMPLES (default 8) windows: their adapters do not depend on the
-# data, the pass only measures the per-layer errors in the report. FULL=1 then evaluates every
+# SVD rows run data-free (`--calib-samples 0`: same adapters, per-layer errors reported in
+# weight space instead of on calibration inputs). FULL=1 then evaluates every
 # output (and the dense model) on the whole test split at seq 2048 (`OUT/NAME.full.json`).
 #   [SAMPLES=128] [FULL=1] bash benches/compression_table.sh [OUT_DIR]
 set -euo pipefail
@@ -33,7 +33,7 @@ run gptq-int4 quantize --method gptq --bits 4 --group-size 128 "${CAL[@]}"
 for base in rtn-int4 sparsegpt-24; do
   for m in svd eora; do
     for r in 16 64; do
-      n=$SAMPLES; [ $m = svd ] && n=${SVD_SAMPLES:-8}
+      n=$SAMPLES; [ $m = svd ] && n=0
       read -ra C <<< "$(calib "$n")"
       run "$base-$m-r$r" compensate --model "$OUT/$base" --method $m --rank $r "${C[@]}"
     done

@@ -415,12 +415,13 @@ pub fn compensate(
         RankChoice::Fixed(r) => format!("compensate {method:?} r{r}"),
         RankChoice::Budget(b) => format!("compensate {method:?} budget {b}"),
     };
+    let calibrate = method == LowRankMethod::Eora || job.calib.wanted();
     crate::compress::run(
         model,
         job,
         &what,
         true,
-        true,
+        calibrate,
         settings,
         &mut |m, windows, progress| {
             let reference = load(reference)?.model;

@@ -16,6 +16,7 @@ use whittle::Model;
 pub struct CalibArgs {
     #[arg(long, default_value = "../shared/reference/wikitext2-valid.txt")]
     calib: PathBuf,
+    /// Windows to sample; 0 runs data-free where the method allows (SVD compensation).
     #[arg(long, default_value_t = 128)]
     calib_samples: usize,
     #[arg(long, default_value_t = 2048)]
@@ -25,6 +26,11 @@ pub struct CalibArgs {
 }
 
 impl CalibArgs {
+    /// `--calib-samples 0` asks for no calibration (e.g. data-free SVD compensation).
+    pub fn wanted(&self) -> bool {
+        self.calib_samples > 0
+    }
+
     /// The calibration settings of a recipe file.
     pub fn from_spec(s: &whittle::recipe::CalibSpec) -> Self {
         CalibArgs {

@@ -459,6 +459,56 @@ fn sparsify_compensate_fold_and_peft_on_a_tiny_model() {
     );
 }
 
+/// SVD adapters do not depend on data: without calibration windows they are the same, errors
+/// are reported in weight space, and EoRA refuses to run.
+#[test]
+fn svd_compensation_runs_without_calibration() {
+    use whittle::lowrank::{compensate_model, LowRankMethod};
+    use whittle::quant::{quantize_model, QuantConfig, QuantMethod};
+    let mut shapes = uniform_shapes(2);
+    shapes.iter_mut().for_each(|s| s.mlp = Some(64));
+    let dense = random_model(tiny_config(true), &shapes, 5).unwrap();
+    let calib: Vec<u32> = (0..64).map(|i| (i * 31 % 256) as u32).collect();
+    let windows: Vec<&[u32]> = calib.chunks(32).collect();
+    let cfg = QuantConfig {
+        bits: 3,
+        group: 32,
+        sym: false,
+    };
+    let run = |method, windows: &[&[u32]]| {
+        let mut m = random_model(tiny_config(true), &shapes, 5).unwrap();
+        quantize_model(&mut m, &[], QuantMethod::Rtn, cfg, &[], &mut |_, _| {}).unwrap();
+        compensate_model(
+            &mut m,
+            &dense,
+            windows,
+            method,
+            3,
+            false,
+            &[],
+            &mut |_, _| {},
+        )
+        .map(|r| (m, r))
+    };
+    let (with, _) = run(LowRankMethod::Svd, &windows).unwrap();
+    let (without, reports) = run(LowRankMethod::Svd, &[]).unwrap();
+    assert_eq!(reports.len(), 2 * 7);
+    for r in &reports {
+        let (before, after) = (r.error_before.unwrap(), r.rel_error.unwrap());
+        assert!(
+            after < before && before > 0.0,
+            "{}: {before} -> {after}",
+            r.name
+        );
+    }
+    for (a, b) in with.layers.iter().zip(&without.layers) {
+        for ((_, _, x), (_, _, y)) in a.linears().iter().zip(b.linears()) {
+            assert_eq!(x.adapter, y.adapter);
+        }
+    }
+    assert!(run(LowRankMethod::Eora, &[]).is_err());
+}
+
 #[test]
 fn rank_budget_spends_adapter_parameters_where_the_error_is() {
     use whittle::lowrank::{allocate_ranks, compensate_with_ranks, spectra, LowRankMethod, Ranks};

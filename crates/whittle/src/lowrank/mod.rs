@@ -230,6 +230,8 @@ pub fn spectra(
 /// Adds (or, with `fold`, merges into dense weights) low-rank compensation to every targeted
 /// linear of `model`, a compressed version of `reference`. Layers are processed in order with
 /// calibration inputs from the already-compensated earlier layers; `ΔW = W_reference − W_model`.
+/// SVD needs no data: with no windows it runs without a forward pass and reports its errors in
+/// weight space; EoRA requires windows.
 #[allow(clippy::too_many_arguments)]
 pub fn compensate_model(
     model: &mut crate::Model,
@@ -301,9 +303,9 @@ pub fn compensate_with_ranks(
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Vec<crate::calib::sequential::LinearReport>> {
     use crate::calib::sequential::{compress_linears, compress_sequential, Outcome};
-    if windows.is_empty() {
+    if windows.is_empty() && method == LowRankMethod::Eora {
         return Err(Error::Invalid(
-            "compensation needs calibration windows (EoRA's covariance; errors for SVD)".into(),
+            "EoRA needs calibration windows (its input covariance)".into(),
         ));
     }
     if reference.layers.len() != model.layers.len() {
@@ -336,17 +338,21 @@ pub fn compensate_with_ranks(
                 if (w_ref.out_features, w_ref.in_features) != (rows, cols) {
                     return Err(Error::Invalid(format!("{name}: reference shape differs")));
                 }
-                let st =
-                    st.ok_or_else(|| Error::Invalid(format!("{name}: no calibration statistics")))?;
+                // Errors on the calibration inputs; without calibration (data-free SVD), in
+                // weight space (‖·‖_F², i.e. X = I).
+                let energy_of = |m: &[f32]| match st {
+                    Some(st) => st.output_energy(m, rows),
+                    None => m.iter().map(|v| (*v as f64).powi(2)).sum(),
+                };
                 let w = w_ref.dense_weight();
                 let dw: Vec<f32> = w
                     .iter()
                     .zip(lin.dense_weight().iter())
                     .map(|(a, b)| a - b)
                     .collect();
-                let energy = st.output_energy(&w, rows).max(f64::MIN_POSITIVE);
+                let energy = energy_of(&w).max(f64::MIN_POSITIVE);
                 if rank == 0 {
-                    let e = st.output_energy(&dw, rows) / energy;
+                    let e = energy_of(&dw) / energy;
                     return Ok(Outcome {
                         damp: None,
                         errors: Some((e, e)),
@@ -355,6 +361,9 @@ pub fn compensate_with_ranks(
                 let lr = match method {
                     LowRankMethod::Svd => svd_lowrank(name, &dw, rows, cols, rank)?,
                     LowRankMethod::Eora => {
+                        let st = st.ok_or_else(|| {
+                            Error::Invalid(format!("{name}: no calibration statistics"))
+                        })?;
                         let key: *const InputStats = st;
                         let k = match bases.iter().position(|(p, _)| *p == key) {
                             Some(k) => k,
@@ -379,10 +388,7 @@ pub fn compensate_with_ranks(
                     m
                 };
                 let rest: Vec<f32> = dw.iter().zip(&ba).map(|(d, x)| d - x).collect();
-                let errors = (
-                    st.output_energy(&dw, rows) / energy,
-                    st.output_energy(&rest, rows) / energy,
-                );
+                let errors = (energy_of(&dw) / energy, energy_of(&rest) / energy);
                 if fold {
                     let merged: Vec<f32> = lin
                         .dense_weight()
