@@ -12,6 +12,12 @@ static POOL: OnceLock<rayon::ThreadPool> = OnceLock::new();
 /// pool is built on first use with the count set then.
 pub fn set_threads(n: usize) {
     THREADS.store(n.max(1), Ordering::Relaxed);
+    // Parallel loops issued outside [`install`] (e.g. per-row quantization) run on rayon's
+    // global pool: give it the same count. Only the first call can size it; later calls (tests)
+    // leave it as it is.
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(n.max(1))
+        .build_global();
 }
 
 /// Runs `f` on a worker of whittle's thread pool, so that every parallel section inside it

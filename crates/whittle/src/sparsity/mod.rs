@@ -83,18 +83,23 @@ pub fn prune(
 
 /// Zeroes the weights whose scores are lowest under `pattern`, row by row.
 fn apply_scores(w: &mut [f32], scores: &[f32], cols: usize, pattern: Pattern) {
-    let mut mask = vec![false; cols];
-    for (row, s) in w.chunks_exact_mut(cols).zip(scores.chunks_exact(cols)) {
-        match pattern {
-            Pattern::NM { n, m } => nm_prune_mask(s, n, m, &mut mask),
-            Pattern::Unstructured { ratio } => row_prune_mask(s, ratio, &mut mask),
-        }
-        for (v, pruned) in row.iter_mut().zip(&mask) {
-            if *pruned {
-                *v = 0.0;
-            }
-        }
-    }
+    use rayon::prelude::*;
+    w.par_chunks_exact_mut(cols)
+        .zip(scores.par_chunks_exact(cols))
+        .for_each_init(
+            || vec![false; cols],
+            |mask, (row, s)| {
+                match pattern {
+                    Pattern::NM { n, m } => nm_prune_mask(s, n, m, mask),
+                    Pattern::Unstructured { ratio } => row_prune_mask(s, ratio, mask),
+                }
+                for (v, pruned) in row.iter_mut().zip(mask.iter()) {
+                    if *pruned {
+                        *v = 0.0;
+                    }
+                }
+            },
+        );
 }
 
 /// Sparsifies the targeted linears of every layer (sequentially calibrated on `windows` when

@@ -69,6 +69,20 @@ impl fmt::Display for Pattern {
 /// Marks (true = prune) the `m − n` lowest scores of each group of `m` in `scores` (a row
 /// segment whose length is a multiple of `m`). Ties: the lower index is pruned first.
 pub fn nm_prune_mask(scores: &[f32], n: usize, m: usize, mask: &mut [bool]) {
+    // For the usual small groups, an element's rank (how many in its group come before it)
+    // decides without sorting: m² branch-free comparisons beat a sort with a closure (2:4 on
+    // SmolLM2's 106 M weights: most of magnitude pruning's time was that sort).
+    if m <= 16 {
+        for (s, mk) in scores.chunks_exact(m).zip(mask.chunks_exact_mut(m)) {
+            for (i, prune) in mk.iter_mut().enumerate() {
+                let before = (0..m)
+                    .filter(|&j| s[j].total_cmp(&s[i]).then(j.cmp(&i)).is_lt())
+                    .count();
+                *prune = before < m - n;
+            }
+        }
+        return;
+    }
     let mut idx: Vec<usize> = Vec::with_capacity(m);
     for (s, mk) in scores.chunks_exact(m).zip(mask.chunks_exact_mut(m)) {
         idx.clear();
@@ -121,5 +135,29 @@ mod tests {
         row_prune_mask(&s, 0.3, &mut m);
         assert_eq!(m.iter().filter(|x| **x).count(), 2);
         assert!(m[4] && m[7]);
+    }
+
+    /// Every group keeps exactly its n highest scores (ties: the higher index kept), for group
+    /// sizes on both sides of the rank-counting cut-off, against a plain sort.
+    #[test]
+    fn nm_masks_keep_exactly_the_n_highest() {
+        let mut r = 7u32;
+        for (n, m) in [(2, 4), (1, 4), (4, 8), (3, 16), (8, 32), (1, 1)] {
+            // Few distinct values, so that ties are common.
+            let s: Vec<f32> = (0..m * 50)
+                .map(|_| {
+                    r = r.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                    (r >> 28) as f32
+                })
+                .collect();
+            let mut mask = vec![false; s.len()];
+            nm_prune_mask(&s, n, m, &mut mask);
+            for (g, mk) in s.chunks(m).zip(mask.chunks(m)) {
+                let mut idx: Vec<usize> = (0..m).collect();
+                idx.sort_by(|&a, &b| g[a].total_cmp(&g[b]).then(a.cmp(&b)));
+                let want: Vec<bool> = (0..m).map(|i| idx[..m - n].contains(&i)).collect();
+                assert_eq!(mk, &want[..], "{n}:{m} {g:?}");
+            }
+        }
     }
 }
