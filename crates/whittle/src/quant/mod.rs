@@ -159,11 +159,13 @@ pub fn rtn(name: &str, w: &[f32], rows: usize, cols: usize, cfg: QuantConfig) ->
     let groups = cols.div_ceil(g);
     let (mut scales, mut zeros) = (vec![0f32; rows * groups], vec![0f32; rows * groups]);
     let mut codes = vec![0u8; rows * cols];
-    let quantize_row =
-        |(((row, crow), srow), zrow): (((&[f32], &mut [u8]), &mut [f32]), &mut [f32])| {
-            for (((x, c), s_out), z_out) in
-                row.chunks(g).zip(crow.chunks_mut(g)).zip(srow).zip(zrow)
-            {
+    w.par_chunks_exact(cols)
+        .zip(codes.par_chunks_exact_mut(cols))
+        .zip(scales.par_chunks_exact_mut(groups))
+        .zip(zeros.par_chunks_exact_mut(groups))
+        .for_each(|(((row, crow), srow), zrow)| {
+            let groups = row.chunks(g).zip(crow.chunks_mut(g));
+            for (((x, c), s_out), z_out) in groups.zip(srow).zip(zrow) {
                 let (mut s, z) = group_params(x, cfg);
                 if sparse {
                     s = exact_zero_scale(s);
@@ -173,12 +175,7 @@ pub fn rtn(name: &str, w: &[f32], rows: usize, cols: usize, cfg: QuantConfig) ->
                 }
                 (*s_out, *z_out) = (s, z);
             }
-        };
-    w.par_chunks_exact(cols)
-        .zip(codes.par_chunks_exact_mut(cols))
-        .zip(scales.par_chunks_exact_mut(groups))
-        .zip(zeros.par_chunks_exact_mut(groups))
-        .for_each(quantize_row);
+        });
     pack(name, &codes, rows, cols, cfg, scales, &zeros)
 }
 
