@@ -45,6 +45,12 @@ pub(crate) fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
 mod x86 {
     use std::arch::x86_64::*;
 
+    /// Floats of `a` (a weight row in decode) prefetched ahead of the current position: 8 KiB.
+    /// Decode with f32 weights streams 538 MB per token; prefetching this far measured 33.3 →
+    /// 35.6–36.4 tok/s (2 KiB: no change, 16 KiB: 34.6–35.5). Rows are contiguous, so the
+    /// prefetch runs on into the next rows; past the weight's end it is a harmless hint.
+    const AHEAD: usize = 2048;
+
     #[target_feature(enable = "avx512f")]
     pub unsafe fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
         let n = a.len();
@@ -53,6 +59,7 @@ mod x86 {
         let mut i = 0;
         while i + 64 <= n {
             for (k, acc) in acc.iter_mut().enumerate() {
+                _mm_prefetch::<_MM_HINT_T0>(pa.wrapping_add(i + 16 * k + AHEAD) as *const i8);
                 let x = _mm512_loadu_ps(pa.add(i + 16 * k));
                 let y = _mm512_loadu_ps(pb.add(i + 16 * k));
                 *acc = _mm512_fmadd_ps(x, y, *acc);
