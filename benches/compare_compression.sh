@@ -4,8 +4,7 @@
 # threads, calibration (NSAMPLES × 2048 tokens of wikitext2-valid.txt, seed 0) and evaluation
 # (first 4 test windows of 2048), so that the ratios mean something. Run it on a quiet machine.
 #
-#   python3 -m venv /work/venv && /work/venv/bin/pip install -r ../shared/reference/harness/requirements.txt
-#   bash benches/compare_compression.sh [OUT_DIR]
+#   bash benches/compare_compression.sh [OUT_DIR]     (venv: see benches/harness_env.sh)
 #
 # Times are of the compression alone: the harness's `compress_s` (+ `lowrank_s` for the
 # compensation rows, whose calibration pass is inside `compress_s`), whittle's `seconds` in
@@ -13,15 +12,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-target/compare-compression}
-VENV=${VENV:-/work/venv}
-THREADS=${THREADS:-2}
 NS=${NSAMPLES:-8}
-mkdir -p "$OUT"
-ABS_OUT=$(cd "$OUT" && pwd)
-cargo build --release -q
-W=target/release/whittle
-GGUF=$($W fetch)
-export SMOLLM_GGUF="$GGUF" REFS_CACHE="$ABS_OUT/refs-cache"
+source benches/harness_env.sh
 # Tokenize both splits once, untimed, so that no method's time includes it (the harness caches
 # the ids; whittle tokenizes in ~1 s, also outside its timed region).
 ( cd ../shared/reference/harness &&
