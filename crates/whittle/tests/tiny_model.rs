@@ -342,19 +342,36 @@ fn quantized_and_adapted_models_round_trip_packed() {
     assert!(max_abs_diff(&logits(&m, &TOKENS), &logits(&back, &TOKENS)) < 1e-5);
 }
 
+/// A 2-layer tiny model whose MLP is 64 wide (a multiple of the 32-weight packing block).
+fn packable_model(seed: u64) -> whittle::Model {
+    let mut shapes = uniform_shapes(2);
+    shapes.iter_mut().for_each(|s| s.mlp = Some(64));
+    random_model(tiny_config(true), &shapes, seed).unwrap()
+}
+
+/// [`packable_model`] after RTN at `bits` (group 32, asymmetric): a base to compensate.
+fn rtn_model(seed: u64, bits: u8) -> whittle::Model {
+    use whittle::quant::{quantize_model, QuantConfig, QuantMethod};
+    let mut m = packable_model(seed);
+    let cfg = QuantConfig {
+        bits,
+        group: 32,
+        sym: false,
+    };
+    quantize_model(&mut m, &[], QuantMethod::Rtn, cfg, &[], &mut |_, _| {}).unwrap();
+    m
+}
+
 #[test]
 fn sparsify_compensate_fold_and_peft_on_a_tiny_model() {
     use ::safetensors::SafeTensors;
     use whittle::lowrank::{compensate_model, LowRankMethod};
-    use whittle::quant::{quantize_model, QuantConfig, QuantMethod};
     use whittle::sparsity::{sparsify_model, Pattern, SparsityMethod};
-    let mut shapes = uniform_shapes(2);
-    shapes.iter_mut().for_each(|s| s.mlp = Some(64));
-    let dense = random_model(tiny_config(true), &shapes, 21).unwrap();
+    let dense = packable_model(21);
     let calib: Vec<u32> = (0..96).map(|i| (i * 53 % 256) as u32).collect();
     let windows: Vec<&[u32]> = calib.chunks(32).collect();
     // Sparsify: every 4-group of every targeted row keeps exactly 2.
-    let mut sparse = random_model(tiny_config(true), &shapes, 21).unwrap();
+    let mut sparse = packable_model(21);
     let nm = Pattern::NM { n: 2, m: 4 };
     let method = SparsityMethod::SparseGpt {
         block: 16,
@@ -387,13 +404,7 @@ fn sparsify_compensate_fold_and_peft_on_a_tiny_model() {
         (LowRankMethod::Eora, false),
         (LowRankMethod::Eora, true),
     ] {
-        let mut m = random_model(tiny_config(true), &shapes, 21).unwrap();
-        let cfg = QuantConfig {
-            bits: 2,
-            group: 32,
-            sym: false,
-        };
-        quantize_model(&mut m, &[], QuantMethod::Rtn, cfg, &[], &mut |_, _| {}).unwrap();
+        let mut m = rtn_model(21, 2);
         let r = compensate_model(
             &mut m,
             &dense,
@@ -464,20 +475,11 @@ fn sparsify_compensate_fold_and_peft_on_a_tiny_model() {
 #[test]
 fn svd_compensation_runs_without_calibration() {
     use whittle::lowrank::{compensate_model, LowRankMethod};
-    use whittle::quant::{quantize_model, QuantConfig, QuantMethod};
-    let mut shapes = uniform_shapes(2);
-    shapes.iter_mut().for_each(|s| s.mlp = Some(64));
-    let dense = random_model(tiny_config(true), &shapes, 5).unwrap();
+    let dense = packable_model(5);
     let calib: Vec<u32> = (0..64).map(|i| (i * 31 % 256) as u32).collect();
     let windows: Vec<&[u32]> = calib.chunks(32).collect();
-    let cfg = QuantConfig {
-        bits: 3,
-        group: 32,
-        sym: false,
-    };
     let run = |method, windows: &[&[u32]]| {
-        let mut m = random_model(tiny_config(true), &shapes, 5).unwrap();
-        quantize_model(&mut m, &[], QuantMethod::Rtn, cfg, &[], &mut |_, _| {}).unwrap();
+        let mut m = rtn_model(5, 3);
         compensate_model(
             &mut m,
             &dense,
@@ -512,19 +514,10 @@ fn svd_compensation_runs_without_calibration() {
 #[test]
 fn rank_budget_spends_adapter_parameters_where_the_error_is() {
     use whittle::lowrank::{allocate_ranks, compensate_with_ranks, spectra, LowRankMethod, Ranks};
-    use whittle::quant::{quantize_model, QuantConfig, QuantMethod};
-    let mut shapes = uniform_shapes(2);
-    shapes.iter_mut().for_each(|s| s.mlp = Some(64));
-    let dense = random_model(tiny_config(true), &shapes, 31).unwrap();
+    let dense = packable_model(31);
     let calib: Vec<u32> = (0..96).map(|i| (i * 37 % 256) as u32).collect();
     let windows: Vec<&[u32]> = calib.chunks(32).collect();
-    let mut m = random_model(tiny_config(true), &shapes, 31).unwrap();
-    let cfg = QuantConfig {
-        bits: 2,
-        group: 32,
-        sym: false,
-    };
-    quantize_model(&mut m, &[], QuantMethod::Rtn, cfg, &[], &mut |_, _| {}).unwrap();
+    let mut m = rtn_model(31, 2);
     let spec = spectra(
         &mut m,
         &dense,
