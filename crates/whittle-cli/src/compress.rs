@@ -195,6 +195,13 @@ const LAYER_HEADER: [&str; 6] = [
 /// method compensates) and after the method, worst error, time.
 fn layer_table(reports: &[LinearReport]) {
     table(&LAYER_HEADER, &layer_rows(reports));
+    match reports.iter().filter_map(|r| r.error_tokens).max() {
+        Some(n) => println!("relative errors ‖ΔW·X‖²/‖W·X‖² on {n} calibration tokens"),
+        None if reports.iter().any(|r| r.rel_error.is_some()) => {
+            println!("relative errors ‖ΔW‖²/‖W‖² in weight space")
+        }
+        None => {}
+    }
 }
 
 fn layer_rows(reports: &[LinearReport]) -> Vec<Vec<String>> {
@@ -235,6 +242,7 @@ mod tests {
             name: format!("layers.{layer}.q_proj"),
             rel_error: Some(rel),
             error_before: before,
+            error_tokens: Some(64),
             damp: None,
             seconds: 0.5,
         };

@@ -2,8 +2,14 @@
 //! 2-core machine can cost 30x in decode speed (see the stack notes), so the count is explicit:
 //! set once per process, default = available cores.
 
+use std::cell::Cell;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
+
+thread_local! {
+    /// Set while this thread runs one item of an item-parallel loop ([`one_thread`]).
+    static ONE_THREAD: Cell<bool> = const { Cell::new(false) };
+}
 
 static THREADS: AtomicUsize = AtomicUsize::new(0);
 static POOL: OnceLock<rayon::ThreadPool> = OnceLock::new();
@@ -38,8 +44,22 @@ pub fn install<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     .install(f)
 }
 
-/// Worker threads in use: the explicit setting, else the available cores.
+/// Runs `f` with every kernel it calls on this thread alone. For loops over independent items
+/// of similar size (calibration windows): a thread per item scales better than splitting each
+/// item's GEMMs, norms and attention between threads, which synchronises at every kernel.
+pub fn one_thread<R>(f: impl FnOnce() -> R) -> R {
+    let before = ONE_THREAD.with(|c| c.replace(true));
+    let r = f();
+    ONE_THREAD.with(|c| c.set(before));
+    r
+}
+
+/// Worker threads in use: the explicit setting, else the available cores (1 inside
+/// [`one_thread`]).
 pub fn threads() -> usize {
+    if ONE_THREAD.with(|c| c.get()) {
+        return 1;
+    }
     match THREADS.load(Ordering::Relaxed) {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,

@@ -573,3 +573,36 @@ fn rank_budget_spends_adapter_parameters_where_the_error_is() {
     assert!(!pattern.is_empty());
     assert_eq!(pattern, cfg["alpha_pattern"].as_object().unwrap());
 }
+
+/// Wanda's statistics sample the covariance (it only measures the reported error) but keep
+/// exact column norms: the norms equal the full statistics' diagonal, and the sampled error
+/// estimate is close to the full one.
+#[test]
+fn sampled_statistics_keep_exact_column_norms() {
+    use whittle::calib::sequential::compress_sequential;
+    use whittle::calib::stats::{Covariance, InputStats};
+    let mut m = tiny_model(4);
+    let ids: Vec<u32> = (0..64).map(|i| (i * 37 % 250) as u32).collect();
+    let windows: Vec<&[u32]> = ids.chunks(32).collect();
+    let collect = |m: &mut whittle::Model, cov| {
+        let mut first: Vec<(whittle::model::Site, InputStats)> = Vec::new();
+        compress_sequential(m, &windows, cov, &mut |_, _| {}, &mut |i, _, stats| {
+            if i == 0 {
+                first = stats.sites.iter().map(|(s, v)| (*s, v.clone())).collect();
+            }
+            Ok(())
+        })
+        .unwrap();
+        first
+    };
+    let full = collect(&mut m, Covariance::Full);
+    let sampled = collect(&mut m, Covariance::Sampled(4));
+    assert_eq!(full.len(), sampled.len());
+    for (site, f) in &full {
+        let s = &sampled.iter().find(|(x, _)| x == site).unwrap().1;
+        assert_eq!((s.tokens, s.xtx_tokens, f.xtx_tokens), (64, 16, 64));
+        for (a, b) in f.column_norms().iter().zip(s.column_norms()) {
+            assert!((a - b).abs() <= 1e-5 * a.max(1e-3), "{site:?}: {a} vs {b}");
+        }
+    }
+}

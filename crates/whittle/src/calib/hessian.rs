@@ -4,7 +4,8 @@
 //! `H_jj = 1` and are reported as dead so their weights can be zeroed, as the reference does.
 
 use crate::{Error, Result};
-use faer::{linalg::solvers::DenseSolveCore, Mat, Side};
+use faer::linalg::triangular_inverse::invert_upper_triangular;
+use faer::{MatMut, MatRef, Side};
 
 pub struct InverseHessian {
     /// Upper factor, `n × n` row-major.
@@ -33,31 +34,40 @@ pub fn inverse_hessian(h: &[f64], n: usize, damp: f64) -> Result<InverseHessian>
         return Err(Error::Invalid(format!("dampening {damp} must be positive")));
     }
     let dead: Vec<bool> = (0..n).map(|j| h[j * n + j] == 0.0).collect();
-    let mut base = Mat::<f64>::from_fn(n, n, |i, j| h[i * n + j]);
-    for (j, d) in dead.iter().enumerate() {
-        if *d {
-            base[(j, j)] = 1.0;
-        }
-    }
-    let mean_diag = (0..n).map(|j| base[(j, j)]).sum::<f64>() / n as f64;
+    let diag = |j: usize| if dead[j] { 1.0 } else { h[j * n + j] };
+    let mean_diag = (0..n).map(diag).sum::<f64>() / n as f64;
+    // With `J` the order-reversing permutation and `J H J = L̃ L̃ᵀ`, the upper factor of the
+    // inverse is `U = J L̃⁻¹ J` (`UᵀU = J L̃⁻ᵀ L̃⁻¹ J = H⁻¹`, and Cholesky factors are unique):
+    // one factorisation and one triangular inverse, a third of the work of inverting `H` and
+    // factoring the inverse as the reference does. Reversing a row-major array's values
+    // reverses both indices, so `J H J` is `h` reversed, which read column-major (faer's
+    // layout) is the same matrix since `H` is symmetric: every step is a contiguous copy.
+    let last = n - 1;
     let mut frac = damp;
     for _ in 0..6 {
-        let mut m = base.clone();
+        let mut m: Vec<f64> = h.iter().rev().copied().collect();
         for j in 0..n {
-            m[(j, j)] += frac * mean_diag;
+            m[j * n + j] = diag(last - j) + frac * mean_diag;
         }
-        let Ok(llt) = m.llt(Side::Lower) else {
+        let max_diag = (0..n).map(|j| m[j * n + j]).fold(0.0, f64::max);
+        let Ok(llt) = MatRef::from_column_major_slice(&m, n, n).llt(Side::Lower) else {
             frac *= 10.0;
             continue;
         };
-        let inv = llt.inverse();
-        let Ok(l) = inv.llt(Side::Lower) else {
+        // A pivot lost in rounding (a numerically singular damped matrix) passes the
+        // factorisation; it would blow up the inverse, so it counts as a failure too.
+        if (0..n).any(|j| llt.L()[(j, j)].powi(2) <= 1e-14 * max_diag) {
             frac *= 10.0;
             continue;
-        };
-        let l = l.L();
-        // Upper factor U = Lᵀ of the inverse.
-        let upper = (0..n * n).map(|k| l[(k % n, k / n)]).collect();
+        }
+        // `(L̃ᵀ)⁻¹` stored column-major is `L̃⁻¹` row-major; reversed, `J L̃⁻¹ J` row-major.
+        let mut upper = vec![0f64; n * n];
+        invert_upper_triangular(
+            MatMut::from_column_major_slice_mut(&mut upper, n, n),
+            llt.L().transpose(),
+            crate::threads::gemm_par(),
+        );
+        upper.reverse();
         return Ok(InverseHessian {
             upper,
             dead,

@@ -6,13 +6,46 @@
 use crate::kernels::matmul::gemm;
 use faer::{Accum, MatMut, MatRef};
 
+/// The weight during the walk: the current block's columns live in a column-major buffer (each
+/// column contiguous, so the per-column work vectorises and stays in cache), the others in the
+/// row-major weight (columns after the block carry the updates of the blocks before it).
+pub struct WalkView<'a> {
+    w: &'a [f32],
+    block: &'a [f32],
+    rows: usize,
+    cols: usize,
+    /// The block's columns.
+    span: std::ops::Range<usize>,
+}
+
+impl WalkView<'_> {
+    /// Current `W[r, c]` for a column `c` not yet walked.
+    #[inline]
+    pub fn get(&self, r: usize, c: usize) -> f32 {
+        if self.span.contains(&c) {
+            self.block[(c - self.span.start) * self.rows + r]
+        } else {
+            self.w[r * self.cols + c]
+        }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+}
+
 /// What a method does to each column.
 pub trait ColumnRule {
-    /// Called before column `j` (within block `j..block_end`) is compressed; `w` is the current,
-    /// error-updated weight (`rows × cols`) and `hinv_diag` the factor's diagonal.
-    fn prepare(&mut self, w: &[f32], cols: usize, j: usize, block_end: usize, hinv_diag: &[f32]);
-    /// The compressed value of `W[row, j]`.
-    fn apply(&self, row: usize, j: usize, w: f32) -> f32;
+    /// Called before column `j` (within block `j..block_end`) is compressed; `w` shows the
+    /// current, error-updated weight and `hinv_diag` is the factor's diagonal.
+    fn prepare(&mut self, w: &WalkView, j: usize, block_end: usize, hinv_diag: &[f32]);
+    /// The compressed values of column `j` (current values `col`, one per row) into `out`. A
+    /// whole column per call, so that a rule's arithmetic runs in one vectorisable loop.
+    fn apply_column(&self, j: usize, col: &[f32], out: &mut [f32]);
 }
 
 /// Runs the walk over `w` (`rows × cols`, row-major) with the upper factor `u` (`cols × cols`,
@@ -27,22 +60,49 @@ pub fn obs_walk(
 ) {
     let diag: Vec<f32> = (0..cols).map(|j| u[j * cols + j]).collect();
     let block = block.max(1);
+    // Column-major: the block's current columns, then each walked column's scaled error.
+    let mut cur = vec![0f32; rows * block];
     let mut err = vec![0f32; rows * block];
+    let mut compressed = vec![0f32; rows];
     for i1 in (0..cols).step_by(block) {
         let i2 = (i1 + block).min(cols);
         let bs = i2 - i1;
+        for (r, row) in w.chunks_exact(cols).enumerate() {
+            for (k, v) in row[i1..i2].iter().enumerate() {
+                cur[k * rows + r] = *v;
+            }
+        }
         for j in i1..i2 {
-            rule.prepare(w, cols, j, i2, &diag);
-            let urow = &u[j * cols + j + 1..j * cols + i2];
-            for r in 0..rows {
-                let row = &mut w[r * cols..(r + 1) * cols];
-                let q = rule.apply(r, j, row[j]);
-                let e = (row[j] - q) / diag[j];
-                row[j] = q;
-                for (x, h) in row[j + 1..i2].iter_mut().zip(urow) {
-                    *x -= e * h;
-                }
-                err[r * block + (j - i1)] = e;
+            let k = j - i1;
+            let view = WalkView {
+                w,
+                block: &cur,
+                rows,
+                cols,
+                span: i1..i2,
+            };
+            rule.prepare(&view, j, i2, &diag);
+            let (done, rest) = cur.split_at_mut((k + 1) * rows);
+            let col = &mut done[k * rows..];
+            rule.apply_column(j, col, &mut compressed);
+            let e = &mut err[k * rows..(k + 1) * rows];
+            for ((e, x), q) in e.iter_mut().zip(col.iter_mut()).zip(&compressed) {
+                *e = (*x - q) / diag[j];
+                *x = *q;
+            }
+            for (later, h) in rest
+                .chunks_exact_mut(rows)
+                .zip(&u[j * cols + j + 1..j * cols + i2])
+            {
+                later
+                    .iter_mut()
+                    .zip(e.iter())
+                    .for_each(|(x, e)| *x -= e * h);
+            }
+        }
+        for (r, row) in w.chunks_exact_mut(cols).enumerate() {
+            for (k, v) in row[i1..i2].iter_mut().enumerate() {
+                *v = cur[k * rows + r];
             }
         }
         if i2 < cols {
@@ -50,7 +110,7 @@ pub fn obs_walk(
             // faer 0.24.4 accumulates wrongly (and writes out of bounds) into a strided
             // destination with `Accum::Add` — see the regression test below.
             let rest = cols - i2;
-            let e = MatRef::from_row_major_slice_with_stride(&err, rows, bs, block);
+            let e = MatRef::from_column_major_slice(&err[..rows * bs], rows, bs);
             let ub = MatRef::from_row_major_slice_with_stride(&u[i1 * cols + i2..], bs, rest, cols);
             let mut upd = vec![0f32; rows * rest];
             gemm(
@@ -75,12 +135,10 @@ mod tests {
     /// update is exact), which also guards against the faer strided-accumulate bug.
     struct Fixed;
     impl ColumnRule for Fixed {
-        fn prepare(&mut self, _: &[f32], _: usize, _: usize, _: usize, _: &[f32]) {}
-        fn apply(&self, r: usize, j: usize, w: f32) -> f32 {
-            if (r + j).is_multiple_of(3) {
-                0.0
-            } else {
-                w
+        fn prepare(&mut self, _: &WalkView, _: usize, _: usize, _: &[f32]) {}
+        fn apply_column(&self, j: usize, col: &[f32], out: &mut [f32]) {
+            for (r, (o, x)) in out.iter_mut().zip(col).enumerate() {
+                *o = if (r + j).is_multiple_of(3) { 0.0 } else { *x };
             }
         }
     }

@@ -4,8 +4,8 @@
 //! was), the method rewrites the layer, and a second pass computes the compressed layer's
 //! outputs, which become the next layer's inputs. Only one layer's activations are held.
 
-use super::stats::{InputStats, LayerStats};
-use crate::model::{Layer, Linear};
+use super::stats::{Covariance, InputStats, LayerStats};
+use crate::model::{Layer, Linear, Site};
 use crate::{Error, Model, Result};
 use std::time::Instant;
 
@@ -19,6 +19,9 @@ pub struct LinearReport {
     pub rel_error: Option<f64>,
     /// For compensation: the error against the reference weight before it.
     pub error_before: Option<f64>,
+    /// Calibration tokens the errors are measured on (fewer than calibrated on when the method
+    /// samples its covariance, see [`Covariance`]); none: in weight space.
+    pub error_tokens: Option<usize>,
     /// Dampening actually used by a Hessian-based method (raised if needed).
     pub damp: Option<f64>,
     pub seconds: f64,
@@ -34,10 +37,10 @@ pub struct Outcome {
     pub errors: Option<(f64, f64)>,
 }
 
-/// A method applied to one linear: `(full name, linear, its input statistics)`; rewrites the
-/// linear in place.
+/// A method applied to one linear: `(full name, input site, linear, its input statistics)`;
+/// rewrites the linear in place. Linears are independent, so they are compressed in parallel.
 pub type LinearMethod<'a> =
-    dyn FnMut(&str, &mut Linear, Option<&InputStats>) -> Result<Outcome> + 'a;
+    dyn Fn(&str, Site, &mut Linear, Option<&InputStats>) -> Result<Outcome> + Sync + 'a;
 
 /// Whether a linear named `name` is among `targets` (name suffixes such as `q_proj`; empty:
 /// every linear).
@@ -46,51 +49,66 @@ pub fn targeted(name: &str, targets: &[String]) -> bool {
 }
 
 /// Applies `method` to every targeted linear of `layer` (the linear's HF name ends with one of
-/// `targets`; empty = all).
+/// `targets`; empty = all). The linears are split between the worker threads, each on one
+/// thread: a layer's seven factorisations and column walks are independent, and each is too
+/// small (576–1,536 wide) to keep two threads busy on its own.
 pub fn compress_linears(
     index: usize,
     layer: &mut Layer,
     stats: &LayerStats,
     targets: &[String],
-    method: &mut LinearMethod,
+    method: &LinearMethod,
 ) -> Result<Vec<LinearReport>> {
-    let mut reports = Vec::new();
-    for (name, site, lin) in layer.linears_mut() {
-        if !targeted(name, targets) {
-            continue;
+    use rayon::prelude::*;
+    let one = |(name, site, lin): (&str, Site, &mut Linear)| {
+        (|| {
+            let start = Instant::now();
+            let st = stats.sites.get(&site);
+            let before = st.map(|_| lin.dense_weight().into_owned());
+            let full = format!("layers.{index}.{name}");
+            let outcome = method(&full, site, lin, st)?;
+            lin.check_finite(&full)?;
+            let (error_before, rel_error) = match (outcome.errors, st, before) {
+                (Some((b, a)), _, _) => (Some(b), Some(a)),
+                (None, Some(s), Some(w)) => (
+                    None,
+                    Some(s.relative_error(&w, &lin.dense_weight(), lin.out_features)),
+                ),
+                _ => (None, None),
+            };
+            Ok(LinearReport {
+                layer: index,
+                name: name.to_string(),
+                rel_error,
+                error_before,
+                error_tokens: st.map(|s| s.xtx_tokens),
+                damp: outcome.damp,
+                seconds: start.elapsed().as_secs_f64(),
+            })
+        })()
+    };
+    let todo: Vec<_> = layer
+        .linears_mut()
+        .into_iter()
+        .filter(|(name, _, _)| targeted(name, targets))
+        .collect();
+    crate::threads::install(|| {
+        if crate::threads::threads() == 1 {
+            todo.into_iter().map(one).collect()
+        } else {
+            todo.into_par_iter().map(one).collect()
         }
-        let start = Instant::now();
-        let st = stats.sites.get(&site);
-        let before = st.map(|_| lin.dense_weight().into_owned());
-        let full = format!("layers.{index}.{name}");
-        let outcome = method(&full, lin, st)?;
-        lin.check_finite(&full)?;
-        let (error_before, rel_error) = match (outcome.errors, st, before) {
-            (Some((b, a)), _, _) => (Some(b), Some(a)),
-            (None, Some(s), Some(w)) => (
-                None,
-                Some(s.relative_error(&w, &lin.dense_weight(), lin.out_features)),
-            ),
-            _ => (None, None),
-        };
-        reports.push(LinearReport {
-            layer: index,
-            name: name.to_string(),
-            rel_error,
-            error_before,
-            damp: outcome.damp,
-            seconds: start.elapsed().as_secs_f64(),
-        });
-    }
-    Ok(reports)
+    })
 }
 
 /// Runs `compress(i, layer, stats)` on every layer in order. Without calibration windows the
-/// statistics are empty and no forward pass runs (for data-free methods). `progress(done,
-/// total)` is called after each layer. Returns the seconds spent per layer.
+/// statistics are empty and no forward pass runs (for data-free methods); `cov` says how much
+/// of the covariance the method needs. `progress(done, total)` is called after each layer.
+/// Returns the seconds spent per layer.
 pub fn compress_sequential(
     model: &mut Model,
     windows: &[&[u32]],
+    cov: Covariance,
     progress: &mut dyn FnMut(usize, usize),
     compress: &mut dyn FnMut(usize, &mut Layer, &LayerStats) -> Result<()>,
 ) -> Result<Vec<f64>> {
@@ -113,28 +131,64 @@ pub fn compress_sequential(
     let mut seconds = Vec::with_capacity(n);
     for i in 0..n {
         let start = Instant::now();
-        let mut stats = LayerStats::default();
-        crate::threads::install(|| -> Result<()> {
-            for (x, w) in xs.iter().zip(windows) {
-                // The statistics pass must not change the inputs: run on a copy.
-                let mut y = x.clone();
-                model.run_layer(i, &mut y, w.len(), Some(&mut stats))?;
+        let m: &Model = model;
+        // The statistics pass must not change the inputs: it runs on a copy, and stops before
+        // the layer's output (the statistics observer needs none).
+        let new_stats = || LayerStats::new(cov);
+        let mut stats = over_windows(&mut xs, windows, new_stats, LayerStats::merge, {
+            &|st: &mut LayerStats, x: &mut Vec<f32>, w: &[u32]| {
+                m.run_layer(i, &mut x.clone(), w.len(), Some(st))
             }
-            Ok(())
         })?;
-        if let Some(e) = stats.error.take() {
-            return Err(Error::Invalid(format!("layer {i} calibration: {e}")));
-        }
+        stats
+            .finish()
+            .map_err(|e| Error::Invalid(format!("layer {i} calibration: {e}")))?;
         compress(i, &mut model.layers[i], &stats)?;
         let m: &Model = model;
-        crate::threads::install(|| -> Result<()> {
-            for (x, w) in xs.iter_mut().zip(windows) {
-                m.run_layer(i, x, w.len(), None)?;
-            }
-            Ok(())
+        over_windows(&mut xs, windows, || (), |_, _| (), {
+            &|_: &mut (), x: &mut Vec<f32>, w: &[u32]| m.run_layer(i, x, w.len(), None)
         })?;
         seconds.push(start.elapsed().as_secs_f64());
         progress(i + 1, n);
     }
     Ok(seconds)
+}
+
+/// One window's work in [`over_windows`]: `(accumulator, activations, token ids)`.
+type WindowStep<'a, A> = dyn Fn(&mut A, &mut Vec<f32>, &[u32]) -> Result<()> + Sync + 'a;
+
+/// Runs `step(acc, x, window)` on every calibration window's activations `x` and returns the
+/// merged accumulators. Windows are split between the worker threads, each window on one thread
+/// ([`crate::threads::one_thread`]): on 2 cores this is ~20 % faster than running each window's
+/// kernels on both threads (BENCHMARKS.md). The split is fixed (one run of consecutive windows
+/// per thread, merged in order), so results do not depend on scheduling; windows left over when
+/// they do not divide evenly run one at a time on all threads.
+fn over_windows<A: Send>(
+    xs: &mut [Vec<f32>],
+    windows: &[&[u32]],
+    init: impl Fn() -> A + Sync + Send,
+    merge: impl Fn(&mut A, A) + Sync + Send,
+    step: &WindowStep<'_, A>,
+) -> Result<A> {
+    use rayon::prelude::*;
+    let n = crate::threads::threads();
+    let whole = if n > 1 { xs.len() / n * n } else { 0 };
+    let (head, tail) = xs.split_at_mut(whole);
+    crate::threads::install(|| -> Result<A> {
+        let mut acc = head
+            .par_iter_mut()
+            .zip(&windows[..whole])
+            .with_min_len((whole / n).max(1))
+            .try_fold(&init, |mut a, (x, w)| {
+                crate::threads::one_thread(|| step(&mut a, x, w)).map(|_| a)
+            })
+            .try_reduce(&init, |mut a, b| {
+                merge(&mut a, b);
+                Ok(a)
+            })?;
+        for (x, w) in tail.iter_mut().zip(&windows[whole..]) {
+            step(&mut acc, x, w)?;
+        }
+        Ok(acc)
+    })
 }

@@ -89,43 +89,56 @@ pub fn causal_attention(
     let blocks = t.div_ceil(Q_BLOCK);
     let dst = OutPtr(out.as_mut_ptr());
 
+    // One task per (KV head, block of query rows): the group's query heads are stacked into one
+    // `group·bt`-row GEMM against the keys, so each key/value block is packed once per group
+    // instead of once per query head.
     let task = |job: usize| {
-        let (h, b) = (job / blocks, job % blocks);
-        let kvh = h / group;
+        let (kvh, b) = (job / blocks, job % blocks);
         let (i0, i1) = (b * Q_BLOCK, ((b + 1) * Q_BLOCK).min(t));
         let (bt, keys) = (i1 - i0, past + i1);
-        let qb = MatRef::from_row_major_slice_with_stride(&q[i0 * qd + h * d..], bt, d, qd);
+        let m = group * bt;
+        // Row `g·bt + r`: query head `kvh·group + g` at query row `i0 + r`.
+        let mut qs = vec![0f32; m * d];
+        for (row, dst) in qs.chunks_exact_mut(d).enumerate() {
+            let (h, r) = (kvh * group + row / bt, row % bt);
+            dst.copy_from_slice(&q[(i0 + r) * qd + h * d..][..d]);
+        }
         let kb = MatRef::from_row_major_slice_with_stride(&k[kvh * d..], keys, d, kvd);
         let vb = MatRef::from_row_major_slice_with_stride(&v[kvh * dv..], keys, dv, vd);
-        let mut scores = vec![0f32; bt * keys];
+        let mut scores = vec![0f32; m * keys];
         gemm(
-            MatMut::from_row_major_slice_mut(&mut scores, bt, keys),
+            MatMut::from_row_major_slice_mut(&mut scores, m, keys),
             Accum::Replace,
-            qb,
+            MatRef::from_row_major_slice(&qs, m, d),
             kb.transpose(),
             Par::Seq,
         );
-        for (r, row) in scores.chunks_exact_mut(keys).enumerate() {
-            let pos = past + i0 + r;
+        for (row, sc) in scores.chunks_exact_mut(keys).enumerate() {
+            let pos = past + i0 + row % bt;
             let hidden = mask.hidden(pos);
-            row[hidden.clone()].fill(f32::NEG_INFINITY);
-            softmax_in_place(&mut row[..pos + 1], scale);
-            row[hidden].fill(0.0);
-            row[pos + 1..].fill(0.0);
+            sc[hidden.clone()].fill(f32::NEG_INFINITY);
+            softmax_in_place(&mut sc[..pos + 1], scale);
+            sc[hidden].fill(0.0);
+            sc[pos + 1..].fill(0.0);
         }
-        // SAFETY: this task alone writes rows i0..i1, columns h·dv..(h+1)·dv of `out`, which lie
-        // inside the buffer (t rows of od floats); the strides describe exactly that tile.
-        let ob =
-            unsafe { MatMut::from_raw_parts_mut(dst.at(i0 * od + h * dv), bt, dv, od as isize, 1) };
+        let mut o = vec![0f32; m * dv];
         gemm(
-            ob,
+            MatMut::from_row_major_slice_mut(&mut o, m, dv),
             Accum::Replace,
-            MatRef::from_row_major_slice(&scores, bt, keys),
+            MatRef::from_row_major_slice(&scores, m, keys),
             vb,
             Par::Seq,
         );
+        for (row, src) in o.chunks_exact(dv).enumerate() {
+            let (h, r) = (kvh * group + row / bt, row % bt);
+            // SAFETY: this task alone writes rows i0..i1, columns of its KV head's query heads
+            // (h·dv..(h+1)·dv), inside the buffer of t rows of od floats.
+            unsafe {
+                std::ptr::copy_nonoverlapping(src.as_ptr(), dst.at((i0 + r) * od + h * dv), dv)
+            };
+        }
     };
-    let jobs = n_heads * blocks;
+    let jobs = n_kv_heads * blocks;
     // A decode step's attention is a few hundred kFLOP: waking a second thread costs more.
     let small = t * s * n_heads * (d + dv) < 2 * PARALLEL_MIN_WORK;
     if crate::threads::threads() == 1 || jobs == 1 || small {

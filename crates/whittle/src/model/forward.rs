@@ -48,6 +48,12 @@ impl Site {
 /// Receives the input rows (`rows × width`, row-major) of every linear during a forward pass.
 pub trait Observer: Send {
     fn observe(&mut self, layer: usize, site: Site, x: &[f32], rows: usize);
+    /// Whether the caller uses the layer's output. An observer that only collects input
+    /// statistics says no, and the pass stops after the last input it sees (`down_proj`'s),
+    /// leaving the layer's output unspecified: calibration saves a fifth of a layer's work.
+    fn needs_output(&self) -> bool {
+        true
+    }
 }
 
 /// Buffers reused across layers within one forward pass.
@@ -238,6 +244,7 @@ impl Model {
         mut observer: Option<&mut dyn Observer>,
     ) {
         let (h, eps, t, index) = (self.config.hidden, self.config.rms_eps, run.t, run.index);
+        let stats_only = observer.as_ref().is_some_and(|o| !o.needs_output());
         let mut observe = |site, buf: &[f32]| {
             if let Some(o) = observer.as_deref_mut() {
                 o.observe(index, site, buf, t);
@@ -299,6 +306,9 @@ impl Model {
             let (gate, up) = (&mut s.gate[..], &s.up[..]);
             swiglu_in_place(gate, up);
             observe(Site::MlpDown, gate);
+            if stats_only {
+                return;
+            }
             let delta = sized(&mut s.delta, t * h);
             m.down.forward(gate, t, delta);
             x.iter_mut().zip(delta.iter()).for_each(|(x, d)| *x += d);

@@ -7,7 +7,7 @@
 
 use super::{code, decode, exact_zero_scale, group_params, pack, QuantConfig};
 use crate::calib::hessian::inverse_hessian;
-use crate::calib::obs::{obs_walk, ColumnRule};
+use crate::calib::obs::{obs_walk, ColumnRule, WalkView};
 use crate::model::Packed;
 use crate::sparsity::sparsegpt::zero_dead;
 use crate::Result;
@@ -30,6 +30,7 @@ struct QuantRule {
 }
 
 impl QuantRule {
+    #[inline]
     fn param(&self, row: usize, j: usize) -> (f32, f32) {
         match &self.perm {
             Some(p) => self.params[row * self.groups_per_row + p[j] / self.group],
@@ -39,14 +40,17 @@ impl QuantRule {
 }
 
 impl ColumnRule for QuantRule {
-    fn prepare(&mut self, w: &[f32], cols: usize, j: usize, _block_end: usize, _d: &[f32]) {
+    fn prepare(&mut self, w: &WalkView, j: usize, _block_end: usize, _d: &[f32]) {
         if self.perm.is_some() || !j.is_multiple_of(self.group) {
             return;
         }
-        let end = (j + self.group).min(cols);
+        let end = (j + self.group).min(w.cols());
         self.params.clear();
+        let mut vals = Vec::with_capacity(end - j);
         for r in 0..self.rows {
-            let (mut s, z) = group_params(&w[r * cols + j..r * cols + end], self.cfg);
+            vals.clear();
+            vals.extend((j..end).map(|c| w.get(r, c)));
+            let (mut s, z) = group_params(&vals, self.cfg);
             if self.mask.is_some() {
                 s = exact_zero_scale(s);
             }
@@ -56,12 +60,25 @@ impl ColumnRule for QuantRule {
         }
     }
 
-    fn apply(&self, row: usize, j: usize, w: f32) -> f32 {
-        if self.mask.as_ref().is_some_and(|m| m[row * self.cols + j]) {
-            return 0.0;
+    fn apply_column(&self, j: usize, col: &[f32], out: &mut [f32]) {
+        quantize_column(self, j, col, out);
+    }
+}
+
+simd_dispatch! {
+    /// [`QuantRule::apply_column`], compiled for FMA where the CPU has it: [`decode`] is a
+    /// fused multiply-add (bit-exact with the packed matmul), which without the target feature
+    /// is a library call per weight (10 % of a GPTQ run).
+    fn quantize_column(rule: &QuantRule, j: usize, col: &[f32], out: &mut [f32]) {
+        let maxq = rule.cfg.maxq();
+        for (r, (o, x)) in out.iter_mut().zip(col).enumerate() {
+            *o = if rule.mask.as_ref().is_some_and(|m| m[r * rule.cols + j]) {
+                0.0
+            } else {
+                let (s, z) = rule.param(r, j);
+                decode(code(*x, s, z, maxq), s, z)
+            };
         }
-        let (s, z) = self.param(row, j);
-        decode(code(w, s, z, self.cfg.maxq()), s, z)
     }
 }
 
@@ -238,11 +255,7 @@ mod tests {
         use crate::calib::stats::InputStats;
         let (rows, cols) = (16, 64);
         let (w, h) = crate::sparsity::sparsegpt::tests::layer(rows, cols, 4);
-        let stats = InputStats {
-            dim: cols,
-            xtx: h.clone(),
-            tokens: 64,
-        };
+        let stats = InputStats::from_covariance(cols, h.clone(), 64);
         let cfg = QuantConfig {
             bits: 3,
             group: 32,

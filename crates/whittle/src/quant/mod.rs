@@ -112,11 +112,13 @@ pub(crate) fn has_mask(w: &[f32]) -> bool {
 
 /// The code of `x`: `clamp(round(x / scale) + zero, 0, maxq)`, rounding half to even in f32 as
 /// PyTorch does (so ties land where the reference puts them).
+#[inline]
 pub fn code(x: f32, scale: f32, zero: f32, maxq: f32) -> u8 {
     (round_even(x / scale) + zero).clamp(0.0, maxq) as u8
 }
 
 /// The value a code stands for in the packed format: `fma(scale, q, −scale·zero)`.
+#[inline]
 pub fn decode(q: u8, scale: f32, zero: f32) -> f32 {
     scale.mul_add(q as f32, -scale * zero)
 }
@@ -224,36 +226,43 @@ pub fn quantize_model(
         return Err(Error::Invalid("GPTQ needs calibration windows".into()));
     }
     let mut reports = Vec::new();
-    compress_sequential(model, windows, progress, &mut |i, layer, stats| {
-        reports.extend(compress_linears(
-            i,
-            layer,
-            stats,
-            targets,
-            &mut |name, lin, st| {
-                let (rows, cols) = (lin.out_features, lin.in_features);
-                let w = lin.dense_weight().into_owned();
-                let (packed, damp) = match method {
-                    QuantMethod::Rtn => (rtn(name, &w, rows, cols, cfg)?, None),
-                    QuantMethod::Gptq {
-                        block,
-                        damp,
-                        act_order,
-                    } => {
-                        let st = st.filter(|s| s.dim == cols).ok_or_else(|| {
-                            Error::Invalid(format!("{name}: GPTQ needs calibration statistics"))
-                        })?;
-                        let (p, d) =
-                            gptq::gptq(name, &w, rows, cols, &st.xtx, cfg, block, damp, act_order)?;
-                        (p, Some(d))
-                    }
-                };
-                lin.weight = crate::model::Weight::Packed(packed);
-                Ok(crate::calib::sequential::Outcome { damp, errors: None })
-            },
-        )?);
-        Ok(())
-    })?;
+    compress_sequential(
+        model,
+        windows,
+        crate::calib::stats::Covariance::Full,
+        progress,
+        &mut |i, layer, stats| {
+            reports.extend(compress_linears(
+                i,
+                layer,
+                stats,
+                targets,
+                &|name, _, lin, st| {
+                    let (rows, cols) = (lin.out_features, lin.in_features);
+                    let w = lin.dense_weight().into_owned();
+                    let (packed, damp) = match method {
+                        QuantMethod::Rtn => (rtn(name, &w, rows, cols, cfg)?, None),
+                        QuantMethod::Gptq {
+                            block,
+                            damp,
+                            act_order,
+                        } => {
+                            let st = st.filter(|s| s.dim == cols).ok_or_else(|| {
+                                Error::Invalid(format!("{name}: GPTQ needs calibration statistics"))
+                            })?;
+                            let (p, d) = gptq::gptq(
+                                name, &w, rows, cols, &st.xtx, cfg, block, damp, act_order,
+                            )?;
+                            (p, Some(d))
+                        }
+                    };
+                    lin.weight = crate::model::Weight::Packed(packed);
+                    Ok(crate::calib::sequential::Outcome { damp, errors: None })
+                },
+            )?);
+            Ok(())
+        },
+    )?;
     Ok(reports)
 }
 

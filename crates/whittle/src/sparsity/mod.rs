@@ -113,6 +113,7 @@ pub fn sparsify_model(
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Vec<crate::calib::sequential::LinearReport>> {
     use crate::calib::sequential::{compress_linears, compress_sequential};
+    use crate::calib::stats::{Covariance, ERROR_SAMPLE};
     if method.needs_calibration() && windows.is_empty() {
         return Err(Error::Invalid(format!(
             "{method:?} needs calibration windows"
@@ -124,13 +125,18 @@ pub fn sparsify_model(
         &[]
     };
     let mut reports = Vec::new();
-    compress_sequential(model, windows, progress, &mut |i, layer, stats| {
+    // Wanda reads only column norms: its covariance just measures the reported error.
+    let cov = match method {
+        SparsityMethod::Wanda => Covariance::Sampled(ERROR_SAMPLE),
+        _ => Covariance::Full,
+    };
+    compress_sequential(model, windows, cov, progress, &mut |i, layer, stats| {
         reports.extend(compress_linears(
             i,
             layer,
             stats,
             targets,
-            &mut |name, lin, st| {
+            &|name, _, lin, st| {
                 let (rows, cols) = (lin.out_features, lin.in_features);
                 let w = lin.dense_weight_mut();
                 let damp = prune(name, w, rows, cols, pattern, method, st)?;

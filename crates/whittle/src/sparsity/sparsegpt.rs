@@ -5,7 +5,7 @@
 
 use super::pattern::{nm_prune_mask, row_prune_mask, Pattern};
 use crate::calib::hessian::inverse_hessian;
-use crate::calib::obs::{obs_walk, ColumnRule};
+use crate::calib::obs::{obs_walk, ColumnRule, WalkView};
 use crate::Result;
 
 struct PruneRule {
@@ -18,9 +18,9 @@ struct PruneRule {
 }
 
 impl ColumnRule for PruneRule {
-    fn prepare(&mut self, w: &[f32], cols: usize, j: usize, block_end: usize, d: &[f32]) {
+    fn prepare(&mut self, w: &WalkView, j: usize, block_end: usize, d: &[f32]) {
         let sal = |r: usize, c: usize| {
-            let v = w[r * cols + c];
+            let v = w.get(r, c);
             v * v / (d[c] * d[c])
         };
         match self.pattern {
@@ -54,11 +54,10 @@ impl ColumnRule for PruneRule {
         }
     }
 
-    fn apply(&self, row: usize, j: usize, w: f32) -> f32 {
-        if self.mask[row * self.width + (j - self.start)] {
-            0.0
-        } else {
-            w
+    fn apply_column(&self, j: usize, col: &[f32], out: &mut [f32]) {
+        for (r, (o, x)) in out.iter_mut().zip(col).enumerate() {
+            let pruned = self.mask[r * self.width + (j - self.start)];
+            *o = if pruned { 0.0 } else { *x };
         }
     }
 }
