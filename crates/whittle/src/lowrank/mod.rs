@@ -46,6 +46,51 @@ fn gram(m: &Mat<f64>) -> Mat<f64> {
     }
 }
 
+/// The top-`rank` eigenvectors (columns) of the symmetric `g` and the square roots of their
+/// eigenvalues (singular values of the matrix `g` is the Gram of). Values below `1e-14` of the
+/// largest count as 0: squaring in the Gram matrix left them at rounding level.
+fn top_eigen(g: &Mat<f64>, rank: usize) -> Result<(Mat<f64>, Vec<f64>)> {
+    let evd = g
+        .self_adjoint_eigen(Side::Lower)
+        .map_err(|e| Error::Invalid(format!("eigendecomposition did not converge: {e:?}")))?;
+    let (vecs, lam) = (evd.U(), evd.S().column_vector());
+    let n = lam.nrows();
+    // Eigenvalues come in nondecreasing order: the top `rank` are the last ones.
+    let floor = lam[n - 1].max(0.0) * 1e-14;
+    let sigma = (0..rank)
+        .map(|t| lam[n - 1 - t])
+        .map(|l| if l > floor { l.sqrt() } else { 0.0 })
+        .collect();
+    Ok((
+        Mat::<f64>::from_fn(n, rank, |i, t| vecs[(i, n - 1 - t)]),
+        sigma,
+    ))
+}
+
+fn half(sigma: &[f64], t: usize) -> f64 {
+    sigma[t].sqrt()
+}
+
+fn inv_half(sigma: &[f64], t: usize) -> f64 {
+    if sigma[t] > 0.0 {
+        1.0 / sigma[t].sqrt()
+    } else {
+        0.0
+    }
+}
+
+/// `B = U_r Σ^{1/2}` and `A = Σ^{-1/2} U_rᵀ m` from the top eigenpairs of `g = m mᵀ`-like output
+/// Gram matrix (`rows × rows`). For `g = m mᵀ` this is `B A = U_r U_rᵀ m`, the best rank-`r`
+/// approximation of `m`.
+fn output_side(g: &Mat<f64>, m: &Mat<f64>, rank: usize) -> Result<(Mat<f64>, Mat<f64>)> {
+    let (u, sigma) = top_eigen(g, rank)?;
+    let ut_m = u.transpose() * m;
+    Ok((
+        Mat::<f64>::from_fn(m.nrows(), rank, |i, t| u[(i, t)] * half(&sigma, t)),
+        Mat::<f64>::from_fn(rank, m.ncols(), |t, j| ut_m[(t, j)] * inv_half(&sigma, t)),
+    ))
+}
+
 /// `B = U_r Σ_r^{1/2}`, `A = Σ_r^{1/2} V_rᵀ · post` for the top-`rank` singular triplets of
 /// `m` (`rows × k`). They come from the self-adjoint eigendecomposition of the smaller Gram
 /// matrix rather than a full SVD: every linear here has one side of 576, so this is a 576-wide
@@ -53,50 +98,29 @@ fn gram(m: &Mat<f64>) -> Mat<f64> {
 /// accuracy only in the smallest singular values (relative to `σ_max`, ~1e-8 in f64), which a
 /// truncation drops; directions below that level get a zero adapter row instead of noise.
 fn truncated(m: &Mat<f64>, rank: usize, post: Option<&Mat<f64>>) -> Result<LowRank> {
-    let (rows, k) = (m.nrows(), m.ncols());
-    let evd = gram(m)
-        .self_adjoint_eigen(Side::Lower)
-        .map_err(|e| Error::Invalid(format!("eigendecomposition did not converge: {e:?}")))?;
-    let (vecs, lam) = (evd.U(), evd.S().column_vector());
-    let n = lam.nrows();
-    // Eigenvalues come in nondecreasing order: the top `rank` are the last ones.
-    let top: Vec<usize> = (0..rank).map(|i| n - 1 - i).collect();
-    let floor = lam[n - 1].max(0.0) * 1e-14;
-    let sigma: Vec<f64> = top
-        .iter()
-        .map(|&i| if lam[i] > floor { lam[i].sqrt() } else { 0.0 })
-        .collect();
-    // The known side's singular vectors, scaled by Σ^{1/2}; the other side is `m` (or `mᵀ`)
-    // times them, scaled by Σ^{-1/2} (U Σ^{1/2} = m V Σ^{-1/2} and Σ^{1/2} Vᵀ = Σ^{-1/2} Uᵀ m).
-    let half = |t: usize| sigma[t].sqrt();
-    let inv_half = |t: usize| {
-        if sigma[t] > 0.0 {
-            1.0 / sigma[t].sqrt()
-        } else {
-            0.0
-        }
-    };
-    let (b, a0) = if rows <= k {
-        let u = Mat::<f64>::from_fn(rows, rank, |i, t| vecs[(i, top[t])]);
-        let ut_m = u.transpose() * m;
-        (
-            Mat::<f64>::from_fn(rows, rank, |i, t| u[(i, t)] * half(t)),
-            Mat::<f64>::from_fn(rank, k, |t, j| ut_m[(t, j)] * inv_half(t)),
-        )
+    let (b, a0) = if m.nrows() <= m.ncols() {
+        output_side(&gram(m), m, rank)?
     } else {
-        let v = Mat::<f64>::from_fn(k, rank, |j, t| vecs[(j, top[t])]);
+        // Input side: V_r from `mᵀ m`; B = m V_r Σ^{-1/2} (= U_r Σ^{1/2}), A = Σ^{1/2} V_rᵀ.
+        let (v, sigma) = top_eigen(&gram(m), rank)?;
         let mv = m * &v;
         (
-            Mat::<f64>::from_fn(rows, rank, |i, t| mv[(i, t)] * inv_half(t)),
-            Mat::<f64>::from_fn(rank, k, |t, j| v[(j, t)] * half(t)),
+            Mat::<f64>::from_fn(m.nrows(), rank, |i, t| mv[(i, t)] * inv_half(&sigma, t)),
+            Mat::<f64>::from_fn(rank, m.ncols(), |t, j| v[(j, t)] * half(&sigma, t)),
         )
     };
-    let a = match post {
-        Some(p) => &a0 * p,
-        None => a0,
-    };
-    let cols = a.ncols();
-    Ok(LowRank {
+    Ok(low_rank(
+        &b,
+        &match post {
+            Some(p) => &a0 * p,
+            None => a0,
+        },
+    ))
+}
+
+fn low_rank(b: &Mat<f64>, a: &Mat<f64>) -> LowRank {
+    let (rank, rows, cols) = (a.nrows(), b.nrows(), a.ncols());
+    LowRank {
         rank,
         a: (0..rank * cols)
             .map(|x| a[(x / cols, x % cols)] as f32)
@@ -104,7 +128,7 @@ fn truncated(m: &Mat<f64>, rank: usize, post: Option<&Mat<f64>>) -> Result<LowRa
         b: (0..rows * rank)
             .map(|x| b[(x / rank, x % rank)] as f32)
             .collect(),
-    })
+    }
 }
 
 /// Best rank-`r` approximation of `dw` (`rows × cols`) in Frobenius norm.
@@ -121,78 +145,143 @@ pub fn svd_lowrank(
     truncated(&m, rank, None)
 }
 
-/// The eigenbasis of an input covariance, `S = Q Λ^{1/2}` and `S⁻¹ = Λ^{-1/2} Qᵀ`. Linears that
-/// share an input (q/k/v, gate/up) share one basis, so it is computed once per input site.
-pub struct EigenBasis {
-    s: Mat<f64>,
-    s_inv: Mat<f64>,
+/// EoRA's weighting of one input site (linears that read one site share it).
+///
+/// EoRA keeps the best rank-`r` approximation of `ΔW S` for a square root `S` of the input
+/// covariance (`C = S Sᵀ`) and maps it back with `S⁻¹`. The result does not depend on the root:
+/// with `ΔW S = U Σ Vᵀ`, `[ΔW S]_r S⁻¹ = U_r U_rᵀ ΔW`, where `U_r` are the top eigenvectors of
+/// `ΔW C ΔWᵀ`. So a linear with no more outputs than inputs (q, k, v, o, down) needs `C` alone —
+/// an `out × out` eigenproblem, no decomposition of `C` (the 1,536-wide one was most of EoRA's
+/// linear algebra). A taller linear (gate, up) works in the input space, `(ΔW S)ᵀ(ΔW S)`, with
+/// `S` the Cholesky factor of `C`. Where `C` is only semi-definite (inputs the calibration never
+/// excites) Cholesky fails and `S = Q Λ^{1/2}` from the eigendecomposition, eigenvalues ≤ 0
+/// clamped to the smallest positive one as the reference does; the output-space form gives those
+/// unseen directions weight 0 instead of that smallest eigenvalue, a difference confined to
+/// inputs with no calibration energy. Tests compare every route with the eigenbasis form.
+pub struct EoraWeight {
+    c: Mat<f64>,
+    /// `(S, S⁻¹)`, when a linear reading this site is taller than wide.
+    root: Option<(Mat<f64>, Mat<f64>)>,
 }
 
-impl EigenBasis {
-    /// Eigenvalues ≤ 0 (directions the calibration data never excites, or rounding) are clamped
-    /// to the smallest positive eigenvalue, as the reference does, so `Λ^{-1/2}` stays finite and
-    /// those directions get the least weight.
-    pub fn new(name: &str, xtx: &[f64], cols: usize) -> Result<Self> {
+impl EoraWeight {
+    /// `need_root`: some linear reading this site has more outputs than inputs.
+    pub fn new(name: &str, xtx: &[f64], cols: usize, need_root: bool) -> Result<Self> {
         if xtx.len() != cols * cols || xtx.iter().any(|v| !v.is_finite()) {
             return Err(Error::Invalid(format!(
                 "{name}: input covariance must be {cols}×{cols} and finite"
             )));
         }
         let c = Mat::<f64>::from_fn(cols, cols, |i, j| xtx[i * cols + j]);
-        let evd = c
-            .self_adjoint_eigen(Side::Lower)
-            .map_err(|e| Error::Invalid(format!("{name}: eigendecomposition failed: {e:?}")))?;
-        let (q, lam) = (evd.U(), evd.S().column_vector());
-        let min_pos = (0..cols)
-            .map(|i| lam[i])
-            .filter(|l| *l > 0.0)
-            .fold(f64::INFINITY, f64::min);
-        if !min_pos.is_finite() {
+        if (0..cols).all(|j| c[(j, j)] == 0.0) {
             return Err(Error::Invalid(format!(
                 "{name}: calibration inputs are all zero"
             )));
         }
-        let sq: Vec<f64> = (0..cols)
-            .map(|i| if lam[i] > 0.0 { lam[i] } else { min_pos }.sqrt())
-            .collect();
-        Ok(EigenBasis {
-            s: Mat::<f64>::from_fn(cols, cols, |i, j| q[(i, j)] * sq[j]),
-            s_inv: Mat::<f64>::from_fn(cols, cols, |i, j| q[(j, i)] / sq[i]),
-        })
+        let root = match need_root {
+            false => None,
+            true => Some(match cholesky_root(&c) {
+                Some(r) => r,
+                None => eigen_root(name, &c)?,
+            }),
+        };
+        Ok(EoraWeight { c, root })
     }
 }
 
-/// EoRA: with `C = Q Λ Qᵀ`, truncate the SVD of `ΔW Q Λ^{1/2}` to rank `r` and map back with
-/// `Λ^{-1/2} Qᵀ`.
+/// `(L, L⁻¹)` for `C = L Lᵀ`, if `C` is numerically positive definite.
+fn cholesky_root(c: &Mat<f64>) -> Option<(Mat<f64>, Mat<f64>)> {
+    let n = c.nrows();
+    let llt = c.llt(Side::Lower).ok()?;
+    let l = llt.L().to_owned();
+    let max_diag = (0..n).map(|j| c[(j, j)]).fold(0.0, f64::max);
+    if (0..n).any(|j| l[(j, j)].powi(2) <= 1e-12 * max_diag) {
+        return None;
+    }
+    let mut inv = Mat::<f64>::zeros(n, n);
+    faer::linalg::triangular_inverse::invert_lower_triangular(
+        inv.as_mut(),
+        l.as_ref(),
+        crate::threads::gemm_par(),
+    );
+    Some((l, inv))
+}
+
+/// `(Q Λ^{1/2}, Λ^{-1/2} Qᵀ)` from `C = Q Λ Qᵀ`, eigenvalues ≤ 0 (directions the calibration
+/// never excites, or rounding) clamped to the smallest positive one, as the reference does.
+fn eigen_root(name: &str, c: &Mat<f64>) -> Result<(Mat<f64>, Mat<f64>)> {
+    let cols = c.nrows();
+    let evd = c
+        .self_adjoint_eigen(Side::Lower)
+        .map_err(|e| Error::Invalid(format!("{name}: eigendecomposition failed: {e:?}")))?;
+    let (q, lam) = (evd.U(), evd.S().column_vector());
+    let min_pos = (0..cols)
+        .map(|i| lam[i])
+        .filter(|l| *l > 0.0)
+        .fold(f64::INFINITY, f64::min);
+    if !min_pos.is_finite() {
+        return Err(Error::Invalid(format!(
+            "{name}: calibration inputs are all zero"
+        )));
+    }
+    let sq: Vec<f64> = (0..cols)
+        .map(|i| if lam[i] > 0.0 { lam[i] } else { min_pos }.sqrt())
+        .collect();
+    Ok((
+        Mat::<f64>::from_fn(cols, cols, |i, j| q[(i, j)] * sq[j]),
+        Mat::<f64>::from_fn(cols, cols, |i, j| q[(j, i)] / sq[i]),
+    ))
+}
+
+/// EoRA: the rank-`r` adapter minimising `‖(ΔW − BA) X‖_F` (see [`EoraWeight`]).
 pub fn eora_lowrank(
     name: &str,
     dw: &[f32],
     rows: usize,
     cols: usize,
-    basis: &EigenBasis,
+    weight: &EoraWeight,
     rank: usize,
 ) -> Result<LowRank> {
     check_rank(name, rank, rows, cols)?;
     crate::error::check_finite(name, dw)?;
-    if basis.s.nrows() != cols {
+    if weight.c.nrows() != cols {
         return Err(Error::Invalid(format!(
-            "{name}: eigenbasis is not {cols} wide"
+            "{name}: input covariance is not {cols} wide"
         )));
     }
     let dwm = Mat::<f64>::from_fn(rows, cols, |i, j| dw[i * cols + j] as f64);
-    truncated(&(&dwm * &basis.s), rank, Some(&basis.s_inv))
+    if rows <= cols {
+        let (b, a) = output_side(&(&dwm * &weight.c * dwm.transpose()), &dwm, rank)?;
+        return Ok(low_rank(&b, &a));
+    }
+    let (s, s_inv) = root_of(name, weight)?;
+    truncated(&(&dwm * s), rank, Some(s_inv))
 }
 
-/// Singular values of what each method truncates (`ΔW` for SVD, `ΔW Q Λ^{1/2}` for EoRA): the
-/// error left at rank `r` is the root of the sum of squares of those past `r` — in Frobenius norm
-/// for SVD, on the calibration inputs for EoRA.
-fn spectrum(dw: &[f32], rows: usize, cols: usize, basis: Option<&EigenBasis>) -> Result<Vec<f64>> {
+fn root_of<'a>(name: &str, w: &'a EoraWeight) -> Result<(&'a Mat<f64>, &'a Mat<f64>)> {
+    w.root
+        .as_ref()
+        .map(|(s, i)| (s, i))
+        .ok_or_else(|| Error::Invalid(format!("{name}: no covariance root for a tall linear")))
+}
+
+/// Singular values of what each method truncates (`ΔW` for SVD, `ΔW S` for EoRA): the error
+/// left at rank `r` is the root of the sum of squares of those past `r` — in Frobenius norm for
+/// SVD, on the calibration inputs for EoRA.
+fn spectrum(
+    name: &str,
+    dw: &[f32],
+    rows: usize,
+    cols: usize,
+    weight: Option<&EoraWeight>,
+) -> Result<Vec<f64>> {
     let dwm = Mat::<f64>::from_fn(rows, cols, |i, j| dw[i * cols + j] as f64);
-    let m = match basis {
-        Some(b) => &dwm * &b.s,
-        None => dwm,
+    let g = match weight {
+        None => gram(&dwm),
+        Some(w) if rows <= cols => &dwm * &w.c * dwm.transpose(),
+        Some(w) => gram(&(&dwm * root_of(name, w)?.0)),
     };
-    let mut lam = gram(&m)
+    let mut lam = g
         .self_adjoint_eigenvalues(Side::Lower)
         .map_err(|e| Error::Invalid(format!("eigendecomposition did not converge: {e:?}")))?;
     lam.reverse();
@@ -251,7 +340,7 @@ pub fn spectra(
             let refs = reference.layers[i].linears();
             let bases = match method {
                 LowRankMethod::Svd => HashMap::new(),
-                LowRankMethod::Eora => eigenbases(i, layer, stats, targets)?,
+                LowRankMethod::Eora => eora_weights(i, layer, stats, targets)?,
             };
             for (name, site, lin) in layer.linears() {
                 let full = format!("layers.{i}.{name}");
@@ -269,7 +358,11 @@ pub fn spectra(
                     .map(|(a, b)| a - b)
                     .collect();
                 let basis = bases.get(&site);
-                out.push((full, rows + cols, spectrum(&dw, rows, cols, basis)?));
+                out.push((
+                    full.clone(),
+                    rows + cols,
+                    spectrum(&full, &dw, rows, cols, basis)?,
+                ));
             }
             Ok(())
         },
@@ -277,31 +370,36 @@ pub fn spectra(
     Ok(out)
 }
 
-/// The eigenbasis of every input site read by a targeted linear of layer `index` (linears that
+/// EoRA's weighting of every input site read by a targeted linear of layer `index` (linears that
 /// read one site share it), computed in parallel, one site per thread.
-fn eigenbases(
+fn eora_weights(
     index: usize,
     layer: &crate::model::Layer,
     stats: &LayerStats,
     targets: &[String],
-) -> Result<HashMap<crate::model::Site, EigenBasis>> {
+) -> Result<HashMap<crate::model::Site, EoraWeight>> {
     use rayon::prelude::*;
-    let mut sites: Vec<(crate::model::Site, String, usize)> = Vec::new();
+    // (site, a linear's name, width, whether a linear reading it is taller than wide)
+    let mut sites: Vec<(crate::model::Site, String, usize, bool)> = Vec::new();
     for (name, site, lin) in layer.linears() {
         let full = format!("layers.{index}.{name}");
-        if crate::calib::sequential::targeted(&full, targets) && !sites.iter().any(|s| s.0 == site)
-        {
-            sites.push((site, full, lin.in_features));
+        if !crate::calib::sequential::targeted(&full, targets) {
+            continue;
+        }
+        let tall = lin.out_features > lin.in_features;
+        match sites.iter_mut().find(|s| s.0 == site) {
+            Some(s) => s.3 |= tall,
+            None => sites.push((site, full, lin.in_features, tall)),
         }
     }
     crate::threads::install(|| {
         sites
             .into_par_iter()
-            .map(|(site, full, cols)| {
-                let basis = crate::threads::one_thread(|| {
-                    EigenBasis::new(&full, &stats.get(site)?.xtx, cols)
+            .map(|(site, full, cols, tall)| {
+                let weight = crate::threads::one_thread(|| {
+                    EoraWeight::new(&full, &stats.get(site)?.xtx, cols, tall)
                 })?;
-                Ok((site, basis))
+                Ok((site, weight))
             })
             .collect()
     })
@@ -405,7 +503,7 @@ pub fn compensate_with_ranks(
             let refs = reference.layers[i].linears();
             let bases = match method {
                 LowRankMethod::Svd => HashMap::new(),
-                LowRankMethod::Eora => eigenbases(i, layer, stats, targets)?,
+                LowRankMethod::Eora => eora_weights(i, layer, stats, targets)?,
             };
             reports.extend(compress_linears(
                 i,
@@ -538,7 +636,7 @@ mod tests {
                 .collect();
             let m = Mat::<f64>::from_fn(rows, cols, |i, j| dw[i * cols + j] as f64);
             let sv = m.singular_values().unwrap();
-            let spec = spectrum(&dw, rows, cols, None).unwrap();
+            let spec = spectrum("w", &dw, rows, cols, None).unwrap();
             // Through the Gram matrix, squares agree to f64 rounding of `σ_max²`.
             for (a, b) in sv.iter().zip(&spec) {
                 assert!((a * a - b * b).abs() < 1e-12 * sv[0] * sv[0], "{a} vs {b}");
@@ -567,39 +665,87 @@ mod tests {
     /// plain SVD's at the same rank.
     #[test]
     fn eora_projected_error_is_at_most_svds() {
-        for seed in 0..5 {
-            let (rows, cols) = (24, 16);
-            let (w, h) = crate::sparsity::sparsegpt::tests::layer(rows, cols, 10 + seed);
-            let stats = InputStats::from_covariance(cols, h.clone(), 64);
-            let dw: Vec<f32> = w.iter().map(|v| v * 0.1).collect();
-            for rank in [1, 4, 8] {
-                let err = |lr: &LowRank| {
-                    let ba = apply(lr, rows, cols);
-                    let rest: Vec<f32> = dw.iter().zip(&ba).map(|(a, b)| a - b).collect();
-                    stats.output_energy(&rest, rows)
-                };
-                let (s, e) = (
-                    err(&svd_lowrank("w", &dw, rows, cols, rank).unwrap()),
-                    err(&eora_lowrank(
-                        "w",
-                        &dw,
-                        rows,
-                        cols,
-                        &EigenBasis::new("w", &h, cols).unwrap(),
-                        rank,
-                    )
-                    .unwrap()),
-                );
+        // Tall (input-space route with a Cholesky root) and wide (output-space route).
+        for (rows, cols) in [(24, 16), (16, 24)] {
+            for seed in 0..5 {
+                let (w, _) = crate::sparsity::sparsegpt::tests::layer(rows, cols, 10 + seed);
+                let (_, h) = crate::sparsity::sparsegpt::tests::layer(4, cols, 20 + seed);
+                let stats = InputStats::from_covariance(cols, h.clone(), 64);
+                let weight = EoraWeight::new("w", &h, cols, rows > cols).unwrap();
+                let dw: Vec<f32> = w.iter().map(|v| v * 0.1).collect();
+                for rank in [1, 4, 8] {
+                    let err = |lr: &LowRank| {
+                        let ba = apply(lr, rows, cols);
+                        let rest: Vec<f32> = dw.iter().zip(&ba).map(|(a, b)| a - b).collect();
+                        stats.output_energy(&rest, rows)
+                    };
+                    let (s, e) = (
+                        err(&svd_lowrank("w", &dw, rows, cols, rank).unwrap()),
+                        err(&eora_lowrank("w", &dw, rows, cols, &weight, rank).unwrap()),
+                    );
+                    assert!(
+                        e <= s * (1.0 + 1e-4),
+                        "{rows}x{cols} seed {seed} rank {rank}: eora {e} > svd {s}"
+                    );
+                }
+                // At full rank both reconstruct ΔW.
+                let full = rows.min(cols);
+                let lr = eora_lowrank("w", &dw, rows, cols, &weight, full).unwrap();
+                for (a, b) in apply(&lr, rows, cols).iter().zip(&dw) {
+                    assert!((a - b).abs() < 1e-4);
+                }
+            }
+        }
+    }
+
+    /// Every route (output space from `C` alone; input space with a Cholesky root; with the
+    /// clamped eigen-root of a semi-definite `C`) gives the adapter of EoRA's textbook form,
+    /// `[ΔW Q Λ^{1/2}]_r Λ^{-1/2} Qᵀ`, and the spectra agree.
+    #[test]
+    fn eora_routes_equal_the_eigenbasis_form() {
+        for (rows, cols, tokens) in [(12, 20, 40), (20, 12, 40), (20, 12, 8)] {
+            let x: Vec<f64> = (0..tokens * cols)
+                .map(|i| ((i * 29 % 23) as f64 - 11.0) * (1.0 + (i % cols) as f64 * 0.2))
+                .collect();
+            let mut h = vec![0f64; cols * cols];
+            for t in 0..tokens {
+                for a in 0..cols {
+                    for b in 0..cols {
+                        h[a * cols + b] += x[t * cols + a] * x[t * cols + b];
+                    }
+                }
+            }
+            let dw: Vec<f32> = (0..rows * cols)
+                .map(|i| ((i * 17 % 31) as f32 - 15.0) * 0.01)
+                .collect();
+            let c = Mat::<f64>::from_fn(cols, cols, |i, j| h[i * cols + j]);
+            let (s, s_inv) = eigen_root("w", &c).unwrap();
+            let dwm = Mat::<f64>::from_fn(rows, cols, |i, j| dw[i * cols + j] as f64);
+            let weight = EoraWeight::new("w", &h, cols, rows > cols).unwrap();
+            // 8 tokens for 12 inputs: C is singular, Cholesky must fail over to the eigen root.
+            assert_eq!(cholesky_root(&c).is_some(), tokens > cols);
+            let rank = 3;
+            let want = apply(
+                &truncated(&(&dwm * &s), rank, Some(&s_inv)).unwrap(),
+                rows,
+                cols,
+            );
+            let got = apply(
+                &eora_lowrank("w", &dw, rows, cols, &weight, rank).unwrap(),
+                rows,
+                cols,
+            );
+            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+            for (a, b) in got.iter().zip(&want) {
                 assert!(
-                    e <= s * (1.0 + 1e-4),
-                    "seed {seed} rank {rank}: eora {e} > svd {s}"
+                    (a - b).abs() < 1e-4 * scale,
+                    "{rows}x{cols}/{tokens}: {a} vs {b}"
                 );
             }
-            // At full rank both reconstruct ΔW.
-            let basis = EigenBasis::new("w", &h, cols).unwrap();
-            let lr = eora_lowrank("w", &dw, rows, cols, &basis, cols).unwrap();
-            for (a, b) in apply(&lr, rows, cols).iter().zip(&dw) {
-                assert!((a - b).abs() < 1e-4);
+            let sv = (&dwm * &s).singular_values().unwrap();
+            let spec = spectrum("w", &dw, rows, cols, Some(&weight)).unwrap();
+            for (a, b) in sv.iter().zip(&spec) {
+                assert!((a * a - b * b).abs() < 1e-9 * sv[0] * sv[0], "{a} vs {b}");
             }
         }
     }
