@@ -338,10 +338,7 @@ pub fn spectra(
         progress,
         &mut |i, layer, stats| {
             let refs = reference.layers[i].linears();
-            let bases = match method {
-                LowRankMethod::Svd => HashMap::new(),
-                LowRankMethod::Eora => eora_weights(i, layer, stats, targets)?,
-            };
+            let bases = eora_weights(method, i, layer, stats, targets)?;
             for (name, site, lin) in layer.linears() {
                 let full = format!("layers.{i}.{name}");
                 if !crate::calib::sequential::targeted(&full, targets) {
@@ -372,13 +369,18 @@ pub fn spectra(
 
 /// EoRA's weighting of every input site read by a targeted linear of layer `index` (linears that
 /// read one site share it), computed in parallel, one site per thread.
+/// None for plain SVD.
 fn eora_weights(
+    method: LowRankMethod,
     index: usize,
     layer: &crate::model::Layer,
     stats: &LayerStats,
     targets: &[String],
 ) -> Result<HashMap<crate::model::Site, EoraWeight>> {
     use rayon::prelude::*;
+    if method == LowRankMethod::Svd {
+        return Ok(HashMap::new());
+    }
     // (site, a linear's name, width, whether a linear reading it is taller than wide)
     let mut sites: Vec<(crate::model::Site, String, usize, bool)> = Vec::new();
     for (name, site, lin) in layer.linears() {
@@ -501,10 +503,7 @@ pub fn compensate_with_ranks(
         progress,
         &mut |i, layer, stats| {
             let refs = reference.layers[i].linears();
-            let bases = match method {
-                LowRankMethod::Svd => HashMap::new(),
-                LowRankMethod::Eora => eora_weights(i, layer, stats, targets)?,
-            };
+            let bases = eora_weights(method, i, layer, stats, targets)?;
             reports.extend(compress_linears(
                 i,
                 layer,
