@@ -5,14 +5,15 @@
 # SVD rows run data-free (`--calib-samples 0`: same adapters, per-layer errors reported in
 # weight space instead of on calibration inputs). FULL=1 then evaluates every
 # output (and the dense model) on the whole test split at seq 2048 (`OUT/NAME.full.json`).
-#   [SAMPLES=128] [FULL=1] bash benches/compression_table.sh [OUT_DIR]
+# W=path runs that whittle binary instead of building target/release/whittle (so that a long run
+# is not switched to a binary rebuilt while it goes on).
+#   [SAMPLES=128] [FULL=1] [W=bin] bash benches/compression_table.sh [OUT_DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-target/compression}
 SAMPLES=${SAMPLES:-8}
 mkdir -p "$OUT"
-cargo build --release -q
-W=target/release/whittle
+if [ -z "${W:-}" ]; then cargo build --release -q; W=target/release/whittle; fi
 EVAL=(--eval ../shared/reference/wikitext2-test.txt --eval-max-tokens "${EVAL_TOKENS:-8192}")
 calib() { echo --calib ../shared/reference/wikitext2-valid.txt --calib-samples "$1" --calib-len 2048 --seed 0; }
 read -ra CAL <<< "$(calib "$SAMPLES")"

@@ -34,6 +34,7 @@ macro_rules! simd_dispatch {
 }
 
 pub mod activation;
+pub mod amx;
 pub mod attention;
 pub mod dot;
 pub mod exp;

@@ -4,6 +4,7 @@
 //! compensation (EoRA) or LoRA on top of any storage.
 
 use super::packed::Packed;
+use crate::kernels::amx;
 use crate::kernels::dot::dot;
 use crate::kernels::matmul::{matmul_t, matvec_rows, GEMV_CHUNK, GEMV_MAX_ROWS};
 use crate::kernels::qdot::{dequant_row, qdot};
@@ -178,11 +179,39 @@ impl Linear {
         rows: usize,
         outs: &mut [&mut [f32]],
     ) {
-        if rows > GEMV_MAX_ROWS {
-            for (l, y) in linears.iter().zip(outs.iter_mut()) {
-                l.forward(x, rows, y);
+        let dense: Option<Vec<&[f32]>> = linears
+            .iter()
+            .map(|l| match &l.weight {
+                Weight::Dense(w) => Some(&w[..]),
+                Weight::Packed(_) => None,
+            })
+            .collect();
+        match dense {
+            // One packing of the shared input and one parallel section for all the products.
+            Some(ws) if rows >= amx::MIN_ROWS && amx::available() => {
+                let acts = amx::Acts::pack(x, rows, linears[0].in_features);
+                let mut products: Vec<_> = ws
+                    .into_iter()
+                    .zip(linears.iter().zip(outs.iter_mut()))
+                    .map(|(w, (l, y))| amx::Product {
+                        w,
+                        out: l.out_features,
+                        y,
+                    })
+                    .collect();
+                amx::matmul_many(&acts, &mut products);
+                for (l, y) in linears.iter().zip(outs.iter_mut()) {
+                    l.add_adapter(x, rows, y);
+                }
+                return;
             }
-            return;
+            _ if rows > GEMV_MAX_ROWS => {
+                for (l, y) in linears.iter().zip(outs.iter_mut()) {
+                    l.forward(x, rows, y);
+                }
+                return;
+            }
+            _ => {}
         }
         let inp = linears[0].in_features;
         let mut tasks: Vec<(&Linear, &[f32], usize, &mut [f32])> = Vec::new();
