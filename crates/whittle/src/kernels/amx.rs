@@ -39,6 +39,9 @@ const TILE: usize = 16;
 const PIECES: usize = 3;
 /// u32 pairs in one B tile.
 const B_TILE: usize = TILE * TILE;
+/// u32 after the last tiles of a buffer: the micro-kernel loads the next k block's first tiles
+/// while it finishes the current one, also after the last k block.
+const AHEAD_PAD: usize = PIECES * B_TILE;
 
 /// Whether the tile path runs: the CPU has AMX-BF16, Linux granted the tile state, and
 /// `WHITTLE_AMX=0` is not set (which forces the plain f32 GEMM, e.g. to compare the two).
@@ -126,6 +129,22 @@ mod simd {
         }
     }
 
+    /// `y[t·ld + n] = tile[n·16 + t]` for a full 16 × 16 accumulator tile.
+    ///
+    /// # Safety
+    /// AVX-512F; `y` is valid for 16 rows of 16 values at row stride `ld`.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn store_transposed(tile: &[f32], y: *mut f32, ld: usize) {
+        let mut m = [_mm512_setzero_si512(); TILE];
+        for (n, row) in m.iter_mut().enumerate() {
+            *row = _mm512_loadu_si512(tile[n * TILE..(n + 1) * TILE].as_ptr().cast());
+        }
+        transpose16(&mut m);
+        for (t, row) in m.iter().enumerate() {
+            _mm512_storeu_si512(y.add(t * ld).cast(), *row);
+        }
+    }
+
     /// Transposes 16 rows of 16 u32 in registers (unpack 32, unpack 64, two 128-bit shuffles).
     #[target_feature(enable = "avx512f")]
     fn transpose16(r: &mut [__m512i; 16]) {
@@ -178,7 +197,7 @@ impl Acts {
         let per_block = kblocks * PIECES * B_TILE;
         let blocks = 2 * rows.div_ceil(2 * TILE);
         let mut data = ACT_TILES.with_borrow_mut(std::mem::take);
-        data.resize(blocks * per_block, 0);
+        data.resize(blocks * per_block + AHEAD_PAD, 0);
         let chunks: Vec<_> = data.chunks_mut(per_block).enumerate().collect();
         // SAFETY (both calls): `available()` (asserted by every product) implies AVX512-BW.
         each_chunk(chunks, |(tb, out)| unsafe {
@@ -231,7 +250,7 @@ pub fn matmul_many(acts: &Acts, products: &mut [Product]) {
         let rows_here = &w[f0 * 2 * TILE * inp..out.min((f0 + pairs) * 2 * TILE) * inp];
         // Padding rows keep whatever the buffer held: they only reach outputs not stored.
         let mut packed = WEIGHT_TILES.with_borrow_mut(std::mem::take);
-        packed.resize(pairs * 2 * TILE * stride, 0);
+        packed.resize(pairs * 2 * TILE * stride + 2 * AHEAD_PAD, 0);
         for (w, dst) in rows_here
             .chunks(TILE * inp)
             .zip(packed.chunks_mut(TILE * stride))
@@ -246,14 +265,20 @@ pub fn matmul_many(acts: &Acts, products: &mut [Product]) {
                 for tp in t0..(t0 + tp_chunk).min(token_pairs) {
                     let a = packed[fp * 2 * TILE * stride..].as_ptr();
                     let b = acts.data[tp * pair_tiles..].as_ptr();
-                    // SAFETY: `a` has two blocks of 16 rows and `b` two token blocks, each of
-                    // `kblocks` k blocks, from these offsets (buffers hold whole pairs); the tile
-                    // state was configured on this thread.
+                    // SAFETY: `a` and `b` point at two blocks of `kblocks` k blocks each (the
+                    // buffers hold whole pairs plus AHEAD_PAD); the tile state was configured on
+                    // this thread.
                     unsafe { imp::block(a, b, kblocks, &mut c.0) };
                     // c: tiles (f, t) in order (0,0), (0,1), (1,0), (1,1); each [feature][token].
                     for (q, tile) in c.0.chunks_exact(TILE * TILE).enumerate() {
                         let n0 = (2 * (f0 + fp) + q / 2) * TILE;
                         let r0 = (2 * tp + q % 2) * TILE;
+                        if r0 + TILE <= rows && n0 + TILE <= out {
+                            // SAFETY: the 16 × 16 block at (r0, n0) lies inside `y`; AVX-512F
+                            // comes with AMX; work items cover disjoint blocks.
+                            unsafe { simd::store_transposed(tile, y.0.add(r0 * out + n0), out) };
+                            continue;
+                        }
                         for t in 0..TILE.min(rows.saturating_sub(r0)) {
                             for n in 0..TILE.min(out.saturating_sub(n0)) {
                                 // SAFETY: (r0 + t, n0 + n) lies inside this product's `y`
@@ -334,10 +359,13 @@ mod imp {
         unsafe { asm!("tilerelease", options(nostack, nomem)) };
     }
 
-    /// Four accumulator tiles `c = [C₀₀, C₀₁, C₁₀, C₁₁]` of two feature blocks (A rows at `a`,
-    /// `a + 16 rows`) × two token blocks (B tiles at `b`, `b + kblocks·3` tiles) over `kblocks`
-    /// k blocks. Piece products in the order w₀x₂, w₀x₁, w₁x₁, w₁x₀, w₀x₀, w₂x₀: each step
-    /// changes one operand, so six products take 14 tile loads.
+    /// Four accumulator tiles `c = [C₀₀, C₀₁, C₁₀, C₁₁]` of two feature blocks (A tiles at `a`,
+    /// `a + kblocks·3` tiles) × two token blocks (B tiles at `b`, `b + kblocks·3` tiles) over
+    /// `kblocks` k blocks. Piece products in the order w₀x₂, w₀x₁, w₁x₁, w₁x₀, w₀x₀, w₂x₀: each step
+    /// changes one operand, so six products take 14 tile loads. Tiles have no renaming, so
+    /// each load is issued right after the last product that reads the register's old value,
+    /// where it overlaps the two products that do not; the next k block's first tiles are
+    /// loaded at the end of this one (buffers carry [`AHEAD_PAD`] for the last).
     ///
     /// # Safety
     /// The tile state is configured on this thread; `a` holds 32 rows of `a_stride` bytes and
@@ -347,33 +375,49 @@ mod imp {
         let b1 = b.byte_add(kblocks * 3 * 1024);
         asm!(
             "tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3",
-            "2:",
             "tileloadd tmm4, [{a0} + {sb}*1]",
             "tileloadd tmm5, [{a1} + {sb}*1]",
             "tileloadd tmm6, [{b0} + {sb}*1 + 2048]",
             "tileloadd tmm7, [{b1} + {sb}*1 + 2048]",
-            "tdpbf16ps tmm0, tmm4, tmm6", "tdpbf16ps tmm1, tmm4, tmm7",
-            "tdpbf16ps tmm2, tmm5, tmm6", "tdpbf16ps tmm3, tmm5, tmm7",
+            "2:",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tdpbf16ps tmm2, tmm5, tmm6",
             "tileloadd tmm6, [{b0} + {sb}*1 + 1024]",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            "tdpbf16ps tmm3, tmm5, tmm7",
             "tileloadd tmm7, [{b1} + {sb}*1 + 1024]",
-            "tdpbf16ps tmm0, tmm4, tmm6", "tdpbf16ps tmm1, tmm4, tmm7",
-            "tdpbf16ps tmm2, tmm5, tmm6", "tdpbf16ps tmm3, tmm5, tmm7",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tdpbf16ps tmm1, tmm4, tmm7",
             "tileloadd tmm4, [{a0} + {sb}*1 + 1024]",
+            "tdpbf16ps tmm2, tmm5, tmm6",
+            "tdpbf16ps tmm3, tmm5, tmm7",
             "tileloadd tmm5, [{a1} + {sb}*1 + 1024]",
-            "tdpbf16ps tmm0, tmm4, tmm6", "tdpbf16ps tmm1, tmm4, tmm7",
-            "tdpbf16ps tmm2, tmm5, tmm6", "tdpbf16ps tmm3, tmm5, tmm7",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tdpbf16ps tmm2, tmm5, tmm6",
             "tileloadd tmm6, [{b0} + {sb}*1]",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            "tdpbf16ps tmm3, tmm5, tmm7",
             "tileloadd tmm7, [{b1} + {sb}*1]",
-            "tdpbf16ps tmm0, tmm4, tmm6", "tdpbf16ps tmm1, tmm4, tmm7",
-            "tdpbf16ps tmm2, tmm5, tmm6", "tdpbf16ps tmm3, tmm5, tmm7",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tdpbf16ps tmm1, tmm4, tmm7",
             "tileloadd tmm4, [{a0} + {sb}*1]",
+            "tdpbf16ps tmm2, tmm5, tmm6",
+            "tdpbf16ps tmm3, tmm5, tmm7",
             "tileloadd tmm5, [{a1} + {sb}*1]",
-            "tdpbf16ps tmm0, tmm4, tmm6", "tdpbf16ps tmm1, tmm4, tmm7",
-            "tdpbf16ps tmm2, tmm5, tmm6", "tdpbf16ps tmm3, tmm5, tmm7",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tdpbf16ps tmm1, tmm4, tmm7",
             "tileloadd tmm4, [{a0} + {sb}*1 + 2048]",
+            "tdpbf16ps tmm2, tmm5, tmm6",
+            "tdpbf16ps tmm3, tmm5, tmm7",
             "tileloadd tmm5, [{a1} + {sb}*1 + 2048]",
-            "tdpbf16ps tmm0, tmm4, tmm6", "tdpbf16ps tmm1, tmm4, tmm7",
-            "tdpbf16ps tmm2, tmm5, tmm6", "tdpbf16ps tmm3, tmm5, tmm7",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tdpbf16ps tmm2, tmm5, tmm6",
+            "tileloadd tmm6, [{b0} + {sb}*1 + 5120]",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            "tdpbf16ps tmm3, tmm5, tmm7",
+            "tileloadd tmm7, [{b1} + {sb}*1 + 5120]",
+            "tileloadd tmm4, [{a0} + {sb}*1 + 3072]",
+            "tileloadd tmm5, [{a1} + {sb}*1 + 3072]",
             "add {a0}, 3072", "add {a1}, 3072", "add {b0}, 3072", "add {b1}, 3072",
             "dec {n}", "jnz 2b",
             "tilestored [{c} + {sb}*1], tmm0",
@@ -399,7 +443,14 @@ mod imp {
     }
     pub fn configure() {}
     pub fn release() {}
-    pub unsafe fn block(_: *const u16, _: *const u32, _: usize, _: &mut [f32; 1024]) {
+    pub unsafe fn block(
+        _: *const u16,
+        _: *const u32,
+        _: usize,
+        _: usize,
+        _: bool,
+        _: &mut [f32; 1024],
+    ) {
         unreachable!("the tile path runs only where `available()`")
     }
 }
