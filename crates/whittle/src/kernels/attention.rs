@@ -10,6 +10,11 @@ use crate::model::AttnShape;
 use faer::{Accum, MatMut, MatRef, Par};
 use rayon::prelude::*;
 
+thread_local! {
+    /// Score rows of a task, reused by the next task on the same thread.
+    static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// Query rows per task: small enough to balance 2+ threads, large enough for an efficient GEMM.
 const Q_BLOCK: usize = 64;
 /// Below this many multiply-adds (`t·s·heads·d`), attention runs on the calling thread.
@@ -105,9 +110,13 @@ pub fn causal_attention(
         }
         let kb = MatRef::from_row_major_slice_with_stride(&k[kvh * d..], keys, d, kvd);
         let vb = MatRef::from_row_major_slice_with_stride(&v[kvh * dv..], keys, dv, vd);
-        let mut scores = vec![0f32; m * keys];
+        // Overwritten by the GEMM: reused between tasks instead of a zeroed allocation (the
+        // memset of 1.5 MB per task was 3 % of prefill 2048).
+        let mut scores_buf = SCORES.with_borrow_mut(std::mem::take);
+        scores_buf.resize(m * keys, 0.0);
+        let scores = &mut scores_buf[..m * keys];
         gemm(
-            MatMut::from_row_major_slice_mut(&mut scores, m, keys),
+            MatMut::from_row_major_slice_mut(scores, m, keys),
             Accum::Replace,
             MatRef::from_row_major_slice(&qs, m, d),
             kb.transpose(),
@@ -125,10 +134,11 @@ pub fn causal_attention(
         gemm(
             MatMut::from_row_major_slice_mut(&mut o, m, dv),
             Accum::Replace,
-            MatRef::from_row_major_slice(&scores, m, keys),
+            MatRef::from_row_major_slice(scores, m, keys),
             vb,
             Par::Seq,
         );
+        SCORES.with_borrow_mut(|b| *b = scores_buf);
         for (row, src) in o.chunks_exact(dv).enumerate() {
             let (h, r) = (kvh * group + row / bt, row % bt);
             // SAFETY: this task alone writes rows i0..i1, columns of its KV head's query heads
