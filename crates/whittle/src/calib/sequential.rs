@@ -42,6 +42,31 @@ pub struct Outcome {
 pub type LinearMethod<'a> =
     dyn Fn(&str, Site, &mut Linear, Option<&InputStats>) -> Result<Outcome> + Sync + 'a;
 
+/// Builds one layer's [`LinearMethod`] once its statistics are in (`(index, layer, stats)`):
+/// most methods return the same rule for every layer; compensation first derives the layer's
+/// EoRA weights from its statistics.
+pub type LayerMethod<'a> =
+    dyn FnMut(usize, &Layer, &LayerStats) -> Result<Box<LinearMethod<'a>>> + 'a;
+
+/// The one-shot driver of every method: [`compress_sequential`] with [`compress_linears`] on
+/// each layer, the method built per layer by `method`; returns every linear's report.
+pub fn compress_each_linear(
+    model: &mut Model,
+    windows: &[&[u32]],
+    cov: Covariance,
+    targets: &[String],
+    progress: &mut dyn FnMut(usize, usize),
+    method: &mut LayerMethod,
+) -> Result<Vec<LinearReport>> {
+    let mut reports = Vec::new();
+    compress_sequential(model, windows, cov, progress, &mut |i, layer, stats| {
+        let rule = method(i, layer, stats)?;
+        reports.extend(compress_linears(i, layer, stats, targets, &*rule)?);
+        Ok(())
+    })?;
+    Ok(reports)
+}
+
 /// Whether a linear named `name` is among `targets` (name suffixes such as `q_proj`; empty:
 /// every linear).
 pub fn targeted(name: &str, targets: &[String]) -> bool {

@@ -482,7 +482,9 @@ pub fn compensate_with_ranks(
     targets: &[String],
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Vec<crate::calib::sequential::LinearReport>> {
-    use crate::calib::sequential::{compress_linears, compress_sequential, Outcome};
+    use crate::calib::sequential::{compress_each_linear, Outcome};
+    use crate::calib::stats::InputStats;
+    use crate::model::{Linear, Site};
     if windows.is_empty() && method == LowRankMethod::Eora {
         return Err(Error::Invalid(
             "EoRA needs calibration windows (its input covariance)".into(),
@@ -495,21 +497,17 @@ pub fn compensate_with_ranks(
             model.layers.len()
         )));
     }
-    let mut reports = Vec::new();
-    compress_sequential(
+    compress_each_linear(
         model,
         windows,
         crate::calib::stats::Covariance::Full,
+        targets,
         progress,
         &mut |i, layer, stats| {
             let refs = reference.layers[i].linears();
             let bases = eora_weights(method, i, layer, stats, targets)?;
-            reports.extend(compress_linears(
-                i,
-                layer,
-                stats,
-                targets,
-                &|name, site, lin, st| {
+            Ok(Box::new(
+                move |name: &str, site: Site, lin: &mut Linear, st: Option<&InputStats>| {
                     let rel = name.trim_start_matches(&format!("layers.{i}."));
                     let (_, _, w_ref) =
                         refs.iter().find(|(n, _, _)| *n == rel).ok_or_else(|| {
@@ -582,11 +580,9 @@ pub fn compensate_with_ranks(
                         errors: Some(errors),
                     })
                 },
-            )?);
-            Ok(())
+            ))
         },
-    )?;
-    Ok(reports)
+    )
 }
 
 /// Transpose of a row-major `rows × cols` matrix.

@@ -221,23 +221,21 @@ pub fn quantize_model(
     targets: &[String],
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Vec<crate::calib::sequential::LinearReport>> {
-    use crate::calib::sequential::{compress_linears, compress_sequential};
+    use crate::calib::sequential::compress_each_linear;
+    use crate::calib::stats::InputStats;
+    use crate::model::{Linear, Site};
     if method.needs_calibration() && windows.is_empty() {
         return Err(Error::Invalid("GPTQ needs calibration windows".into()));
     }
-    let mut reports = Vec::new();
-    compress_sequential(
+    compress_each_linear(
         model,
         windows,
         crate::calib::stats::Covariance::Full,
+        targets,
         progress,
-        &mut |i, layer, stats| {
-            reports.extend(compress_linears(
-                i,
-                layer,
-                stats,
-                targets,
-                &|name, _, lin, st| {
+        &mut |_, _, _| {
+            Ok(Box::new(
+                move |name: &str, _: Site, lin: &mut Linear, st: Option<&InputStats>| {
                     let (rows, cols) = (lin.out_features, lin.in_features);
                     let w = lin.dense_weight().into_owned();
                     let (packed, damp) = match method {
@@ -259,11 +257,9 @@ pub fn quantize_model(
                     lin.weight = crate::model::Weight::Packed(packed);
                     Ok(crate::calib::sequential::Outcome { damp, errors: None })
                 },
-            )?);
-            Ok(())
+            ))
         },
-    )?;
-    Ok(reports)
+    )
 }
 
 #[cfg(test)]

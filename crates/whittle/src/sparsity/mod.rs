@@ -112,8 +112,9 @@ pub fn sparsify_model(
     targets: &[String],
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Vec<crate::calib::sequential::LinearReport>> {
-    use crate::calib::sequential::{compress_linears, compress_sequential};
-    use crate::calib::stats::{Covariance, ERROR_SAMPLE};
+    use crate::calib::sequential::compress_each_linear;
+    use crate::calib::stats::{Covariance, InputStats, ERROR_SAMPLE};
+    use crate::model::{Linear, Site};
     if method.needs_calibration() && windows.is_empty() {
         return Err(Error::Invalid(format!(
             "{method:?} needs calibration windows"
@@ -124,26 +125,19 @@ pub fn sparsify_model(
     } else {
         &[]
     };
-    let mut reports = Vec::new();
     // Wanda reads only column norms: its covariance just measures the reported error.
     let cov = match method {
         SparsityMethod::Wanda => Covariance::Sampled(ERROR_SAMPLE),
         _ => Covariance::Full,
     };
-    compress_sequential(model, windows, cov, progress, &mut |i, layer, stats| {
-        reports.extend(compress_linears(
-            i,
-            layer,
-            stats,
-            targets,
-            &|name, _, lin, st| {
+    compress_each_linear(model, windows, cov, targets, progress, &mut |_, _, _| {
+        Ok(Box::new(
+            move |name: &str, _: Site, lin: &mut Linear, st: Option<&InputStats>| {
                 let (rows, cols) = (lin.out_features, lin.in_features);
                 let w = lin.dense_weight_mut();
                 let damp = prune(name, w, rows, cols, pattern, method, st)?;
                 Ok(crate::calib::sequential::Outcome { damp, errors: None })
             },
-        )?);
-        Ok(())
-    })?;
-    Ok(reports)
+        ))
+    })
 }
