@@ -1,8 +1,8 @@
 //! The two paths of `y = x · Wᵀ` on SmolLM2's prefill shapes, side by side (GFLOP/s, medians of
-//! 15 after a warm-up, 2 threads): faer with the rows split between threads (what
+//! 15 after a warm-up, 2 threads or the count given): faer with the rows split between threads (what
 //! `kernels::matmul` runs without AMX) and the AMX tile path including its packing.
 //!
-//!   cargo run --release --example gemm_paths
+//!   cargo run --release --example gemm_paths [THREADS]
 use faer::{Accum, MatMut, MatRef, Par};
 use rayon::prelude::*;
 use whittle::kernels::amx;
@@ -21,7 +21,8 @@ fn median_seconds(f: &mut dyn FnMut()) -> f64 {
 }
 
 fn main() {
-    whittle::threads::set_threads(2);
+    let threads = std::env::args().nth(1).map_or(2, |t| t.parse().expect("thread count"));
+    whittle::threads::set_threads(threads);
     println!("rows × in → out        faer GFLOP/s   AMX GFLOP/s");
     for (r, k, n) in [
         (512, 576, 576),
