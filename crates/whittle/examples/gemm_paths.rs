@@ -21,7 +21,9 @@ fn median_seconds(f: &mut dyn FnMut()) -> f64 {
 }
 
 fn main() {
-    let threads = std::env::args().nth(1).map_or(2, |t| t.parse().expect("thread count"));
+    let threads = std::env::args()
+        .nth(1)
+        .map_or(2, |t| t.parse().expect("thread count"));
     whittle::threads::set_threads(threads);
     println!("rows × in → out        faer GFLOP/s   AMX GFLOP/s");
     for (r, k, n) in [
