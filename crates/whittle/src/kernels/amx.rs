@@ -11,13 +11,14 @@
 //! of oneDNN and of NVIDIA's 3xTF32). Six tile products per f32 product still leave AMX ahead of
 //! f32 FMAs (see BENCHMARKS.md for the measured prefill).
 //!
-//! Layout. `W` (`out × in`, row-major) becomes the A operand: per output row, per 32-wide k
-//! block, the three piece planes one after another (`[row][k block][piece][32]` bf16), so a
-//! tile is 16 rows read with the row stride. `x` (`rows × in`) becomes the B operand in AMX's
-//! pair layout: a tile holds 16 k pairs × 16 tokens (`[token block][k block][piece][pair][token]`
-//! u32). Each call packs both (the packed weight is not kept: a cached copy could go stale when
-//! a method rewrites the weight in place). One micro-kernel computes a 32 × 32 block of
-//! `yᵀ` (four accumulator tiles) over the whole depth with 14 tile loads per 24 tile products.
+//! Layout. `W` (`out × in`, row-major) becomes the A operand, each tile 1 KiB contiguous:
+//! `[16-row block][k block][piece][row][32]` bf16. `x` (`rows × in`) becomes the B operand in
+//! AMX's pair layout, also tile by tile: `[16-token block][k block][piece][k pair][token]` u32
+//! (a 16 × 16 transpose of the split rows). The activations are packed once per input (shared by
+//! q/k/v, by gate/up); the weight is packed per product, 64 rows per work item into a buffer that
+//! stays in L2 (a packed copy kept with the model could go stale when a method rewrites the
+//! weight in place). One micro-kernel computes a 32 × 32 block of `yᵀ` (four accumulator tiles)
+//! over the whole depth with 14 tile loads per 24 tile products.
 
 use rayon::prelude::*;
 use std::cell::RefCell;
@@ -316,6 +317,20 @@ struct SendPtr(*mut f32);
 unsafe impl Sync for SendPtr {}
 unsafe impl Send for SendPtr {}
 
+/// Other architectures never take the tile path (`available()` is false there).
+#[cfg(not(target_arch = "x86_64"))]
+mod simd {
+    pub unsafe fn pack_weight_block(_: &[f32], _: usize, _: &mut [u16]) {
+        unreachable!("the tile path runs only where `available()`")
+    }
+    pub unsafe fn pack_token_block(_: &[f32], _: usize, _: usize, _: usize, _: &mut [u32]) {
+        unreachable!("the tile path runs only where `available()`")
+    }
+    pub unsafe fn store_transposed(_: &[f32], _: *mut f32, _: usize) {
+        unreachable!("the tile path runs only where `available()`")
+    }
+}
+
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 mod imp {
     use std::arch::asm;
@@ -443,14 +458,7 @@ mod imp {
     }
     pub fn configure() {}
     pub fn release() {}
-    pub unsafe fn block(
-        _: *const u16,
-        _: *const u32,
-        _: usize,
-        _: usize,
-        _: bool,
-        _: &mut [f32; 1024],
-    ) {
+    pub unsafe fn block(_: *const u16, _: *const u32, _: usize, _: &mut [f32; 1024]) {
         unreachable!("the tile path runs only where `available()`")
     }
 }
@@ -460,6 +468,7 @@ mod tests {
     use super::*;
 
     /// Every value is exactly the sum of its three pieces (also for a partial block).
+    #[cfg(target_arch = "x86_64")]
     #[test]
     fn pieces_sum_to_the_value() {
         if !available() {
