@@ -193,14 +193,19 @@ pub struct Acts {
 impl Acts {
     /// Packs `x` (`rows × inp`, row-major); rows are padded to a multiple of 32 with zeros.
     pub fn pack(x: &[f32], rows: usize, inp: usize) -> Acts {
+        assert!(available(), "AMX tile path used on a machine without it");
         assert_eq!(x.len(), rows * inp);
         let kblocks = inp.div_ceil(KB);
         let per_block = kblocks * PIECES * B_TILE;
         let blocks = 2 * rows.div_ceil(2 * TILE);
         let mut data = ACT_TILES.with_borrow_mut(std::mem::take);
         data.resize(blocks * per_block + AHEAD_PAD, 0);
-        let chunks: Vec<_> = data.chunks_mut(per_block).enumerate().collect();
-        // SAFETY (both calls): `available()` (asserted by every product) implies AVX512-BW.
+        // The padding after the last block is only ever loaded ahead, never used: left as is.
+        let chunks: Vec<_> = data[..blocks * per_block]
+            .chunks_mut(per_block.max(1))
+            .enumerate()
+            .collect();
+        // SAFETY: `available()` (asserted above) implies AVX512-BW.
         each_chunk(chunks, |(tb, out)| unsafe {
             simd::pack_token_block(x, inp, rows, tb, out)
         });
@@ -231,6 +236,11 @@ const PAIRS_PER_ITEM: usize = 2;
 pub fn matmul_many(acts: &Acts, products: &mut [Product]) {
     assert!(available(), "AMX tile path used on a machine without it");
     let (rows, inp, kblocks) = (acts.rows, acts.inp, acts.kblocks);
+    if kblocks == 0 {
+        // Zero-depth products (a rank-0 adapter): the micro-kernel's loop needs one k block.
+        products.iter_mut().for_each(|p| p.y.fill(0.0));
+        return;
+    }
     let stride = kblocks * PIECES * KB;
     let pair_tiles = 2 * kblocks * PIECES * B_TILE;
     let token_pairs = acts.data.len() / pair_tiles;
@@ -510,6 +520,9 @@ mod tests {
             eprintln!("no AMX on this CPU: tile path not tested here");
             return;
         }
+        let mut y = vec![f32::NAN; 40 * 7];
+        matmul_t(&[], &[], 40, 0, 7, &mut y);
+        assert!(y.iter().all(|v| *v == 0.0), "zero depth gives zeros");
         for (rows, inp, out) in [(32, 32, 32), (33, 37, 50), (77, 576, 65), (40, 1000, 33)] {
             let x: Vec<f32> = (0..rows * inp)
                 .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 1.37)
