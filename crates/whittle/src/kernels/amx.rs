@@ -32,7 +32,7 @@ thread_local! {
 }
 
 /// Fewest rows for which the tile path pays (it pads rows to 32).
-pub const MIN_ROWS: usize = 32;
+const MIN_ROWS: usize = 32;
 /// Values per tile row (bf16) and rows per tile.
 const KB: usize = 32;
 const TILE: usize = 16;
@@ -49,6 +49,12 @@ const AHEAD_PAD: usize = PIECES * B_TILE;
 pub fn available() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
     *ON.get_or_init(|| std::env::var("WHITTLE_AMX").map_or(true, |v| v != "0") && imp::enable())
+}
+
+/// Whether a product over `rows` rows takes the tile path (the one rule that the plain and the
+/// shared-input products both follow).
+pub fn takes(rows: usize) -> bool {
+    rows >= MIN_ROWS && available()
 }
 
 /// Splitting into pieces and laying out tiles, 32 values at a time in AVX-512 registers (every

@@ -33,7 +33,7 @@ pub fn matmul_t(x: &[f32], w: &[f32], rows: usize, inp: usize, out: usize, y: &m
         }
         return;
     }
-    if rows >= amx::MIN_ROWS && amx::available() {
+    if amx::takes(rows) {
         amx::matmul_t(x, w, rows, inp, out, y);
         return;
     }

@@ -179,16 +179,20 @@ impl Linear {
         rows: usize,
         outs: &mut [&mut [f32]],
     ) {
-        let dense: Option<Vec<&[f32]>> = linears
-            .iter()
-            .map(|l| match &l.weight {
-                Weight::Dense(w) => Some(&w[..]),
-                Weight::Packed(_) => None,
-            })
-            .collect();
-        match dense {
+        // Dense weights only: the shared-input tile path is for prefill, so decode (rows ≤ 4)
+        // never collects them.
+        let dense = || -> Option<Vec<&[f32]>> {
+            linears
+                .iter()
+                .map(|l| match &l.weight {
+                    Weight::Dense(w) => Some(&w[..]),
+                    Weight::Packed(_) => None,
+                })
+                .collect()
+        };
+        match amx::takes(rows).then(dense).flatten() {
             // One packing of the shared input and one parallel section for all the products.
-            Some(ws) if rows >= amx::MIN_ROWS && amx::available() => {
+            Some(ws) => {
                 let acts = amx::Acts::pack(x, rows, linears[0].in_features);
                 let mut products: Vec<_> = ws
                     .into_iter()
