@@ -5,6 +5,7 @@
 use crate::data::text::windows;
 use crate::kernels::exp::logsumexp;
 use crate::{Error, Model, Result};
+use rayon::prelude::*;
 use serde::Serialize;
 use std::time::Instant;
 
@@ -65,9 +66,29 @@ pub fn perplexity(
     let wins = windows(ids, seq_len, max_tokens)?;
     let start = Instant::now();
     let mut nll_sum = 0f64;
-    for (i, w) in wins.iter().enumerate() {
+    // Whole windows per thread while there are enough of them: independent items scale better
+    // than one window's kernels split between threads (see `threads::one_thread`); the tail
+    // that cannot fill every thread runs window by window on all of them. Sums are added in
+    // window order either way, so the result does not depend on the thread count.
+    let per_round = crate::threads::threads();
+    let (rounds, tail) = wins.split_at(wins.len() - wins.len() % per_round);
+    for (r, group) in rounds.chunks(per_round).enumerate() {
+        let nlls: Vec<f64> = if per_round == 1 {
+            vec![window_nll(model, group[0])?]
+        } else {
+            crate::threads::install(|| {
+                group
+                    .par_iter()
+                    .map(|w| crate::threads::one_thread(|| window_nll(model, w)))
+                    .collect::<Result<_>>()
+            })?
+        };
+        nll_sum += nlls.iter().sum::<f64>();
+        progress((r + 1) * per_round, wins.len());
+    }
+    for (i, w) in tail.iter().enumerate() {
         nll_sum += crate::threads::install(|| window_nll(model, w))?;
-        progress(i + 1, wins.len());
+        progress(rounds.len() + i + 1, wins.len());
     }
     let seconds = start.elapsed().as_secs_f64();
     let predicted = wins.len() * (seq_len - 1);
