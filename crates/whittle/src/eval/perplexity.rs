@@ -68,22 +68,22 @@ pub fn perplexity(
     let mut nll_sum = 0f64;
     // Whole windows per thread while there are enough of them: independent items scale better
     // than one window's kernels split between threads (see `threads::one_thread`); the tail
-    // that cannot fill every thread runs window by window on all of them. Sums are added in
-    // window order either way, so the result does not depend on the thread count.
+    // that cannot fill every thread runs window by window on all of them. The window sums are
+    // added in window order either way.
     let per_round = crate::threads::threads();
-    let (rounds, tail) = wins.split_at(wins.len() - wins.len() % per_round);
+    let in_rounds = match per_round {
+        1 => 0,
+        n => wins.len() - wins.len() % n,
+    };
+    let (rounds, tail) = wins.split_at(in_rounds);
     for (r, group) in rounds.chunks(per_round).enumerate() {
-        let nlls: Vec<f64> = if per_round == 1 {
-            vec![window_nll(model, group[0])?]
-        } else {
-            crate::threads::install(|| {
-                group
-                    .par_iter()
-                    .map(|w| crate::threads::one_thread(|| window_nll(model, w)))
-                    .collect::<Result<_>>()
-            })?
-        };
-        nll_sum += nlls.iter().sum::<f64>();
+        let nlls: Vec<f64> = crate::threads::install(|| {
+            group
+                .par_iter()
+                .map(|w| crate::threads::one_thread(|| window_nll(model, w)))
+                .collect::<Result<_>>()
+        })?;
+        nlls.iter().for_each(|v| nll_sum += v);
         progress((r + 1) * per_round, wins.len());
     }
     for (i, w) in tail.iter().enumerate() {
