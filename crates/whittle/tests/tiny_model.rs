@@ -606,3 +606,20 @@ fn sampled_statistics_keep_exact_column_norms() {
         }
     }
 }
+
+#[test]
+fn perplexity_sums_windows_in_order_on_any_thread_count() {
+    use whittle::eval::perplexity::{perplexity, window_nll};
+    let m = tiny_model(4);
+    // Five windows: with two threads, two rounds of whole windows per thread and a tail of one.
+    let ids: Vec<u32> = (0..5 * 48).map(|i| (i * 37 % 251) as u32).collect();
+    let many = perplexity(&m, &ids, 48, None, &mut |_, _| {}).unwrap();
+    let one = whittle::threads::one_thread(|| perplexity(&m, &ids, 48, None, &mut |_, _| {}));
+    let mut direct = 0f64;
+    for w in ids.chunks_exact(48) {
+        direct += whittle::threads::one_thread(|| window_nll(&m, w)).unwrap();
+    }
+    assert_eq!(many.windows, 5);
+    assert_eq!(many.nll_sum, one.unwrap().nll_sum);
+    assert_eq!(many.nll_sum, direct);
+}
