@@ -99,17 +99,27 @@ mod simd {
     }
 
     /// Up to 16 weight rows into A tiles: row `n`'s value `j` of k block `kb`, piece `p` goes
-    /// to `out[(kb·3 + p)·512 + n·32 + j]`.
+    /// to `out[(kb·3 + p)·512 + n·32 + j]`. Returns how many pieces the rows need: 1 when every
+    /// later piece is zero (bf16 weights), 2 when only the last is (e.g. weights dequantized
+    /// from 4-bit blocks with f16 scales, ≤ 16 significant bits).
     #[target_feature(enable = "avx512f,avx512bw")]
-    pub unsafe fn pack_weight_block(w: &[f32], inp: usize, out: &mut [u16]) {
+    pub unsafe fn pack_weight_block(w: &[f32], inp: usize, out: &mut [u16]) -> usize {
+        let mut seen = [_mm512_setzero_si512(); PIECES];
         for (n, row) in w.chunks_exact(inp).enumerate() {
             for (kb, tiles) in out.chunks_exact_mut(PIECES * TILE * KB).enumerate() {
                 let v = split32(&row[kb * KB..inp.min((kb + 1) * KB)]);
                 for (p, v) in v.into_iter().enumerate() {
                     let at = p * TILE * KB + n * KB;
                     _mm512_storeu_si512(tiles[at..at + KB].as_mut_ptr().cast(), v);
+                    seen[p] = _mm512_or_si512(seen[p], v);
                 }
             }
+        }
+        let nonzero = |v: __m512i| _mm512_test_epi32_mask(v, v) != 0;
+        match (nonzero(seen[1]), nonzero(seen[2])) {
+            (_, true) => 3,
+            (true, false) => 2,
+            (false, false) => 1,
         }
     }
 
@@ -268,13 +278,13 @@ pub fn matmul_many(acts: &Acts, products: &mut [Product]) {
         // Padding rows keep whatever the buffer held: they only reach outputs not stored.
         let mut packed = WEIGHT_TILES.with_borrow_mut(std::mem::take);
         packed.resize(pairs * 2 * TILE * stride + 2 * AHEAD_PAD, 0);
-        for (w, dst) in rows_here
+        let pieces = rows_here
             .chunks(TILE * inp)
             .zip(packed.chunks_mut(TILE * stride))
-        {
             // SAFETY: `available()` (asserted above) implies AVX512-BW.
-            unsafe { simd::pack_weight_block(w, inp, dst) };
-        }
+            .map(|(w, dst)| unsafe { simd::pack_weight_block(w, inp, dst) })
+            .max()
+            .unwrap_or(PIECES);
         let mut c = Tiles([0f32; 4 * TILE * TILE]);
         imp::configure();
         for t0 in (0..token_pairs).step_by(tp_chunk) {
@@ -284,8 +294,8 @@ pub fn matmul_many(acts: &Acts, products: &mut [Product]) {
                     let b = acts.data[tp * pair_tiles..].as_ptr();
                     // SAFETY: `a` and `b` point at two blocks of `kblocks` k blocks each (the
                     // buffers hold whole pairs plus AHEAD_PAD); the tile state was configured on
-                    // this thread.
-                    unsafe { imp::block(a, b, kblocks, &mut c.0) };
+                    // this thread; the weight's pieces beyond `pieces` are zero.
+                    unsafe { imp::block(a, b, kblocks, pieces, &mut c.0) };
                     // c: tiles (f, t) in order (0,0), (0,1), (1,0), (1,1); each [feature][token].
                     for (q, tile) in c.0.chunks_exact(TILE * TILE).enumerate() {
                         let n0 = (2 * (f0 + fp) + q / 2) * TILE;
@@ -336,7 +346,7 @@ unsafe impl Send for SendPtr {}
 /// Other architectures never take the tile path (`available()` is false there).
 #[cfg(not(target_arch = "x86_64"))]
 mod simd {
-    pub unsafe fn pack_weight_block(_: &[f32], _: usize, _: &mut [u16]) {
+    pub unsafe fn pack_weight_block(_: &[f32], _: usize, _: &mut [u16]) -> usize {
         unreachable!("the tile path runs only where `available()`")
     }
     pub unsafe fn pack_token_block(_: &[f32], _: usize, _: usize, _: usize, _: &mut [u32]) {
@@ -390,80 +400,120 @@ mod imp {
         unsafe { asm!("tilerelease", options(nostack, nomem)) };
     }
 
+    /// Four products that read tmm6 and tmm7 last, each register reloaded (from byte offset
+    /// `$off` of the k block) right after its last reader, so the load overlaps two products.
+    macro_rules! then_new_b {
+        ($off:literal) => {
+            concat!(
+                "tdpbf16ps tmm0, tmm4, tmm6\n",
+                "tdpbf16ps tmm2, tmm5, tmm6\n",
+                "tileloadd tmm6, [{b0} + {sb}*1 + ",
+                $off,
+                "]\n",
+                "tdpbf16ps tmm1, tmm4, tmm7\n",
+                "tdpbf16ps tmm3, tmm5, tmm7\n",
+                "tileloadd tmm7, [{b1} + {sb}*1 + ",
+                $off,
+                "]\n",
+            )
+        };
+    }
+
+    /// As [`then_new_b`], reloading the weight tiles tmm4 and tmm5.
+    macro_rules! then_new_a {
+        ($off:literal) => {
+            concat!(
+                "tdpbf16ps tmm0, tmm4, tmm6\n",
+                "tdpbf16ps tmm1, tmm4, tmm7\n",
+                "tileloadd tmm4, [{a0} + {sb}*1 + ",
+                $off,
+                "]\n",
+                "tdpbf16ps tmm2, tmm5, tmm6\n",
+                "tdpbf16ps tmm3, tmm5, tmm7\n",
+                "tileloadd tmm5, [{a1} + {sb}*1 + ",
+                $off,
+                "]\n",
+            )
+        };
+    }
+
+    /// The loop over k blocks around one schedule of piece products (a k block is 3 KiB of
+    /// each operand; 5120 = the next block's activation piece 2, 3072 its weight piece 0).
+    macro_rules! kernel {
+        ($a:expr, $b:expr, $kblocks:expr, $c:expr, $($steps:expr),+) => {
+            asm!(
+                "tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3",
+                "tileloadd tmm4, [{a0} + {sb}*1]",
+                "tileloadd tmm5, [{a1} + {sb}*1]",
+                "tileloadd tmm6, [{b0} + {sb}*1 + 2048]",
+                "tileloadd tmm7, [{b1} + {sb}*1 + 2048]",
+                "2:",
+                $($steps,)+
+                then_new_b!("5120"),
+                "tileloadd tmm4, [{a0} + {sb}*1 + 3072]",
+                "tileloadd tmm5, [{a1} + {sb}*1 + 3072]",
+                "add {a0}, 3072", "add {a1}, 3072", "add {b0}, 3072", "add {b1}, 3072",
+                "dec {n}", "jnz 2b",
+                "tilestored [{c} + {sb}*1], tmm0",
+                "tilestored [{c} + {sb}*1 + 1024], tmm1",
+                "tilestored [{c} + {sb}*1 + 2048], tmm2",
+                "tilestored [{c} + {sb}*1 + 3072], tmm3",
+                a0 = inout(reg) $a => _,
+                a1 = inout(reg) $a.byte_add($kblocks * 3 * 1024) => _,
+                b0 = inout(reg) $b => _,
+                b1 = inout(reg) $b.byte_add($kblocks * 3 * 1024) => _,
+                n = inout(reg) $kblocks => _,
+                sb = in(reg) 64usize,
+                c = in(reg) $c.as_mut_ptr(),
+                options(nostack),
+            )
+        };
+    }
+
     /// Four accumulator tiles `c = [C₀₀, C₀₁, C₁₀, C₁₁]` of two feature blocks (A tiles at `a`,
     /// `a + kblocks·3` tiles) × two token blocks (B tiles at `b`, `b + kblocks·3` tiles) over
-    /// `kblocks` k blocks. Piece products in the order w₀x₂, w₀x₁, w₁x₁, w₁x₀, w₀x₀, w₂x₀: each step
-    /// changes one operand, so six products take 14 tile loads. Tiles have no renaming, so
-    /// each load is issued right after the last product that reads the register's old value,
-    /// where it overlaps the two products that do not; the next k block's first tiles are
+    /// `kblocks` k blocks, from the weight's first `pieces` pieces. Three pieces: the products
+    /// w₀x₂, w₀x₁, w₁x₁, w₁x₀, w₀x₀, w₂x₀, each step changing one operand, 14 tile loads per 24
+    /// products. Weights with ≤ 16 significant bits (w₂ = 0) skip w₂x₀: 12 loads per 20; bf16
+    /// weights (w₁ = w₂ = 0) take w₀x₂, w₀x₁, w₀x₀: 8 per 12 (the skipped products are exact
+    /// zeros). Tiles have no renaming, so each load is issued right after
+    /// the last product that reads the register's old value; the next k block's first tiles are
     /// loaded at the end of this one (buffers carry [`AHEAD_PAD`] for the last).
     ///
     /// # Safety
     /// The tile state is configured on this thread; `a` holds 32 rows of `a_stride` bytes and
-    /// `b` 2·kblocks·3 tiles of 1 KiB.
-    pub unsafe fn block(a: *const u16, b: *const u32, kblocks: usize, c: &mut [f32; 1024]) {
-        let a1 = a.byte_add(kblocks * 3 * 1024);
-        let b1 = b.byte_add(kblocks * 3 * 1024);
-        asm!(
-            "tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3",
-            "tileloadd tmm4, [{a0} + {sb}*1]",
-            "tileloadd tmm5, [{a1} + {sb}*1]",
-            "tileloadd tmm6, [{b0} + {sb}*1 + 2048]",
-            "tileloadd tmm7, [{b1} + {sb}*1 + 2048]",
-            "2:",
-            "tdpbf16ps tmm0, tmm4, tmm6",
-            "tdpbf16ps tmm2, tmm5, tmm6",
-            "tileloadd tmm6, [{b0} + {sb}*1 + 1024]",
-            "tdpbf16ps tmm1, tmm4, tmm7",
-            "tdpbf16ps tmm3, tmm5, tmm7",
-            "tileloadd tmm7, [{b1} + {sb}*1 + 1024]",
-            "tdpbf16ps tmm0, tmm4, tmm6",
-            "tdpbf16ps tmm1, tmm4, tmm7",
-            "tileloadd tmm4, [{a0} + {sb}*1 + 1024]",
-            "tdpbf16ps tmm2, tmm5, tmm6",
-            "tdpbf16ps tmm3, tmm5, tmm7",
-            "tileloadd tmm5, [{a1} + {sb}*1 + 1024]",
-            "tdpbf16ps tmm0, tmm4, tmm6",
-            "tdpbf16ps tmm2, tmm5, tmm6",
-            "tileloadd tmm6, [{b0} + {sb}*1]",
-            "tdpbf16ps tmm1, tmm4, tmm7",
-            "tdpbf16ps tmm3, tmm5, tmm7",
-            "tileloadd tmm7, [{b1} + {sb}*1]",
-            "tdpbf16ps tmm0, tmm4, tmm6",
-            "tdpbf16ps tmm1, tmm4, tmm7",
-            "tileloadd tmm4, [{a0} + {sb}*1]",
-            "tdpbf16ps tmm2, tmm5, tmm6",
-            "tdpbf16ps tmm3, tmm5, tmm7",
-            "tileloadd tmm5, [{a1} + {sb}*1]",
-            "tdpbf16ps tmm0, tmm4, tmm6",
-            "tdpbf16ps tmm1, tmm4, tmm7",
-            "tileloadd tmm4, [{a0} + {sb}*1 + 2048]",
-            "tdpbf16ps tmm2, tmm5, tmm6",
-            "tdpbf16ps tmm3, tmm5, tmm7",
-            "tileloadd tmm5, [{a1} + {sb}*1 + 2048]",
-            "tdpbf16ps tmm0, tmm4, tmm6",
-            "tdpbf16ps tmm2, tmm5, tmm6",
-            "tileloadd tmm6, [{b0} + {sb}*1 + 5120]",
-            "tdpbf16ps tmm1, tmm4, tmm7",
-            "tdpbf16ps tmm3, tmm5, tmm7",
-            "tileloadd tmm7, [{b1} + {sb}*1 + 5120]",
-            "tileloadd tmm4, [{a0} + {sb}*1 + 3072]",
-            "tileloadd tmm5, [{a1} + {sb}*1 + 3072]",
-            "add {a0}, 3072", "add {a1}, 3072", "add {b0}, 3072", "add {b1}, 3072",
-            "dec {n}", "jnz 2b",
-            "tilestored [{c} + {sb}*1], tmm0",
-            "tilestored [{c} + {sb}*1 + 1024], tmm1",
-            "tilestored [{c} + {sb}*1 + 2048], tmm2",
-            "tilestored [{c} + {sb}*1 + 3072], tmm3",
-            a0 = inout(reg) a => _,
-            a1 = inout(reg) a1 => _,
-            b0 = inout(reg) b => _,
-            b1 = inout(reg) b1 => _,
-            n = inout(reg) kblocks => _,
-            sb = in(reg) 64usize,
-            c = in(reg) c.as_mut_ptr(),
-            options(nostack),
-        );
+    /// `b` 2·kblocks·3 tiles of 1 KiB; the weight's pieces from `pieces` on are zero.
+    pub unsafe fn block(
+        a: *const u16,
+        b: *const u32,
+        kblocks: usize,
+        pieces: usize,
+        c: &mut [f32; 1024],
+    ) {
+        match pieces {
+            1 => kernel!(a, b, kblocks, c, then_new_b!("1024"), then_new_b!("0")),
+            2 => kernel!(
+                a,
+                b,
+                kblocks,
+                c,
+                then_new_b!("1024"),
+                then_new_a!("1024"),
+                then_new_b!("0"),
+                then_new_a!("0")
+            ),
+            _ => kernel!(
+                a,
+                b,
+                kblocks,
+                c,
+                then_new_b!("1024"),
+                then_new_a!("1024"),
+                then_new_b!("0"),
+                then_new_a!("0"),
+                then_new_a!("2048")
+            ),
+        }
     }
 }
 
@@ -474,7 +524,7 @@ mod imp {
     }
     pub fn configure() {}
     pub fn release() {}
-    pub unsafe fn block(_: *const u16, _: *const u32, _: usize, _: &mut [f32; 1024]) {
+    pub unsafe fn block(_: *const u16, _: *const u32, _: usize, _: usize, _: &mut [f32; 1024]) {
         unreachable!("the tile path runs only where `available()`")
     }
 }
@@ -517,9 +567,32 @@ mod tests {
         }
     }
 
+    /// The packer reports the pieces a block of weights needs: 3 for f32, 2 for ≤ 16 significant
+    /// bits, 1 for bf16 values — which selects the micro-kernel that skips the zero pieces.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn packer_counts_the_pieces_the_weights_need() {
+        if !available() {
+            eprintln!("no AMX on this CPU: tile path not tested here");
+            return;
+        }
+        let w: Vec<f32> = (0..16 * 40)
+            .map(|i| (i as f32 * 0.37).sin() * 0.1)
+            .collect();
+        let mut out = vec![0u16; 2 * PIECES * TILE * KB];
+        for (mask, want) in [(!0u32, 3), (0xFFFF_FF00, 2), (0xFFFF_0000, 1)] {
+            let w: Vec<f32> = w
+                .iter()
+                .map(|v| f32::from_bits(v.to_bits() & mask))
+                .collect();
+            // SAFETY: `available()` implies AVX512-BW.
+            assert_eq!(unsafe { simd::pack_weight_block(&w, 40, &mut out) }, want);
+        }
+    }
+
     /// Against an f64 loop, with every odd size (rows, depth and outputs not multiples of the
-    /// tiles): the largest error must be that of an f32 GEMM (faer's, same data), not bf16's
-    /// (~200x larger).
+    /// tiles) and weights that need 3, 2 and 1 bf16 pieces (each its own micro-kernel): the
+    /// largest error must be that of an f32 GEMM (faer's, same data), not bf16's (~200x larger).
     #[test]
     fn tile_product_has_f32_gemm_accuracy() {
         if !available() {
@@ -529,12 +602,17 @@ mod tests {
         let mut y = vec![f32::NAN; 40 * 7];
         matmul_t(&[], &[], 40, 0, 7, &mut y);
         assert!(y.iter().all(|v| *v == 0.0), "zero depth gives zeros");
-        for (rows, inp, out) in [(32, 32, 32), (33, 37, 50), (77, 576, 65), (40, 1000, 33)] {
+        let shapes = [(32, 32, 32), (33, 37, 50), (77, 576, 65), (40, 1000, 33)];
+        for ((rows, inp, out), mask) in shapes
+            .into_iter()
+            .flat_map(|s| [!0u32, 0xFFFF_FF00, 0xFFFF_0000].map(|m| (s, m)))
+        {
             let x: Vec<f32> = (0..rows * inp)
                 .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 1.37)
                 .collect();
             let w: Vec<f32> = (0..out * inp)
                 .map(|i| ((i * 104729 % 997) as f32 / 498.5 - 1.0) * 0.051)
+                .map(|v: f32| f32::from_bits(v.to_bits() & mask))
                 .collect();
             let mut y = vec![f32::NAN; rows * out];
             matmul_t(&x, &w, rows, inp, out, &mut y);
@@ -558,7 +636,7 @@ mod tests {
             }
             assert!(
                 worst <= 2.0 * worst_f32 + 1e-7,
-                "{rows}x{inp}x{out}: worst error {worst:e}, f32 GEMM's {worst_f32:e}"
+                "{rows}x{inp}x{out}, mask {mask:x}: worst error {worst:e}, f32 GEMM's {worst_f32:e}"
             );
         }
     }
