@@ -200,6 +200,7 @@ enum WindowRuleArg {
 enum GgufDtype {
     F32,
     F16,
+    Bf16,
     #[value(name = "q8_0")]
     Q8_0,
     #[value(name = "q4_0")]
@@ -214,6 +215,7 @@ impl From<GgufDtype> for whittle::io::gguf::GgufType {
         match d {
             GgufDtype::F32 => G::F32,
             GgufDtype::F16 => G::F16,
+            GgufDtype::Bf16 => G::BF16,
             GgufDtype::Q8_0 => G::Q8_0,
             GgufDtype::Q4_0 => G::Q4_0,
             GgufDtype::Q4_1 => G::Q4_1,

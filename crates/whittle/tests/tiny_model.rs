@@ -214,6 +214,28 @@ fn gguf_block_types_stay_packed_and_match_their_f32_expansion() {
     }
 }
 
+/// A bf16 GGUF stores every matrix rounded to the nearest bf16 (ties to even) and the norms
+/// as f32, and loads back as exactly those values.
+#[test]
+fn bf16_gguf_holds_the_rounded_matrices() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bf16.gguf");
+    let m = tiny_model(7);
+    gguf::save(&m, None, gguf::GgufType::BF16, &path).unwrap();
+    let (back, _) = gguf::load(&path).unwrap();
+    let bf16 = |v: f32| {
+        let b = v.to_bits();
+        f32::from_bits((b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF_0000)
+    };
+    for (l, (orig, got)) in m.layers.iter().zip(&back.layers).enumerate() {
+        assert_eq!(orig.attn_norm, got.attn_norm, "layer {l}: norms stay f32");
+        for ((name, _, a), (_, _, b)) in orig.linears().into_iter().zip(got.linears()) {
+            let want: Vec<f32> = a.dense_weight().iter().map(|&v| bf16(v)).collect();
+            assert_eq!(b.dense_weight(), want, "layer {l} {name}");
+        }
+    }
+}
+
 #[test]
 fn sharded_half_precision_safetensors_load() {
     use ::safetensors::{serialize_to_file, tensor::TensorView, Dtype, SafeTensors};

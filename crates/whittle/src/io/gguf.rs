@@ -436,6 +436,9 @@ fn unpermute_rows(lin: &mut Linear, n_heads: usize, head_dim: usize) {
 pub enum GgufType {
     F32,
     F16,
+    /// bf16 matrices: the native dtype of most HF checkpoints; the tile path multiplies them
+    /// with half the piece products of f32 weights (see `kernels::amx`).
+    BF16,
     Q8_0,
     Q4_0,
     Q4_1,
@@ -446,6 +449,7 @@ impl GgufType {
         match self {
             GgufType::F32 => GgmlDType::F32,
             GgufType::F16 => GgmlDType::F16,
+            GgufType::BF16 => GgmlDType::BF16,
             GgufType::Q8_0 => GgmlDType::Q8_0,
             GgufType::Q4_0 => GgmlDType::Q4_0,
             GgufType::Q4_1 => GgmlDType::Q4_1,
@@ -454,7 +458,8 @@ impl GgufType {
 }
 
 /// Writes `model` as a GGUF file that llama.cpp and whittle load, atomically (temporary file +
-/// rename), matrices stored as `dtype` (F32 where a row is not a multiple of the 32-wide block).
+/// rename), matrices stored as `dtype` (F32 where a row is not a multiple of its block, 32 wide
+/// for the Q types).
 /// The tokenizer metadata is included when `tokenizer` is given.
 pub fn save(
     model: &Model,
@@ -521,8 +526,9 @@ fn write_gguf(
         meta.extend(t.gguf_metadata());
     }
     let tensor = |name: &str, data: &[f32], shape: &[usize]| -> Result<(String, QTensor)> {
-        let matrix = shape.len() == 2 && shape[1].is_multiple_of(32);
-        let ty = if matrix { dtype.ggml() } else { GgmlDType::F32 };
+        let ty = dtype.ggml();
+        let matrix = shape.len() == 2 && shape[1].is_multiple_of(ty.block_size());
+        let ty = if matrix { ty } else { GgmlDType::F32 };
         let t = candle_core::Tensor::from_slice(data, shape, &Device::Cpu)
             .and_then(|t| QTensor::quantize(&t, ty))
             .map_err(|e| Error::format(path, format!("tensor '{name}': {e}")))?;
