@@ -211,6 +211,10 @@ fn gguf_block_types_stay_packed_and_match_their_f32_expansion() {
             max_abs_diff(&want, &logits(&packed, &TOKENS)) < 1e-4,
             "{ty:?}"
         );
+        // Prefill of enough rows for the tile path, which expands packed rows per work item:
+        // the same products as on the f32 expansion, so the same logits to the bit.
+        let long: Vec<u32> = (0..48).map(|i| (i * 37 % 256) as u32).collect();
+        assert_eq!(logits(&dense, &long), logits(&packed, &long), "{ty:?}");
     }
 }
 

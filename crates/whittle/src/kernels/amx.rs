@@ -17,7 +17,8 @@
 //! (a 16 × 16 transpose of the split rows). The activations are packed once per input (shared by
 //! q/k/v, by gate/up); the weight is packed per product, 64 rows per work item into a buffer that
 //! stays in L2 (a packed copy kept with the model could go stale when a method rewrites the
-//! weight in place). One micro-kernel computes a 32 × 32 block of `yᵀ` (four accumulator tiles)
+//! weight in place); quantized weights are expanded to f32 by the same work item, 64 rows at a
+//! time ([`ExpandRows`]). One micro-kernel computes a 32 × 32 block of `yᵀ` (four accumulator tiles)
 //! over the whole depth with 14 tile loads per 24 tile products.
 
 use rayon::prelude::*;
@@ -29,6 +30,8 @@ thread_local! {
     /// page faults: measured 0.3–1 ms per weight, a third of the product).
     static WEIGHT_TILES: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
     static ACT_TILES: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
+    /// A work item's weight rows expanded to f32 (for [`WeightRows::Expand`]).
+    static EXPANDED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Fewest rows for which the tile path pays (it pads rows to 32).
@@ -234,9 +237,23 @@ impl Acts {
     }
 }
 
+/// Weight rows that are stored in another form (packed quantized codes) and expanded to f32 by
+/// the work item that packs them into tiles, a few rows at a time: prefill then reads the
+/// stored bytes (0.6 per weight for 4-bit codes), not an f32 copy of the whole matrix.
+pub trait ExpandRows: Sync {
+    /// Writes rows `rows` of the `out × inp` matrix, as f32, into `dst` (`rows.len() · inp`).
+    fn expand_rows(&self, rows: std::ops::Range<usize>, dst: &mut [f32]);
+}
+
+/// The weight of a [`Product`]: f32 rows (`out × inp`, row-major) or rows expanded on the fly.
+pub enum WeightRows<'a> {
+    F32(&'a [f32]),
+    Expand(&'a dyn ExpandRows),
+}
+
 /// One product of [`matmul_many`]: `y[rows, out] = x · wᵀ` for a weight `w` (`out × inp`).
 pub struct Product<'a> {
-    pub w: &'a [f32],
+    pub w: WeightRows<'a>,
     pub out: usize,
     pub y: &'a mut [f32],
 }
@@ -264,7 +281,9 @@ pub fn matmul_many(acts: &Acts, products: &mut [Product]) {
     let tp_chunk = ((1 << 20) / (pair_tiles * 4)).max(1);
     let mut items = Vec::new();
     for (i, p) in products.iter_mut().enumerate() {
-        assert_eq!(p.w.len(), p.out * inp);
+        if let WeightRows::F32(w) = p.w {
+            assert_eq!(w.len(), p.out * inp);
+        }
         assert_eq!(p.y.len(), rows * p.out);
         for f0 in (0..p.out.div_ceil(2 * TILE)).step_by(PAIRS_PER_ITEM) {
             items.push((i, f0, SendPtr(p.y.as_mut_ptr())));
@@ -272,9 +291,18 @@ pub fn matmul_many(acts: &Acts, products: &mut [Product]) {
     }
     let products: &[Product] = products;
     each_chunk(items, |(i, f0, y)| {
-        let (w, out) = (products[i].w, products[i].out);
+        let out = products[i].out;
         let pairs = PAIRS_PER_ITEM.min(out.div_ceil(2 * TILE) - f0);
-        let rows_here = &w[f0 * 2 * TILE * inp..out.min((f0 + pairs) * 2 * TILE) * inp];
+        let (r0, r1) = (f0 * 2 * TILE, out.min((f0 + pairs) * 2 * TILE));
+        let mut expanded = EXPANDED.with_borrow_mut(std::mem::take);
+        let rows_here = match products[i].w {
+            WeightRows::F32(w) => &w[r0 * inp..r1 * inp],
+            WeightRows::Expand(e) => {
+                expanded.resize((r1 - r0) * inp, 0.0);
+                e.expand_rows(r0..r1, &mut expanded);
+                &expanded[..]
+            }
+        };
         // Padding rows keep whatever the buffer held: they only reach outputs not stored.
         let mut packed = WEIGHT_TILES.with_borrow_mut(std::mem::take);
         packed.resize(pairs * 2 * TILE * stride + 2 * AHEAD_PAD, 0);
@@ -285,6 +313,7 @@ pub fn matmul_many(acts: &Acts, products: &mut [Product]) {
             .map(|(w, dst)| unsafe { simd::pack_weight_block(w, inp, dst) })
             .max()
             .unwrap_or(PIECES);
+        EXPANDED.with_borrow_mut(|b| *b = expanded);
         let mut c = Tiles([0f32; 4 * TILE * TILE]);
         imp::configure();
         for t0 in (0..token_pairs).step_by(tp_chunk) {
@@ -325,6 +354,7 @@ pub fn matmul_many(acts: &Acts, products: &mut [Product]) {
 /// `y[rows, out] = x[rows, inp] · w[out, inp]ᵀ` on tiles (packs `x` for this one product).
 pub fn matmul_t(x: &[f32], w: &[f32], rows: usize, inp: usize, out: usize, y: &mut [f32]) {
     let acts = Acts::pack(x, rows, inp);
+    let w = WeightRows::F32(w);
     matmul_many(&acts, &mut [Product { w, out, y }]);
 }
 

@@ -145,6 +145,12 @@ impl Linear {
         } else {
             match &self.weight {
                 Weight::Dense(w) => matmul_t(x, w, rows, inp, out, y),
+                // On the tiles each work item expands its own rows (see `amx::ExpandRows`).
+                Weight::Packed(_) if amx::takes(rows) => {
+                    let acts = amx::Acts::pack(x, rows, inp);
+                    let w = self.tile_weight();
+                    amx::matmul_many(&acts, &mut [amx::Product { w, out, y }]);
+                }
                 // Expanding costs ~1/(2·rows) of the GEMM's time; keeping the expansion would
                 // cost the memory of an f32 model.
                 Weight::Packed(p) => {
@@ -159,6 +165,14 @@ impl Linear {
             }
         }
         self.add_adapter(x, rows, y);
+    }
+
+    /// The weight as the tile path reads it: f32 rows in place, packed rows expanded per item.
+    fn tile_weight(&self) -> amx::WeightRows<'_> {
+        match &self.weight {
+            Weight::Dense(w) => amx::WeightRows::F32(w),
+            Weight::Packed(_) => amx::WeightRows::Expand(self),
+        }
     }
 
     /// `W[j] · x` for one output row, dequantizing packed rows on the fly.
@@ -179,43 +193,29 @@ impl Linear {
         rows: usize,
         outs: &mut [&mut [f32]],
     ) {
-        // Dense weights only: the shared-input tile path is for prefill, so decode (rows ≤ 4)
-        // never collects them.
-        let dense = || -> Option<Vec<&[f32]>> {
-            linears
-                .iter()
-                .map(|l| match &l.weight {
-                    Weight::Dense(w) => Some(&w[..]),
-                    Weight::Packed(_) => None,
-                })
-                .collect()
-        };
-        match amx::takes(rows).then(dense).flatten() {
+        if amx::takes(rows) {
             // One packing of the shared input and one parallel section for all the products.
-            Some(ws) => {
-                let acts = amx::Acts::pack(x, rows, linears[0].in_features);
-                let mut products: Vec<_> = ws
-                    .into_iter()
-                    .zip(linears.iter().zip(outs.iter_mut()))
-                    .map(|(w, (l, y))| amx::Product {
-                        w,
-                        out: l.out_features,
-                        y,
-                    })
-                    .collect();
-                amx::matmul_many(&acts, &mut products);
-                for (l, y) in linears.iter().zip(outs.iter_mut()) {
-                    l.add_adapter(x, rows, y);
-                }
-                return;
+            let acts = amx::Acts::pack(x, rows, linears[0].in_features);
+            let mut products: Vec<_> = linears
+                .iter()
+                .zip(outs.iter_mut())
+                .map(|(l, y)| amx::Product {
+                    w: l.tile_weight(),
+                    out: l.out_features,
+                    y,
+                })
+                .collect();
+            amx::matmul_many(&acts, &mut products);
+            for (l, y) in linears.iter().zip(outs.iter_mut()) {
+                l.add_adapter(x, rows, y);
             }
-            _ if rows > GEMV_MAX_ROWS => {
-                for (l, y) in linears.iter().zip(outs.iter_mut()) {
-                    l.forward(x, rows, y);
-                }
-                return;
+            return;
+        }
+        if rows > GEMV_MAX_ROWS {
+            for (l, y) in linears.iter().zip(outs.iter_mut()) {
+                l.forward(x, rows, y);
             }
-            _ => {}
+            return;
         }
         let inp = linears[0].in_features;
         let mut tasks: Vec<(&Linear, &[f32], usize, &mut [f32])> = Vec::new();
@@ -251,6 +251,20 @@ impl Linear {
             let mut bax = vec![0f32; rows * out];
             matmul_t(&ax, &ad.b, rows, ad.rank, out, &mut bax);
             y.iter_mut().zip(&bax).for_each(|(y, d)| *y += d);
+        }
+    }
+}
+
+impl amx::ExpandRows for Linear {
+    fn expand_rows(&self, rows: std::ops::Range<usize>, dst: &mut [f32]) {
+        let inp = self.in_features;
+        match &self.weight {
+            Weight::Dense(w) => dst.copy_from_slice(&w[rows.start * inp..rows.end * inp]),
+            Weight::Packed(p) => {
+                for (r, d) in rows.zip(dst.chunks_exact_mut(inp)) {
+                    dequant_row(p.row(r, inp), d);
+                }
+            }
         }
     }
 }
