@@ -203,10 +203,12 @@ fn each_chunk<T: Send>(chunks: Vec<T>, f: impl Fn(T) + Sync + Send) {
 
 /// Activations packed as B tiles (see the module doc), shared by every weight that reads them.
 pub struct Acts {
+    /// The tiles, then at least [`AHEAD_PAD`] more (a reused buffer may be longer).
     data: Vec<u32>,
     rows: usize,
     inp: usize,
     kblocks: usize,
+    token_pairs: usize,
 }
 
 impl Acts {
@@ -218,9 +220,9 @@ impl Acts {
         let per_block = kblocks * PIECES * B_TILE;
         let blocks = 2 * rows.div_ceil(2 * TILE);
         let mut data = ACT_TILES.with_borrow_mut(std::mem::take);
-        data.resize(blocks * per_block + AHEAD_PAD, 0);
         // The padding after the last block is only ever loaded ahead, never used: left as is.
-        let chunks: Vec<_> = data[..blocks * per_block]
+        let chunks: Vec<_> = super::scratch(&mut data, blocks * per_block + AHEAD_PAD)
+            [..blocks * per_block]
             .chunks_mut(per_block.max(1))
             .enumerate()
             .collect();
@@ -233,6 +235,7 @@ impl Acts {
             rows,
             inp,
             kblocks,
+            token_pairs: blocks / 2,
         }
     }
 }
@@ -276,7 +279,7 @@ pub fn matmul_many(acts: &Acts, products: &mut [Product]) {
     }
     let stride = kblocks * PIECES * KB;
     let pair_tiles = 2 * kblocks * PIECES * B_TILE;
-    let token_pairs = acts.data.len() / pair_tiles;
+    let token_pairs = acts.token_pairs;
     // Token pairs per pass over an item's feature pairs: their B tiles (≤ 1 MiB) stay in L2.
     let tp_chunk = ((1 << 20) / (pair_tiles * 4)).max(1);
     let mut items = Vec::new();
@@ -298,14 +301,14 @@ pub fn matmul_many(acts: &Acts, products: &mut [Product]) {
         let rows_here = match products[i].w {
             WeightRows::F32(w) => &w[r0 * inp..r1 * inp],
             WeightRows::Expand(e) => {
-                expanded.resize((r1 - r0) * inp, 0.0);
-                e.expand_rows(r0..r1, &mut expanded);
-                &expanded[..]
+                let rows = super::scratch(&mut expanded, (r1 - r0) * inp);
+                e.expand_rows(r0..r1, rows);
+                &rows[..]
             }
         };
         // Padding rows keep whatever the buffer held: they only reach outputs not stored.
         let mut packed = WEIGHT_TILES.with_borrow_mut(std::mem::take);
-        packed.resize(pairs * 2 * TILE * stride + 2 * AHEAD_PAD, 0);
+        super::scratch(&mut packed, pairs * 2 * TILE * stride + 2 * AHEAD_PAD);
         let pieces = rows_here
             .chunks(TILE * inp)
             .zip(packed.chunks_mut(TILE * stride))
