@@ -9,7 +9,9 @@
 //! 2⁻²⁴ of `w·x`, the rounding level of f32 itself, and the pieces' products are exact in the
 //! f32 accumulators; so the result carries f32 rounding, not bf16 error (the "bf16x3" scheme
 //! of oneDNN and of NVIDIA's 3xTF32). Six tile products per f32 product still leave AMX ahead of
-//! f32 FMAs (see BENCHMARKS.md for the measured prefill).
+//! f32 FMAs (see BENCHMARKS.md for the measured prefill). Weights with fewer significant bits
+//! have zero pieces, whose products are skipped: 5 products for ≤ 16 bits (every weight
+//! dequantized from GGUF's 4-bit blocks with f16 scales), 3 for bf16 weights.
 //!
 //! Layout. `W` (`out × in`, row-major) becomes the A operand, each tile 1 KiB contiguous:
 //! `[16-row block][k block][piece][row][32]` bf16. `x` (`rows × in`) becomes the B operand in
@@ -18,8 +20,8 @@
 //! q/k/v, by gate/up); the weight is packed per product, 64 rows per work item into a buffer that
 //! stays in L2 (a packed copy kept with the model could go stale when a method rewrites the
 //! weight in place); quantized weights are expanded to f32 by the same work item, 64 rows at a
-//! time ([`ExpandRows`]). One micro-kernel computes a 32 × 32 block of `yᵀ` (four accumulator tiles)
-//! over the whole depth with 14 tile loads per 24 tile products.
+//! time ([`ExpandRows`]). The micro-kernel computes a 32 × 32 block of `yᵀ` (four accumulator
+//! tiles) over the whole depth, in one of three schedules by the weight's piece count.
 
 use rayon::prelude::*;
 use std::cell::RefCell;
@@ -509,8 +511,8 @@ mod imp {
     /// w₀x₂, w₀x₁, w₁x₁, w₁x₀, w₀x₀, w₂x₀, each step changing one operand, 14 tile loads per 24
     /// products. Weights with ≤ 16 significant bits (w₂ = 0) skip w₂x₀: 12 loads per 20; bf16
     /// weights (w₁ = w₂ = 0) take w₀x₂, w₀x₁, w₀x₀: 8 per 12 (the skipped products are exact
-    /// zeros). Tiles have no renaming, so each load is issued right after
-    /// the last product that reads the register's old value; the next k block's first tiles are
+    /// zeros). Tiles have no renaming, so each load is issued right after the last product
+    /// that reads the register's old value; the next k block's first tiles are
     /// loaded at the end of this one (buffers carry [`AHEAD_PAD`] for the last).
     ///
     /// # Safety
