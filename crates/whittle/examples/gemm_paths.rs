@@ -56,7 +56,7 @@ fn main() {
         });
         let tiles = if amx::available() {
             let s = whittle::threads::install(|| {
-                median_seconds(&mut || amx::matmul_t(&x, &w, r, k, n, &mut y))
+                median_seconds(&mut || amx::matmul_t(&x, amx::WeightRows::F32(&w), r, k, n, &mut y))
             });
             format!("{:.0}", gflop / s)
         } else {

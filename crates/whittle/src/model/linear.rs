@@ -147,9 +147,7 @@ impl Linear {
                 Weight::Dense(w) => matmul_t(x, w, rows, inp, out, y),
                 // On the tiles each work item expands its own rows (see `amx::ExpandRows`).
                 Weight::Packed(_) if amx::takes(rows) => {
-                    let acts = amx::Acts::pack(x, rows, inp);
-                    let w = self.tile_weight();
-                    amx::matmul_many(&acts, &mut [amx::Product { w, out, y }]);
+                    amx::matmul_t(x, self.tile_weight(), rows, inp, out, y)
                 }
                 // Expanding costs ~1/(2·rows) of the GEMM's time; keeping the expansion would
                 // cost the memory of an f32 model.
