@@ -1,6 +1,7 @@
 //! The two paths of `y = x · Wᵀ` on SmolLM2's prefill shapes, side by side (GFLOP/s, medians of
 //! 15 after a warm-up, 2 threads or the count given): faer with the rows split between threads (what
-//! `kernels::matmul` runs without AMX) and the AMX tile path including its packing.
+//! `kernels::matmul` runs without AMX), the AMX tile path packing both operands per product (a
+//! weight used once) and with the weight's tiles kept (a model's linears).
 //!
 //!   cargo run --release --example gemm_paths [THREADS]
 use faer::{Accum, MatMut, MatRef, Par};
@@ -25,7 +26,7 @@ fn main() {
         .nth(1)
         .map_or(2, |t| t.parse().expect("thread count"));
     whittle::threads::set_threads(threads);
-    println!("rows × in → out        faer GFLOP/s   AMX GFLOP/s");
+    println!("rows × in → out        faer GFLOP/s   AMX GFLOP/s   AMX, kept weight");
     for (r, k, n) in [
         (512, 576, 576),
         (512, 576, 1536),
@@ -54,16 +55,23 @@ fn main() {
                     })
             })
         });
-        let tiles = if amx::available() {
-            let s = whittle::threads::install(|| {
-                median_seconds(&mut || amx::matmul_t(&x, amx::WeightRows::F32(&w), r, k, n, &mut y))
+        let (tiles, kept) = if amx::available() {
+            let once = whittle::threads::install(|| {
+                median_seconds(&mut || amx::matmul_t(&x, &w, r, k, n, &mut y))
             });
-            format!("{:.0}", gflop / s)
+            let packed = amx::WeightTiles::pack(&w, n, k);
+            let kept = whittle::threads::install(|| {
+                median_seconds(&mut || {
+                    let acts = amx::Acts::pack(&x, r, k);
+                    amx::matmul_many(&acts, &mut [amx::Product { w: &packed, y: &mut y }])
+                })
+            });
+            (format!("{:.0}", gflop / once), format!("{:.0}", gflop / kept))
         } else {
-            "no AMX".into()
+            ("no AMX".into(), "no AMX".into())
         };
         println!(
-            "{r:>5} × {k:>4} → {n:>4}   {:>12.0}   {tiles:>11}",
+            "{r:>5} × {k:>4} → {n:>4}   {:>12.0}   {tiles:>11}   {kept:>16}",
             gflop / faer
         );
     }

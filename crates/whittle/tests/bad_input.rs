@@ -126,7 +126,7 @@ fn nan_in_weights_is_named() {
     let m = tiny_model(1);
     let dir = tempfile::tempdir().unwrap();
     let mut layers = m.layers;
-    let Weight::Dense(w) = &mut layers[1].mlp.as_mut().unwrap().up.weight else {
+    let Weight::Dense(w) = layers[1].mlp.as_mut().unwrap().up.weight_mut() else {
         panic!("random models are dense")
     };
     w[3] = f32::NAN;
@@ -148,7 +148,7 @@ fn nan_in_weights_is_named() {
     // ... and so does loading a file that holds one.
     let mut m2 = random_model(tiny_config(false), &uniform_shapes(1), 2).unwrap();
     let head = m2.lm_head.as_mut().unwrap();
-    let Weight::Dense(w) = &mut head.weight else {
+    let Weight::Dense(w) = head.weight_mut() else {
         panic!("random models are dense")
     };
     w[0] = f32::INFINITY;

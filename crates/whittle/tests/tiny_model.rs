@@ -184,7 +184,7 @@ fn gguf_block_types_stay_packed_and_match_their_f32_expansion() {
         gguf::save(&m, None, ty, &path).unwrap();
         let (packed, mut file) = gguf::load(&path).unwrap();
         let q = &packed.layers[0].linears()[2].2;
-        assert!(matches!(q.weight, Weight::Packed(_)), "{ty:?}");
+        assert!(matches!(q.weight(), Weight::Packed(_)), "{ty:?}");
         // Bit-exact against candle's own dequantization of the same tensor.
         let (candle_f32, _) = file.tensor_f32("blk.0.attn_v.weight").unwrap();
         assert_eq!(&q.dense_weight()[..], &candle_f32[..], "{ty:?}");
@@ -339,7 +339,7 @@ fn quantized_and_adapted_models_round_trip_packed() {
     assert_eq!(reports.len(), 3 * 7);
     assert!(reports.iter().all(|r| r.rel_error.unwrap() < 0.2));
     let lin = &mut m.layers[0].mlp.as_mut().unwrap().down;
-    assert!(matches!(lin.weight, Weight::Packed(_)));
+    assert!(matches!(lin.weight(), Weight::Packed(_)));
     lin.adapter = Some(LowRank {
         rank: 2,
         a: vec![0.01; 2 * 64],
@@ -350,10 +350,10 @@ fn quantized_and_adapted_models_round_trip_packed() {
     let back = safetensors::load(&out).unwrap();
     assert_eq!(logits(&m, &TOKENS), logits(&back, &TOKENS));
     let l = &back.layers[0].mlp.as_ref().unwrap().down;
-    assert!(matches!(&l.weight, Weight::Packed(p) if p.bits == 3 && p.group == 64));
+    assert!(matches!(l.weight(), Weight::Packed(p) if p.bits == 3 && p.group == 64));
     // q_proj has 32 inputs: its single group is shorter than 64.
     assert!(matches!(
-        &back.layers[0].attn.as_ref().unwrap().q.weight,
+        back.layers[0].attn.as_ref().unwrap().q.weight(),
         Weight::Packed(_)
     ));
     assert_eq!(l.adapter.as_ref().unwrap().rank, 2);
@@ -362,7 +362,7 @@ fn quantized_and_adapted_models_round_trip_packed() {
     safetensors::save(&m, None, false, &flat).unwrap();
     let back = safetensors::load(&flat).unwrap();
     assert!(matches!(
-        back.layers[0].mlp.as_ref().unwrap().down.weight,
+        back.layers[0].mlp.as_ref().unwrap().down.weight(),
         Weight::Dense(_)
     ));
     assert!(max_abs_diff(&logits(&m, &TOKENS), &logits(&back, &TOKENS)) < 1e-5);

@@ -328,12 +328,7 @@ impl GgufFile {
             .map_err(|e| Error::format(&self.path, format!("tensor '{name}': {e}")))?;
         let packed =
             unpack_blocks(name, dtype, &q, out, inp).map_err(|e| Error::format(&self.path, e))?;
-        Ok(Linear {
-            out_features: out,
-            in_features: inp,
-            weight: Weight::Packed(packed),
-            adapter: None,
-        })
+        Ok(Linear::new(Weight::Packed(packed), out, inp))
     }
 }
 
@@ -410,16 +405,16 @@ fn permuted_rows<T: Copy>(
 }
 
 fn unpermute_rows(lin: &mut Linear, n_heads: usize, head_dim: usize) {
-    let inp = lin.in_features;
+    let (out, inp) = (lin.out_features, lin.in_features);
     let un = |v: &[_], row| permuted_rows(v, row, n_heads, head_dim, false);
-    match &mut lin.weight {
+    match lin.weight_mut() {
         Weight::Dense(w) => *w = un(w, inp),
         Weight::Packed(p) => {
             let row_bytes = inp * p.bits as usize / 8;
             let groups = inp.div_ceil(p.group);
             *p = Packed::new(
                 "q/k",
-                (lin.out_features, inp),
+                (out, inp),
                 p.bits,
                 p.group,
                 permuted_rows(&p.data, row_bytes, n_heads, head_dim, false),

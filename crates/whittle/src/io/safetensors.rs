@@ -149,12 +149,7 @@ impl Shards {
                 mins,
             )
             .map_err(|e| Error::format(path, e))?;
-            Linear {
-                out_features: out,
-                in_features: inp,
-                weight: Weight::Packed(packed),
-                adapter: None,
-            }
+            Linear::new(Weight::Packed(packed), out, inp)
         } else {
             self.linear(&format!("{prefix}.weight"), out, inp)?
         };
@@ -506,7 +501,7 @@ fn linear_views<'a>(
     meta: &mut HashMap<String, String>,
 ) {
     let out = l.out_features;
-    match &l.weight {
+    match l.weight() {
         Weight::Packed(p) if packed => {
             let groups = p.scales.len() / out;
             views.push((

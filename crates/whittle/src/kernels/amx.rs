@@ -13,27 +13,28 @@
 //! have zero pieces, whose products are skipped: 5 products for ≤ 16 bits (every weight
 //! dequantized from GGUF's 4-bit blocks with f16 scales), 3 for bf16 weights.
 //!
-//! Layout. `W` (`out × in`, row-major) becomes the A operand, each tile 1 KiB contiguous:
-//! `[16-row block][k block][piece][row][32]` bf16. `x` (`rows × in`) becomes the B operand in
-//! AMX's pair layout, also tile by tile: `[16-token block][k block][piece][k pair][token]` u32
-//! (a 16 × 16 transpose of the split rows). The activations are packed once per input (shared by
-//! q/k/v, by gate/up); the weight is packed per product, 64 rows per work item into a buffer that
-//! stays in L2 (a packed copy kept with the model could go stale when a method rewrites the
-//! weight in place); quantized weights are expanded to f32 by the same work item, 64 rows at a
-//! time ([`ExpandRows`]). The micro-kernel computes a 32 × 32 block of `yᵀ` (four accumulator
-//! tiles) over the whole depth, in one of three schedules by the weight's piece count.
+//! Layout. `x` (`rows × in`) becomes the A operand, each tile 1 KiB contiguous:
+//! `[16-token block][k block][piece][token][32]` bf16 (split rows as they are). `W` (`out × in`)
+//! becomes the B operand in AMX's pair layout, `[16-feature block][k block][piece][k pair]
+//! [feature]` u32 (a 16 × 16 transpose of the split rows), holding only the pieces the weight
+//! needs. The accumulator tiles are then blocks of `y` itself (`[token][feature]`) and are stored
+//! straight into it. Weights are packed once into [`WeightTiles`], which a `Linear` keeps with
+//! its weight (dropping them when the weight is rewritten), so a forward pass pays neither the
+//! split nor the transpose of its weights; activations are packed once per input (shared by
+//! q/k/v, by gate/up). The micro-kernel computes a 32 × 32 block of `y` (four accumulator tiles)
+//! over the whole depth, in one of three schedules by the weight's piece count.
 
 use rayon::prelude::*;
 use std::cell::RefCell;
 use std::sync::OnceLock;
 
 thread_local! {
-    /// Packing buffers reused between products (a fresh multi-MiB buffer per product costs its
-    /// page faults: measured 0.3–1 ms per weight, a third of the product).
-    static WEIGHT_TILES: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
-    static ACT_TILES: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
-    /// A work item's weight rows expanded to f32 (for [`WeightRows::Expand`]).
-    static EXPANDED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// Packing buffers of activations, reused between products (a fresh multi-MiB buffer per
+    /// product costs its page faults: measured 0.3–1 ms per product). A pool, because attention
+    /// holds two at once (queries, probabilities).
+    static ACT_TILES: RefCell<Vec<Vec<u16>>> = const { RefCell::new(Vec::new()) };
+    /// Packing buffer of transient weights ([`matmul_t`]), reused for the same reason.
+    static WEIGHT_TILES: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Fewest rows for which the tile path pays (it pads rows to 32).
@@ -43,11 +44,14 @@ const KB: usize = 32;
 const TILE: usize = 16;
 /// bf16 pieces per f32.
 const PIECES: usize = 3;
-/// u32 pairs in one B tile.
+/// bf16 values in one A tile, u32 pairs in one B tile.
+const A_TILE: usize = TILE * KB;
 const B_TILE: usize = TILE * TILE;
-/// u32 after the last tiles of a buffer: the micro-kernel loads the next k block's first tiles
-/// while it finishes the current one, also after the last k block.
-const AHEAD_PAD: usize = PIECES * B_TILE;
+/// Padding after the last tiles of a buffer: the micro-kernel loads the next k block's first
+/// tiles while it finishes the current one, also after the last k block (activations: up to
+/// piece 2 of the next block; weights: piece 0 of the next block).
+const A_AHEAD: usize = PIECES * A_TILE;
+const B_AHEAD: usize = B_TILE;
 
 /// Whether the tile path runs: the CPU has AMX-BF16, Linux granted the tile state, and
 /// `WHITTLE_AMX=0` is not set (which forces the plain f32 GEMM, e.g. to compare the two).
@@ -66,7 +70,7 @@ pub fn takes(rows: usize) -> bool {
 /// CPU with AMX has AVX512-BW).
 #[cfg(target_arch = "x86_64")]
 mod simd {
-    use super::{B_TILE, KB, PIECES, TILE};
+    use super::{A_TILE, B_TILE, KB, PIECES, TILE};
     use std::arch::x86_64::*;
 
     /// The pieces of 32 values (zero beyond `src.len()`): register `p` holds piece `p` of each
@@ -103,21 +107,15 @@ mod simd {
         [0, 1, 2].map(|p| _mm512_permutex2var_epi16(lo[p], idx, hi[p]))
     }
 
-    /// Up to 16 weight rows into A tiles: row `n`'s value `j` of k block `kb`, piece `p` goes
-    /// to `out[(kb·3 + p)·512 + n·32 + j]`. Returns how many pieces the rows need: 1 when every
-    /// later piece is zero (bf16 weights), 2 when only the last is (e.g. weights dequantized
-    /// from 4-bit blocks with f16 scales, ≤ 16 significant bits).
+    /// How many pieces `v` needs: 1 when every later piece is zero (bf16 values), 2 when only
+    /// the last is (≤ 16 significant bits, e.g. weights dequantized from 4-bit blocks with f16
+    /// scales), else 3.
     #[target_feature(enable = "avx512f,avx512bw")]
-    pub unsafe fn pack_weight_block(w: &[f32], inp: usize, out: &mut [u16]) -> usize {
+    pub unsafe fn pieces_needed(v: &[f32]) -> usize {
         let mut seen = [_mm512_setzero_si512(); PIECES];
-        for (n, row) in w.chunks_exact(inp).enumerate() {
-            for (kb, tiles) in out.chunks_exact_mut(PIECES * TILE * KB).enumerate() {
-                let v = split32(&row[kb * KB..inp.min((kb + 1) * KB)]);
-                for (p, v) in v.into_iter().enumerate() {
-                    let at = p * TILE * KB + n * KB;
-                    _mm512_storeu_si512(tiles[at..at + KB].as_mut_ptr().cast(), v);
-                    seen[p] = _mm512_or_si512(seen[p], v);
-                }
+        for c in v.chunks(KB) {
+            for (s, p) in seen.iter_mut().zip(split32(c)) {
+                *s = _mm512_or_si512(*s, p);
             }
         }
         let nonzero = |v: __m512i| _mm512_test_epi32_mask(v, v) != 0;
@@ -128,18 +126,34 @@ mod simd {
         }
     }
 
-    /// One block of 16 tokens into B tiles: token `t`'s pair `i` of k block `kb`, piece `p`
-    /// goes to `out[(kb·3 + p)·256 + i·16 + t]` (a 16 × 16 transpose of the split rows).
+    /// Row `n` (of 16) of a block of A tiles: value `j` of k block `kb`, piece `p` goes to
+    /// `out[(kb·3 + p)·512 + n·32 + j]`; values past `x.len()` (up to the block's depth) are 0.
     #[target_feature(enable = "avx512f,avx512bw")]
-    pub unsafe fn pack_token_block(x: &[f32], inp: usize, rows: usize, tb: usize, out: &mut [u32]) {
-        let present = rows.saturating_sub(tb * TILE).min(TILE);
-        for (kb, tiles) in out.chunks_exact_mut(PIECES * B_TILE).enumerate() {
+    pub unsafe fn pack_row(x: &[f32], n: usize, out: &mut [u16]) {
+        for (kb, tiles) in out.chunks_exact_mut(PIECES * A_TILE).enumerate() {
+            let v = match kb * KB < x.len() {
+                true => split32(&x[kb * KB..x.len().min((kb + 1) * KB)]),
+                false => [_mm512_setzero_si512(); PIECES],
+            };
+            for (p, v) in v.into_iter().enumerate() {
+                let at = p * A_TILE + n * KB;
+                _mm512_storeu_si512(tiles[at..at + KB].as_mut_ptr().cast(), v);
+            }
+        }
+    }
+
+    /// Up to 16 weight rows (`w.len() / inp`) into B tiles of `pieces` pieces per k block:
+    /// row `n`'s pair `i` of k block `kb`, piece `p` goes to `out[(kb·pieces + p)·256 + i·16
+    /// + n]` (a 16 × 16 transpose of the split rows); missing rows are zero.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub unsafe fn pack_pairs(w: &[f32], inp: usize, pieces: usize, out: &mut [u32]) {
+        let present = w.len() / inp;
+        for (kb, tiles) in out.chunks_exact_mut(pieces * B_TILE).enumerate() {
             let mut m = [[_mm512_setzero_si512(); TILE]; PIECES];
-            for t in 0..present {
-                let r = tb * TILE + t;
-                let v = split32(&x[r * inp + kb * KB..r * inp + inp.min((kb + 1) * KB)]);
+            for n in 0..present {
+                let v = split32(&w[n * inp + kb * KB..n * inp + inp.min((kb + 1) * KB)]);
                 for (piece, v) in m.iter_mut().zip(v) {
-                    piece[t] = v;
+                    piece[n] = v;
                 }
             }
             for (p, tile) in tiles.chunks_exact_mut(B_TILE).enumerate() {
@@ -148,22 +162,6 @@ mod simd {
                     _mm512_storeu_si512(tile[i * TILE..(i + 1) * TILE].as_mut_ptr().cast(), *row);
                 }
             }
-        }
-    }
-
-    /// `y[t·ld + n] = tile[n·16 + t]` for a full 16 × 16 accumulator tile.
-    ///
-    /// # Safety
-    /// AVX-512F; `y` is valid for 16 rows of 16 values at row stride `ld`.
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn store_transposed(tile: &[f32], y: *mut f32, ld: usize) {
-        let mut m = [_mm512_setzero_si512(); TILE];
-        for (n, row) in m.iter_mut().enumerate() {
-            *row = _mm512_loadu_si512(tile[n * TILE..(n + 1) * TILE].as_ptr().cast());
-        }
-        transpose16(&mut m);
-        for (t, row) in m.iter().enumerate() {
-            _mm512_storeu_si512(y.add(t * ld).cast(), *row);
         }
     }
 
@@ -203,10 +201,10 @@ fn each_chunk<T: Send>(chunks: Vec<T>, f: impl Fn(T) + Sync + Send) {
     }
 }
 
-/// Activations packed as B tiles (see the module doc), shared by every weight that reads them.
+/// Activations packed as A tiles (see the module doc), shared by every weight that reads them.
 pub struct Acts {
-    /// The tiles, then at least [`AHEAD_PAD`] more (a reused buffer may be longer).
-    data: Vec<u32>,
+    /// The tiles, then at least [`A_AHEAD`] more (a reused buffer may be longer).
+    data: Vec<u16>,
     rows: usize,
     inp: usize,
     kblocks: usize,
@@ -216,157 +214,224 @@ pub struct Acts {
 impl Acts {
     /// Packs `x` (`rows × inp`, row-major); rows are padded to a multiple of 32 with zeros.
     pub fn pack(x: &[f32], rows: usize, inp: usize) -> Acts {
-        assert!(available(), "AMX tile path used on a machine without it");
         assert_eq!(x.len(), rows * inp);
-        let kblocks = inp.div_ceil(KB);
-        let per_block = kblocks * PIECES * B_TILE;
-        let blocks = 2 * rows.div_ceil(2 * TILE);
-        let mut data = ACT_TILES.with_borrow_mut(std::mem::take);
-        // The padding after the last block is only ever loaded ahead, never used: left as is.
-        let chunks: Vec<_> = super::scratch(&mut data, blocks * per_block + AHEAD_PAD)
-            [..blocks * per_block]
+        let mut acts = Acts::with_shape(rows, inp);
+        let per_block = acts.per_block();
+        let chunks: Vec<_> = acts.data[..2 * acts.token_pairs * per_block]
             .chunks_mut(per_block.max(1))
             .enumerate()
             .collect();
-        // SAFETY: `available()` (asserted above) implies AVX512-BW.
-        each_chunk(chunks, |(tb, out)| unsafe {
-            simd::pack_token_block(x, inp, rows, tb, out)
+        each_chunk(chunks, |(tb, out)| {
+            for n in 0..TILE {
+                let r = (tb * TILE + n).min(rows);
+                let row = &x[r * inp..(r * inp + inp).min(x.len())];
+                // SAFETY: `available()` (asserted by `with_shape`) implies AVX512-BW.
+                unsafe { simd::pack_row(row, n, out) }
+            }
         });
+        acts
+    }
+
+    /// Tiles for `rows × inp` values whose rows are packed one by one with [`Acts::set_row`]
+    /// (rows never set hold whatever the reused buffer held).
+    pub fn with_shape(rows: usize, inp: usize) -> Acts {
+        assert!(available(), "AMX tile path used on a machine without it");
+        let kblocks = inp.div_ceil(KB);
+        let token_pairs = rows.div_ceil(2 * TILE);
+        let mut data = ACT_TILES.with_borrow_mut(|pool| pool.pop()).unwrap_or_default();
+        // The padding after the last block is only ever loaded ahead, never used.
+        super::scratch(&mut data, 2 * token_pairs * kblocks * PIECES * A_TILE + A_AHEAD);
         Acts {
             data,
             rows,
             inp,
             kblocks,
-            token_pairs: blocks / 2,
+            token_pairs,
         }
+    }
+
+    fn per_block(&self) -> usize {
+        self.kblocks * PIECES * A_TILE
+    }
+
+    /// Packs row `r` (< rows rounded up to 32): `x`, then zeros up to the depth.
+    pub fn set_row(&mut self, r: usize, x: &[f32]) {
+        assert!(r < 2 * TILE * self.token_pairs && x.len() <= self.inp);
+        let per_block = self.per_block();
+        let block = &mut self.data[r / TILE * per_block..][..per_block];
+        // SAFETY: `available()` (asserted by `with_shape`) implies AVX512-BW.
+        unsafe { simd::pack_row(x, r % TILE, block) }
     }
 }
 
-/// Weight rows that are stored in another form (packed quantized codes) and expanded to f32 by
-/// the work item that packs them into tiles, a few rows at a time: prefill then reads the
-/// stored bytes (0.6 per weight for 4-bit codes), not an f32 copy of the whole matrix.
-pub trait ExpandRows: Sync {
-    /// Writes rows `rows` of the `out × inp` matrix, as f32, into `dst` (`rows.len() · inp`).
-    fn expand_rows(&self, rows: std::ops::Range<usize>, dst: &mut [f32]);
+impl Drop for Acts {
+    fn drop(&mut self) {
+        let data = std::mem::take(&mut self.data);
+        ACT_TILES.with_borrow_mut(|pool| pool.push(data));
+    }
 }
 
-/// The weight of a [`Product`]: f32 rows (`out × inp`, row-major) or rows expanded on the fly.
-pub enum WeightRows<'a> {
-    F32(&'a [f32]),
-    Expand(&'a dyn ExpandRows),
+/// A weight (`out × inp`) packed as B tiles with only the pieces it needs (see the module
+/// doc): what a `Linear` keeps so that its products do not split and transpose it every time.
+pub struct WeightTiles {
+    /// The tiles, then at least [`B_AHEAD`] more (a reused buffer may be longer).
+    data: Vec<u32>,
+    out: usize,
+    inp: usize,
+    pieces: usize,
 }
 
-/// One product of [`matmul_many`]: `y[rows, out] = x · wᵀ` for a weight `w` (`out × inp`).
+impl WeightTiles {
+    /// Packs `w` (`out × inp`, row-major); features are padded to a multiple of 32 with zeros.
+    pub fn pack(w: &[f32], out: usize, inp: usize) -> WeightTiles {
+        Self::pack_into(w, out, inp, Vec::new())
+    }
+
+    fn pack_into(w: &[f32], out: usize, inp: usize, mut data: Vec<u32>) -> WeightTiles {
+        assert!(available(), "AMX tile path used on a machine without it");
+        assert_eq!(w.len(), out * inp);
+        // SAFETY: `available()` (asserted above) implies AVX512-BW.
+        let pieces = unsafe { simd::pieces_needed(w) };
+        let per_block = inp.div_ceil(KB) * pieces * B_TILE;
+        let blocks = 2 * out.div_ceil(2 * TILE);
+        let chunks: Vec<_> = super::scratch(&mut data, blocks * per_block + B_AHEAD)
+            [..blocks * per_block]
+            .chunks_mut(per_block.max(1))
+            .enumerate()
+            .collect();
+        each_chunk(chunks, |(fb, dst)| {
+            let (r0, r1) = ((fb * TILE).min(out), ((fb + 1) * TILE).min(out));
+            // SAFETY: as above.
+            unsafe { simd::pack_pairs(&w[r0 * inp..r1 * inp], inp, pieces, dst) }
+        });
+        WeightTiles {
+            data,
+            out,
+            inp,
+            pieces,
+        }
+    }
+
+    /// Bytes the tiles occupy.
+    pub fn bytes(&self) -> usize {
+        4 * self.data.len()
+    }
+}
+
+/// One product of [`matmul_many`]: `y[rows, out] = x · wᵀ`.
 pub struct Product<'a> {
-    pub w: WeightRows<'a>,
-    pub out: usize,
+    pub w: &'a WeightTiles,
     pub y: &'a mut [f32],
 }
 
-/// Feature pairs (of 32 rows) per work item: each item packs its rows once, into a buffer that
-/// stays in L2 while every token passes over it. Small enough that the 192-wide K/V
-/// projections still give several items to share between threads.
+/// Feature pairs (of 32 features) per work item: the item's weight tiles stay in L2 while every
+/// token passes over them. Small enough that the 192-wide K/V projections still give several
+/// items to share between threads.
 const PAIRS_PER_ITEM: usize = 2;
 
 /// Runs several products over the same packed activations (q/k/v, gate/up) as one parallel
 /// section, overwriting each `y`. Panics unless [`available`] (which also obtains the tile
 /// state from the OS).
 pub fn matmul_many(acts: &Acts, products: &mut [Product]) {
-    assert!(available(), "AMX tile path used on a machine without it");
-    let (rows, inp, kblocks) = (acts.rows, acts.inp, acts.kblocks);
-    if kblocks == 0 {
-        // Zero-depth products (a rank-0 adapter): the micro-kernel's loop needs one k block.
-        products.iter_mut().for_each(|p| p.y.fill(0.0));
-        return;
-    }
-    let stride = kblocks * PIECES * KB;
-    let pair_tiles = 2 * kblocks * PIECES * B_TILE;
-    let token_pairs = acts.token_pairs;
-    // Token pairs per pass over an item's feature pairs: their B tiles (≤ 1 MiB) stay in L2.
-    let tp_chunk = ((1 << 20) / (pair_tiles * 4)).max(1);
     let mut items = Vec::new();
     for (i, p) in products.iter_mut().enumerate() {
-        if let WeightRows::F32(w) = p.w {
-            assert_eq!(w.len(), p.out * inp);
-        }
-        assert_eq!(p.y.len(), rows * p.out);
-        for f0 in (0..p.out.div_ceil(2 * TILE)).step_by(PAIRS_PER_ITEM) {
+        assert_eq!(p.w.inp, acts.inp);
+        assert_eq!(p.y.len(), acts.rows * p.w.out);
+        for f0 in (0..p.w.out.div_ceil(2 * TILE)).step_by(PAIRS_PER_ITEM) {
             items.push((i, f0, SendPtr(p.y.as_mut_ptr())));
         }
     }
     let products: &[Product] = products;
     each_chunk(items, |(i, f0, y)| {
-        let out = products[i].out;
-        let pairs = PAIRS_PER_ITEM.min(out.div_ceil(2 * TILE) - f0);
-        let (r0, r1) = (f0 * 2 * TILE, out.min((f0 + pairs) * 2 * TILE));
-        let mut expanded = EXPANDED.with_borrow_mut(std::mem::take);
-        let rows_here = match products[i].w {
-            WeightRows::F32(w) => &w[r0 * inp..r1 * inp],
-            WeightRows::Expand(e) => {
-                let rows = super::scratch(&mut expanded, (r1 - r0) * inp);
-                e.expand_rows(r0..r1, rows);
-                &rows[..]
-            }
-        };
-        // Padding rows keep whatever the buffer held: they only reach outputs not stored.
-        let mut packed = WEIGHT_TILES.with_borrow_mut(std::mem::take);
-        super::scratch(&mut packed, pairs * 2 * TILE * stride + 2 * AHEAD_PAD);
-        let pieces = rows_here
-            .chunks(TILE * inp)
-            .zip(packed.chunks_mut(TILE * stride))
-            // SAFETY: `available()` (asserted above) implies AVX512-BW.
-            .map(|(w, dst)| unsafe { simd::pack_weight_block(w, inp, dst) })
-            .max()
-            .unwrap_or(PIECES);
-        EXPANDED.with_borrow_mut(|b| *b = expanded);
-        let mut c = Tiles([0f32; 4 * TILE * TILE]);
-        imp::configure();
-        for t0 in (0..token_pairs).step_by(tp_chunk) {
-            for fp in 0..pairs {
-                for tp in t0..(t0 + tp_chunk).min(token_pairs) {
-                    let a = packed[fp * 2 * TILE * stride..].as_ptr();
-                    let b = acts.data[tp * pair_tiles..].as_ptr();
-                    // SAFETY: `a` and `b` point at two blocks of `kblocks` k blocks each (the
-                    // buffers hold whole pairs plus AHEAD_PAD); the tile state was configured on
-                    // this thread; the weight's pieces beyond `pieces` are zero.
-                    unsafe { imp::block(a, b, kblocks, pieces, &mut c.0) };
-                    // c: tiles (f, t) in order (0,0), (0,1), (1,0), (1,1); each [feature][token].
-                    for (q, tile) in c.0.chunks_exact(TILE * TILE).enumerate() {
-                        let n0 = (2 * (f0 + fp) + q / 2) * TILE;
-                        let r0 = (2 * tp + q % 2) * TILE;
-                        if r0 + TILE <= rows && n0 + TILE <= out {
-                            // SAFETY: the 16 × 16 block at (r0, n0) lies inside `y`; AVX-512F
-                            // comes with AMX; work items cover disjoint blocks.
-                            unsafe { simd::store_transposed(tile, y.0.add(r0 * out + n0), out) };
-                            continue;
-                        }
-                        for t in 0..TILE.min(rows.saturating_sub(r0)) {
-                            for n in 0..TILE.min(out.saturating_sub(n0)) {
-                                // SAFETY: (r0 + t, n0 + n) lies inside this product's `y`
-                                // (bounds above) and work items cover disjoint blocks of it.
-                                unsafe { *y.0.add((r0 + t) * out + n0 + n) = tile[n * TILE + t] };
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        imp::release();
-        WEIGHT_TILES.with_borrow_mut(|b| *b = packed);
+        let w = products[i].w;
+        let pairs = f0..(f0 + PAIRS_PER_ITEM).min(w.out.div_ceil(2 * TILE));
+        // SAFETY: `y` holds `rows × w.out` floats (asserted above) and work items cover
+        // disjoint feature pairs of it.
+        unsafe { feature_pairs(acts, w, pairs, w.out, y.0, w.out) };
     });
 }
 
-/// `y[rows, out] = x[rows, inp] · w[out, inp]ᵀ` on tiles (packs `x` for this one product).
-pub fn matmul_t(x: &[f32], w: WeightRows, rows: usize, inp: usize, out: usize, y: &mut [f32]) {
-    let acts = Acts::pack(x, rows, inp);
-    matmul_many(&acts, &mut [Product { w, out, y }]);
+/// `y[rows, features] = x · w[..features]ᵀ` on the calling thread (for callers that are
+/// parallel tasks themselves), over the k blocks of `acts`: a weight packed deeper than `acts`
+/// contributes only its first rows of depth (attention's values, of which a query block sees a
+/// prefix).
+pub fn product(acts: &Acts, w: &WeightTiles, features: usize, y: &mut [f32]) {
+    assert!(features <= w.out && acts.kblocks <= w.inp.div_ceil(KB));
+    assert_eq!(y.len(), acts.rows * features);
+    // SAFETY: `y` holds `rows × features` floats (asserted above).
+    unsafe {
+        feature_pairs(acts, w, 0..features.div_ceil(2 * TILE), features, y.as_mut_ptr(), features)
+    };
 }
 
-impl Drop for Acts {
-    fn drop(&mut self) {
-        let data = std::mem::take(&mut self.data);
-        ACT_TILES.with_borrow_mut(|b| *b = data);
+/// Writes `y[r, n] = Σₖ acts[r, k] · w[n, k]` for the features `n < features` of the pairs (of
+/// 32 features) `pairs`, rows `ld` floats apart.
+///
+/// # Safety
+/// `y` is valid for `acts.rows` rows of `ld ≥ features` floats, and nothing else writes the
+/// columns of `pairs` while this runs; `features ≤ w.out`, `acts.kblocks ≤ w`'s k blocks.
+unsafe fn feature_pairs(
+    acts: &Acts,
+    w: &WeightTiles,
+    pairs: std::ops::Range<usize>,
+    features: usize,
+    y: *mut f32,
+    ld: usize,
+) {
+    let (rows, kblocks) = (acts.rows, acts.kblocks);
+    if kblocks == 0 {
+        // Zero depth (a rank-0 adapter): the micro-kernel's loop needs one k block.
+        for r in 0..rows {
+            for n in pairs.start * 2 * TILE..features.min(pairs.end * 2 * TILE) {
+                *y.add(r * ld + n) = 0.0;
+            }
+        }
+        return;
     }
+    let pair_tiles = 2 * kblocks * PIECES * A_TILE;
+    let feature_tiles = w.inp.div_ceil(KB) * w.pieces * B_TILE;
+    let token_pairs = acts.token_pairs;
+    // Token pairs per pass over the feature pairs: their A tiles (≤ 1 MiB) stay in L2.
+    let tp_chunk = ((1 << 20) / (pair_tiles * 2)).max(1);
+    let mut c = Tiles([0f32; 4 * TILE * TILE]);
+    imp::configure();
+    for t0 in (0..token_pairs).step_by(tp_chunk) {
+        for fp in pairs.clone() {
+            let n0 = 2 * fp * TILE;
+            let b = w.data[n0 / TILE * feature_tiles..].as_ptr();
+            for tp in t0..(t0 + tp_chunk).min(token_pairs) {
+                let a = acts.data[tp * pair_tiles..].as_ptr();
+                let r0 = tp * 2 * TILE;
+                // SAFETY (both calls): `a` points at two blocks of `kblocks` k blocks of
+                // activation tiles and `b` at two of weight tiles with `w.pieces` pieces (the
+                // buffers hold whole pairs plus the ahead padding); the tile state was
+                // configured on this thread; the destination holds 32 rows of 32 floats at
+                // the given byte stride: the 32 × 32 block at (r0, n0) of `y` when it lies
+                // inside (the caller's contract), else the local `c`.
+                if r0 + 2 * TILE <= rows && n0 + 2 * TILE <= features {
+                    imp::block(a, b, kblocks, w.pieces, y.add(r0 * ld + n0), 4 * ld);
+                    continue;
+                }
+                let lc = 2 * TILE;
+                imp::block(a, b, kblocks, w.pieces, c.0.as_mut_ptr(), 4 * lc);
+                let n = lc.min(features - n0);
+                for (t, row) in c.0.chunks_exact(lc).take(rows - r0).enumerate() {
+                    std::ptr::copy_nonoverlapping(row.as_ptr(), y.add((r0 + t) * ld + n0), n);
+                }
+            }
+        }
+    }
+    imp::release();
+}
+
+/// `y[rows, out] = x[rows, inp] · w[out, inp]ᵀ` on tiles, packing both operands for this one
+/// product (a weight used again belongs in a kept [`WeightTiles`]).
+pub fn matmul_t(x: &[f32], w: &[f32], rows: usize, inp: usize, out: usize, y: &mut [f32]) {
+    let acts = Acts::pack(x, rows, inp);
+    let buf = WEIGHT_TILES.with_borrow_mut(std::mem::take);
+    let w = WeightTiles::pack_into(w, out, inp, buf);
+    matmul_many(&acts, &mut [Product { w: &w, y }]);
+    WEIGHT_TILES.with_borrow_mut(|b| *b = w.data);
 }
 
 #[repr(C, align(64))]
@@ -380,13 +445,13 @@ unsafe impl Send for SendPtr {}
 /// Other architectures never take the tile path (`available()` is false there).
 #[cfg(not(target_arch = "x86_64"))]
 mod simd {
-    pub unsafe fn pack_weight_block(_: &[f32], _: usize, _: &mut [u16]) -> usize {
+    pub unsafe fn pieces_needed(_: &[f32]) -> usize {
         unreachable!("the tile path runs only where `available()`")
     }
-    pub unsafe fn pack_token_block(_: &[f32], _: usize, _: usize, _: usize, _: &mut [u32]) {
+    pub unsafe fn pack_row(_: &[f32], _: usize, _: &mut [u16]) {
         unreachable!("the tile path runs only where `available()`")
     }
-    pub unsafe fn store_transposed(_: &[f32], _: *mut f32, _: usize) {
+    pub unsafe fn pack_pairs(_: &[f32], _: usize, _: usize, _: &mut [u32]) {
         unreachable!("the tile path runs only where `available()`")
     }
 }
@@ -435,117 +500,129 @@ mod imp {
     }
 
     /// Four products that read tmm6 and tmm7 last, each register reloaded (from byte offset
-    /// `$off` of the k block) right after its last reader, so the load overlaps two products.
+    /// `$off` of the weight's k block) right after its last reader, so the load overlaps two
+    /// products.
     macro_rules! then_new_b {
         ($off:literal) => {
             concat!(
                 "tdpbf16ps tmm0, tmm4, tmm6\n",
                 "tdpbf16ps tmm2, tmm5, tmm6\n",
-                "tileloadd tmm6, [{b0} + {sb}*1 + ",
+                "tileloadd tmm6, [{b0} + {s}*1 + ",
                 $off,
                 "]\n",
                 "tdpbf16ps tmm1, tmm4, tmm7\n",
                 "tdpbf16ps tmm3, tmm5, tmm7\n",
-                "tileloadd tmm7, [{b1} + {sb}*1 + ",
+                "tileloadd tmm7, [{b1} + {s}*1 + ",
                 $off,
                 "]\n",
             )
         };
     }
 
-    /// As [`then_new_b`], reloading the weight tiles tmm4 and tmm5.
+    /// As [`then_new_b`], reloading the activation tiles tmm4 and tmm5.
     macro_rules! then_new_a {
         ($off:literal) => {
             concat!(
                 "tdpbf16ps tmm0, tmm4, tmm6\n",
                 "tdpbf16ps tmm1, tmm4, tmm7\n",
-                "tileloadd tmm4, [{a0} + {sb}*1 + ",
+                "tileloadd tmm4, [{a0} + {s}*1 + ",
                 $off,
                 "]\n",
                 "tdpbf16ps tmm2, tmm5, tmm6\n",
                 "tdpbf16ps tmm3, tmm5, tmm7\n",
-                "tileloadd tmm5, [{a1} + {sb}*1 + ",
+                "tileloadd tmm5, [{a1} + {s}*1 + ",
                 $off,
                 "]\n",
             )
         };
     }
 
-    /// The loop over k blocks around one schedule of piece products (a k block is 3 KiB of
-    /// each operand; 5120 = the next block's activation piece 2, 3072 its weight piece 0).
+    /// The loop over k blocks around one schedule of piece products. An activation k block is
+    /// 3 KiB (5120 = the next block's piece 2); a weight k block is `pieces` KiB, so the next
+    /// block's piece 0 is loaded after the pointers move on.
     macro_rules! kernel {
-        ($a:expr, $b:expr, $kblocks:expr, $c:expr, $($steps:expr),+) => {
+        ($a:expr, $b:expr, $bs:expr, $kblocks:expr, $c:expr, $ldc:expr, $($steps:expr),+) => {
             asm!(
                 "tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3",
-                "tileloadd tmm4, [{a0} + {sb}*1]",
-                "tileloadd tmm5, [{a1} + {sb}*1]",
-                "tileloadd tmm6, [{b0} + {sb}*1 + 2048]",
-                "tileloadd tmm7, [{b1} + {sb}*1 + 2048]",
+                "tileloadd tmm4, [{a0} + {s}*1 + 2048]",
+                "tileloadd tmm5, [{a1} + {s}*1 + 2048]",
+                "tileloadd tmm6, [{b0} + {s}*1]",
+                "tileloadd tmm7, [{b1} + {s}*1]",
                 "2:",
                 $($steps,)+
-                then_new_b!("5120"),
-                "tileloadd tmm4, [{a0} + {sb}*1 + 3072]",
-                "tileloadd tmm5, [{a1} + {sb}*1 + 3072]",
-                "add {a0}, 3072", "add {a1}, 3072", "add {b0}, 3072", "add {b1}, 3072",
+                then_new_a!("5120"),
+                "add {b0}, {bs}", "add {b1}, {bs}",
+                "tileloadd tmm6, [{b0} + {s}*1]",
+                "tileloadd tmm7, [{b1} + {s}*1]",
+                "add {a0}, 3072", "add {a1}, 3072",
                 "dec {n}", "jnz 2b",
-                "tilestored [{c} + {sb}*1], tmm0",
-                "tilestored [{c} + {sb}*1 + 1024], tmm1",
-                "tilestored [{c} + {sb}*1 + 2048], tmm2",
-                "tilestored [{c} + {sb}*1 + 3072], tmm3",
+                "tilestored [{c0} + {ldc}*1], tmm0",
+                "tilestored [{c0} + {ldc}*1 + 64], tmm1",
+                "tilestored [{c1} + {ldc}*1], tmm2",
+                "tilestored [{c1} + {ldc}*1 + 64], tmm3",
                 a0 = inout(reg) $a => _,
                 a1 = inout(reg) $a.byte_add($kblocks * 3 * 1024) => _,
                 b0 = inout(reg) $b => _,
-                b1 = inout(reg) $b.byte_add($kblocks * 3 * 1024) => _,
+                b1 = inout(reg) $b.byte_add($kblocks * $bs) => _,
+                bs = in(reg) $bs,
                 n = inout(reg) $kblocks => _,
-                sb = in(reg) 64usize,
-                c = in(reg) $c.as_mut_ptr(),
+                s = in(reg) 64usize,
+                c0 = in(reg) $c,
+                c1 = in(reg) $c.byte_add(16 * $ldc),
+                ldc = in(reg) $ldc,
                 options(nostack),
             )
         };
     }
 
-    /// Four accumulator tiles `c = [C₀₀, C₀₁, C₁₀, C₁₁]` of two feature blocks (A tiles at `a`,
-    /// `a + kblocks·3` tiles) × two token blocks (B tiles at `b`, `b + kblocks·3` tiles) over
-    /// `kblocks` k blocks, from the weight's first `pieces` pieces. Three pieces: the products
-    /// w₀x₂, w₀x₁, w₁x₁, w₁x₀, w₀x₀, w₂x₀, each step changing one operand, 14 tile loads per 24
-    /// products. Weights with ≤ 16 significant bits (w₂ = 0) skip w₂x₀: 12 loads per 20; bf16
-    /// weights (w₁ = w₂ = 0) take w₀x₂, w₀x₁, w₀x₀: 8 per 12 (the skipped products are exact
-    /// zeros). Tiles have no renaming, so each load is issued right after the last product
-    /// that reads the register's old value; the next k block's first tiles are
-    /// loaded at the end of this one (buffers carry [`AHEAD_PAD`] for the last).
+    /// Four accumulator tiles, a 32 × 32 block of `y` written at `c` (rows `ldc` bytes apart):
+    /// two token blocks (A tiles at `a`, `a + kblocks·3` tiles) × two feature blocks (B tiles
+    /// at `b`, `b + kblocks·pieces` tiles) over `kblocks` k blocks. Three weight pieces: the
+    /// products x₂w₀, x₁w₀, x₁w₁, x₀w₁, x₀w₀, x₀w₂, each step changing one operand, 14 tile
+    /// loads per 24 products. Weights with ≤ 16 significant bits (w₂ absent) skip x₀w₂: 12
+    /// loads per 20; bf16 weights (only w₀) take x₂w₀, x₁w₀, x₀w₀: 8 per 12. Tiles have no
+    /// renaming, so each load is issued right after the last product that reads the register's
+    /// old value; the next k block's first tiles are loaded at the end of this one (buffers
+    /// carry [`A_AHEAD`] and [`B_AHEAD`] for the last).
     ///
     /// # Safety
-    /// The tile state is configured on this thread; `a` holds 32 rows of `a_stride` bytes and
-    /// `b` 2·kblocks·3 tiles of 1 KiB; the weight's pieces from `pieces` on are zero.
+    /// The tile state is configured on this thread; `a` holds 2·kblocks·3 tiles of 1 KiB, `b`
+    /// 2·kblocks·pieces; `c` is valid for 32 rows of 32 floats `ldc` bytes apart.
     pub unsafe fn block(
         a: *const u16,
         b: *const u32,
         kblocks: usize,
         pieces: usize,
-        c: &mut [f32; 1024],
+        c: *mut f32,
+        ldc: usize,
     ) {
+        let bs = pieces * 1024;
         match pieces {
-            1 => kernel!(a, b, kblocks, c, then_new_b!("1024"), then_new_b!("0")),
+            1 => kernel!(a, b, bs, kblocks, c, ldc, then_new_a!("1024"), then_new_a!("0")),
             2 => kernel!(
                 a,
                 b,
+                bs,
                 kblocks,
                 c,
-                then_new_b!("1024"),
+                ldc,
                 then_new_a!("1024"),
-                then_new_b!("0"),
-                then_new_a!("0")
+                then_new_b!("1024"),
+                then_new_a!("0"),
+                then_new_b!("0")
             ),
             _ => kernel!(
                 a,
                 b,
+                bs,
                 kblocks,
                 c,
-                then_new_b!("1024"),
+                ldc,
                 then_new_a!("1024"),
-                then_new_b!("0"),
+                then_new_b!("1024"),
                 then_new_a!("0"),
-                then_new_a!("2048")
+                then_new_b!("0"),
+                then_new_b!("2048")
             ),
         }
     }
@@ -558,7 +635,7 @@ mod imp {
     }
     pub fn configure() {}
     pub fn release() {}
-    pub unsafe fn block(_: *const u16, _: *const u32, _: usize, _: usize, _: &mut [f32; 1024]) {
+    pub unsafe fn block(_: *const u16, _: *const u32, _: usize, _: usize, _: *mut f32, _: usize) {
         unreachable!("the tile path runs only where `available()`")
     }
 }
@@ -610,8 +687,8 @@ mod tests {
         }
     }
 
-    /// The packer reports the pieces a block of weights needs: 3 for f32, 2 for ≤ 16 significant
-    /// bits, 1 for bf16 values — which selects the micro-kernel that skips the zero pieces.
+    /// The packer finds the pieces a weight needs: 3 for f32, 2 for ≤ 16 significant bits,
+    /// 1 for bf16 values — which selects the micro-kernel that skips the zero pieces.
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn packer_counts_the_pieces_the_weights_need() {
@@ -621,14 +698,12 @@ mod tests {
         let w: Vec<f32> = (0..16 * 40)
             .map(|i| (i as f32 * 0.37).sin() * 0.1)
             .collect();
-        let mut out = vec![0u16; 2 * PIECES * TILE * KB];
         for (mask, want) in [(!0u32, 3), (0xFFFF_FF00, 2), (0xFFFF_0000, 1)] {
             let w: Vec<f32> = w
                 .iter()
                 .map(|v| f32::from_bits(v.to_bits() & mask))
                 .collect();
-            // SAFETY: `available()` implies AVX512-BW.
-            assert_eq!(unsafe { simd::pack_weight_block(&w, 40, &mut out) }, want);
+            assert_eq!(WeightTiles::pack(&w, 16, 40).pieces, want);
         }
     }
 
@@ -641,9 +716,9 @@ mod tests {
             return;
         }
         let mut y = vec![f32::NAN; 40 * 7];
-        matmul_t(&[], WeightRows::F32(&[]), 40, 0, 7, &mut y);
+        matmul_t(&[], &[], 40, 0, 7, &mut y);
         assert!(y.iter().all(|v| *v == 0.0), "zero depth gives zeros");
-        let shapes = [(32, 32, 32), (33, 37, 50), (77, 576, 65), (40, 1000, 33)];
+        let shapes = [(32, 32, 32), (64, 96, 96), (33, 37, 50), (77, 576, 65), (40, 1000, 33)];
         for ((rows, inp, out), mask) in shapes
             .into_iter()
             .flat_map(|s| [!0u32, 0xFFFF_FF00, 0xFFFF_0000].map(|m| (s, m)))
@@ -656,7 +731,7 @@ mod tests {
                 .map(|v: f32| f32::from_bits(v.to_bits() & mask))
                 .collect();
             let mut y = vec![f32::NAN; rows * out];
-            matmul_t(&x, WeightRows::F32(&w), rows, inp, out, &mut y);
+            matmul_t(&x, &w, rows, inp, out, &mut y);
             let mut f32_gemm = vec![0f32; rows * out];
             crate::kernels::matmul::gemm(
                 faer::MatMut::from_row_major_slice_mut(&mut f32_gemm, rows, out),

@@ -34,7 +34,7 @@ pub fn matmul_t(x: &[f32], w: &[f32], rows: usize, inp: usize, out: usize, y: &m
         return;
     }
     if amx::takes(rows) {
-        amx::matmul_t(x, amx::WeightRows::F32(w), rows, inp, out, y);
+        amx::matmul_t(x, w, rows, inp, out, y);
         return;
     }
     let threads = crate::threads::threads();

@@ -571,7 +571,7 @@ pub fn compensate_with_ranks(
                             .zip(&ba)
                             .map(|(a, b)| a + b)
                             .collect();
-                        lin.weight = crate::model::Weight::Dense(merged);
+                        lin.set_weight(crate::model::Weight::Dense(merged));
                     } else {
                         lin.adapter = Some(lr);
                     }

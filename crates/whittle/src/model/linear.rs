@@ -1,7 +1,8 @@
 //! A linear layer `y = W x (+ B A x)`: the unit every compression method reads and rewrites.
 //! The weight's storage is an enum so that sparse and quantized forms (later methods) are new
 //! variants of the same layer, not new model types; an optional low-rank adapter carries error
-//! compensation (EoRA) or LoRA on top of any storage.
+//! compensation (EoRA) or LoRA on top of any storage. The weight is private so that every
+//! rewrite goes through a method that also drops what was derived from it (the tile packing).
 
 use super::packed::Packed;
 use crate::kernels::amx;
@@ -12,6 +13,7 @@ use crate::{Error, Result};
 use rayon::prelude::*;
 use std::borrow::Cow;
 use std::cell::RefCell;
+use std::sync::{Arc, OnceLock};
 
 thread_local! {
     /// Reused buffer for packed weights expanded to f32 before a GEMM.
@@ -39,8 +41,30 @@ pub struct LowRank {
 pub struct Linear {
     pub out_features: usize,
     pub in_features: usize,
-    pub weight: Weight,
+    weight: Weight,
     pub adapter: Option<LowRank>,
+    tiles: TileCache,
+}
+
+/// The weight packed for the AMX tile path, built by the first product that takes it. Packing
+/// splits and transposes the whole weight, which cost 9 % of a 512-token prefill when done per
+/// product; kept, it costs as much memory as an f32 copy of the weight (2 bf16 pieces for
+/// weights dequantized from 4-bit blocks). Derived state: clones share it, equality ignores it,
+/// and it is dropped whenever the weight is rewritten.
+#[derive(Clone, Default)]
+struct TileCache(OnceLock<Arc<amx::WeightTiles>>);
+
+impl PartialEq for TileCache {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl std::fmt::Debug for TileCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let bytes = self.0.get().map_or(0, |t| t.bytes());
+        write!(f, "TileCache({bytes} bytes)")
+    }
 }
 
 impl Linear {
@@ -53,12 +77,34 @@ impl Linear {
                 found: vec![w.len()],
             });
         }
-        Ok(Linear {
+        Ok(Linear::new(Weight::Dense(w), out, inp))
+    }
+
+    /// A layer over `weight` (`out × inp`; its size is the caller's to check).
+    pub fn new(weight: Weight, out: usize, inp: usize) -> Self {
+        Linear {
             out_features: out,
             in_features: inp,
-            weight: Weight::Dense(w),
+            weight,
             adapter: None,
-        })
+            tiles: TileCache::default(),
+        }
+    }
+
+    /// How the weight is stored.
+    pub fn weight(&self) -> &Weight {
+        &self.weight
+    }
+
+    /// The weight for rewriting in place (drops the tile packing derived from it).
+    pub fn weight_mut(&mut self) -> &mut Weight {
+        self.tiles = TileCache::default();
+        &mut self.weight
+    }
+
+    /// Replaces the weight (drops the tile packing derived from the old one).
+    pub fn set_weight(&mut self, weight: Weight) {
+        *self.weight_mut() = weight;
     }
 
     /// The weight as dense f32 (what export and analysis read; expanded for packed weights).
@@ -76,13 +122,13 @@ impl Linear {
     /// The dense weight for in-place rewriting (packed storage is expanded first).
     pub fn dense_weight_mut(&mut self) -> &mut Vec<f32> {
         self.densify();
-        match &mut self.weight {
+        match self.weight_mut() {
             Weight::Dense(w) => w,
             Weight::Packed(_) => unreachable!("densify leaves a dense weight"),
         }
     }
 
-    /// Replaces packed storage by its f32 expansion.
+    /// Replaces packed storage by its f32 expansion (the same values: the tiles stay valid).
     pub fn densify(&mut self) {
         if let Weight::Packed(_) = &self.weight {
             self.weight = Weight::Dense(self.dense_weight().into_owned());
@@ -144,11 +190,12 @@ impl Linear {
             }
         } else {
             match &self.weight {
-                Weight::Dense(w) => matmul_t(x, w, rows, inp, out, y),
-                // On the tiles each work item expands its own rows (see `amx::ExpandRows`).
-                Weight::Packed(_) if amx::takes(rows) => {
-                    amx::matmul_t(x, self.tile_weight(), rows, inp, out, y)
+                _ if amx::takes(rows) => {
+                    let acts = amx::Acts::pack(x, rows, inp);
+                    let w = self.weight_tiles();
+                    amx::matmul_many(&acts, &mut [amx::Product { w: &w, y }]);
                 }
+                Weight::Dense(w) => matmul_t(x, w, rows, inp, out, y),
                 // Expanding costs ~1/(2·rows) of the GEMM's time; keeping the expansion would
                 // cost the memory of an f32 model.
                 Weight::Packed(p) => {
@@ -165,12 +212,18 @@ impl Linear {
         self.add_adapter(x, rows, y);
     }
 
-    /// The weight as the tile path reads it: f32 rows in place, packed rows expanded per item.
-    fn tile_weight(&self) -> amx::WeightRows<'_> {
-        match &self.weight {
-            Weight::Dense(w) => amx::WeightRows::F32(w),
-            Weight::Packed(_) => amx::WeightRows::Expand(self),
-        }
+    /// The weight packed for the tile path, packed on first use and kept.
+    fn weight_tiles(&self) -> Arc<amx::WeightTiles> {
+        let pack = || {
+            let w = self.dense_weight();
+            Arc::new(amx::WeightTiles::pack(&w, self.out_features, self.in_features))
+        };
+        self.tiles.0.get_or_init(pack).clone()
+    }
+
+    /// Bytes of the kept tile packing (0 until a tile product has run).
+    pub fn tile_bytes(&self) -> usize {
+        self.tiles.0.get().map_or(0, |t| t.bytes())
     }
 
     /// `W[j] · x` for one output row, dequantizing packed rows on the fly.
@@ -194,14 +247,11 @@ impl Linear {
         if amx::takes(rows) {
             // One packing of the shared input and one parallel section for all the products.
             let acts = amx::Acts::pack(x, rows, linears[0].in_features);
-            let mut products: Vec<_> = linears
+            let tiles: Vec<_> = linears.iter().map(|l| l.weight_tiles()).collect();
+            let mut products: Vec<_> = tiles
                 .iter()
                 .zip(outs.iter_mut())
-                .map(|(l, y)| amx::Product {
-                    w: l.tile_weight(),
-                    out: l.out_features,
-                    y,
-                })
+                .map(|(w, y)| amx::Product { w, y })
                 .collect();
             amx::matmul_many(&acts, &mut products);
             for (l, y) in linears.iter().zip(outs.iter_mut()) {
@@ -249,20 +299,6 @@ impl Linear {
             let mut bax = vec![0f32; rows * out];
             matmul_t(&ax, &ad.b, rows, ad.rank, out, &mut bax);
             y.iter_mut().zip(&bax).for_each(|(y, d)| *y += d);
-        }
-    }
-}
-
-impl amx::ExpandRows for Linear {
-    fn expand_rows(&self, rows: std::ops::Range<usize>, dst: &mut [f32]) {
-        let inp = self.in_features;
-        match &self.weight {
-            Weight::Dense(w) => dst.copy_from_slice(&w[rows.start * inp..rows.end * inp]),
-            Weight::Packed(p) => {
-                for (r, d) in rows.zip(dst.chunks_exact_mut(inp)) {
-                    dequant_row(p.row(r, inp), d);
-                }
-            }
         }
     }
 }

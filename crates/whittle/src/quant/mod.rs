@@ -254,7 +254,7 @@ pub fn quantize_model(
                             (p, Some(d))
                         }
                     };
-                    lin.weight = crate::model::Weight::Packed(packed);
+                    lin.set_weight(crate::model::Weight::Packed(packed));
                     Ok(crate::calib::sequential::Outcome { damp, errors: None })
                 },
             ))
