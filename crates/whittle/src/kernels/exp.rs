@@ -84,6 +84,15 @@ simd_dispatch! {
 }
 
 simd_dispatch! {
+    /// `row = e^{scale·(row − max)}` in place, returning the sum: softmax without its division,
+    /// for a caller that divides a narrower result instead (attention's output rows).
+    pub fn exp_shifted(row: &mut [f32], scale: f32) -> f32 {
+        let max = max_of(row);
+        exp_sum(row, scale, max)
+    }
+}
+
+simd_dispatch! {
     /// `ln Σ e^{x_i}` of one row (max-subtracted, so no overflow). Only reads `row`.
     pub fn logsumexp(row: &[f32]) -> f32 {
         let max = max_of(row);
