@@ -63,10 +63,19 @@ fn main() {
             let kept = whittle::threads::install(|| {
                 median_seconds(&mut || {
                     let acts = amx::Acts::pack(&x, r, k);
-                    amx::matmul_many(&acts, &mut [amx::Product { w: &packed, y: &mut y }])
+                    amx::matmul_many(
+                        &acts,
+                        &mut [amx::Product {
+                            w: &packed,
+                            y: &mut y,
+                        }],
+                    )
                 })
             });
-            (format!("{:.0}", gflop / once), format!("{:.0}", gflop / kept))
+            (
+                format!("{:.0}", gflop / once),
+                format!("{:.0}", gflop / kept),
+            )
         } else {
             ("no AMX".into(), "no AMX".into())
         };

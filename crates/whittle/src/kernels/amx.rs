@@ -238,9 +238,14 @@ impl Acts {
         assert!(available(), "AMX tile path used on a machine without it");
         let kblocks = inp.div_ceil(KB);
         let token_pairs = rows.div_ceil(2 * TILE);
-        let mut data = ACT_TILES.with_borrow_mut(|pool| pool.pop()).unwrap_or_default();
+        let mut data = ACT_TILES
+            .with_borrow_mut(|pool| pool.pop())
+            .unwrap_or_default();
         // The padding after the last block is only ever loaded ahead, never used.
-        super::scratch(&mut data, 2 * token_pairs * kblocks * PIECES * A_TILE + A_AHEAD);
+        super::scratch(
+            &mut data,
+            2 * token_pairs * kblocks * PIECES * A_TILE + A_AHEAD,
+        );
         Acts {
             data,
             rows,
@@ -360,7 +365,14 @@ pub fn product(acts: &Acts, w: &WeightTiles, features: usize, y: &mut [f32]) {
     assert_eq!(y.len(), acts.rows * features);
     // SAFETY: `y` holds `rows × features` floats (asserted above).
     unsafe {
-        feature_pairs(acts, w, 0..features.div_ceil(2 * TILE), features, y.as_mut_ptr(), features)
+        feature_pairs(
+            acts,
+            w,
+            0..features.div_ceil(2 * TILE),
+            features,
+            y.as_mut_ptr(),
+            features,
+        )
     };
 }
 
@@ -598,7 +610,16 @@ mod imp {
     ) {
         let bs = pieces * 1024;
         match pieces {
-            1 => kernel!(a, b, bs, kblocks, c, ldc, then_new_a!("1024"), then_new_a!("0")),
+            1 => kernel!(
+                a,
+                b,
+                bs,
+                kblocks,
+                c,
+                ldc,
+                then_new_a!("1024"),
+                then_new_a!("0")
+            ),
             2 => kernel!(
                 a,
                 b,
@@ -718,7 +739,13 @@ mod tests {
         let mut y = vec![f32::NAN; 40 * 7];
         matmul_t(&[], &[], 40, 0, 7, &mut y);
         assert!(y.iter().all(|v| *v == 0.0), "zero depth gives zeros");
-        let shapes = [(32, 32, 32), (64, 96, 96), (33, 37, 50), (77, 576, 65), (40, 1000, 33)];
+        let shapes = [
+            (32, 32, 32),
+            (64, 96, 96),
+            (33, 37, 50),
+            (77, 576, 65),
+            (40, 1000, 33),
+        ];
         for ((rows, inp, out), mask) in shapes
             .into_iter()
             .flat_map(|s| [!0u32, 0xFFFF_FF00, 0xFFFF_0000].map(|m| (s, m)))

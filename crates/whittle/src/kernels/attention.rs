@@ -3,8 +3,8 @@
 //! block only multiplies against the keys it can see, which halves the prefill cost compared with
 //! a full masked `T × T` product.
 
-use super::dot::dot_portable;
 use super::amx;
+use super::dot::dot_portable;
 use super::exp::{exp_shifted, softmax_in_place};
 use super::matmul::gemm;
 use crate::model::AttnShape;

@@ -216,7 +216,11 @@ impl Linear {
     fn weight_tiles(&self) -> Arc<amx::WeightTiles> {
         let pack = || {
             let w = self.dense_weight();
-            Arc::new(amx::WeightTiles::pack(&w, self.out_features, self.in_features))
+            Arc::new(amx::WeightTiles::pack(
+                &w,
+                self.out_features,
+                self.in_features,
+            ))
         };
         self.tiles.0.get_or_init(pack).clone()
     }
