@@ -609,36 +609,20 @@ mod imp {
         ldc: usize,
     ) {
         let bs = pieces * 1024;
+        macro_rules! run {
+            ($($steps:expr),+) => {
+                kernel!(a, b, bs, kblocks, c, ldc, $($steps),+)
+            };
+        }
         match pieces {
-            1 => kernel!(
-                a,
-                b,
-                bs,
-                kblocks,
-                c,
-                ldc,
-                then_new_a!("1024"),
-                then_new_a!("0")
-            ),
-            2 => kernel!(
-                a,
-                b,
-                bs,
-                kblocks,
-                c,
-                ldc,
+            1 => run!(then_new_a!("1024"), then_new_a!("0")),
+            2 => run!(
                 then_new_a!("1024"),
                 then_new_b!("1024"),
                 then_new_a!("0"),
                 then_new_b!("0")
             ),
-            _ => kernel!(
-                a,
-                b,
-                bs,
-                kblocks,
-                c,
-                ldc,
+            _ => run!(
                 then_new_a!("1024"),
                 then_new_b!("1024"),
                 then_new_a!("0"),
