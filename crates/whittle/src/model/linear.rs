@@ -311,6 +311,29 @@ impl Linear {
 mod tests {
     use super::*;
 
+    /// A rewrite of the weight drops its kept tile packing, so the next product sees the new
+    /// values (doubled weights: exactly doubled outputs, also on the tiles).
+    #[test]
+    fn rewriting_the_weight_drops_its_tiles() {
+        let (out, inp, rows) = (48, 64, 40);
+        let w: Vec<f32> = (0..out * inp)
+            .map(|i| (i % 13) as f32 * 0.01 - 0.06)
+            .collect();
+        let x: Vec<f32> = (0..rows * inp)
+            .map(|i| (i % 7) as f32 * 0.1 - 0.3)
+            .collect();
+        let mut lin = Linear::dense("w", w, out, inp).unwrap();
+        let mut y = vec![0f32; rows * out];
+        lin.forward(&x, rows, &mut y);
+        assert_eq!(lin.tile_bytes() > 0, amx::takes(rows));
+        lin.dense_weight_mut().iter_mut().for_each(|v| *v *= 2.0);
+        assert_eq!(lin.tile_bytes(), 0);
+        let mut doubled = vec![0f32; rows * out];
+        lin.forward(&x, rows, &mut doubled);
+        let want: Vec<f32> = y.iter().map(|v| 2.0 * v).collect();
+        assert_eq!(doubled, want);
+    }
+
     #[test]
     fn adapter_adds_b_a_x() {
         let (out, inp, r) = (3, 4, 2);
