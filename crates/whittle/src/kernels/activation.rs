@@ -2,14 +2,26 @@
 
 use super::exp::exp_approx;
 
+/// `gate[i] = silu(gate[i]) · up[i]` with `silu(v) = v / (1 + e^{-v})`, `width` values a row.
+pub fn swiglu_in_place(gate: &mut [f32], up: &[f32], width: usize) {
+    assert_eq!(gate.len(), up.len());
+    super::for_row_blocks(up, width, gate, width, |_, u, g| swiglu(g, u));
+}
+
 simd_dispatch! {
-    /// `gate[i] = silu(gate[i]) · up[i]` with `silu(v) = v / (1 + e^{-v})`.
-    pub fn swiglu_in_place(gate: &mut [f32], up: &[f32]) {
-        assert_eq!(gate.len(), up.len());
+    fn swiglu(gate: &mut [f32], up: &[f32]) {
         for (g, u) in gate.iter_mut().zip(up) {
             *g = *g / (1.0 + exp_approx(-*g)) * u;
         }
     }
+}
+
+/// `x += delta` (a residual add), `width` values a row.
+pub fn add_in_place(x: &mut [f32], delta: &[f32], width: usize) {
+    assert_eq!(x.len(), delta.len());
+    super::for_row_blocks(delta, width, x, width, |_, d, x| {
+        x.iter_mut().zip(d).for_each(|(x, d)| *x += d)
+    });
 }
 
 #[cfg(test)]
@@ -25,7 +37,7 @@ mod tests {
             .zip(&u)
             .map(|(&a, &b)| a as f64 / (1.0 + (-(a as f64)).exp()) * b as f64)
             .collect();
-        swiglu_in_place(&mut g, &u);
+        swiglu_in_place(&mut g, &u, 7);
         for (a, b) in g.iter().zip(want) {
             assert!((*a as f64 - b).abs() < 1e-5 * (1.0 + b.abs()), "{a} vs {b}");
         }

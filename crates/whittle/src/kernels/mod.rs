@@ -43,6 +43,33 @@ pub(crate) fn scratch<T: Clone + Default>(buf: &mut Vec<T>, n: usize) -> &mut [T
     &mut buf[..n]
 }
 
+/// Rows per task when the row-wise kernels (RMSNorm, SwiGLU, RoPE, residual adds) run in
+/// parallel. They are ~5 % of prefill's CPU time; on one thread while the other waited, they
+/// were ~9 % of its wall time with 2 threads.
+const ROWS_PER_TASK: usize = 64;
+
+/// Runs `f(first_row, x_rows, y_rows)` over blocks of rows of `y` (rows `yw` wide) and the same
+/// rows of `x` (`xw` wide; `xw = 0`: no `x`), in parallel when there are more rows than one
+/// block and several threads; otherwise once over everything.
+pub(crate) fn for_row_blocks(
+    x: &[f32],
+    xw: usize,
+    y: &mut [f32],
+    yw: usize,
+    f: impl Fn(usize, &[f32], &mut [f32]) + Sync + Send,
+) {
+    use rayon::prelude::*;
+    let rows = y.len() / yw.max(1);
+    if rows <= ROWS_PER_TASK || crate::threads::threads() == 1 {
+        return f(0, x, y);
+    }
+    let step = ROWS_PER_TASK * xw;
+    let x_of = |b: usize| &x[(b * step).min(x.len())..((b + 1) * step).min(x.len())];
+    y.par_chunks_mut(ROWS_PER_TASK * yw)
+        .enumerate()
+        .for_each(|(b, ys)| f(b * ROWS_PER_TASK, x_of(b), ys));
+}
+
 pub mod activation;
 pub mod amx;
 pub mod attention;
@@ -53,3 +80,25 @@ pub mod norm;
 pub mod qdot;
 pub mod rope;
 pub mod ssm;
+
+#[cfg(test)]
+mod tests {
+    /// Each block of rows gets the same rows of both operands and the index of its first row,
+    /// in parallel (150 rows: three blocks) as on one thread.
+    #[test]
+    fn row_blocks_see_matching_rows() {
+        let (rows, xw, yw) = (150, 3, 2);
+        let x: Vec<f32> = (0..rows * xw).map(|i| i as f32).collect();
+        let mut y = vec![f32::NAN; rows * yw];
+        super::for_row_blocks(&x, xw, &mut y, yw, |r0, x, y| {
+            let pairs = x.chunks_exact(xw).zip(y.chunks_exact_mut(yw));
+            for (i, (xr, yr)) in pairs.enumerate() {
+                yr[0] = xr[0];
+                yr[1] = (r0 + i) as f32;
+            }
+        });
+        for (r, yr) in y.chunks_exact(yw).enumerate() {
+            assert_eq!(yr, [(r * xw) as f32, r as f32]);
+        }
+    }
+}

@@ -4,6 +4,11 @@
 pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, y: &mut [f32]) {
     let d = weight.len();
     assert_eq!(x.len(), y.len());
+    super::for_row_blocks(x, d, y, d, |_, x, y| norm_rows(x, weight, eps, y));
+}
+
+fn norm_rows(x: &[f32], weight: &[f32], eps: f32, y: &mut [f32]) {
+    let d = weight.len();
     for (xr, yr) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)) {
         // f64 accumulation: the mean of squares of hidden states with outliers of ~1e3 loses digits
         // in f32, and this is a tiny fraction of the layer's work.

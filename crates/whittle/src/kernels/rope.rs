@@ -33,8 +33,15 @@ impl RopeTable {
     /// Rotates every head of every row of `x` (`rows × n_heads·head_dim`, row stride `stride`);
     /// row `r` sits at position `start + r`.
     pub fn apply(&self, x: &mut [f32], rows: usize, stride: usize, n_heads: usize, start: usize) {
+        let x = &mut x[..rows * stride];
+        super::for_row_blocks(&[], 0, x, stride, |r0, _, x| {
+            self.apply_rows(x, stride, n_heads, start + r0)
+        });
+    }
+
+    fn apply_rows(&self, x: &mut [f32], stride: usize, n_heads: usize, start: usize) {
         let (h, d) = (self.half, 2 * self.half);
-        for r in 0..rows {
+        for r in 0..x.len() / stride {
             let p = start + r;
             let (c, s) = (&self.cos[p * h..(p + 1) * h], &self.sin[p * h..(p + 1) * h]);
             for head in 0..n_heads {

@@ -4,8 +4,9 @@
 use super::kv_cache::{KvCache, LayerCache};
 use super::ssm::SsmState;
 use super::{Attention, KvSource, Layer, Linear, Model};
+use crate::kernels::activation::{add_in_place, swiglu_in_place};
 use crate::kernels::attention::{causal_attention, Mask};
-use crate::kernels::{activation::swiglu_in_place, norm::rms_norm};
+use crate::kernels::norm::rms_norm;
 use crate::{Error, Result};
 
 /// Which logits a forward pass computes. Generation needs only the last row; the output head is
@@ -294,7 +295,7 @@ impl Model {
             };
             let delta = sized(&mut s.delta, t * h);
             out.forward(mixed, t, delta);
-            x.iter_mut().zip(delta.iter()).for_each(|(x, d)| *x += d);
+            add_in_place(x, delta, h);
         }
         if let Some(m) = &layer.mlp {
             let w = m.gate.out_features;
@@ -304,14 +305,14 @@ impl Model {
             let (gate, up) = (sized(&mut s.gate, t * w), sized(&mut s.up, t * w));
             Linear::forward_shared_input(&[&m.gate, &m.up], normed, t, &mut [gate, up]);
             let (gate, up) = (&mut s.gate[..], &s.up[..]);
-            swiglu_in_place(gate, up);
+            swiglu_in_place(gate, up, w);
             observe(Site::MlpDown, gate);
             if stats_only {
                 return;
             }
             let delta = sized(&mut s.delta, t * h);
             m.down.forward(gate, t, delta);
-            x.iter_mut().zip(delta.iter()).for_each(|(x, d)| *x += d);
+            add_in_place(x, delta, h);
         }
     }
 
