@@ -4,18 +4,13 @@
 //! that dominated a small model's training step. Fused: one pass forward (row max and
 //! log-sum-exp) and one backward (`softmax − one-hot`), rows in parallel.
 
-use crate::kernels::exp::exp_approx;
+use crate::kernels::exp::{exp_shift_scale, logsumexp};
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// `mean_r (logsumexp(logits_r) − logits_r[target_r])` over rows `r` of `[rows, vocab]` logits.
 pub struct CrossEntropy {
     pub targets: Vec<u32>,
-}
-
-fn row_lse(row: &[f32]) -> f32 {
-    let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    m + row.iter().map(|v| exp_approx(v - m)).sum::<f32>().ln()
 }
 
 impl CustomOp1 for CrossEntropy {
@@ -38,7 +33,7 @@ impl CustomOp1 for CrossEntropy {
         let total: f64 = logits
             .par_chunks(vocab)
             .zip(self.targets.par_iter())
-            .map(|(row, &t)| (row_lse(row) - row[t as usize]) as f64)
+            .map(|(row, &t)| (logsumexp(row) - row[t as usize]) as f64)
             .collect::<Vec<f64>>()
             .iter()
             .sum();
@@ -57,10 +52,7 @@ impl CustomOp1 for CrossEntropy {
             .zip(x.par_chunks(vocab))
             .zip(self.targets.par_iter())
             .for_each(|((o, row), &t)| {
-                let lse = row_lse(row);
-                for (o, v) in o.iter_mut().zip(row) {
-                    *o = exp_approx(v - lse) * g;
-                }
+                exp_shift_scale(row, logsumexp(row), g, o);
                 o[t as usize] -= g;
             });
         Ok(Some(Tensor::from_vec(out, (rows, vocab), logits.device())?))
