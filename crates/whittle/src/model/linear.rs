@@ -190,11 +190,7 @@ impl Linear {
             }
         } else {
             match &self.weight {
-                _ if amx::takes(rows) => {
-                    let acts = amx::Acts::pack(x, rows, inp);
-                    let w = self.weight_tiles();
-                    amx::matmul_many(&acts, &mut [amx::Product { w: &w, y }]);
-                }
+                _ if amx::takes(rows) => Self::on_tiles(&[self], x, rows, &mut [y]),
                 Weight::Dense(w) => matmul_t(x, w, rows, inp, out, y),
                 // Expanding costs ~1/(2·rows) of the GEMM's time; keeping the expansion would
                 // cost the memory of an f32 model.
@@ -210,6 +206,19 @@ impl Linear {
             }
         }
         self.add_adapter(x, rows, y);
+    }
+
+    /// `outs[i] = x · linears[i]ᵀ` (adapters not included) on the AMX tiles: one packing of the
+    /// shared input and one parallel section for all the products, over the kept weight tiles.
+    fn on_tiles(linears: &[&Linear], x: &[f32], rows: usize, outs: &mut [&mut [f32]]) {
+        let acts = amx::Acts::pack(x, rows, linears[0].in_features);
+        let tiles: Vec<_> = linears.iter().map(|l| l.weight_tiles()).collect();
+        let mut products: Vec<_> = tiles
+            .iter()
+            .zip(outs.iter_mut())
+            .map(|(w, y)| amx::Product { w, y })
+            .collect();
+        amx::matmul_many(&acts, &mut products);
     }
 
     /// The weight packed for the tile path, packed on first use and kept.
@@ -249,15 +258,7 @@ impl Linear {
         outs: &mut [&mut [f32]],
     ) {
         if amx::takes(rows) {
-            // One packing of the shared input and one parallel section for all the products.
-            let acts = amx::Acts::pack(x, rows, linears[0].in_features);
-            let tiles: Vec<_> = linears.iter().map(|l| l.weight_tiles()).collect();
-            let mut products: Vec<_> = tiles
-                .iter()
-                .zip(outs.iter_mut())
-                .map(|(w, y)| amx::Product { w, y })
-                .collect();
-            amx::matmul_many(&acts, &mut products);
+            Self::on_tiles(linears, x, rows, outs);
             for (l, y) in linears.iter().zip(outs.iter_mut()) {
                 l.add_adapter(x, rows, y);
             }
