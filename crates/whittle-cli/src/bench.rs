@@ -1,128 +1,145 @@
-//! `whittle bench`: prefill and decode throughput with the reference protocol, printed next to
-//! the reference implementations' figures (`shared/reference/README.md`, 2 threads, same machine
-//! kind). Those were measured on a busy machine, so the ratios are indicative; BENCHMARKS.md
-//! records runs where whittle and the baselines ran back to back.
+//! `whittle bench`: prefill and decode throughput with the reference protocol. Figures of other
+//! implementations are only printed when measured in the same run (`--compare`): the same
+//! ratios against figures from another machine were wrong by 10 % and more on a different CPU.
+//! Every table says which CPU and which SIMD level its figures come from.
 
-use crate::commands::load;
+use crate::baselines::{self, Baseline, Figures};
+use crate::commands::{load, load_model};
 use crate::report::{table, write_json};
 use anyhow::Result;
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use whittle::eval::speed;
 use whittle::io::resolve;
+use whittle::kernels::simd;
 
-/// A measurement and its reference figures (PyTorch fp32, llama.cpp F32; tok/s, 2 threads).
-struct Measure {
-    what: &'static str,
-    tokens: usize,
-    /// Decode with every weight expanded to f32 (the model as PyTorch and llama.cpp F32 hold it).
-    f32_weights: bool,
-    torch: Option<f64>,
-    llama: Option<f64>,
+/// What `whittle bench` measures and against what.
+pub struct BenchOptions {
+    pub reps: usize,
+    /// Prefill lengths (tokens).
+    pub prefill: Vec<usize>,
+    pub compare: Vec<Baseline>,
+    pub tools: baselines::Tools,
 }
 
-const MEASURES: [Measure; 4] = [
-    Measure {
-        what: "prefill",
-        tokens: 512,
-        f32_weights: true,
-        torch: Some(548.0),
-        llama: Some(535.0),
-    },
-    Measure {
-        what: "prefill",
-        tokens: 2048,
-        f32_weights: true,
-        torch: Some(529.0),
-        llama: None,
-    },
-    Measure {
-        what: "decode",
-        tokens: 128,
-        f32_weights: false,
-        torch: Some(19.0),
-        llama: Some(54.0),
-    },
-    Measure {
-        what: "decode",
-        tokens: 128,
-        f32_weights: true,
-        torch: Some(19.0),
-        llama: Some(54.0),
-    },
-];
+/// One line of the table: whittle's figure and the baselines' for the same measure.
+struct Line {
+    row: speed::SpeedRow,
+    key: baselines::Measure,
+}
 
-pub fn run(model: Option<&str>, data: &Path, reps: usize, json_out: Option<PathBuf>) -> Result<()> {
+pub fn run(
+    model: Option<&str>,
+    data: &Path,
+    opts: &BenchOptions,
+    json_out: Option<PathBuf>,
+) -> Result<()> {
     let text = whittle::data::text::read_text(data)?;
     let loaded = load(model)?;
     let ids = loaded.tokenizer.encode(&text)?;
     let threads = whittle::threads::threads();
-    let reps = reps.max(1);
+    let reps = opts.reps.max(1);
+    let level = simd::level();
     // Prefill runs on f32 weights (as PyTorch and llama.cpp F32 do; a packed model would expand
-    // them per GEMM); decode reads weights as stored, so it is measured both ways.
-    let mut expanded = resolve::load(&loaded.path)?.model;
+    // them per GEMM); decode reads weights as stored, so a packed model is measured both ways.
+    // The expanded copy is loaded with the same options (window rule) as the model itself.
+    let mut expanded = load_model(&loaded.path)?;
     expanded.densify();
-    let mut rows = Vec::new();
-    for m in MEASURES {
-        let model = if m.f32_weights {
-            &expanded
-        } else {
-            &loaded.model
-        };
-        eprintln!(
-            "measuring {} {} ({reps} runs + warm-up) ...",
-            m.what, m.tokens
-        );
-        let mut r = if m.what == "prefill" {
-            speed::prefill(model, &ids, m.tokens, reps)?
-        } else {
-            speed::decode(model, &ids, 128, m.tokens, reps)?.0
-        };
-        if m.what == "decode" {
-            r.what += if m.f32_weights {
-                ", f32 weights"
-            } else {
-                ", weights as stored"
-            };
-        }
-        rows.push((r, m.torch, m.llama));
+    let packed = loaded.model.has_packed();
+    let mut lines = Vec::new();
+    for &t in &opts.prefill {
+        eprintln!("measuring prefill {t} ({reps} runs + warm-up) ...");
+        lines.push(Line {
+            row: speed::prefill(&expanded, &ids, t, reps)?,
+            key: baselines::Measure::Prefill(t),
+        });
     }
-    let fmt = |v: Option<f64>| v.map_or("—".to_string(), |x| format!("{x:.0}"));
-    let ratio = |a: f64, b: Option<f64>| b.map_or("—".to_string(), |b| format!("{:.2}x", a / b));
-    table(
-        &[
-            "measure",
-            "whittle tok/s",
-            "PyTorch fp32",
-            "llama.cpp F32",
-            "vs PyTorch",
-            "vs llama.cpp",
-        ],
-        &rows
+    let mut decode = |model: &whittle::Model, label: &str, key| -> Result<()> {
+        eprintln!("measuring decode, {label} ({reps} runs + warm-up) ...");
+        let mut row = speed::decode(model, &ids, 128, 128, reps)?.0;
+        row.what += &format!(", {label}");
+        lines.push(Line { row, key });
+        Ok(())
+    };
+    if packed {
+        decode(
+            &loaded.model,
+            "weights as stored",
+            baselines::Measure::DecodeStored,
+        )?;
+    }
+    decode(&expanded, "f32 weights", baselines::Measure::DecodeF32)?;
+    let figures: Vec<Figures> = opts
+        .compare
+        .iter()
+        .map(|b| baselines::measure(*b, &opts.tools, &loaded.path, packed, level, threads, reps))
+        .collect::<Result<_>>()?;
+
+    let mut header = vec!["measure".to_string(), "whittle tok/s".to_string()];
+    for f in &figures {
+        header.push(format!("{} tok/s", f.name));
+    }
+    for f in &figures {
+        header.push(format!("vs {}", f.name));
+    }
+    let cells: Vec<Vec<String>> =
+        lines
             .iter()
-            .map(|(r, torch, llama)| {
-                vec![
-                    r.what.clone(),
-                    format!("{:.1}", r.tokens_per_s),
-                    fmt(*torch),
-                    fmt(*llama),
-                    ratio(r.tokens_per_s, *torch),
-                    ratio(r.tokens_per_s, *llama),
-                ]
+            .map(|l| {
+                let mut row = vec![l.row.what.clone(), format!("{:.1}", l.row.tokens_per_s)];
+                let theirs: Vec<Option<f64>> = figures.iter().map(|f| f.get(l.key)).collect();
+                row.extend(
+                    theirs
+                        .iter()
+                        .map(|v| v.map_or("—".into(), |v| format!("{v:.1}"))),
+                );
+                row.extend(theirs.iter().map(|v| {
+                    v.map_or("—".into(), |v| format!("{:.2}x", l.row.tokens_per_s / v))
+                }));
+                row
             })
-            .collect::<Vec<_>>(),
-    );
-    println!("threads {threads}; reference figures: shared/reference/README.md (2 threads, busy machine)");
+            .collect();
+    let header: Vec<&str> = header.iter().map(String::as_str).collect();
+    table(&header, &cells);
+    let cpu = baselines::cpu_name();
+    println!("CPU {cpu}; SIMD level {level}; threads {threads}");
+    for f in &figures {
+        println!("{}: {}", f.name, f.note);
+    }
     if let Some(out) = json_out {
-        let rows: Vec<_> = rows
+        let rows: Vec<_> = lines
             .iter()
-            .map(|(r, torch, llama)| json!({"whittle": r, "pytorch_fp32": torch, "llamacpp_f32": llama}))
+            .map(|l| {
+                let mut r = json!({"whittle": l.row});
+                for f in &figures {
+                    r[f.name.as_str()] = json!(f.get(l.key));
+                }
+                r
+            })
+            .collect();
+        let baselines: Vec<_> = figures
+            .iter()
+            .map(|f| json!({"name": f.name, "note": f.note, "raw": f.raw}))
             .collect();
         write_json(
             &out,
-            &json!({"model": loaded.path, "threads": threads, "rows": rows}),
+            &json!({
+                "model": loaded.path,
+                "cpu": cpu,
+                "simd_level": level.name(),
+                "threads": threads,
+                "rows": rows,
+                "baselines": baselines,
+            }),
         )?;
     }
+    Ok(())
+}
+
+/// The SIMD levels this CPU runs, lowest first, one line: what scripts loop over.
+pub fn levels() -> Result<()> {
+    let names: Vec<_> = simd::Level::supported().iter().map(|l| l.name()).collect();
+    println!("{}", names.join(" "));
     Ok(())
 }
 

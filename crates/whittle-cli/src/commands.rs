@@ -137,6 +137,16 @@ pub fn inspect(model: Option<&str>, json_out: Option<PathBuf>) -> Result<()> {
         cache.context,
         c.memory_tokens
     );
+    let level = whittle::kernels::simd::level();
+    let runs: Vec<_> = whittle::kernels::simd::Level::supported()
+        .iter()
+        .map(|l| l.name())
+        .collect();
+    println!(
+        "cpu        {} · SIMD level {level} (this CPU runs {}; WHITTLE_SIMD forces one)",
+        crate::baselines::cpu_name(),
+        runs.join(", ")
+    );
     println!();
     let mut rows: Vec<Vec<String>> = modules
         .iter()
@@ -156,7 +166,9 @@ pub fn inspect(model: Option<&str>, json_out: Option<PathBuf>) -> Result<()> {
             &json!({"path": path, "config": c, "layers": shapes, "parameters": modules,
                     "total_parameters": total, "bytes_on_disk": size, "tensor_types": dtypes,
                     "cache": {"bytes_per_token": cache.per_token, "context": cache.context,
-                              "bytes_at_context": cache.at_context}}),
+                              "bytes_at_context": cache.at_context},
+                    "cpu": crate::baselines::cpu_name(), "simd_level": level.name(),
+                    "simd_levels_here": runs}),
         )?;
     }
     Ok(())

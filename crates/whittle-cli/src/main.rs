@@ -1,6 +1,7 @@
 //! The `whittle` command line: parses arguments, shows progress, prints tables, writes JSON.
 //! All the work happens in the `whittle` library.
 
+mod baselines;
 mod bench;
 mod commands;
 mod compress;
@@ -154,7 +155,8 @@ enum Command {
         #[arg(long)]
         json: Option<PathBuf>,
     },
-    /// Prefill and decode throughput, next to the reference figures.
+    /// Prefill and decode throughput (at the SIMD level in use; WHITTLE_SIMD forces one),
+    /// optionally next to PyTorch and llama.cpp measured in the same run.
     Bench {
         #[command(flatten)]
         model: ModelArg,
@@ -164,6 +166,26 @@ enum Command {
         /// Timed runs per figure (median reported), after one warm-up.
         #[arg(long, default_value_t = 3)]
         reps: usize,
+        /// Prefill lengths to time.
+        #[arg(long, value_delimiter = ',', default_value = "512,2048")]
+        prefill: Vec<usize>,
+        /// Also measure these on the same GGUF file, right after whittle, restricted to the
+        /// same SIMD level: pytorch (the reference harness), llama.cpp (llama-bench).
+        #[arg(long, value_enum, value_delimiter = ',')]
+        compare: Vec<baselines::Baseline>,
+        /// Python with the harness's requirements (for --compare pytorch).
+        #[arg(long, env = "WHITTLE_BENCH_PYTHON", default_value = "python3")]
+        python: PathBuf,
+        /// The reference harness folder (for --compare pytorch).
+        #[arg(long, default_value = "../shared/reference/harness")]
+        harness: PathBuf,
+        /// llama-bench binary (for --compare llama.cpp; default: benches/compare_llamacpp.sh's
+        /// build for the SIMD level).
+        #[arg(long)]
+        llama_bench: Option<PathBuf>,
+        /// Print the SIMD levels this CPU runs and exit.
+        #[arg(long)]
+        levels: bool,
         /// Instead of the reference protocol: decode speed and cache size after prefilling each
         /// of these context lengths (e.g. 1024,4096,8192).
         #[arg(long, value_delimiter = ',')]
@@ -243,6 +265,11 @@ enum EvalCommand {
 
 fn main() {
     let cli = Cli::parse();
+    // A bad WHITTLE_SIMD (unknown, or above what this CPU runs) is an error before any work.
+    if let Err(e) = whittle::kernels::simd::init() {
+        eprintln!("error: {e}");
+        std::process::exit(2);
+    }
     whittle::threads::set_threads(
         cli.threads
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
@@ -342,17 +369,35 @@ fn main() {
             model,
             data,
             reps,
+            prefill,
+            compare,
+            python,
+            harness,
+            llama_bench,
+            levels,
             contexts,
             steps,
             scan,
             json,
         } => {
-            if scan {
+            if levels {
+                bench::levels()
+            } else if scan {
                 bench::scan(reps)
             } else if !contexts.is_empty() {
                 bench::contexts(model.model.as_deref(), &data, &contexts, steps, reps, json)
             } else {
-                bench::run(model.model.as_deref(), &data, reps, json)
+                let opts = bench::BenchOptions {
+                    reps,
+                    prefill,
+                    compare,
+                    tools: baselines::Tools {
+                        python,
+                        harness,
+                        llama_bench,
+                    },
+                };
+                bench::run(model.model.as_deref(), &data, &opts, json)
             }
         }
         Command::Train(args) => train::run(&args),

@@ -53,11 +53,17 @@ const B_TILE: usize = TILE * TILE;
 const A_AHEAD: usize = PIECES * A_TILE;
 const B_AHEAD: usize = B_TILE;
 
-/// Whether the tile path runs: the CPU has AMX-BF16, Linux granted the tile state, and
-/// `WHITTLE_AMX=0` is not set (which forces the plain f32 GEMM, e.g. to compare the two).
-pub fn available() -> bool {
+/// Whether the CPU has AMX-BF16 (and AVX512-BW, used to pack tiles) and Linux granted this
+/// process the tile state; asked once.
+pub fn os_grants_tiles() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| std::env::var("WHITTLE_AMX").map_or(true, |v| v != "0") && imp::enable())
+    *ON.get_or_init(imp::enable)
+}
+
+/// Whether the tile path runs on this thread: the SIMD level is `amx` (the CPU's widest where it
+/// has AMX; `WHITTLE_SIMD=avx512` or lower forces the other GEMMs, e.g. to compare them).
+pub fn available() -> bool {
+    super::simd::level() == super::simd::Level::Amx
 }
 
 /// Whether a product over `rows` rows takes the tile path (the one rule that the plain and the
@@ -225,7 +231,7 @@ impl Acts {
             for n in 0..TILE {
                 let r = (tb * TILE + n).min(rows);
                 let row = &x[r * inp..(r * inp + inp).min(x.len())];
-                // SAFETY: `available()` (asserted by `with_shape`) implies AVX512-BW.
+                // SAFETY: `os_grants_tiles()` (asserted by `with_shape`) implies AVX512-BW.
                 unsafe { simd::pack_row(row, n, out) }
             }
         });
@@ -235,7 +241,10 @@ impl Acts {
     /// Tiles for `rows × inp` values whose rows are packed one by one with [`Acts::set_row`]
     /// (rows never set hold whatever the reused buffer held).
     pub fn with_shape(rows: usize, inp: usize) -> Acts {
-        assert!(available(), "AMX tile path used on a machine without it");
+        assert!(
+            os_grants_tiles(),
+            "AMX tile path used on a machine without it"
+        );
         let kblocks = inp.div_ceil(KB);
         let token_pairs = rows.div_ceil(2 * TILE);
         let mut data = ACT_TILES
@@ -264,7 +273,7 @@ impl Acts {
         assert!(r < 2 * TILE * self.token_pairs && x.len() <= self.inp);
         let per_block = self.per_block();
         let block = &mut self.data[r / TILE * per_block..][..per_block];
-        // SAFETY: `available()` (asserted by `with_shape`) implies AVX512-BW.
+        // SAFETY: `os_grants_tiles()` (asserted by `with_shape`) implies AVX512-BW.
         unsafe { simd::pack_row(x, r % TILE, block) }
     }
 }
@@ -293,9 +302,12 @@ impl WeightTiles {
     }
 
     fn pack_into(w: &[f32], out: usize, inp: usize, mut data: Vec<u32>) -> WeightTiles {
-        assert!(available(), "AMX tile path used on a machine without it");
+        assert!(
+            os_grants_tiles(),
+            "AMX tile path used on a machine without it"
+        );
         assert_eq!(w.len(), out * inp);
-        // SAFETY: `available()` (asserted above) implies AVX512-BW.
+        // SAFETY: `os_grants_tiles()` (asserted above) implies AVX512-BW.
         let pieces = unsafe { simd::pieces_needed(w) };
         let per_block = inp.div_ceil(KB) * pieces * B_TILE;
         let blocks = 2 * out.div_ceil(2 * TILE);
@@ -454,17 +466,17 @@ struct SendPtr(*mut f32);
 unsafe impl Sync for SendPtr {}
 unsafe impl Send for SendPtr {}
 
-/// Other architectures never take the tile path (`available()` is false there).
+/// Other architectures never take the tile path (`os_grants_tiles()` is false there).
 #[cfg(not(target_arch = "x86_64"))]
 mod simd {
     pub unsafe fn pieces_needed(_: &[f32]) -> usize {
-        unreachable!("the tile path runs only where `available()`")
+        unreachable!("the tile path runs only where `os_grants_tiles()`")
     }
     pub unsafe fn pack_row(_: &[f32], _: usize, _: &mut [u16]) {
-        unreachable!("the tile path runs only where `available()`")
+        unreachable!("the tile path runs only where `os_grants_tiles()`")
     }
     pub unsafe fn pack_pairs(_: &[f32], _: usize, _: usize, _: &mut [u32]) {
-        unreachable!("the tile path runs only where `available()`")
+        unreachable!("the tile path runs only where `os_grants_tiles()`")
     }
 }
 
@@ -479,6 +491,9 @@ mod imp {
     /// Asks Linux for the AMX tile state (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`),
     /// after checking CPUID for AMX-TILE and AMX-BF16.
     pub fn enable() -> bool {
+        if !std::arch::is_x86_feature_detected!("avx512f") {
+            return false;
+        }
         let leaf7 = std::arch::x86_64::__cpuid_count(7, 0);
         let (bf16, tile) = (leaf7.edx >> 22 & 1 == 1, leaf7.edx >> 24 & 1 == 1);
         const SYS_ARCH_PRCTL: i64 = 158;
@@ -501,7 +516,7 @@ mod imp {
             cfg.0[16 + 2 * t] = 64;
             cfg.0[48 + t] = 16;
         }
-        // SAFETY: `available()` checked the CPU and OS support; the config is valid.
+        // SAFETY: `os_grants_tiles()` checked the CPU and OS support; the config is valid.
         unsafe { asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack)) };
     }
 
@@ -641,7 +656,7 @@ mod imp {
     pub fn configure() {}
     pub fn release() {}
     pub unsafe fn block(_: *const u16, _: *const u32, _: usize, _: usize, _: *mut f32, _: usize) {
-        unreachable!("the tile path runs only where `available()`")
+        unreachable!("the tile path runs only where `os_grants_tiles()`")
     }
 }
 
@@ -652,7 +667,7 @@ mod tests {
     /// Whether this CPU runs the tile path; says so when it does not (the test then passes
     /// without checking anything, as on CPUs without AMX).
     fn tiles_here() -> bool {
-        let here = available();
+        let here = os_grants_tiles();
         if !here {
             eprintln!("no AMX on this CPU: tile path not tested here");
         }
@@ -671,7 +686,7 @@ mod tests {
             .chain([0.1, 1.0 / 3.0, 0.0])
             .collect();
         for src in [&v[..], &v[..29]] {
-            // SAFETY: `available()` implies AVX512-BW.
+            // SAFETY: `os_grants_tiles()` implies AVX512-BW.
             let p = unsafe { simd::split32(src) };
             let p: Vec<[u16; 32]> = p
                 .iter()

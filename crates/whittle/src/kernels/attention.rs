@@ -333,46 +333,51 @@ mod tests {
     }
 
     #[test]
-    fn gqa_causal_matches_naive_with_history_window_and_wide_values() {
-        let masks = [
-            Mask::CAUSAL,
-            Mask {
-                window: Some(8),
-                sink: 3,
-            },
-            Mask {
-                window: Some(20),
-                sink: 0,
-            },
-        ];
-        for (sh, mask) in [
-            (AttnShape::new(6, 2, 8), masks[0]),
-            (
-                AttnShape {
-                    v_head_dim: 16,
-                    ..AttnShape::new(4, 2, 8)
+    fn gqa_causal_matches_naive_with_history_window_and_wide_values_at_every_level() {
+        crate::kernels::simd::for_each_level(|level| {
+            let masks = [
+                Mask::CAUSAL,
+                Mask {
+                    window: Some(8),
+                    sink: 3,
                 },
-                masks[1],
-            ),
-            (AttnShape::new(2, 1, 4), masks[2]),
-        ] {
-            for (t, s) in [(1, 1), (5, 5), (130, 130), (1, 77), (70, 100)] {
-                let f = |n: usize, m: usize| -> Vec<f32> {
-                    (0..n)
-                        .map(|i| ((i * m % 97) as f32 / 97.0 - 0.5) * 2.0)
-                        .collect()
-                };
-                let (q, k, v) = (
-                    f(t * sh.q_dim(), 31),
-                    f(s * sh.kv_dim(), 17),
-                    f(s * sh.v_dim(), 29),
-                );
-                let mut out = vec![f32::NAN; t * sh.out_dim()];
-                causal_attention(&q, &k, &v, t, s, sh, mask, &mut out);
-                for (a, b) in out.iter().zip(naive(&q, &k, &v, t, s, sh, mask)) {
-                    assert!((*a as f64 - b).abs() < 1e-5, "t={t} s={s}: {a} vs {b}");
+                Mask {
+                    window: Some(20),
+                    sink: 0,
+                },
+            ];
+            for (sh, mask) in [
+                (AttnShape::new(6, 2, 8), masks[0]),
+                (
+                    AttnShape {
+                        v_head_dim: 16,
+                        ..AttnShape::new(4, 2, 8)
+                    },
+                    masks[1],
+                ),
+                (AttnShape::new(2, 1, 4), masks[2]),
+            ] {
+                for (t, s) in [(1, 1), (5, 5), (130, 130), (1, 77), (70, 100)] {
+                    let f = |n: usize, m: usize| -> Vec<f32> {
+                        (0..n)
+                            .map(|i| ((i * m % 97) as f32 / 97.0 - 0.5) * 2.0)
+                            .collect()
+                    };
+                    let (q, k, v) = (
+                        f(t * sh.q_dim(), 31),
+                        f(s * sh.kv_dim(), 17),
+                        f(s * sh.v_dim(), 29),
+                    );
+                    let mut out = vec![f32::NAN; t * sh.out_dim()];
+                    causal_attention(&q, &k, &v, t, s, sh, mask, &mut out);
+                    for (a, b) in out.iter().zip(naive(&q, &k, &v, t, s, sh, mask)) {
+                        assert!(
+                            (*a as f64 - b).abs() < 1e-5,
+                            "{level} t={t} s={s}: {a} vs {b}"
+                        );
+                    }
                 }
             }
-        }
+        });
     }
 }

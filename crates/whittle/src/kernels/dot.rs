@@ -1,23 +1,29 @@
-//! Dot product with runtime CPU dispatch: the binary is built for baseline x86-64, while the
-//! machines we run on have AVX-512 or AVX2. Decode is a chain of matrix-vector products, so this
-//! loop bounds decode speed.
+//! Dot product at the SIMD level of [`simd::level`]: the binary is built for its architecture's
+//! baseline, while the machines it runs on have AVX-512, AVX2 or NEON. Decode is a chain of
+//! matrix-vector products, so this loop bounds decode speed with f32 weights.
+
+use super::simd::{self, Level};
 
 /// Σ a[i]·b[i]. Panics if lengths differ (a programming error, not an input error).
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    dot_at(simd::level(), a, b)
+}
+
+/// [`dot`] at a given level, for callers that resolve the level once for many rows (and hand
+/// it to worker threads).
+#[inline]
+pub fn dot_at(level: Level, a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports AVX-512F (checked above).
-            return unsafe { x86::dot_avx512(a, b) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            // SAFETY: the CPU supports AVX2 and FMA (checked above).
-            return unsafe { x86::dot_avx2(a, b) };
-        }
+    match level {
+        // SAFETY (all arms): a level is only ever one the CPU runs (`Level::runs_here`).
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512 | Level::Amx => unsafe { x86::dot_avx512(a, b) },
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 => unsafe { x86::dot_avx2(a, b) },
+        #[cfg(target_arch = "aarch64")]
+        Level::Neon => unsafe { arm::dot_neon(a, b) },
+        _ => dot_portable(a, b),
     }
-    dot_portable(a, b)
 }
 
 /// Portable version with 16 independent accumulators so that the compiler can vectorise it;
@@ -91,6 +97,8 @@ mod x86 {
         let mut acc = [_mm256_setzero_ps(); 4];
         let mut i = 0;
         while i + 32 <= n {
+            _mm_prefetch::<_MM_HINT_T0>(pa.wrapping_add(i + AHEAD) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(pa.wrapping_add(i + 16 + AHEAD) as *const i8);
             for (k, acc) in acc.iter_mut().enumerate() {
                 let x = _mm256_loadu_ps(pa.add(i + 8 * k));
                 let y = _mm256_loadu_ps(pb.add(i + 8 * k));
@@ -110,12 +118,41 @@ mod x86 {
     }
 }
 
+#[cfg(target_arch = "aarch64")]
+mod arm {
+    use std::arch::aarch64::*;
+
+    /// Four 4-lane accumulators (independent FMA chains), as the x86 paths.
+    #[target_feature(enable = "neon")]
+    pub unsafe fn dot_neon(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len();
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        let mut acc = [vdupq_n_f32(0.0); 4];
+        let mut i = 0;
+        while i + 16 <= n {
+            for (k, acc) in acc.iter_mut().enumerate() {
+                let x = vld1q_f32(pa.add(i + 4 * k));
+                let y = vld1q_f32(pb.add(i + 4 * k));
+                *acc = vfmaq_f32(*acc, x, y);
+            }
+            i += 16;
+        }
+        let s = vaddq_f32(vaddq_f32(acc[0], acc[1]), vaddq_f32(acc[2], acc[3]));
+        let mut total = vaddvq_f32(s);
+        while i < n {
+            total += *pa.add(i) * *pb.add(i);
+            i += 1;
+        }
+        total
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn matches_f64_loop_for_every_tail_length() {
+    fn matches_f64_loop_for_every_tail_length_at_every_level() {
         for n in [0usize, 1, 7, 15, 16, 17, 63, 64, 65, 130, 576, 1537] {
             let a: Vec<f32> = (0..n)
                 .map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0)
@@ -124,10 +161,11 @@ mod tests {
                 .map(|i| ((i * 53 % 89) as f32 - 44.0) / 13.0)
                 .collect();
             let exact: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
-            for got in [dot(&a, &b), dot_portable(&a, &b)] {
+            for level in crate::kernels::simd::Level::supported() {
+                let got = dot_at(level, &a, &b);
                 assert!(
                     (got as f64 - exact).abs() <= 1e-4 * (1.0 + exact.abs()),
-                    "n={n}"
+                    "n={n} at {level}"
                 );
             }
         }

@@ -3,6 +3,8 @@
 //! range reduction `x = n·ln2 + r`, a degree-6 polynomial for `e^r`, and `2^n` built from exponent
 //! bits; relative error ≈ 2 ulp over the whole range (tested below).
 
+use super::simd::madd;
+
 const LOG2E: f32 = std::f32::consts::LOG2_E;
 const LN2_HI: f32 = 0.693_359_4;
 const LN2_LO: f32 = -2.121_944_4e-4;
@@ -12,22 +14,23 @@ const ROUND_MAGIC: f32 = 12_582_912.0;
 /// `e^x` for finite `x`; inputs below −87.3 return the smallest normal value's neighbourhood
 /// (≈1e-38) rather than 0, which is harmless where it is used (softmax after max subtraction).
 ///
-/// Written with fused multiply-adds (half the vector operations of separate ones; the softmax
-/// of prefill 2048 evaluates ~0.6 billion of these). Call it only from `simd_dispatch!` bodies:
-/// compiled there for AVX2+FMA or AVX-512 each `mul_add` is one instruction, while in code built
-/// for baseline x86-64 it is a call to libm's `fmaf` (correct, but slow).
+/// Written with fused multiply-adds where the level has them (`FMA`, from `simd_dispatch!`:
+/// half the vector operations of separate ones; the softmax of prefill 2048 evaluates ~0.6
+/// billion of these) and with separate ones where it has not (a `mul_add` in code built for
+/// baseline x86-64 is a call to libm's `fmaf`).
 #[inline(always)]
-pub fn exp_approx(x: f32) -> f32 {
+pub fn exp_approx<const FMA: bool>(x: f32) -> f32 {
+    let fma = madd::<FMA>;
     let x = x.clamp(-87.3, 88.7);
-    let n = x.mul_add(LOG2E, ROUND_MAGIC) - ROUND_MAGIC;
-    let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, x));
+    let n = fma(x, LOG2E, ROUND_MAGIC) - ROUND_MAGIC;
+    let r = fma(n, -LN2_LO, fma(n, -LN2_HI, x));
     let mut p = 1.987_569_1e-4f32;
-    p = p.mul_add(r, 1.398_199_9e-3);
-    p = p.mul_add(r, 8.333_452e-3);
-    p = p.mul_add(r, 4.166_579_6e-2);
-    p = p.mul_add(r, 1.666_666_5e-1);
-    p = p.mul_add(r, 0.5);
-    let e = p.mul_add(r * r, r) + 1.0;
+    p = fma(p, r, 1.398_199_9e-3);
+    p = fma(p, r, 8.333_452e-3);
+    p = fma(p, r, 4.166_579_6e-2);
+    p = fma(p, r, 1.666_666_5e-1);
+    p = fma(p, r, 0.5);
+    let e = fma(p, r * r, r) + 1.0;
     // SAFETY: `x` is clamped above, so `n` is an integer in [-126, 128]: the unchecked conversion
     // is exact, and unlike the saturating `as` it vectorises to one instruction.
     let n = unsafe { n.to_int_unchecked::<i32>() };
@@ -59,18 +62,18 @@ fn max_of(row: &[f32]) -> f32 {
 
 /// `row_i = e^{scale·(row_i − max)}`, returning their sum.
 #[inline(always)]
-fn exp_sum(row: &mut [f32], scale: f32, max: f32) -> f32 {
+fn exp_sum<const FMA: bool>(row: &mut [f32], scale: f32, max: f32) -> f32 {
     let mut acc = [0f32; LANES];
     let mut chunks = row.chunks_exact_mut(LANES);
     for c in &mut chunks {
         for i in 0..LANES {
-            c[i] = exp_approx(scale * (c[i] - max));
+            c[i] = exp_approx::<FMA>(scale * (c[i] - max));
             acc[i] += c[i];
         }
     }
     let mut tail = 0f32;
     for v in chunks.into_remainder() {
-        *v = exp_approx(scale * (*v - max));
+        *v = exp_approx::<FMA>(scale * (*v - max));
         tail += *v;
     }
     acc.iter().sum::<f32>() + tail
@@ -81,7 +84,7 @@ simd_dispatch! {
     /// `1/√d` into `scale` so the scores are read once.
     pub fn softmax_in_place(row: &mut [f32], scale: f32) {
         let max = max_of(row);
-        let inv = 1.0 / exp_sum(row, scale, max);
+        let inv = 1.0 / exp_sum::<FMA>(row, scale, max);
         for v in row.iter_mut() {
             *v *= inv;
         }
@@ -93,7 +96,7 @@ simd_dispatch! {
     /// for a caller that divides a narrower result instead (attention's output rows).
     pub fn exp_shifted(row: &mut [f32], scale: f32) -> f32 {
         let max = max_of(row);
-        exp_sum(row, scale, max)
+        exp_sum::<FMA>(row, scale, max)
     }
 }
 
@@ -102,7 +105,7 @@ simd_dispatch! {
     /// times a gradient.
     pub fn exp_shift_scale(row: &[f32], shift: f32, scale: f32, out: &mut [f32]) {
         for (o, v) in out.iter_mut().zip(row) {
-            *o = exp_approx(v - shift) * scale;
+            *o = exp_approx::<FMA>(v - shift) * scale;
         }
     }
 }
@@ -113,10 +116,10 @@ simd_dispatch! {
         let max = max_of(row);
         let mut acc = [0f32; LANES];
         let chunks = row.chunks_exact(LANES);
-        let tail: f32 = chunks.remainder().iter().map(|v| exp_approx(*v - max)).sum();
+        let tail: f32 = chunks.remainder().iter().map(|v| exp_approx::<FMA>(*v - max)).sum();
         for c in chunks {
             for i in 0..LANES {
-                acc[i] += exp_approx(c[i] - max);
+                acc[i] += exp_approx::<FMA>(c[i] - max);
             }
         }
         max + (acc.iter().sum::<f32>() + tail).ln()
@@ -127,39 +130,49 @@ simd_dispatch! {
 mod tests {
     use super::*;
 
+    use crate::kernels::simd::for_each_level;
+
     #[test]
-    fn exp_relative_error_is_a_few_ulp() {
-        let mut worst = 0f64;
-        let mut x = -87.0f32;
-        while x < 88.0 {
-            let want = (x as f64).exp();
-            let rel = ((exp_approx(x) as f64 - want) / want).abs();
-            worst = worst.max(rel);
-            x += 0.0137;
+    fn exp_relative_error_is_a_few_ulp_with_and_without_fma() {
+        for (name, exp) in [
+            ("fma", exp_approx::<true> as fn(f32) -> f32),
+            ("separate", exp_approx::<false>),
+        ] {
+            let mut worst = 0f64;
+            let mut x = -87.0f32;
+            while x < 88.0 {
+                let want = (x as f64).exp();
+                let rel = ((exp(x) as f64 - want) / want).abs();
+                worst = worst.max(rel);
+                x += 0.0137;
+            }
+            assert!(worst < 3e-7, "{name}: worst relative error {worst}");
+            assert_eq!(exp(0.0), 1.0);
         }
-        assert!(worst < 3e-7, "worst relative error {worst}");
-        assert_eq!(exp_approx(0.0), 1.0);
     }
 
     #[test]
-    fn logsumexp_matches_f64() {
+    fn logsumexp_matches_f64_at_every_level() {
         let x: Vec<f32> = (0..1001)
             .map(|i| ((i * 13 % 101) as f32 - 50.0) * 0.4)
             .collect();
         let m = x.iter().cloned().fold(f32::MIN, f32::max) as f64;
         let want = m + x.iter().map(|v| (*v as f64 - m).exp()).sum::<f64>().ln();
-        assert!((logsumexp(&x) as f64 - want).abs() < 1e-5);
+        for_each_level(|l| assert!((logsumexp(&x) as f64 - want).abs() < 1e-5, "{l}"));
     }
 
     #[test]
-    fn softmax_matches_f64() {
+    fn softmax_matches_f64_at_every_level() {
         let x: Vec<f32> = (0..37).map(|i| ((i * 7 % 11) as f32 - 5.0) * 1.3).collect();
-        let mut y = x.clone();
-        softmax_in_place(&mut y, 0.7);
         let m = x.iter().cloned().fold(f32::MIN, f32::max) as f64;
         let z: f64 = x.iter().map(|v| ((*v as f64 - m) * 0.7).exp()).sum();
-        for (a, b) in y.iter().zip(&x) {
-            assert!((*a as f64 - ((*b as f64 - m) * 0.7).exp() / z).abs() < 1e-7);
-        }
+        for_each_level(|l| {
+            let mut y = x.clone();
+            softmax_in_place(&mut y, 0.7);
+            for (a, b) in y.iter().zip(&x) {
+                let want = ((*b as f64 - m) * 0.7).exp() / z;
+                assert!((*a as f64 - want).abs() < 1e-7, "{l}");
+            }
+        });
     }
 }

@@ -1,11 +1,13 @@
 //! `y = x · Wᵀ` for a row-major weight `W` of shape `[out, in]` (the nn.Linear layout every model
-//! file uses). Many rows (prefill) go to faer's GEMM, which reaches ~93 % of peak here; a few rows
-//! (decode) go to a parallel matrix-vector loop, because a GEMM packs the whole weight first and
-//! decode is bound by reading the weight once. On CPUs with AMX, many rows go to the tile path
-//! of [`amx`] instead (f32 accuracy, faster than faer there).
+//! file uses), and the general GEMM every other product goes through. Many rows (prefill) go to
+//! a GEMM: on AMX CPUs the tile path of [`amx`] (f32 accuracy), on x86 with AVX2 or AVX-512
+//! faer's x86 micro-kernels asked for that instruction set explicitly, at the scalar level a
+//! portable register-blocked GEMM. A few rows (decode) go to a parallel matrix-vector loop,
+//! because a GEMM packs the whole weight first and decode is bound by reading the weight once.
 
 use super::amx;
-use super::dot::dot;
+use super::dot::dot_at;
+use super::simd::{self, Level};
 use faer::{Accum, MatMut, MatRef};
 use rayon::prelude::*;
 
@@ -22,14 +24,12 @@ pub fn matmul_t(x: &[f32], w: &[f32], rows: usize, inp: usize, out: usize, y: &m
     if rows == 0 || out == 0 {
         return;
     }
+    let level = simd::level();
     if rows <= GEMV_MAX_ROWS {
         for r in 0..rows {
-            gemv(
-                &x[r * inp..(r + 1) * inp],
-                w,
-                inp,
-                &mut y[r * out..(r + 1) * out],
-            );
+            let xr = &x[r * inp..(r + 1) * inp];
+            let yr = &mut y[r * out..(r + 1) * out];
+            matvec_rows(yr, |j| dot_at(level, &w[j * inp..(j + 1) * inp], xr));
         }
         return;
     }
@@ -40,7 +40,8 @@ pub fn matmul_t(x: &[f32], w: &[f32], rows: usize, inp: usize, out: usize, y: &m
     let threads = crate::threads::threads();
     let seq = |x: &[f32], y: &mut [f32]| {
         let r = x.len() / inp;
-        gemm(
+        gemm_at(
+            level,
             MatMut::from_row_major_slice_mut(y, r, out),
             Accum::Replace,
             MatRef::from_row_major_slice(x, r, inp),
@@ -64,13 +65,161 @@ pub fn matmul_t(x: &[f32], w: &[f32], rows: usize, inp: usize, out: usize, y: &m
 /// Fewest rows for which splitting rows between threads pays.
 const ROW_SPLIT_MIN: usize = 64;
 
-/// `dst (+)= lhs · rhs` with faer, scale 1.
+/// `dst (+)= lhs · rhs`, scale 1, at the thread's SIMD level.
 pub fn gemm(dst: MatMut<f32>, acc: Accum, lhs: MatRef<f32>, rhs: MatRef<f32>, par: faer::Par) {
-    faer::linalg::matmul::matmul(dst, acc, lhs, rhs, 1.0f32, par);
+    gemm_at(simd::level(), dst, acc, lhs, rhs, par)
 }
 
-fn gemv(x: &[f32], w: &[f32], inp: usize, y: &mut [f32]) {
-    matvec_rows(y, |j| dot(&w[j * inp..(j + 1) * inp], x));
+/// [`gemm`] at a given level. faer's own `matmul` picks AVX-512 wherever the CPU has it, so on
+/// x86 its micro-kernels (the `private-gemm-x86` crate) are called here with the instruction
+/// set of the level; on AArch64 faer's NEON kernels are the baseline and serve every level.
+pub fn gemm_at(
+    level: Level,
+    dst: MatMut<f32>,
+    acc: Accum,
+    lhs: MatRef<f32>,
+    rhs: MatRef<f32>,
+    par: faer::Par,
+) {
+    assert!(dst.nrows() == lhs.nrows() && dst.ncols() == rhs.ncols());
+    assert_eq!(lhs.ncols(), rhs.nrows());
+    #[cfg(target_arch = "x86_64")]
+    {
+        use private_gemm_x86 as pg;
+        let instr = match level {
+            Level::Avx512 | Level::Amx => pg::InstrSet::Avx512,
+            Level::Avx2 => pg::InstrSet::Avx256,
+            _ => return portable::gemm(dst, acc, lhs, rhs),
+        };
+        let (m, n, k) = (dst.nrows(), dst.ncols(), lhs.ncols());
+        if m == 0 || n == 0 {
+            return;
+        }
+        if k == 0 {
+            if acc == Accum::Replace {
+                let mut dst = dst;
+                dst.fill(0.0);
+            }
+            return;
+        }
+        let alpha = 1.0f32;
+        // SAFETY: the pointers and strides describe the faer views, whose shapes are checked
+        // above; the instruction set is one the CPU runs (a level always is).
+        unsafe {
+            pg::gemm(
+                pg::DType::F32,
+                pg::IType::U64,
+                instr,
+                m,
+                n,
+                k,
+                dst.as_ptr_mut() as *mut (),
+                dst.row_stride(),
+                dst.col_stride(),
+                std::ptr::null(),
+                std::ptr::null(),
+                pg::DstKind::Full,
+                match acc {
+                    Accum::Replace => pg::Accum::Replace,
+                    Accum::Add => pg::Accum::Add,
+                },
+                lhs.as_ptr() as *const (),
+                lhs.row_stride(),
+                lhs.col_stride(),
+                false,
+                std::ptr::null(),
+                0,
+                rhs.as_ptr() as *const (),
+                rhs.row_stride(),
+                rhs.col_stride(),
+                false,
+                &raw const alpha as *const (),
+                par.degree(),
+            );
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = level;
+        faer::linalg::matmul::matmul(dst, acc, lhs, rhs, 1.0f32, par);
+    }
+}
+
+/// The scalar level's GEMM: portable Rust that the compiler vectorises for the baseline target
+/// (SSE2 on x86-64), with separate multiplies and adds (no libm `fmaf`). Classic blocking: a
+/// `KC`-deep slice of `rhs` packed into `NR`-wide column panels, `MC` rows of `lhs` packed into
+/// `MR`-tall row panels, and an `MR × NR` block of sums held in registers (8 SSE registers).
+#[cfg(target_arch = "x86_64")]
+mod portable {
+    use faer::{Accum, MatMut, MatRef};
+
+    const MR: usize = 4;
+    const NR: usize = 8;
+    const KC: usize = 256;
+    const MC: usize = 64;
+
+    pub fn gemm(mut dst: MatMut<f32>, acc: Accum, lhs: MatRef<f32>, rhs: MatRef<f32>) {
+        let (m, n, k) = (dst.nrows(), dst.ncols(), lhs.ncols());
+        if acc == Accum::Replace {
+            dst.fill(0.0);
+        }
+        let mut bp = Vec::new();
+        let mut ap = vec![0f32; MC.div_ceil(MR) * MR * KC];
+        for p0 in (0..k).step_by(KC) {
+            let kc = KC.min(k - p0);
+            // rhs[p0.., j] for all j, as panels `[j / NR][p][j % NR]` (zero past n).
+            bp.clear();
+            bp.resize(n.div_ceil(NR) * NR * kc, 0.0);
+            for (jp, panel) in bp.chunks_exact_mut(NR * kc).enumerate() {
+                for (p, row) in panel.chunks_exact_mut(NR).enumerate() {
+                    for (c, v) in row.iter_mut().enumerate().take(n - jp * NR) {
+                        *v = rhs[(p0 + p, jp * NR + c)];
+                    }
+                }
+            }
+            for i0 in (0..m).step_by(MC) {
+                let mc = MC.min(m - i0);
+                for (ip, panel) in ap
+                    .chunks_exact_mut(MR * kc)
+                    .take(mc.div_ceil(MR))
+                    .enumerate()
+                {
+                    for (p, col) in panel.chunks_exact_mut(MR).enumerate() {
+                        for (r, v) in col.iter_mut().enumerate() {
+                            let i = ip * MR + r;
+                            *v = if i < mc { lhs[(i0 + i, p0 + p)] } else { 0.0 };
+                        }
+                    }
+                }
+                for (jp, b) in bp.chunks_exact(NR * kc).enumerate() {
+                    for (ip, a) in ap.chunks_exact(MR * kc).take(mc.div_ceil(MR)).enumerate() {
+                        let block = micro(a, b);
+                        let rows = MR.min(mc - ip * MR);
+                        let cols = NR.min(n - jp * NR);
+                        for (r, sums) in block.iter().enumerate().take(rows) {
+                            for (c, s) in sums.iter().enumerate().take(cols) {
+                                dst[(i0 + ip * MR + r, jp * NR + c)] += s;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// `Σ_p a[p][r] · b[p][c]` for an `MR × NR` block.
+    #[inline(always)]
+    fn micro(a: &[f32], b: &[f32]) -> [[f32; NR]; MR] {
+        let mut acc = [[0f32; NR]; MR];
+        for (ap, bp) in a.chunks_exact(MR).zip(b.chunks_exact(NR)) {
+            for r in 0..MR {
+                for c in 0..NR {
+                    acc[r][c] += ap[r] * bp[c];
+                }
+            }
+        }
+        acc
+    }
 }
 
 /// `y[j] = row_dot(j)` for every output `j`, split over the worker threads in chunks of rows.
@@ -104,9 +253,15 @@ mod tests {
     }
 
     #[test]
-    fn gemm_and_gemv_paths_match_naive_loop() {
-        let (inp, out) = (37, 130);
-        for rows in [1, 3, 4, 5, 33] {
+    fn gemm_and_gemv_paths_match_naive_loop_at_every_level() {
+        crate::kernels::simd::for_each_level(|level| {
+            gemm_and_gemv_match(level);
+        });
+    }
+
+    fn gemm_and_gemv_match(level: Level) {
+        let (inp, out) = (300, 130);
+        for rows in [1, 3, 4, 5, 33, 70] {
             let x: Vec<f32> = (0..rows * inp)
                 .map(|i| ((i % 13) as f32 - 6.0) * 0.1)
                 .collect();
@@ -116,8 +271,44 @@ mod tests {
             let mut y = vec![f32::NAN; rows * out];
             matmul_t(&x, &w, rows, inp, out, &mut y);
             for (a, b) in y.iter().zip(naive(&x, &w, rows, inp, out)) {
-                assert!((*a as f64 - b).abs() < 1e-4, "rows={rows}: {a} vs {b}");
+                assert!(
+                    (*a as f64 - b).abs() < 1e-4 * (1.0 + b.abs()),
+                    "rows={rows} at {level}: {a} vs {b}"
+                );
             }
         }
+    }
+
+    /// Column-major left operand, transposed right operand, accumulation into existing values;
+    /// sizes past every blocking constant of the portable GEMM.
+    #[test]
+    fn general_gemm_matches_naive_with_strides_and_accumulation_at_every_level() {
+        let (m, n, k) = (70, 45, 300);
+        let a: Vec<f32> = (0..m * k).map(|i| ((i % 11) as f32 - 5.0) * 0.1).collect();
+        let b: Vec<f32> = (0..n * k).map(|i| ((i % 9) as f32 - 4.0) * 0.3).collect();
+        crate::kernels::simd::for_each_level(|level| {
+            let mut c = vec![1f32; m * n];
+            gemm_at(
+                level,
+                MatMut::from_row_major_slice_mut(&mut c, m, n),
+                Accum::Add,
+                MatRef::from_column_major_slice(&a, m, k),
+                MatRef::from_row_major_slice(&b, n, k).transpose(),
+                faer::Par::Seq,
+            );
+            for i in 0..m {
+                for j in 0..n {
+                    let want: f64 = 1.0
+                        + (0..k)
+                            .map(|p| a[p * m + i] as f64 * b[j * k + p] as f64)
+                            .sum::<f64>();
+                    let got = c[i * n + j] as f64;
+                    assert!(
+                        (got - want).abs() < 1e-4 * (1.0 + want.abs()),
+                        "{level} {i} {j}"
+                    );
+                }
+            }
+        });
     }
 }

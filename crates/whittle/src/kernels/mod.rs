@@ -3,32 +3,58 @@
 //! forward pass is the speed target of the project: every kernel works in place on reused buffers
 //! and the GEMMs go straight to faer.
 
-/// Defines `fn $name` that runs its body compiled for AVX-512 or AVX2+FMA when the CPU has them.
-/// The binary targets baseline x86-64 (so one build runs everywhere), but the elementwise loops
-/// of the forward pass (exp in softmax and SiLU) only keep up with the GEMMs when vectorised wide.
+/// Defines `fn $name` whose body runs compiled for the level [`simd::level`] gives: for
+/// AVX-512 or AVX2+FMA where that is the level, else as portable code. The binary targets the
+/// baseline of its architecture (so one build runs everywhere), but the elementwise loops of the
+/// forward pass (exp in softmax and SiLU) only keep up with the GEMMs when vectorised wide.
+///
+/// The body is generic over `const FMA: bool` (true where the level has fused multiply-add):
+/// it passes it on to [`simd::madd`] and [`exp::exp_approx`], so that the portable x86 body
+/// never calls libm's software `fmaf` for a `mul_add`.
+///
+/// `fn name, name_at(...)` also defines `name_at(level, ...)`, which runs at a level the caller
+/// resolved once (e.g. on the thread that hands rows to workers, so a forced level reaches them);
+/// `fn _, name_at(...)` defines that one alone.
 macro_rules! simd_dispatch {
+    ($(#[$m:meta])* $vis:vis fn _, $at:ident($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        simd_dispatch!(@at $(#[$m])* $vis $at($($arg: $ty),*) $(-> $ret)? $body);
+    };
     ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$m])* $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            simd_dispatch!(@at at($($arg: $ty),*) $(-> $ret)? $body);
+            at($crate::kernels::simd::level(), $($arg),*)
+        }
+    };
+    ($(#[$m:meta])* $vis:vis fn $name:ident, $at:ident($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$m])* $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            $at($crate::kernels::simd::level(), $($arg),*)
+        }
+        simd_dispatch!(@at $(#[$m])* $vis $at($($arg: $ty),*) $(-> $ret)? $body);
+    };
+    (@at $(#[$m:meta])* $vis:vis $at:ident($($arg:ident : $ty:ty),*) $(-> $ret:ty)? $body:block) => {
+        $(#[$m])*
+        #[inline]
+        $vis fn $at(level: $crate::kernels::simd::Level, $($arg: $ty),*) $(-> $ret)? {
             #[inline(always)]
-            fn body($($arg: $ty),*) $(-> $ret)? $body
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx512f")]
-                unsafe fn v512($($arg: $ty),*) $(-> $ret)? { body($($arg),*) }
-                #[target_feature(enable = "avx2,fma")]
-                unsafe fn v256($($arg: $ty),*) $(-> $ret)? { body($($arg),*) }
-                if std::arch::is_x86_feature_detected!("avx512f") {
-                    // SAFETY: the CPU has AVX-512F (checked above).
-                    return unsafe { v512($($arg),*) };
+            fn body<const FMA: bool>($($arg: $ty),*) $(-> $ret)? $body
+            use $crate::kernels::simd::Level;
+            match level {
+                #[cfg(target_arch = "x86_64")]
+                Level::Avx512 | Level::Amx => {
+                    #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
+                    unsafe fn v512($($arg: $ty),*) $(-> $ret)? { body::<true>($($arg),*) }
+                    // SAFETY: a level is only ever one the CPU runs (`simd::Level::runs_here`).
+                    unsafe { v512($($arg),*) }
                 }
-                if std::arch::is_x86_feature_detected!("avx2")
-                    && std::arch::is_x86_feature_detected!("fma")
-                {
-                    // SAFETY: the CPU has AVX2 and FMA (checked above).
-                    return unsafe { v256($($arg),*) };
+                #[cfg(target_arch = "x86_64")]
+                Level::Avx2 => {
+                    #[target_feature(enable = "avx2,fma")]
+                    unsafe fn v256($($arg: $ty),*) $(-> $ret)? { body::<true>($($arg),*) }
+                    // SAFETY: as above.
+                    unsafe { v256($($arg),*) }
                 }
+                _ => body::<{ cfg!(target_arch = "aarch64") }>($($arg),*),
             }
-            body($($arg),*)
         }
     };
 }
@@ -79,6 +105,7 @@ pub mod matmul;
 pub mod norm;
 pub mod qdot;
 pub mod rope;
+pub mod simd;
 pub mod ssm;
 
 #[cfg(test)]

@@ -17,8 +17,8 @@ const CH_BLOCK: usize = 16;
 const PARALLEL_MIN_WORK: usize = 1 << 16;
 
 #[inline(always)]
-fn silu(v: f32) -> f32 {
-    v / (1.0 + exp_approx(-v))
+fn silu<const FMA: bool>(v: f32) -> f32 {
+    v / (1.0 + exp_approx::<FMA>(-v))
 }
 
 simd_dispatch! {
@@ -54,7 +54,7 @@ simd_dispatch! {
                     out[c] += weight[c * k + j] * src[c];
                 }
             }
-            out.iter_mut().for_each(|v| *v = silu(*v));
+            out.iter_mut().for_each(|v| *v = silu::<FMA>(*v));
         }
         // New history: the last K−1 rows of x̃ = [history; x].
         let total = k - 1 + t;
@@ -221,13 +221,13 @@ simd_dispatch! {
             for k in 0..n {
                 let (hk, ak, bk, ck) = (&mut h[k], &a[k], bs[k], cs[k]);
                 for l in 0..L {
-                    hk[l] = exp_approx(dt[l] * ak[l]) * hk[l] + dx[l] * bk;
+                    hk[l] = exp_approx::<FMA>(dt[l] * ak[l]) * hk[l] + dx[l] * bk;
                     acc[l] += hk[l] * ck;
                 }
             }
             let mut y = [0f32; L];
             for l in 0..L {
-                y[l] = (acc[l] + d[l] * xv[l]) * silu(z[l]);
+                y[l] = (acc[l] + d[l] * xv[l]) * silu::<FMA>(z[l]);
             }
             out[s * L..(s + 1) * L].copy_from_slice(&y);
         }
@@ -293,88 +293,95 @@ mod tests {
     }
 
     #[test]
-    fn scan_matches_f64_recurrence_and_resumes_from_state() {
-        // 37 channels: two full blocks and a partial one; 300 steps cross the parallel threshold.
-        let (t, e, n) = (300usize, 37usize, 16usize);
-        let data = ScanData::synthetic(t, e, n);
-        let inp = data.inputs();
-        let (x, delta, z, b, c) = (inp.x, inp.delta, inp.z, inp.b, inp.c);
-        let mut want_state = vec![0f64; e * n];
-        let want = reference(&inp, &mut want_state);
-        for scan in [selective_scan, selective_scan_naive] {
+    fn scan_matches_f64_recurrence_and_resumes_from_state_at_every_level() {
+        crate::kernels::simd::for_each_level(|level| {
+            // 37 channels: two full blocks and a partial one; 300 steps cross the parallel threshold.
+            let (t, e, n) = (300usize, 37usize, 16usize);
+            let data = ScanData::synthetic(t, e, n);
+            let inp = data.inputs();
+            let (x, delta, z, b, c) = (inp.x, inp.delta, inp.z, inp.b, inp.c);
+            let mut want_state = vec![0f64; e * n];
+            let want = reference(&inp, &mut want_state);
+            for scan in [selective_scan, selective_scan_naive] {
+                let mut state = vec![0f32; e * n];
+                let mut y = vec![f32::NAN; t * e];
+                scan(&inp, &mut state, &mut y);
+                for (a, b) in y.iter().zip(&want) {
+                    assert!(
+                        (*a as f64 - b).abs() < 1e-4 * (1.0 + b.abs()),
+                        "{level}: {a} vs {b}"
+                    );
+                }
+                for (a, b) in state.iter().zip(&want_state) {
+                    assert!((*a as f64 - b).abs() < 1e-4 * (1.0 + b.abs()), "{level}");
+                }
+            }
+            // Two halves with the state carried over equal one pass.
+            let half = 120;
+            let sub =
+                |v: &[f32], w: usize, r: std::ops::Range<usize>| v[r.start * w..r.end * w].to_vec();
             let mut state = vec![0f32; e * n];
-            let mut y = vec![f32::NAN; t * e];
-            scan(&inp, &mut state, &mut y);
+            let mut y = Vec::new();
+            for r in [0..half, half..t] {
+                let (xs, ds, zs) = (
+                    sub(x, e, r.clone()),
+                    sub(delta, e, r.clone()),
+                    sub(z, e, r.clone()),
+                );
+                let (bs, cs) = (sub(b, n, r.clone()), sub(c, n, r.clone()));
+                let part = ScanInputs {
+                    x: &xs,
+                    delta: &ds,
+                    b: &bs,
+                    c: &cs,
+                    z: &zs,
+                    ..inp
+                };
+                let mut yp = vec![0f32; r.len() * e];
+                selective_scan(&part, &mut state, &mut yp);
+                y.extend(yp);
+            }
             for (a, b) in y.iter().zip(&want) {
-                assert!((*a as f64 - b).abs() < 1e-4 * (1.0 + b.abs()), "{a} vs {b}");
+                assert!((*a as f64 - b).abs() < 1e-4 * (1.0 + b.abs()), "{level}");
             }
-            for (a, b) in state.iter().zip(&want_state) {
-                assert!((*a as f64 - b).abs() < 1e-4 * (1.0 + b.abs()));
-            }
-        }
-        // Two halves with the state carried over equal one pass.
-        let half = 120;
-        let sub =
-            |v: &[f32], w: usize, r: std::ops::Range<usize>| v[r.start * w..r.end * w].to_vec();
-        let mut state = vec![0f32; e * n];
-        let mut y = Vec::new();
-        for r in [0..half, half..t] {
-            let (xs, ds, zs) = (
-                sub(x, e, r.clone()),
-                sub(delta, e, r.clone()),
-                sub(z, e, r.clone()),
-            );
-            let (bs, cs) = (sub(b, n, r.clone()), sub(c, n, r.clone()));
-            let part = ScanInputs {
-                x: &xs,
-                delta: &ds,
-                b: &bs,
-                c: &cs,
-                z: &zs,
-                ..inp
-            };
-            let mut yp = vec![0f32; r.len() * e];
-            selective_scan(&part, &mut state, &mut yp);
-            y.extend(yp);
-        }
-        for (a, b) in y.iter().zip(&want) {
-            assert!((*a as f64 - b).abs() < 1e-4 * (1.0 + b.abs()));
-        }
+        });
     }
 
     #[test]
-    fn conv_matches_zero_padded_definition_and_carries_history() {
-        let (t, e, k) = (9usize, 5usize, 4usize);
-        let x = wave(t * e, 23, -1.0, 1.0);
-        let w = wave(e * k, 19, -0.8, 0.8);
-        let bias = wave(e, 3, -0.2, 0.2);
-        let want: Vec<f64> = (0..t * e)
-            .map(|i| {
-                let (s, c) = (i / e, i % e);
-                let mut acc = bias[c] as f64;
-                for j in 0..k {
-                    // Tap j reads input s + j − (K−1), zero before the start.
-                    if let Some(src) = (s + j).checked_sub(k - 1) {
-                        acc += w[c * k + j] as f64 * x[src * e + c] as f64;
+    fn conv_matches_zero_padded_definition_and_carries_history_at_every_level() {
+        crate::kernels::simd::for_each_level(|level| {
+            let (t, e, k) = (9usize, 5usize, 4usize);
+            let x = wave(t * e, 23, -1.0, 1.0);
+            let w = wave(e * k, 19, -0.8, 0.8);
+            let bias = wave(e, 3, -0.2, 0.2);
+            let want: Vec<f64> = (0..t * e)
+                .map(|i| {
+                    let (s, c) = (i / e, i % e);
+                    let mut acc = bias[c] as f64;
+                    for j in 0..k {
+                        // Tap j reads input s + j − (K−1), zero before the start.
+                        if let Some(src) = (s + j).checked_sub(k - 1) {
+                            acc += w[c * k + j] as f64 * x[src * e + c] as f64;
+                        }
                     }
-                }
-                acc / (1.0 + (-acc).exp())
-            })
-            .collect();
-        let mut hist = vec![0f32; (k - 1) * e];
-        let mut y = vec![0f32; t * e];
-        causal_conv_silu(&x, &w, &bias, &mut hist, e, &mut y);
-        for (a, b) in y.iter().zip(&want) {
-            assert!((*a as f64 - b).abs() < 1e-5);
-        }
-        // Step by step with the carried history gives the same rows.
-        let mut hist = vec![0f32; (k - 1) * e];
-        for s in 0..t {
-            let mut row = vec![0f32; e];
-            causal_conv_silu(&x[s * e..(s + 1) * e], &w, &bias, &mut hist, e, &mut row);
-            for (a, b) in row.iter().zip(&want[s * e..(s + 1) * e]) {
-                assert!((*a as f64 - b).abs() < 1e-5);
+                    acc / (1.0 + (-acc).exp())
+                })
+                .collect();
+            let mut hist = vec![0f32; (k - 1) * e];
+            let mut y = vec![0f32; t * e];
+            causal_conv_silu(&x, &w, &bias, &mut hist, e, &mut y);
+            for (a, b) in y.iter().zip(&want) {
+                assert!((*a as f64 - b).abs() < 1e-5, "{level}");
             }
-        }
+            // Step by step with the carried history gives the same rows.
+            let mut hist = vec![0f32; (k - 1) * e];
+            for s in 0..t {
+                let mut row = vec![0f32; e];
+                causal_conv_silu(&x[s * e..(s + 1) * e], &w, &bias, &mut hist, e, &mut row);
+                for (a, b) in row.iter().zip(&want[s * e..(s + 1) * e]) {
+                    assert!((*a as f64 - b).abs() < 1e-5, "{level}");
+                }
+            }
+        });
     }
 }

@@ -6,9 +6,10 @@
 
 use super::packed::Packed;
 use crate::kernels::amx;
-use crate::kernels::dot::dot;
+use crate::kernels::dot::dot_at;
 use crate::kernels::matmul::{matmul_t, matvec_rows, GEMV_CHUNK, GEMV_MAX_ROWS};
-use crate::kernels::qdot::{dequant_row, qdot};
+use crate::kernels::qdot::{dequant_row, qdot_at};
+use crate::kernels::simd::{self, Level};
 use crate::{Error, Result};
 use rayon::prelude::*;
 use std::borrow::Cow;
@@ -147,6 +148,10 @@ impl Linear {
             .map_or(0, |a| 4 * (a.a.len() + a.b.len()))
     }
 
+    pub fn is_packed(&self) -> bool {
+        matches!(self.weight, Weight::Packed(_))
+    }
+
     /// Copies row `r` of the weight (as f32) into `out`: an embedding lookup.
     pub fn row_into(&self, r: usize, out: &mut [f32]) {
         let inp = self.in_features;
@@ -185,8 +190,9 @@ impl Linear {
     pub fn forward(&self, x: &[f32], rows: usize, y: &mut [f32]) {
         let (inp, out) = (self.in_features, self.out_features);
         if rows <= GEMV_MAX_ROWS {
+            let level = simd::level();
             for (xr, yr) in x.chunks_exact(inp).zip(y.chunks_exact_mut(out)) {
-                matvec_rows(yr, |j| self.row_dot(j, xr));
+                matvec_rows(yr, |j| self.row_dot(level, j, xr));
             }
         } else {
             match &self.weight {
@@ -239,12 +245,13 @@ impl Linear {
         self.tiles.0.get().map_or(0, |t| t.bytes())
     }
 
-    /// `W[j] · x` for one output row, dequantizing packed rows on the fly.
-    fn row_dot(&self, j: usize, x: &[f32]) -> f32 {
+    /// `W[j] · x` for one output row, dequantizing packed rows on the fly; at the level the
+    /// calling thread resolved, so that workers run what it was forced to.
+    fn row_dot(&self, level: Level, j: usize, x: &[f32]) -> f32 {
         let inp = self.in_features;
         match &self.weight {
-            Weight::Dense(w) => dot(&w[j * inp..(j + 1) * inp], x),
-            Weight::Packed(p) => qdot(p.row(j, inp), x),
+            Weight::Dense(w) => dot_at(level, &w[j * inp..(j + 1) * inp], x),
+            Weight::Packed(p) => qdot_at(level, p.row(j, inp), x),
         }
     }
 
@@ -280,9 +287,10 @@ impl Linear {
                 }
             }
         }
+        let level = simd::level();
         let run = |(l, xr, start, chunk): (&Linear, &[f32], usize, &mut [f32])| {
             for (j, yj) in chunk.iter_mut().enumerate() {
-                *yj = l.row_dot(start + j, xr);
+                *yj = l.row_dot(level, start + j, xr);
             }
         };
         if crate::threads::threads() == 1 {

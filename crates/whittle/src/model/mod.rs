@@ -213,6 +213,16 @@ impl Model {
         }
     }
 
+    /// Whether any weight is kept packed (quantized blocks) rather than as f32.
+    pub fn has_packed(&self) -> bool {
+        self.embed.is_packed()
+            || self.lm_head.as_ref().is_some_and(Linear::is_packed)
+            || self
+                .layers
+                .iter()
+                .any(|l| l.linears().iter().any(|(_, _, x)| x.is_packed()))
+    }
+
     /// Parameter count: embeddings, meta tokens, each layer, norms, and the head if untied.
     pub fn n_params(&self) -> usize {
         self.embed.n_params()
