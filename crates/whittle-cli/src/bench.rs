@@ -136,6 +136,57 @@ pub fn run(
     Ok(())
 }
 
+/// Every kernel at every SIMD level this CPU runs, one thread: microseconds per call and how
+/// much slower the scalar level is than AVX2 (NEON on ARM).
+pub fn kernels(reps: usize, json_out: Option<PathBuf>) -> Result<()> {
+    eprintln!("timing every kernel at every level ({reps} runs + warm-up each) ...");
+    let times = whittle::eval::kernel_speed::run(reps);
+    let levels: Vec<&str> = simd::Level::supported().iter().map(|l| l.name()).collect();
+    let mut names: Vec<&str> = Vec::new();
+    for t in &times {
+        if !names.contains(&t.kernel) {
+            names.push(t.kernel);
+        }
+    }
+    let at = |k: &str, l: &str| {
+        times
+            .iter()
+            .find(|t| t.kernel == k && t.level == l)
+            .map(|t| t.seconds)
+    };
+    let vector = levels
+        .iter()
+        .copied()
+        .find(|l| *l == "avx2" || *l == "neon");
+    let rows: Vec<Vec<String>> = names
+        .iter()
+        .map(|k| {
+            let mut row = vec![k.to_string()];
+            row.extend(
+                levels
+                    .iter()
+                    .map(|l| at(k, l).map_or("—".into(), |s| format!("{:.1}", s * 1e6))),
+            );
+            if let (Some(v), Some(s)) = (vector.and_then(|v| at(k, v)), at(k, "scalar")) {
+                row.push(format!("{:.1}x", s / v));
+            }
+            row
+        })
+        .collect();
+    let mut header = vec!["kernel (µs per call, 1 thread)".to_string()];
+    header.extend(levels.iter().map(|l| l.to_string()));
+    if let Some(v) = vector {
+        header.push(format!("scalar / {v}"));
+    }
+    let header: Vec<&str> = header.iter().map(String::as_str).collect();
+    table(&header, &rows);
+    println!("CPU {}", baselines::cpu_name());
+    if let Some(out) = json_out {
+        write_json(&out, &json!({"cpu": baselines::cpu_name(), "times": times}))?;
+    }
+    Ok(())
+}
+
 /// The SIMD levels this CPU runs, lowest first, one line: what scripts loop over.
 pub fn levels() -> Result<()> {
     let names: Vec<_> = simd::Level::supported().iter().map(|l| l.name()).collect();

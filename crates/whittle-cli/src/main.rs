@@ -186,6 +186,9 @@ enum Command {
         /// Print the SIMD levels this CPU runs and exit.
         #[arg(long)]
         levels: bool,
+        /// Instead of a model: every kernel timed at every SIMD level this CPU runs.
+        #[arg(long)]
+        kernels: bool,
         /// Instead of the reference protocol: decode speed and cache size after prefilling each
         /// of these context lengths (e.g. 1024,4096,8192).
         #[arg(long, value_delimiter = ',')]
@@ -375,6 +378,7 @@ fn main() {
             harness,
             llama_bench,
             levels,
+            kernels,
             contexts,
             steps,
             scan,
@@ -382,6 +386,8 @@ fn main() {
         } => {
             if levels {
                 bench::levels()
+            } else if kernels {
+                bench::kernels(reps, json)
             } else if scan {
                 bench::scan(reps)
             } else if !contexts.is_empty() {

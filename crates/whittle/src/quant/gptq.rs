@@ -66,9 +66,9 @@ impl ColumnRule for QuantRule {
 }
 
 simd_dispatch! {
-    /// [`QuantRule::apply_column`], compiled for FMA where the CPU has it: [`decode`] is a
-    /// fused multiply-add (bit-exact with the packed matmul), which without the target feature
-    /// is a library call per weight (10 % of a GPTQ run).
+    /// [`QuantRule::apply_column`] at the SIMD level: [`decode`] is then what the packed matmul
+    /// of that level computes (a fused multiply-add where it has FMA), and never a library call
+    /// per weight (`fmaf` was 10 % of a GPTQ run).
     fn quantize_column(rule: &QuantRule, j: usize, col: &[f32], out: &mut [f32]) {
         let maxq = rule.cfg.maxq();
         for (r, (o, x)) in out.iter_mut().zip(col).enumerate() {
@@ -76,7 +76,7 @@ simd_dispatch! {
                 0.0
             } else {
                 let (s, z) = rule.param(r, j);
-                decode(code(*x, s, z, maxq), s, z)
+                decode::<FMA>(code(*x, s, z, maxq), s, z)
             };
         }
     }
@@ -211,7 +211,7 @@ mod tests {
                             .collect();
                         sz = group_params(&x, cfg);
                     }
-                    decode(code(row[j] as f32, sz.0, sz.1, cfg.maxq()), sz.0, sz.1) as f64
+                    decode::<true>(code(row[j] as f32, sz.0, sz.1, cfg.maxq()), sz.0, sz.1) as f64
                 });
                 for c in 0..cols {
                     let gv = got[r * cols + c] as f64;

@@ -117,10 +117,11 @@ pub fn code(x: f32, scale: f32, zero: f32, maxq: f32) -> u8 {
     (round_even(x / scale) + zero).clamp(0.0, maxq) as u8
 }
 
-/// The value a code stands for in the packed format: `fma(scale, q, −scale·zero)`.
-#[inline]
-pub fn decode(q: u8, scale: f32, zero: f32) -> f32 {
-    scale.mul_add(q as f32, -scale * zero)
+/// The value a code stands for in the packed format: `fma(scale, q, −scale·zero)`, fused where
+/// the SIMD level is (`FMA`), as the packed matmul of the same level expands it.
+#[inline(always)]
+pub fn decode<const FMA: bool>(q: u8, scale: f32, zero: f32) -> f32 {
+    crate::kernels::simd::madd::<FMA>(scale, q as f32, -scale * zero)
 }
 
 /// Packs a rows × cols code matrix with per-row, per-group (scale, zero).
