@@ -44,11 +44,11 @@ fn prefill_and_decode_logits_agree_at_every_level() {
     for_each_level(|level| {
         let got = m.forward(&ids, None, Logits::Last, None).unwrap();
         let d = rel_diff(&got, &want);
-        assert!(d < 1e-4, "{level}: prefill logits differ by {d:.2e}");
+        assert!(d < 1e-3, "{level}: prefill logits differ by {d:.2e}");
         assert_eq!(argmax(&got), argmax(&want), "{level}");
         // Decode reads the Q4_1 blocks through the level's quantized dot product.
         let d = rel_diff(&step(&m), &want_step);
-        assert!(d < 1e-4, "{level}: decode logits differ by {d:.2e}");
+        assert!(d < 1e-3, "{level}: decode logits differ by {d:.2e}");
     });
 }
 

@@ -96,6 +96,17 @@ pub fn run(reps: usize) -> Vec<KernelTime> {
                 }
             }),
         );
+        if crate::kernels::qdot_i16::takes(level, 4) {
+            push(
+                "gemv Q4×int16 576→1536",
+                time(reps, || {
+                    let xq = crate::kernels::qdot_i16::QActs::quantize(&x[..hidden]);
+                    for (r, yr) in y[..ffn].iter_mut().enumerate() {
+                        *yr = crate::kernels::qdot_i16::qdot_i16_at(level, row(r), &xq);
+                    }
+                }),
+            );
+        }
         let mut expanded = vec![0f32; ffn * hidden];
         push(
             "dequantize Q4 1536×576",

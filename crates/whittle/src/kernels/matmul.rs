@@ -224,16 +224,22 @@ mod portable {
 
 /// `y[j] = row_dot(j)` for every output `j`, split over the worker threads in chunks of rows.
 pub fn matvec_rows(y: &mut [f32], row_dot: impl Fn(usize) -> f32 + Sync) {
-    let work = |(c, ys): (usize, &mut [f32])| {
+    matvec_chunks(y, |start, ys| {
         for (j, yj) in ys.iter_mut().enumerate() {
-            *yj = row_dot(c * GEMV_CHUNK + j);
+            *yj = row_dot(start + j);
         }
-    };
-    if crate::threads::threads() == 1 {
-        y.chunks_mut(GEMV_CHUNK).enumerate().for_each(work);
-    } else {
-        y.par_chunks_mut(GEMV_CHUNK).enumerate().for_each(work);
-    }
+    });
+}
+
+/// `chunk(first_row, y_rows)` over chunks of [`GEMV_CHUNK`] outputs, split over the worker
+/// threads: for kernels that compute several rows at once.
+pub fn matvec_chunks(y: &mut [f32], chunk: impl Fn(usize, &mut [f32]) + Sync) {
+    let mut chunks: Vec<(usize, &mut [f32])> = y
+        .chunks_mut(GEMV_CHUNK)
+        .enumerate()
+        .map(|(c, ys)| (c * GEMV_CHUNK, ys))
+        .collect();
+    crate::threads::for_each_mut(&mut chunks, |(start, ys)| chunk(*start, ys));
 }
 
 #[cfg(test)]

@@ -104,6 +104,7 @@ pub mod exp;
 pub mod matmul;
 pub mod norm;
 pub mod qdot;
+pub mod qdot_i16;
 pub mod rope;
 pub mod simd;
 pub mod ssm;

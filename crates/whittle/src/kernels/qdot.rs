@@ -172,7 +172,7 @@ fn checked_blocks(row: &QRow, x: &[f32]) -> (usize, usize) {
 /// Group of block `b` without a division in the common power-of-two case.
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 #[inline(always)]
-fn group_of(b: usize, per_group: usize) -> usize {
+pub(crate) fn group_of(b: usize, per_group: usize) -> usize {
     if per_group.is_power_of_two() {
         b >> per_group.trailing_zeros()
     } else {

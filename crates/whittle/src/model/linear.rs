@@ -7,11 +7,11 @@
 use super::packed::Packed;
 use crate::kernels::amx;
 use crate::kernels::dot::dot_at;
-use crate::kernels::matmul::{matmul_t, matvec_rows, GEMV_CHUNK, GEMV_MAX_ROWS};
+use crate::kernels::matmul::{matmul_t, matvec_chunks, GEMV_CHUNK, GEMV_MAX_ROWS};
 use crate::kernels::qdot::{dequant_row, qdot_at};
+use crate::kernels::qdot_i16::{self, QActs};
 use crate::kernels::simd::{self, Level};
 use crate::{Error, Result};
-use rayon::prelude::*;
 use std::borrow::Cow;
 use std::cell::RefCell;
 use std::sync::{Arc, OnceLock};
@@ -192,7 +192,10 @@ impl Linear {
         if rows <= GEMV_MAX_ROWS {
             let level = simd::level();
             for (xr, yr) in x.chunks_exact(inp).zip(y.chunks_exact_mut(out)) {
-                matvec_rows(yr, |j| self.row_dot(level, j, xr));
+                let xq = self.decode_input(level, xr);
+                matvec_chunks(yr, |start, ys| {
+                    self.rows_dot(level, start, xr, xq.as_ref(), ys)
+                });
             }
         } else {
             match &self.weight {
@@ -245,13 +248,43 @@ impl Linear {
         self.tiles.0.get().map_or(0, |t| t.bytes())
     }
 
-    /// `W[j] · x` for one output row, dequantizing packed rows on the fly; at the level the
-    /// calling thread resolved, so that workers run what it was forced to.
-    fn row_dot(&self, level: Level, j: usize, x: &[f32]) -> f32 {
+    /// `x` quantized to int16 blocks when this weight's decode takes the integer dot product
+    /// ([`qdot_i16`]: 4- and 8-bit codes at the vector levels), once for all its rows.
+    fn decode_input(&self, level: Level, x: &[f32]) -> Option<QActs> {
+        self.takes_int16(level).then(|| QActs::quantize(x))
+    }
+
+    fn takes_int16(&self, level: Level) -> bool {
+        matches!(&self.weight, Weight::Packed(p) if qdot_i16::takes(level, p.bits))
+    }
+
+    /// `y[i] = W[start + i] · x`, dequantizing packed rows on the fly (or, given `xq`,
+    /// against the int16 activations); at the level the calling thread resolved, so that
+    /// workers run what it was forced to.
+    fn rows_dot(&self, level: Level, start: usize, x: &[f32], xq: Option<&QActs>, y: &mut [f32]) {
         let inp = self.in_features;
-        match &self.weight {
-            Weight::Dense(w) => dot_at(level, &w[j * inp..(j + 1) * inp], x),
-            Weight::Packed(p) => qdot_at(level, p.row(j, inp), x),
+        let rows = start..start + y.len();
+        match (&self.weight, xq) {
+            (Weight::Dense(w), _) => {
+                for (j, yj) in rows.zip(y) {
+                    *yj = dot_at(level, &w[j * inp..(j + 1) * inp], x);
+                }
+            }
+            (Weight::Packed(p), Some(xq)) => {
+                // Four rows a call (what the kernel shares activations between), no allocation.
+                for (k, ys) in y.chunks_mut(4).enumerate() {
+                    let first = start + 4 * k;
+                    let rows: [_; 4] =
+                        std::array::from_fn(|i| p.row((first + i).min(first + ys.len() - 1), inp));
+                    qdot_i16::qdot_i16_rows_at(level, &rows[..ys.len()], xq, ys);
+                }
+            }
+            (Weight::Packed(p), None) => {
+                let row = p.rows(inp);
+                for (j, yj) in rows.zip(y) {
+                    *yj = qdot_at(level, row(j), x);
+                }
+            }
         }
     }
 
@@ -278,26 +311,36 @@ impl Linear {
             return;
         }
         let inp = linears[0].in_features;
-        let mut tasks: Vec<(&Linear, &[f32], usize, &mut [f32])> = Vec::new();
+        let level = simd::level();
+        // The int16 input of each row, quantized once for every linear that reads it.
+        let xq: Vec<Option<QActs>> = x
+            .chunks_exact(inp)
+            .map(|xr| {
+                let int16 = linears.iter().any(|l| l.takes_int16(level));
+                int16.then(|| QActs::quantize(xr))
+            })
+            .collect();
+        type Task<'a> = (
+            &'a Linear,
+            &'a [f32],
+            Option<&'a QActs>,
+            usize,
+            &'a mut [f32],
+        );
+        let mut tasks: Vec<Task> = Vec::new();
         for (l, y) in linears.iter().zip(outs.iter_mut()) {
             let out = l.out_features;
-            for (xr, yr) in x.chunks_exact(inp).zip(y.chunks_exact_mut(out)) {
+            let rows = x.chunks_exact(inp).zip(&xq).zip(y.chunks_exact_mut(out));
+            for ((xr, xq), yr) in rows {
+                let xq = xq.as_ref().filter(|_| l.takes_int16(level));
                 for (c, chunk) in yr.chunks_mut(GEMV_CHUNK).enumerate() {
-                    tasks.push((l, xr, c * GEMV_CHUNK, chunk));
+                    tasks.push((l, xr, xq, c * GEMV_CHUNK, chunk));
                 }
             }
         }
-        let level = simd::level();
-        let run = |(l, xr, start, chunk): (&Linear, &[f32], usize, &mut [f32])| {
-            for (j, yj) in chunk.iter_mut().enumerate() {
-                *yj = l.row_dot(level, start + j, xr);
-            }
-        };
-        if crate::threads::threads() == 1 {
-            tasks.into_iter().for_each(run);
-        } else {
-            tasks.into_par_iter().for_each(run);
-        }
+        crate::threads::for_each_mut(&mut tasks, |(l, xr, xq, start, chunk)| {
+            l.rows_dot(level, *start, xr, *xq, chunk)
+        });
         for (l, y) in linears.iter().zip(outs.iter_mut()) {
             l.add_adapter(x, rows, y);
         }

@@ -59,11 +59,17 @@ impl Packed {
 
     /// Row `r` of a matrix `inp` wide.
     pub fn row(&self, r: usize, inp: usize) -> QRow<'_> {
+        self.rows(inp)(r)
+    }
+
+    /// Rows of a matrix `inp` wide, by index, with the strides worked out once (decode takes
+    /// every row of every matrix per token).
+    pub fn rows<'a>(&'a self, inp: usize) -> impl Fn(usize) -> QRow<'a> + 'a {
         let (rb, rg) = (
             inp / BLOCK * block_bytes(self.bits),
             inp.div_ceil(self.group),
         );
-        QRow {
+        move |r| QRow {
             bits: self.bits,
             group: self.group,
             data: &self.data[r * rb..(r + 1) * rb],

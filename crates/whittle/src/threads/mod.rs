@@ -2,6 +2,8 @@
 //! 2-core machine can cost 30x in decode speed (see the stack notes), so the count is explicit:
 //! set once per process, default = available cores.
 
+mod team;
+
 use std::cell::Cell;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
@@ -71,5 +73,63 @@ pub(crate) fn gemm_par() -> faer::Par {
     match threads() {
         1 => faer::Par::Seq,
         n => faer::Par::rayon(n),
+    }
+}
+
+/// Runs `f` on every item, split between the worker threads. For short, frequent parallel
+/// sections (decode's matrix-vector products): they run on [`team`]'s helpers, which spin
+/// between jobs, and on rayon only when another thread holds the team.
+pub fn for_each_mut<T: Send>(items: &mut [T], f: impl Fn(&mut T) + Sync) {
+    let n = threads();
+    if n == 1 || items.len() <= 1 {
+        items.iter_mut().for_each(f);
+        return;
+    }
+    let base = Items(items.as_mut_ptr());
+    // SAFETY: the team hands out each index once, so each item is borrowed by one thread, and
+    // `run` returns only after every index was processed.
+    let each = |i: usize| f(unsafe { &mut *base.at(i) });
+    if !team::run(n - 1, items.len(), &each) {
+        use rayon::prelude::*;
+        items.par_iter_mut().for_each(&f);
+    }
+}
+
+/// The items' base pointer, shared by the threads that process distinct items.
+struct Items<T>(*mut T);
+// SAFETY: only used to reach distinct items from distinct threads (see `for_each_mut`).
+unsafe impl<T: Send> Send for Items<T> {}
+unsafe impl<T: Send> Sync for Items<T> {}
+
+impl<T> Items<T> {
+    /// Accessor so closures capture the whole (Sync) wrapper, not its raw field.
+    fn at(&self, i: usize) -> *mut T {
+        self.0.wrapping_add(i)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every item is visited exactly once, on the team (also back to back, and with a
+    /// panicking item re-raised on the caller).
+    #[test]
+    fn for_each_mut_visits_every_item_once() {
+        super::set_threads(2);
+        for round in 0..200 {
+            let mut v: Vec<usize> = vec![0; 1 + round % 37];
+            super::for_each_mut(&mut v, |x| *x += 1);
+            assert!(v.iter().all(|x| *x == 1), "round {round}");
+        }
+        let caught = std::panic::catch_unwind(|| {
+            let mut v = vec![0u8; 8];
+            super::for_each_mut(&mut v, |x| {
+                *x += 1;
+                assert!(*x < 1, "item panics");
+            });
+        });
+        assert!(caught.is_err());
+        let mut v = vec![1u32; 9];
+        super::for_each_mut(&mut v, |x| *x *= 3);
+        assert_eq!(v, vec![3; 9]);
     }
 }
