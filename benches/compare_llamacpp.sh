@@ -1,23 +1,26 @@
 #!/usr/bin/env bash
-# whittle next to llama.cpp on the same GGUF files, back to back on this machine, at every SIMD
-# level this CPU runs. llama.cpp is built from the vendored tree of the PyPI `llama-cpp-python`
-# sdist (the registries are all this workplace reaches), twice: `native` (-DGGML_NATIVE=ON, the
-# CPU's widest set, AVX-512 and AMX where present) and `avx2` (AVX2 + FMA + F16C only), so that
-# whittle forced to `avx2` meets a llama.cpp restricted the same way.
+# whittle next to llama.cpp and PyTorch on the same GGUF files, back to back on this machine, at
+# every SIMD level this CPU runs. llama.cpp is built from the vendored tree of the PyPI
+# `llama-cpp-python` sdist (the registries are all this workplace reaches): on x86 twice, `avx2`
+# (AVX2 + FMA + F16C only) and `avx512` (+ AVX-512 F/BW/VBMI/VNNI/BF16), so that whittle forced
+# to a level meets a llama.cpp restricted the same way (a -DGGML_NATIVE=ON build segfaulted in
+# llama-bench on the AMX machine); on ARM once, native. PyTorch runs the reference harness with
+# its own switches set to the level (see `whittle bench --compare`).
 #
 #   bash benches/compare_llamacpp.sh [OUT_DIR]
 #
-# Writes OUT_DIR/llama-<build>-<dtype>.json (llama-bench pp512 / tg128) and
-# OUT_DIR/whittle-<level>-<dtype>.json (`whittle bench`), and prints one table. Builds are kept
-# in target/llama.cpp/ (a rerun skips them; ~6 min each on 2 cores). THREADS (default 2),
-# LLAMA_CPP_PYTHON (the sdist version, default 0.3.36), DTYPES (default f32 f16 q8_0 q4_0 q4_1),
-# LEVELS (default: every level `whittle bench --levels` lists) can be set.
+# Per level L it writes OUT_DIR/L-q4_1.json (prefill 512/2048 with f32 weights, decode from the
+# Q4_1 blocks and from f32 weights; PyTorch and llama.cpp beside), OUT_DIR/L-q8_0.json (decode
+# from Q8_0 blocks) and OUT_DIR/L-f32.json, L-f16.json (llama.cpp F32/F16 pp512), then prints the
+# tables of BENCHMARKS.md. Builds are kept in target/llama.cpp/ (~7 min each on 2 cores); a rerun
+# skips what exists. THREADS (default 2), VENV (the harness's venv, default /work/venv; PyTorch
+# is skipped without it), LEVELS (default: all this CPU runs) can be set.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-target/compare-llamacpp}
 THREADS=${THREADS:-2}
-VERSION=${LLAMA_CPP_PYTHON:-0.3.36}
-DTYPES=${DTYPES:-f32 f16 q8_0 q4_0 q4_1}
+VENV=${VENV:-/work/venv}
+VERSION=0.3.36
 mkdir -p "$OUT" target/llama.cpp
 cargo build --release -q
 W=target/release/whittle
@@ -39,29 +42,31 @@ build() { # name, cmake flags...
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DGGML_OPENMP=ON "$@" >&2
   cmake --build "$dir" --target llama-bench -j "$(nproc)" >&2
 }
-build native -DGGML_NATIVE=ON
-build avx2 -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
-  -DGGML_BMI2=ON -DGGML_AVX512=OFF -DGGML_AVX_VNNI=OFF
+if [ "$(uname -m)" = x86_64 ]; then
+  X86="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON"
+  build avx2 $X86 -DGGML_AVX512=OFF -DGGML_AVX_VNNI=OFF
+  grep -q avx512bw /proc/cpuinfo && build avx512 $X86 -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON \
+    -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON
+else
+  build native -DGGML_NATIVE=ON
+fi
 
 # --- the same GGUF files for both --------------------------------------------------------------
 GGUF=$($W fetch)
-for d in $DTYPES; do
-  f=$OUT/smollm-$d.gguf
-  if [ "$d" = q4_1 ]; then ln -sf "$(realpath "$GGUF")" "$f"; continue; fi  # the file as shipped
-  [ -f "$f" ] || $W convert --dtype "$d" --out "$f"
+ln -sf "$(realpath "$GGUF")" "$OUT/smollm-q4_1.gguf"   # the file as shipped
+for d in q8_0 f32 f16; do
+  [ -f "$OUT/smollm-$d.gguf" ] || $W convert --dtype "$d" --out "$OUT/smollm-$d.gguf" >&2
 done
 
-# --- back to back ------------------------------------------------------------------------------
-LEVELS=${LEVELS:-$($W bench --levels)}
-for d in $DTYPES; do
-  f=$OUT/smollm-$d.gguf
-  for b in native avx2; do
-    target/llama.cpp/build-$b/bin/llama-bench -m "$f" -t "$THREADS" -p 512 -n 128 -r 3 -o json \
-      > "$OUT/llama-$b-$d.json"
-  done
-  for l in $LEVELS; do
-    WHITTLE_SIMD=$l $W --threads "$THREADS" bench --model "$f" --reps 3 --prefill 512 \
-      --json "$OUT/whittle-$l-$d.json" >&2
+# --- back to back, level by level -------------------------------------------------------------
+TORCH=""
+[ -x "$VENV/bin/python" ] && TORCH="pytorch,"
+for l in ${LEVELS:-$($W bench --levels)}; do
+  b() { WHITTLE_SIMD=$l $W --threads "$THREADS" bench --reps 3 --python "$VENV/bin/python" "$@" >&2; }
+  [ -f "$OUT/$l-q4_1.json" ] || b --model "$OUT/smollm-q4_1.gguf" --compare "${TORCH}llama.cpp" --json "$OUT/$l-q4_1.json"
+  [ -f "$OUT/$l-q8_0.json" ] || b --model "$OUT/smollm-q8_0.gguf" --prefill 512 --compare llama.cpp --json "$OUT/$l-q8_0.json"
+  for d in f32 f16; do
+    [ -f "$OUT/$l-$d.json" ] || b --model "$OUT/smollm-$d.gguf" --prefill 512 --compare llama.cpp --json "$OUT/$l-$d.json"
   done
 done
-python3 benches/llamacpp_table.py "$OUT"
+python3 benches/levels_table.py "$OUT"

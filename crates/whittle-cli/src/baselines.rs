@@ -176,11 +176,13 @@ fn llama_cpp(
     threads: usize,
     reps: usize,
 ) -> Result<Figures> {
-    // llama.cpp's build picks its instruction sets at compile time: the native build for the
-    // widest levels, the AVX2-only build for `avx2` (and, the closest there is, `scalar`).
+    // llama.cpp picks its instruction sets at compile time: the AVX2-only build for `avx2`
+    // (and, the closest there is, `scalar`), the AVX-512 build for `avx512` and `amx` (a
+    // `-DGGML_NATIVE=ON` build crashed on the AMX machine), the native build on ARM.
     let build = match level {
         Level::Scalar | Level::Avx2 => "avx2",
-        _ => "native",
+        Level::Avx512 | Level::Amx => "avx512",
+        Level::Neon => "native",
     };
     let bin = tools.llama_bench.clone().unwrap_or_else(|| {
         PathBuf::from(format!("target/llama.cpp/build-{build}/bin/llama-bench"))

@@ -193,7 +193,9 @@ fn gguf_block_types_stay_packed_and_match_their_f32_expansion() {
             &packed.layers[2].mlp.as_ref().unwrap().up.dense_weight()[..],
             &candle_up[..]
         );
-        // Packed decode (on-the-fly matrix-vector) equals the f32 model's forward.
+        // Packed decode (on-the-fly matrix-vector) equals the f32 model's forward: to f32
+        // rounding at the scalar level, and within the int16 activation rounding at the vector
+        // levels (`kernels::qdot_i16`: ~1e-5 of the range per product).
         let mut dense = gguf::load(&path).unwrap().0;
         dense.densify();
         let want = logits(&dense, &TOKENS);
@@ -206,7 +208,9 @@ fn gguf_block_types_stay_packed_and_match_their_f32_expansion() {
                     .unwrap(),
             );
         }
-        assert!(max_abs_diff(&want, &got) < 1e-4, "{ty:?}");
+        let range = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = max_abs_diff(&want, &got);
+        assert!(d < 2e-4 * range.max(1.0), "{ty:?}: {d} of {range}");
         assert!(
             max_abs_diff(&want, &logits(&packed, &TOKENS)) < 1e-4,
             "{ty:?}"

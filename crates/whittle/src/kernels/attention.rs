@@ -240,6 +240,8 @@ const PREFETCH_ROWS: usize = 8;
 
 #[inline(always)]
 fn prefetch(buf: &[f32], at: usize) {
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (buf, at);
     #[cfg(target_arch = "x86_64")]
     if at < buf.len() {
         // SAFETY: a prefetch is only a hint; `at` is inside the buffer.

@@ -37,17 +37,16 @@ macro_rules! simd_dispatch {
         $vis fn $at(level: $crate::kernels::simd::Level, $($arg: $ty),*) $(-> $ret)? {
             #[inline(always)]
             fn body<const FMA: bool>($($arg: $ty),*) $(-> $ret)? $body
-            use $crate::kernels::simd::Level;
             match level {
                 #[cfg(target_arch = "x86_64")]
-                Level::Avx512 | Level::Amx => {
+                $crate::kernels::simd::Level::Avx512 | $crate::kernels::simd::Level::Amx => {
                     #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
                     unsafe fn v512($($arg: $ty),*) $(-> $ret)? { body::<true>($($arg),*) }
                     // SAFETY: a level is only ever one the CPU runs (`simd::Level::runs_here`).
                     unsafe { v512($($arg),*) }
                 }
                 #[cfg(target_arch = "x86_64")]
-                Level::Avx2 => {
+                $crate::kernels::simd::Level::Avx2 => {
                     #[target_feature(enable = "avx2,fma")]
                     unsafe fn v256($($arg: $ty),*) $(-> $ret)? { body::<true>($($arg),*) }
                     // SAFETY: as above.
