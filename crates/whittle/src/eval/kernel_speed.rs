@@ -61,6 +61,7 @@ pub fn run(reps: usize) -> Vec<KernelTime> {
         data: &codes[r * hidden / 2..(r + 1) * hidden / 2],
         scales: &scales[r * hidden / 32..(r + 1) * hidden / 32],
         mins: &mins[r * hidden / 32..(r + 1) * hidden / 32],
+        zero: None,
     };
     let table = rope::RopeTable::new(64, 10000.0, tokens);
     let norm_w = wave(hidden, 29);

@@ -111,6 +111,16 @@ simd_dispatch! {
 }
 
 simd_dispatch! {
+    /// `out_i = −e^{x_i}`: a Mamba layer's `A = −exp(A_log)` (51 k values a layer for
+    /// Hymba-1.5B, every forward pass).
+    pub fn neg_exp(x: &[f32], out: &mut [f32]) {
+        for (o, v) in out.iter_mut().zip(x) {
+            *o = -exp_approx::<FMA>(*v);
+        }
+    }
+}
+
+simd_dispatch! {
     /// `ln Σ e^{x_i}` of one row (max-subtracted, so no overflow). Only reads `row`.
     pub fn logsumexp(row: &[f32]) -> f32 {
         let max = max_of(row);

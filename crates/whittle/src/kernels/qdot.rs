@@ -26,6 +26,8 @@ pub struct QRow<'a> {
     pub data: &'a [u8],
     pub scales: &'a [f32],
     pub mins: &'a [f32],
+    /// `Some(z)` when every min is `−z·scale` (see `Packed`): kernels may skip reading mins.
+    pub zero: Option<f32>,
 }
 
 /// The codes of one block.
@@ -426,6 +428,7 @@ mod tests {
                 data: &data,
                 scales: &scales,
                 mins: &mins,
+                zero: None,
             };
             let want = naive(bits, group, &data, &scales, &mins, &x);
             for level in Level::supported() {

@@ -111,12 +111,21 @@ pub fn qdot_i16_rows_at(level: Level, rows: &[QRow], x: &QActs, out: &mut [f32])
     unsafe {
         let mut quads = rows.chunks_exact(4);
         let mut outs = out.chunks_exact_mut(4);
+        let sym = rows.iter().all(|r| r.zero.is_some());
         for (r, o) in (&mut quads).zip(&mut outs) {
             let r: &[QRow; 4] = r.try_into().expect("4 rows");
-            o.copy_from_slice(&x86::dot::<4>(r, x, per_group));
+            o.copy_from_slice(&if sym {
+                x86::dot::<4, true>(r, x, per_group)
+            } else {
+                x86::dot::<4, false>(r, x, per_group)
+            });
         }
         for (r, o) in quads.remainder().iter().zip(outs.into_remainder()) {
-            *o = x86::dot::<1>(&[*r], x, per_group)[0];
+            *o = if sym {
+                x86::dot::<1, true>(&[*r], x, per_group)[0]
+            } else {
+                x86::dot::<1, false>(&[*r], x, per_group)[0]
+            };
         }
     }
     #[cfg(target_arch = "aarch64")]
@@ -156,9 +165,14 @@ mod x86 {
     }
 
     /// `N` rows against `x`: each block's activations are loaded once for all rows, and the
-    /// rows' sums are independent chains.
+    /// rows' sums are independent chains. `SYM`: every row's mins are `−zero·scale`, so the
+    /// mins' term is `−zero · Σ_b s_b·Σx_b` and the mins are not read.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot<const N: usize>(rows: &[QRow; N], x: &QActs, per_group: usize) -> [f32; N] {
+    pub unsafe fn dot<const N: usize, const SYM: bool>(
+        rows: &[QRow; N],
+        x: &QActs,
+        per_group: usize,
+    ) -> [f32; N] {
         let bits = rows[0].bits;
         let bb = super::block_bytes(bits);
         let mut acc = [_mm256_setzero_ps(); N];
@@ -174,14 +188,23 @@ mod x86 {
                 _mm_prefetch::<_MM_HINT_T0>(pd.wrapping_add(b * bb + PREFETCH_AHEAD) as *const i8);
                 let (q0, q1) = codes(bits, pd, b);
                 let sums = _mm256_add_epi32(_mm256_madd_epi16(q0, x0), _mm256_madd_epi16(q1, x1));
-                let sd = _mm256_set1_ps(*rows[r].scales.get_unchecked(g) * d);
-                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), sd, acc[r]);
-                mins[r] += *rows[r].mins.get_unchecked(g) * sum;
+                let s = *rows[r].scales.get_unchecked(g);
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(s * d), acc[r]);
+                mins[r] += if SYM {
+                    s
+                } else {
+                    *rows[r].mins.get_unchecked(g)
+                } * sum;
             }
         }
         let mut out = [0f32; N];
         for r in 0..N {
-            out[r] = hsum(acc[r]) + mins[r];
+            let m = if SYM {
+                -rows[r].zero.unwrap_or(0.0) * mins[r]
+            } else {
+                mins[r]
+            };
+            out[r] = hsum(acc[r]) + m;
         }
         out
     }
@@ -246,13 +269,24 @@ mod tests {
     /// the module doc (activation rounding) plus f32 slack.
     #[test]
     fn integer_dot_is_within_the_activation_rounding_bound() {
-        for (bits, group, n) in [(4u8, 32, 576), (4, 128, 1536), (8, 32, 576), (8, 64, 192)] {
+        let cases = [(4u8, 32, 576), (4, 128, 1536), (8, 32, 576), (8, 64, 192)];
+        // Each case with free mins, and with symmetric ones (`−2^(bits−1)·scale`, read as such).
+        for ((bits, group, n), sym) in cases.into_iter().flat_map(|c| [(c, false), (c, true)]) {
             let data: Vec<u8> = (0..n * bits as usize / 8)
                 .map(|i| (i * 37 % 251) as u8)
                 .collect();
             let groups = n.div_ceil(group);
             let scales: Vec<f32> = (0..groups).map(|g| 0.01 + g as f32 * 0.003).collect();
-            let mins: Vec<f32> = (0..groups).map(|g| -0.05 * g as f32 - 0.3).collect();
+            let z = (1u32 << (bits - 1)) as f32;
+            let mins: Vec<f32> = (0..groups)
+                .map(|g| {
+                    if sym {
+                        -(scales[g] * z)
+                    } else {
+                        -0.05 * g as f32 - 0.3
+                    }
+                })
+                .collect();
             // Blocks of very different magnitudes, and one all-zero block.
             let x: Vec<f32> = (0..n)
                 .map(|i| {
@@ -266,6 +300,7 @@ mod tests {
                 data: &data,
                 scales: &scales,
                 mins: &mins,
+                zero: sym.then_some(z),
             };
             let mut w = vec![0f32; n];
             crate::kernels::qdot::dequant_row(row, &mut w);
@@ -289,7 +324,7 @@ mod tests {
                 let got = qdot_i16_at(level, row, &xa) as f64;
                 assert!(
                     (got - exact).abs() <= bound + 1e-5 * scale,
-                    "{bits} bits, group {group} at {level}: {got} vs {exact} (bound {bound})"
+                    "{bits} bits, group {group}, sym {sym} at {level}: {got} vs {exact} (bound {bound})"
                 );
                 // The bound is not vacuous: far below the size of the terms.
                 assert!(bound < 1e-4 * scale, "{bound} vs {scale}");

@@ -14,6 +14,9 @@ pub struct Packed {
     /// `out × in/group`, row-major.
     pub scales: Vec<f32>,
     pub mins: Vec<f32>,
+    /// `Some(z)` when every min is `−z·scale` with `z = 2^(bits−1)` (symmetric grids: GGUF's
+    /// Q4_0 and Q8_0, `--sym`): decode then reads no mins (4 of Q8_0's 40 bytes a block).
+    zero: Option<f32>,
 }
 
 impl Packed {
@@ -48,12 +51,15 @@ impl Packed {
                 mins.len()
             ));
         }
+        let z = (1u32 << (bits - 1)) as f32;
+        let symmetric = scales.iter().zip(&mins).all(|(s, m)| *m == -(s * z));
         Ok(Packed {
             bits,
             group,
             data,
             scales,
             mins,
+            zero: symmetric.then_some(z),
         })
     }
 
@@ -72,6 +78,7 @@ impl Packed {
         move |r| QRow {
             bits: self.bits,
             group: self.group,
+            zero: self.zero,
             data: &self.data[r * rb..(r + 1) * rb],
             scales: &self.scales[r * rg..(r + 1) * rg],
             mins: &self.mins[r * rg..(r + 1) * rg],

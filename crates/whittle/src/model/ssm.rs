@@ -5,6 +5,8 @@
 
 use super::config::SsmShape;
 use super::{Linear, Site};
+use crate::kernels::activation::softplus_bias_in_place;
+use crate::kernels::exp::neg_exp;
 use crate::kernels::norm::rms_norm;
 use crate::kernels::ssm::{causal_conv_silu, selective_scan, ScanInputs};
 use crate::{Error, Result};
@@ -52,15 +54,6 @@ impl SsmState {
 
     pub fn bytes(&self) -> usize {
         (self.conv.len() + self.h.len()) * 4
-    }
-}
-
-/// Softplus as torch computes it (linear above 20).
-fn softplus(v: f32) -> f32 {
-    if v > 20.0 {
-        v
-    } else {
-        v.exp().ln_1p()
     }
 }
 
@@ -169,11 +162,10 @@ impl Ssm {
         let mut delta = vec![0f32; t * e];
         self.dt_proj.forward(&dt_r, t, &mut delta);
         for row in delta.chunks_exact_mut(e) {
-            for (v, bias) in row.iter_mut().zip(&self.dt_bias) {
-                *v = softplus(*v + bias);
-            }
+            softplus_bias_in_place(row, &self.dt_bias);
         }
-        let a: Vec<f32> = self.a_log.iter().map(|v| -v.exp()).collect();
+        let mut a = vec![0f32; self.a_log.len()];
+        neg_exp(&self.a_log, &mut a);
         let inputs = ScanInputs {
             x: &xc,
             delta: &delta,
