@@ -52,16 +52,20 @@ impl Figures {
     }
 }
 
-/// Runs `baseline` on `model` at `level` with `threads` threads, `reps` timed runs.
-pub fn measure(
-    baseline: Baseline,
-    tools: &Tools,
-    model: &Path,
-    packed: bool,
-    level: Level,
-    threads: usize,
-    reps: usize,
-) -> Result<Figures> {
+/// What whittle just measured, for the baselines to measure the same way.
+pub struct Run<'a> {
+    pub model: &'a Path,
+    /// Whether the model keeps packed weights (its decode row is "weights as stored").
+    pub packed: bool,
+    pub level: Level,
+    pub threads: usize,
+    /// Timed runs per figure.
+    pub reps: usize,
+}
+
+/// Runs `baseline` on the same model file, level, threads and repetitions as `run`.
+pub fn measure(baseline: Baseline, tools: &Tools, run: &Run) -> Result<Figures> {
+    let model = run.model;
     if model.extension().and_then(|e| e.to_str()) != Some("gguf") {
         bail!(
             "--compare needs the model as a GGUF file (both baselines read GGUF), got {}",
@@ -70,8 +74,8 @@ pub fn measure(
     }
     eprintln!("measuring {baseline:?} on the same file ...");
     match baseline {
-        Baseline::PyTorch => pytorch(tools, model, level, threads, reps),
-        Baseline::LlamaCpp => llama_cpp(tools, model, packed, level, threads, reps),
+        Baseline::PyTorch => pytorch(tools, run),
+        Baseline::LlamaCpp => llama_cpp(tools, run),
     }
 }
 
@@ -91,7 +95,7 @@ fn torch_env(level: Level) -> Vec<(&'static str, &'static str)> {
     ]
 }
 
-fn run(cmd: &mut Command, what: &str) -> Result<String> {
+fn output(cmd: &mut Command, what: &str) -> Result<String> {
     let out = cmd
         .output()
         .with_context(|| format!("cannot start {what} ({cmd:?})"))?;
@@ -105,15 +109,9 @@ fn run(cmd: &mut Command, what: &str) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn pytorch(
-    tools: &Tools,
-    model: &Path,
-    level: Level,
-    threads: usize,
-    reps: usize,
-) -> Result<Figures> {
-    let env = torch_env(level);
-    let capability = run(
+fn pytorch(tools: &Tools, run: &Run) -> Result<Figures> {
+    let env = torch_env(run.level);
+    let capability = output(
         Command::new(&tools.python)
             .args([
                 "-c",
@@ -123,12 +121,12 @@ fn pytorch(
         "python with torch (--python)",
     )?;
     let out = tempfile::NamedTempFile::new()?;
-    let model = std::fs::canonicalize(model)?;
-    run(
+    let model = std::fs::canonicalize(run.model)?;
+    output(
         Command::new(&tools.python)
             .current_dir(&tools.harness)
-            .args(["bench.py", "--no-hf", "--threads", &threads.to_string()])
-            .args(["--reps", &reps.to_string(), "--out"])
+            .args(["bench.py", "--no-hf", "--threads", &run.threads.to_string()])
+            .args(["--reps", &run.reps.to_string(), "--out"])
             .arg(out.path())
             .env("SMOLLM_GGUF", &model)
             .envs(env.iter().copied()),
@@ -168,18 +166,11 @@ fn pytorch(
     })
 }
 
-fn llama_cpp(
-    tools: &Tools,
-    model: &Path,
-    packed: bool,
-    level: Level,
-    threads: usize,
-    reps: usize,
-) -> Result<Figures> {
+fn llama_cpp(tools: &Tools, run: &Run) -> Result<Figures> {
     // llama.cpp picks its instruction sets at compile time: the AVX2-only build for `avx2`
     // (and, the closest there is, `scalar`), the AVX-512 build for `avx512` and `amx` (a
     // `-DGGML_NATIVE=ON` build crashed on the AMX machine), the native build on ARM.
-    let build = match level {
+    let build = match run.level {
         Level::Scalar | Level::Avx2 => "avx2",
         Level::Avx512 | Level::Amx => "avx512",
         Level::Neon => "native",
@@ -193,12 +184,19 @@ fn llama_cpp(
             bin.display()
         );
     }
-    let text = run(
+    let text = output(
         Command::new(&bin)
             .arg("-m")
-            .arg(model)
-            .args(["-t", &threads.to_string(), "-p", "512,2048", "-n", "128"])
-            .args(["-r", &reps.to_string(), "-o", "json"]),
+            .arg(run.model)
+            .args([
+                "-t",
+                &run.threads.to_string(),
+                "-p",
+                "512,2048",
+                "-n",
+                "128",
+            ])
+            .args(["-r", &run.reps.to_string(), "-o", "json"]),
         "llama-bench",
     )?;
     let raw: Value = serde_json::from_str(&text).context("llama-bench printed no JSON")?;
@@ -217,7 +215,7 @@ fn llama_cpp(
         );
         match (p, n) {
             (p, 0) if p > 0 => values.push((Measure::Prefill(p), ts)),
-            (0, _) if packed => values.push((Measure::DecodeStored, ts)),
+            (0, _) if run.packed => values.push((Measure::DecodeStored, ts)),
             (0, _) => values.push((Measure::DecodeF32, ts)),
             _ => {}
         }

@@ -69,10 +69,17 @@ pub fn run(
         )?;
     }
     decode(&expanded, "f32 weights", baselines::Measure::DecodeF32)?;
+    let same = baselines::Run {
+        model: &loaded.path,
+        packed,
+        level,
+        threads,
+        reps,
+    };
     let figures: Vec<Figures> = opts
         .compare
         .iter()
-        .map(|b| baselines::measure(*b, &opts.tools, &loaded.path, packed, level, threads, reps))
+        .map(|b| baselines::measure(*b, &opts.tools, &same))
         .collect::<Result<_>>()?;
 
     let mut header = vec!["measure".to_string(), "whittle tok/s".to_string()];

@@ -189,7 +189,7 @@ pub(crate) fn group_of(b: usize, per_group: usize) -> usize {
 const PREFETCH_AHEAD: usize = 2048;
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(crate) mod x86 {
     use super::{block_bytes, checked_blocks, group_of, QRow, BLOCK, PREFETCH_AHEAD};
     use std::arch::x86_64::*;
 
@@ -298,7 +298,15 @@ mod x86 {
                 acc[k] = _mm256_fmadd_ps(w, _mm256_loadu_ps(px.add(b * BLOCK + 8 * k)), acc[k]);
             }
         }
-        let v = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+        hsum256(_mm256_add_ps(
+            _mm256_add_ps(acc[0], acc[1]),
+            _mm256_add_ps(acc[2], acc[3]),
+        ))
+    }
+
+    /// The sum of 8 floats.
+    #[inline(always)]
+    pub(crate) unsafe fn hsum256(v: __m256) -> f32 {
         let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
         _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1)))

@@ -140,7 +140,7 @@ pub fn qdot_i16_rows_at(level: Level, rows: &[QRow], x: &QActs, out: &mut [f32])
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{QActs, QRow, BLOCK};
-    use crate::kernels::qdot::group_of;
+    use crate::kernels::qdot::{group_of, x86::hsum256};
     use std::arch::x86_64::*;
 
     const PREFETCH_AHEAD: usize = 2048;
@@ -204,16 +204,9 @@ mod x86 {
             } else {
                 mins[r]
             };
-            out[r] = hsum(acc[r]) + m;
+            out[r] = hsum256(acc[r]) + m;
         }
         out
-    }
-
-    #[inline(always)]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-        _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1)))
     }
 }
 
