@@ -169,3 +169,40 @@ fn train_stops_on_its_time_budget_resumes_and_plots() {
     assert_eq!(code, 0, "{err}");
     assert!(std::fs::read_to_string(&svg).unwrap().contains("<svg"));
 }
+
+/// `WHITTLE_SIMD` that names no level, or one this CPU cannot run, stops the program before any
+/// work with a message that lists what would work (exit 2), never with an illegal instruction.
+#[test]
+fn unknown_or_unavailable_simd_level_is_a_clear_error() {
+    let run = |level: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_whittle"))
+            .args(["bench", "--levels"])
+            .env("WHITTLE_SIMD", level)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, _, err) = run("sse9");
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("unknown SIMD level 'sse9'") && err.contains("scalar"),
+        "{err}"
+    );
+    // Every level this CPU runs is accepted; the others (at least one: `neon` on x86, the x86
+    // levels on ARM) are refused by name.
+    let (code, here, _) = run("scalar");
+    assert_eq!(code, 0);
+    for level in ["scalar", "neon", "avx2", "avx512", "amx"] {
+        let (code, _, err) = run(level);
+        if here.split_whitespace().any(|l| l == level) {
+            assert_eq!(code, 0, "{level}: {err}");
+        } else {
+            assert_eq!(code, 2, "{level}");
+            assert!(err.contains("not available on this CPU"), "{level}: {err}");
+        }
+    }
+}
