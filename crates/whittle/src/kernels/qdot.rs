@@ -186,7 +186,7 @@ pub(crate) fn group_of(b: usize, per_group: usize) -> usize {
 /// weights once, so ask for the bytes ~2 KiB ahead (the next rows) before the loads wait on
 /// memory.
 #[cfg(target_arch = "x86_64")]
-const PREFETCH_AHEAD: usize = 2048;
+pub(crate) const PREFETCH_AHEAD: usize = 2048;
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86 {

@@ -140,10 +140,8 @@ pub fn qdot_i16_rows_at(level: Level, rows: &[QRow], x: &QActs, out: &mut [f32])
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{QActs, QRow, BLOCK};
-    use crate::kernels::qdot::{group_of, x86::hsum256};
+    use crate::kernels::qdot::{group_of, x86::hsum256, PREFETCH_AHEAD};
     use std::arch::x86_64::*;
-
-    const PREFETCH_AHEAD: usize = 2048;
 
     /// The 32 codes of block `b` as two vectors of 16 i16 (codes 0–15, 16–31). 4-bit: the 16
     /// bytes are widened once, and each 16-bit lane then holds both nibbles of its byte.

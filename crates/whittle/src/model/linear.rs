@@ -271,11 +271,12 @@ impl Linear {
                 }
             }
             (Weight::Packed(p), Some(xq)) => {
-                // Four rows a call (what the kernel shares activations between), no allocation.
+                // Four rows a call (what the kernel shares activations between), no allocation;
+                // the rows' strides worked out once.
+                let row = p.rows(inp);
                 for (k, ys) in y.chunks_mut(4).enumerate() {
                     let first = start + 4 * k;
-                    let rows: [_; 4] =
-                        std::array::from_fn(|i| p.row((first + i).min(first + ys.len() - 1), inp));
+                    let rows: [_; 4] = std::array::from_fn(|i| row(first + i.min(ys.len() - 1)));
                     qdot_i16::qdot_i16_rows_at(level, &rows[..ys.len()], xq, ys);
                 }
             }
@@ -313,12 +314,10 @@ impl Linear {
         let inp = linears[0].in_features;
         let level = simd::level();
         // The int16 input of each row, quantized once for every linear that reads it.
+        let int16 = linears.iter().any(|l| l.takes_int16(level));
         let xq: Vec<Option<QActs>> = x
             .chunks_exact(inp)
-            .map(|xr| {
-                let int16 = linears.iter().any(|l| l.takes_int16(level));
-                int16.then(|| QActs::quantize(xr))
-            })
+            .map(|xr| int16.then(|| QActs::quantize(xr)))
             .collect();
         type Task<'a> = (
             &'a Linear,
