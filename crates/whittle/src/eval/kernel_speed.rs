@@ -55,14 +55,8 @@ pub fn run(reps: usize) -> Vec<KernelTime> {
         .collect();
     let groups = ffn * hidden / 32;
     let (scales, mins) = (wave(groups, 3), wave(groups, 5));
-    let row = |r: usize| qdot::QRow {
-        bits: 4,
-        group: 32,
-        data: &codes[r * hidden / 2..(r + 1) * hidden / 2],
-        scales: &scales[r * hidden / 32..(r + 1) * hidden / 32],
-        mins: &mins[r * hidden / 32..(r + 1) * hidden / 32],
-        zero: None,
-    };
+    let matrix = qdot::QRows::new(4, 32, None, (&codes, &scales, &mins), hidden);
+    let row = |r: usize| matrix.row(r);
     let table = rope::RopeTable::new(64, 10000.0, tokens);
     let norm_w = wave(hidden, 29);
     let scan = ssm::ScanData::synthetic(64, 512, 16);
@@ -102,9 +96,7 @@ pub fn run(reps: usize) -> Vec<KernelTime> {
                 "gemv Q4×int16 576→1536",
                 time(reps, || {
                     let xq = crate::kernels::qdot_i16::QActs::quantize(&x[..hidden]);
-                    for (r, yr) in y[..ffn].iter_mut().enumerate() {
-                        *yr = crate::kernels::qdot_i16::qdot_i16_at(level, row(r), &xq);
-                    }
+                    crate::kernels::qdot_i16::qdot_i16_rows_at(level, matrix, &xq, &mut y[..ffn]);
                 }),
             );
         }

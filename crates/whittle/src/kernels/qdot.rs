@@ -30,6 +30,105 @@ pub struct QRow<'a> {
     pub zero: Option<f32>,
 }
 
+/// Consecutive rows of one packed matrix (codes, scales and mins row-major, strides worked out
+/// once): what decode hands a kernel, so that the kernel walks the rows itself instead of
+/// being called with a freshly built [`QRow`] per row (that bookkeeping, for SmolLM2's
+/// 576-wide rows, cost ~8 % of decode).
+#[derive(Clone, Copy)]
+pub struct QRows<'a> {
+    pub bits: u8,
+    pub group: usize,
+    pub zero: Option<f32>,
+    data: &'a [u8],
+    scales: &'a [f32],
+    mins: &'a [f32],
+    row_bytes: usize,
+    row_groups: usize,
+}
+
+impl<'a> QRows<'a> {
+    /// Rows `inp` wide; `data`, `scales` and `mins` hold whole rows.
+    pub fn new(
+        bits: u8,
+        group: usize,
+        zero: Option<f32>,
+        (data, scales, mins): (&'a [u8], &'a [f32], &'a [f32]),
+        inp: usize,
+    ) -> Self {
+        let (row_bytes, row_groups) = (inp / BLOCK * block_bytes(bits), inp.div_ceil(group));
+        assert!(row_bytes > 0 && data.len().is_multiple_of(row_bytes));
+        let rows = data.len() / row_bytes;
+        assert!(scales.len() == rows * row_groups && mins.len() == scales.len());
+        QRows {
+            bits,
+            group,
+            zero,
+            data,
+            scales,
+            mins,
+            row_bytes,
+            row_groups,
+        }
+    }
+
+    /// One row as a one-row matrix.
+    pub fn single(row: QRow<'a>) -> Self {
+        assert!(!row.data.is_empty() && row.mins.len() == row.scales.len());
+        QRows {
+            bits: row.bits,
+            group: row.group,
+            zero: row.zero,
+            data: row.data,
+            scales: row.scales,
+            mins: row.mins,
+            row_bytes: row.data.len(),
+            row_groups: row.scales.len(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.data.len() / self.row_bytes
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
+
+    /// Row `r`.
+    pub fn row(&self, r: usize) -> QRow<'a> {
+        let (rb, rg) = (self.row_bytes, self.row_groups);
+        QRow {
+            bits: self.bits,
+            group: self.group,
+            zero: self.zero,
+            data: &self.data[r * rb..(r + 1) * rb],
+            scales: &self.scales[r * rg..(r + 1) * rg],
+            mins: &self.mins[r * rg..(r + 1) * rg],
+        }
+    }
+
+    /// Rows `range` of these.
+    pub fn range(&self, range: std::ops::Range<usize>) -> Self {
+        let (rb, rg) = (self.row_bytes, self.row_groups);
+        QRows {
+            data: &self.data[range.start * rb..range.end * rb],
+            scales: &self.scales[range.start * rg..range.end * rg],
+            mins: &self.mins[range.start * rg..range.end * rg],
+            ..*self
+        }
+    }
+
+    /// Pointers to row `r`'s codes, scales and mins (for kernels that checked the bounds once).
+    pub fn ptrs(&self, r: usize) -> (*const u8, *const f32, *const f32) {
+        let (rb, rg) = (self.row_bytes, self.row_groups);
+        (
+            self.data.as_ptr().wrapping_add(r * rb),
+            self.scales.as_ptr().wrapping_add(r * rg),
+            self.mins.as_ptr().wrapping_add(r * rg),
+        )
+    }
+}
+
 /// The codes of one block.
 #[inline(always)]
 pub fn unpack_block(bits: u8, bytes: &[u8], q: &mut [u8; BLOCK]) {

@@ -17,7 +17,7 @@
 //! rounding; tested below). The mins' term uses the exact block sums of `x`. Prefill and
 //! perplexity never take this path.
 
-use super::qdot::{block_bytes, QRow, BLOCK};
+use super::qdot::{block_bytes, QRow, QRows, BLOCK};
 use super::simd::Level;
 
 /// `x` quantized per 32-value block: codes in [-32767, 32767], the block's scale, and the exact
@@ -82,55 +82,41 @@ pub fn takes(level: Level, bits: u8) -> bool {
 /// accepts.
 pub fn qdot_i16_at(level: Level, row: QRow, x: &QActs) -> f32 {
     let mut out = [0f32];
-    qdot_i16_rows_at(level, &[row], x, &mut out);
+    qdot_i16_rows_at(level, QRows::single(row), x, &mut out);
     out[0]
 }
 
-/// `out[i] = rows[i] · x` for rows of one width, format and group: on x86 four rows at a time
-/// share each block's activations and bookkeeping (per-row overhead was ~10 % of decode).
-pub fn qdot_i16_rows_at(level: Level, rows: &[QRow], x: &QActs, out: &mut [f32]) {
+/// `out[i] = rows[i] · x`: on x86 four rows at a time share each block's activations and
+/// bookkeeping (per-row overhead was ~10 % of decode).
+pub fn qdot_i16_rows_at(level: Level, rows: QRows, x: &QActs, out: &mut [f32]) {
     assert_eq!(rows.len(), out.len());
-    let Some(first) = rows.first() else { return };
+    if rows.is_empty() {
+        return;
+    }
     assert!(
-        takes(level, first.bits),
+        takes(level, rows.bits),
         "no integer dot for {} bits at {level}",
-        first.bits
+        rows.bits
     );
     let blocks = x.blocks();
-    let per_group = first.group / BLOCK;
+    let per_group = rows.group / BLOCK;
     assert!(per_group > 0);
-    let groups = blocks.div_ceil(per_group);
-    for r in rows {
-        assert!(r.bits == first.bits && r.group == first.group);
-        assert!(r.data.len() >= blocks * block_bytes(r.bits));
-        assert!(r.scales.len() >= groups && r.mins.len() >= groups);
-    }
+    let row = rows.row(0);
+    assert!(row.data.len() == blocks * block_bytes(rows.bits));
+    assert!(row.scales.len() == blocks.div_ceil(per_group));
     // SAFETY: `takes` admits AVX2 and above on x86-64 and NEON on AArch64, and a level is only
-    // ever one the CPU runs; lengths are checked above.
+    // ever one the CPU runs; every row is as long as the first (`QRows`), checked above.
     #[cfg(target_arch = "x86_64")]
     unsafe {
-        let mut quads = rows.chunks_exact(4);
-        let mut outs = out.chunks_exact_mut(4);
-        let sym = rows.iter().all(|r| r.zero.is_some());
-        for (r, o) in (&mut quads).zip(&mut outs) {
-            let r: &[QRow; 4] = r.try_into().expect("4 rows");
-            o.copy_from_slice(&if sym {
-                x86::dot::<4, true>(r, x, per_group)
-            } else {
-                x86::dot::<4, false>(r, x, per_group)
-            });
-        }
-        for (r, o) in quads.remainder().iter().zip(outs.into_remainder()) {
-            *o = if sym {
-                x86::dot::<1, true>(&[*r], x, per_group)[0]
-            } else {
-                x86::dot::<1, false>(&[*r], x, per_group)[0]
-            };
+        if rows.zero.is_some() {
+            x86::dot_rows::<true>(rows, x, per_group, out)
+        } else {
+            x86::dot_rows::<false>(rows, x, per_group, out)
         }
     }
     #[cfg(target_arch = "aarch64")]
-    for (r, o) in rows.iter().zip(out) {
-        *o = unsafe { arm::dot(*r, x, per_group) };
+    for (r, o) in out.iter_mut().enumerate() {
+        *o = unsafe { arm::dot(rows.row(r), x, per_group) };
     }
     #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
     unreachable!("`takes` is false on this architecture")
@@ -139,7 +125,7 @@ pub fn qdot_i16_rows_at(level: Level, rows: &[QRow], x: &QActs, out: &mut [f32])
 /// `Σ_b (s_{g(b)} · d_b · Σ_{i∈b} q_i x16_i + m_{g(b)} · Σ_{i∈b} x_i)`.
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{QActs, QRow, BLOCK};
+    use super::{QActs, QRows, BLOCK};
     use crate::kernels::qdot::{group_of, x86::hsum256, PREFETCH_AHEAD};
     use std::arch::x86_64::*;
 
@@ -162,17 +148,37 @@ mod x86 {
         }
     }
 
-    /// `N` rows against `x`: each block's activations are loaded once for all rows, and the
-    /// rows' sums are independent chains. `SYM`: every row's mins are `−zero·scale`, so the
-    /// mins' term is `−zero · Σ_b s_b·Σx_b` and the mins are not read.
+    /// Every row of `rows` against `x`, four at a time.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot<const N: usize, const SYM: bool>(
-        rows: &[QRow; N],
+    pub unsafe fn dot_rows<const SYM: bool>(
+        rows: QRows,
+        x: &QActs,
+        per_group: usize,
+        out: &mut [f32],
+    ) {
+        let quads = out.len() / 4;
+        for q in 0..quads {
+            let o = dot::<4, SYM>(&rows, 4 * q, x, per_group);
+            out[4 * q..4 * q + 4].copy_from_slice(&o);
+        }
+        for r in 4 * quads..out.len() {
+            out[r] = dot::<1, SYM>(&rows, r, x, per_group)[0];
+        }
+    }
+
+    /// Rows `first..first + N` against `x`: each block's activations are loaded once for all
+    /// rows, and the rows' sums are independent chains. `SYM`: every row's mins are
+    /// `−zero·scale`, so the mins' term is `−zero · Σ_b s_b·Σx_b` and the mins are not read.
+    #[inline(always)]
+    unsafe fn dot<const N: usize, const SYM: bool>(
+        rows: &QRows,
+        first: usize,
         x: &QActs,
         per_group: usize,
     ) -> [f32; N] {
-        let bits = rows[0].bits;
+        let bits = rows.bits;
         let bb = super::block_bytes(bits);
+        let ptrs: [_; N] = std::array::from_fn(|r| rows.ptrs(first + r));
         let mut acc = [_mm256_setzero_ps(); N];
         let mut mins = [0f32; N];
         for b in 0..x.blocks() {
@@ -182,29 +188,17 @@ mod x86 {
             let (d, sum) = (*x.d.get_unchecked(b), *x.sum.get_unchecked(b));
             let g = group_of(b, per_group);
             for r in 0..N {
-                let pd = rows[r].data.as_ptr();
+                let (pd, ps, pm) = ptrs[r];
                 _mm_prefetch::<_MM_HINT_T0>(pd.wrapping_add(b * bb + PREFETCH_AHEAD) as *const i8);
                 let (q0, q1) = codes(bits, pd, b);
                 let sums = _mm256_add_epi32(_mm256_madd_epi16(q0, x0), _mm256_madd_epi16(q1, x1));
-                let s = *rows[r].scales.get_unchecked(g);
+                let s = *ps.add(g);
                 acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(s * d), acc[r]);
-                mins[r] += if SYM {
-                    s
-                } else {
-                    *rows[r].mins.get_unchecked(g)
-                } * sum;
+                mins[r] += if SYM { s } else { *pm.add(g) } * sum;
             }
         }
-        let mut out = [0f32; N];
-        for r in 0..N {
-            let m = if SYM {
-                -rows[r].zero.unwrap_or(0.0) * mins[r]
-            } else {
-                mins[r]
-            };
-            out[r] = hsum256(acc[r]) + m;
-        }
-        out
+        let zero = rows.zero.unwrap_or(0.0);
+        std::array::from_fn(|r| hsum256(acc[r]) + if SYM { -zero * mins[r] } else { mins[r] })
     }
 }
 
@@ -322,6 +316,36 @@ mod tests {
                 // And the f32 path of the same level is closer still.
                 let f = qdot_at(level, row, &x) as f64;
                 assert!((f - exact).abs() <= 1e-5 * scale);
+            }
+        }
+    }
+
+    /// A matrix walked four rows at a time (plus a remainder) gives each row's own dot.
+    #[test]
+    fn rows_of_a_matrix_match_their_single_row_dots() {
+        let (rows, n) = (7, 192);
+        for bits in [4u8, 8] {
+            let data: Vec<u8> = (0..rows * n * bits as usize / 8)
+                .map(|i| (i * 53 % 241) as u8)
+                .collect();
+            let scales: Vec<f32> = (0..rows * n / 64).map(|g| 0.02 + g as f32 * 1e-3).collect();
+            let mins: Vec<f32> = scales.iter().map(|s| -s * 3.0).collect();
+            let m = QRows::new(bits, 64, None, (&data, &scales, &mins), n);
+            let x: Vec<f32> = (0..n).map(|i| ((i * 7 % 23) as f32 - 11.0) * 0.3).collect();
+            let xa = QActs::quantize(&x);
+            for level in Level::supported().into_iter().filter(|l| takes(*l, bits)) {
+                let mut out = vec![0f32; rows];
+                qdot_i16_rows_at(level, m, &xa, &mut out);
+                for (r, o) in out.iter().enumerate() {
+                    assert_eq!(
+                        *o,
+                        qdot_i16_at(level, m.row(r), &xa),
+                        "{bits} bits, row {r}"
+                    );
+                }
+                let mut tail = vec![0f32; 3];
+                qdot_i16_rows_at(level, m.range(4..7), &xa, &mut tail);
+                assert_eq!(tail, out[4..]);
             }
         }
     }

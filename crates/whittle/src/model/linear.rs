@@ -271,19 +271,12 @@ impl Linear {
                 }
             }
             (Weight::Packed(p), Some(xq)) => {
-                // Four rows a call (what the kernel shares activations between), no allocation;
-                // the rows' strides worked out once.
-                let row = p.rows(inp);
-                for (k, ys) in y.chunks_mut(4).enumerate() {
-                    let first = start + 4 * k;
-                    let rows: [_; 4] = std::array::from_fn(|i| row(first + i.min(ys.len() - 1)));
-                    qdot_i16::qdot_i16_rows_at(level, &rows[..ys.len()], xq, ys);
-                }
+                qdot_i16::qdot_i16_rows_at(level, p.rows(inp).range(rows), xq, y);
             }
             (Weight::Packed(p), None) => {
-                let row = p.rows(inp);
+                let m = p.rows(inp);
                 for (j, yj) in rows.zip(y) {
-                    *yj = qdot_at(level, row(j), x);
+                    *yj = qdot_at(level, m.row(j), x);
                 }
             }
         }

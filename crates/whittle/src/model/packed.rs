@@ -2,7 +2,7 @@
 //! `group` inputs (the last group of a row may be shorter), `w = fma(scale, q, min)` (see [`crate::kernels::qdot`]). GGUF's Q4_0/Q4_1/Q8_0 map onto
 //! it exactly, so a GGUF model keeps its file's blocks in memory and decodes from them.
 
-use crate::kernels::qdot::{block_bytes, dequant_row, QRow, BLOCK};
+use crate::kernels::qdot::{block_bytes, dequant_row, QRow, QRows, BLOCK};
 use crate::{Error, Result};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -65,24 +65,18 @@ impl Packed {
 
     /// Row `r` of a matrix `inp` wide.
     pub fn row(&self, r: usize, inp: usize) -> QRow<'_> {
-        self.rows(inp)(r)
+        self.rows(inp).row(r)
     }
 
-    /// Rows of a matrix `inp` wide, by index, with the strides worked out once (decode takes
-    /// every row of every matrix per token).
-    pub fn rows<'a>(&'a self, inp: usize) -> impl Fn(usize) -> QRow<'a> + 'a {
-        let (rb, rg) = (
-            inp / BLOCK * block_bytes(self.bits),
-            inp.div_ceil(self.group),
-        );
-        move |r| QRow {
-            bits: self.bits,
-            group: self.group,
-            zero: self.zero,
-            data: &self.data[r * rb..(r + 1) * rb],
-            scales: &self.scales[r * rg..(r + 1) * rg],
-            mins: &self.mins[r * rg..(r + 1) * rg],
-        }
+    /// The rows of a matrix `inp` wide.
+    pub fn rows(&self, inp: usize) -> QRows<'_> {
+        QRows::new(
+            self.bits,
+            self.group,
+            self.zero,
+            (&self.data, &self.scales, &self.mins),
+            inp,
+        )
     }
 
     /// Writes the f32 matrix (`out × inp`) into `w`.
