@@ -7,6 +7,7 @@ mod commands;
 mod compress;
 mod plot;
 mod report;
+mod tasks;
 mod train;
 
 use clap::{Parser, Subcommand};
@@ -264,6 +265,16 @@ enum EvalCommand {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Zero- and few-shot accuracy on downstream tasks (lm-evaluation-harness conventions;
+    /// all nine tasks when --tasks is not given).
+    Tasks {
+        #[command(flatten)]
+        model: ModelArg,
+        #[command(flatten)]
+        tasks: tasks::TaskArgs,
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
 }
 
 fn main() {
@@ -293,6 +304,9 @@ fn main() {
             max_tokens,
             json,
         }) => commands::eval_ppl(model.model.as_deref(), &data, seq_len, max_tokens, json),
+        Command::Eval(EvalCommand::Tasks { model, tasks, json }) => {
+            commands::eval_tasks(model.model.as_deref(), &tasks, json)
+        }
         Command::Generate {
             model,
             prompt,

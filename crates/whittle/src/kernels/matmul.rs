@@ -7,6 +7,7 @@
 
 use super::amx;
 use super::dot::dot_at;
+use super::matmul_small;
 use super::simd::{self, Level};
 use faer::{Accum, MatMut, MatRef};
 use rayon::prelude::*;
@@ -38,6 +39,20 @@ pub fn matmul_t(x: &[f32], w: &[f32], rows: usize, inp: usize, out: usize, y: &m
         return;
     }
     let threads = crate::threads::threads();
+    if matmul_small::takes(level, rows) {
+        // Threads split the weight rows: each fills its own slice of the transposed product.
+        let mut yt = vec![0f32; rows * out];
+        let per = out.div_ceil(threads).next_multiple_of(4);
+        yt.par_chunks_mut(per * rows)
+            .zip(w.par_chunks(per * inp))
+            .for_each(|(yt, w)| matmul_small::matmul_t_transposed(level, x, w, inp, yt));
+        for (j, col) in yt.chunks_exact(rows).enumerate() {
+            for (r, v) in col.iter().enumerate() {
+                y[r * out + j] = *v;
+            }
+        }
+        return;
+    }
     let seq = |x: &[f32], y: &mut [f32]| {
         let r = x.len() / inp;
         gemm_at(

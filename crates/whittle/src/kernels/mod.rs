@@ -101,6 +101,7 @@ pub mod attention;
 pub mod dot;
 pub mod exp;
 pub mod matmul;
+pub mod matmul_small;
 pub mod norm;
 pub mod qdot;
 pub mod qdot_i16;

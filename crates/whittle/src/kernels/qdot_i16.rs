@@ -66,6 +66,26 @@ impl QActs {
     }
 }
 
+thread_local! {
+    static F32_ACTIVATIONS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with this thread's matrix-vector products of packed rows against f32 activations
+/// (the expanded weights' exact products) instead of int16 ones: for scoring, where a
+/// log-likelihood must match the f32 model to 1e-3 (int16 activations moved one by 6e-3 on
+/// SmolLM2) and speed matters less than in decode.
+pub fn with_f32_activations<R>(f: impl FnOnce() -> R) -> R {
+    let before = F32_ACTIVATIONS.with(|c| c.replace(true));
+    let r = f();
+    F32_ACTIVATIONS.with(|c| c.set(before));
+    r
+}
+
+/// Whether [`with_f32_activations`] is in force on this thread.
+pub fn f32_activations() -> bool {
+    F32_ACTIVATIONS.with(|c| c.get())
+}
+
 /// Whether rows of `bits`-bit codes take the integer path at `level`: 4- and 8-bit codes at
 /// the vector levels. The scalar level keeps f32 activations (it is the plain reference every
 /// level is checked against).

@@ -11,6 +11,7 @@ use super::{KvSource, Model};
 use crate::{Error, Result};
 
 /// K/V rows of one layer.
+#[derive(Clone)]
 pub(crate) struct KvRows {
     k: Vec<f32>,
     v: Vec<f32>,
@@ -76,11 +77,15 @@ impl KvRows {
 }
 
 /// What one layer carries between calls.
+#[derive(Clone)]
 pub struct LayerCache {
     pub(crate) kv: Option<KvRows>,
     pub(crate) ssm: Option<SsmState>,
 }
 
+/// Cloning forks a sequence: the clone continues from the same positions (scoring several
+/// continuations of one prompt).
+#[derive(Clone)]
 pub struct KvCache {
     pub(crate) layers: Vec<LayerCache>,
     len: usize,

@@ -256,6 +256,7 @@ impl Linear {
 
     fn takes_int16(&self, level: Level) -> bool {
         matches!(&self.weight, Weight::Packed(p) if qdot_i16::takes(level, p.bits))
+            && !qdot_i16::f32_activations()
     }
 
     /// `y[i] = W[start + i] · x`, dequantizing packed rows on the fly (or, given `xq`,

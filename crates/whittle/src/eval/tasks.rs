@@ -1,0 +1,477 @@
+//! Downstream accuracy: lm-evaluation-harness's log-likelihood scoring of benchmark tasks
+//! ([`crate::data::tasks`]), computed with shared prefixes instead of one full forward pass
+//! per choice.
+//!
+//! Tokens are lm-eval's: trailing whitespace of a context moves to its continuation, the whole
+//! string is encoded and the continuation is what follows the context's own encoding; a request
+//! longer than the model's context loses tokens from the left. The log-likelihood of a
+//! continuation is the sum of its tokens' log-probabilities, and it is "greedy" when every one
+//! of its tokens is the argmax.
+//!
+//! Speed: the choices of an example share their context, so the context runs once into a
+//! decode cache that each choice forks; the examples of a group (an MMLU subject: its five
+//! dev examples) share their longest common token prefix the same way, once per group. The
+//! output head, a fifth of the model, runs only on rows whose logits are scored. Examples run
+//! one per thread. Packed weights multiply f32 activations here (not decode's int16 ones), so
+//! that a packed model scores as its f32 expansion does.
+
+use crate::data::tasks::{Example, Scoring, Task};
+use crate::io::tokenizer::Tokenizer;
+use crate::kernels::exp::logsumexp;
+use crate::kernels::qdot_i16::with_f32_activations;
+use crate::model::sampling::argmax;
+use crate::model::KvCache;
+use crate::{Error, Model, Result};
+use rayon::prelude::*;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+/// A shared prefix shorter than this is not worth a cache of its own.
+const MIN_SHARED_PREFIX: usize = 16;
+
+/// A request in tokens: the context, and the continuation whose likelihood is scored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenRequest {
+    pub context: Vec<u32>,
+    pub continuation: Vec<u32>,
+}
+
+/// lm-eval's `_encode_pair`.
+pub fn encode_pair(tok: &Tokenizer, context: &str, continuation: &str) -> Result<TokenRequest> {
+    let kept = context.trim_end().len();
+    let (context, continuation) = (
+        &context[..kept],
+        format!("{}{continuation}", &context[kept..]),
+    );
+    if context.is_empty() {
+        return Err(Error::Invalid(
+            "a request with an empty context (no token to condition on)".into(),
+        ));
+    }
+    let whole = tok.encode(&format!("{context}{continuation}"))?;
+    let ctx = tok.encode(context)?;
+    let mut cont = whole.get(ctx.len()..).unwrap_or_default().to_vec();
+    if cont.is_empty() {
+        // The context's encoding swallowed the continuation (cannot happen with byte-level
+        // BPE and a non-empty continuation, but a user tokenizer might): score it on its own.
+        cont = tok.encode(&continuation)?;
+    }
+    Ok(TokenRequest {
+        context: ctx,
+        continuation: cont,
+    })
+}
+
+/// What the model says about one request.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+pub struct Scored {
+    /// Σ log p(continuation token | everything before it).
+    pub loglik: f64,
+    /// Every continuation token was the most likely one.
+    pub greedy: bool,
+}
+
+/// Log-probability of `target` in a row of logits, and whether it is the argmax.
+fn token_score(row: &[f32], target: u32) -> Result<(f64, bool)> {
+    let lp = row[target as usize] as f64 - logsumexp(row) as f64;
+    if !lp.is_finite() {
+        return Err(Error::NonFinite {
+            name: "logits of a scored token".into(),
+            count: 1,
+        });
+    }
+    Ok((lp, argmax(row) == target))
+}
+
+/// Adds the scores of `targets`, one per row of `hidden`, to `s`.
+fn add_scores(model: &Model, hidden: &[f32], targets: &[u32], s: &mut Scored) -> Result<()> {
+    let logits = model.logits(hidden);
+    for (row, t) in logits.chunks_exact(model.config.vocab_size).zip(targets) {
+        let (lp, g) = token_score(row, *t)?;
+        s.loglik += lp;
+        s.greedy &= g;
+    }
+    Ok(())
+}
+
+/// A cache holding a token prefix, to fork from.
+pub struct Prefix {
+    tokens: Vec<u32>,
+    cache: KvCache,
+}
+
+impl Prefix {
+    /// Runs `tokens` into a cache with room for `capacity` tokens in all.
+    pub fn new(model: &Model, tokens: &[u32], capacity: usize) -> Result<Prefix> {
+        let mut cache = KvCache::new(model, capacity)?;
+        model.hidden_states(tokens, Some(&mut cache), None)?;
+        Ok(Prefix {
+            tokens: tokens.to_vec(),
+            cache,
+        })
+    }
+}
+
+/// Scores requests that share one context: the context runs once (after `prefix`, when it
+/// starts with it), each continuation forks the cache. A request too long for the model runs
+/// alone, cut from the left as lm-eval does; the flag says that happened.
+pub fn score_shared_context(
+    model: &Model,
+    context: &[u32],
+    continuations: &[&[u32]],
+    prefix: Option<&Prefix>,
+) -> Result<(Vec<Scored>, bool)> {
+    let max_len = model.config.context_length - model.config.memory_tokens;
+    let longest = continuations.iter().map(|c| c.len()).max().unwrap_or(0);
+    if context.len() + longest > max_len {
+        let scored = continuations
+            .iter()
+            .map(|c| score_truncated(model, context, c, max_len))
+            .collect::<Result<_>>()?;
+        return Ok((scored, true));
+    }
+    let h = model.config.hidden;
+    let (mut cache, start) = match prefix {
+        Some(p) if p.tokens.len() < context.len() && context.starts_with(&p.tokens) => {
+            (p.cache.clone(), p.tokens.len())
+        }
+        _ => (KvCache::new(model, context.len() + longest)?, 0),
+    };
+    let hidden = model.hidden_states(&context[start..], Some(&mut cache), None)?;
+    let last = &hidden[hidden.len() - h..];
+    let mut cache = Some(cache);
+    let mut out = Vec::with_capacity(continuations.len());
+    for (i, cont) in continuations.iter().enumerate() {
+        let mut s = Scored {
+            loglik: 0.0,
+            greedy: true,
+        };
+        add_scores(model, last, &cont[..1], &mut s)?;
+        if cont.len() > 1 {
+            // Each continuation forks the context's cache; the last one takes it.
+            let mut fork = match i + 1 == continuations.len() {
+                true => cache.take(),
+                false => cache.clone(),
+            }
+            .expect("the cache is taken last");
+            let rest = model.hidden_states(&cont[..cont.len() - 1], Some(&mut fork), None)?;
+            add_scores(model, &rest, &cont[1..], &mut s)?;
+        }
+        out.push(s);
+    }
+    Ok((out, false))
+}
+
+/// lm-eval's truncation: the last `max_len + 1` tokens of context + continuation, the final
+/// token only predicted.
+fn score_truncated(model: &Model, context: &[u32], cont: &[u32], max_len: usize) -> Result<Scored> {
+    let all: Vec<u32> = context.iter().chain(cont).copied().collect();
+    let window = &all[all.len().saturating_sub(max_len + 1)..];
+    let input = &window[..window.len() - 1];
+    let hidden = model.hidden_states(input, None, None)?;
+    let h = model.config.hidden;
+    let scored_rows = cont.len().min(input.len());
+    let mut s = Scored {
+        loglik: 0.0,
+        greedy: true,
+    };
+    add_scores(
+        model,
+        &hidden[(input.len() - scored_rows) * h..],
+        &cont[cont.len() - scored_rows..],
+        &mut s,
+    )?;
+    Ok(s)
+}
+
+/// One example's outcome.
+#[derive(Debug, Clone, Serialize)]
+pub struct Sample {
+    /// The example's position in the list scored (in [`run_task`]'s result: in the split).
+    pub index: usize,
+    pub gold: usize,
+    pub scores: Vec<Scored>,
+    pub truncated: bool,
+}
+
+/// An example in tokens: its requests grouped by context (all choices of a multiple-choice
+/// item share one; Winogrande's differ).
+struct Tokenized {
+    contexts: Vec<(Vec<u32>, Vec<Vec<u32>>)>,
+}
+
+fn tokenize(tok: &Tokenizer, ex: &Example) -> Result<Tokenized> {
+    let mut contexts: Vec<(Vec<u32>, Vec<Vec<u32>>)> = Vec::new();
+    for r in &ex.requests {
+        let t = encode_pair(tok, &r.context, &r.continuation)?;
+        match contexts.last_mut() {
+            Some((c, conts)) if *c == t.context => conts.push(t.continuation),
+            _ => contexts.push((t.context, vec![t.continuation])),
+        }
+    }
+    Ok(Tokenized { contexts })
+}
+
+fn score_example(
+    model: &Model,
+    t: &Tokenized,
+    prefix: Option<&Prefix>,
+) -> Result<(Vec<Scored>, bool)> {
+    let mut scores = Vec::new();
+    let mut truncated = false;
+    for (ctx, conts) in &t.contexts {
+        let conts: Vec<&[u32]> = conts.iter().map(Vec::as_slice).collect();
+        let (s, cut) = score_shared_context(model, ctx, &conts, prefix)?;
+        scores.extend(s);
+        truncated |= cut;
+    }
+    Ok((scores, truncated))
+}
+
+/// The longest token prefix every example's every context starts with, minus one token so that
+/// each context still has a position of its own to run.
+fn common_prefix(items: &[Tokenized]) -> Vec<u32> {
+    let mut ctxs = items.iter().flat_map(|t| t.contexts.iter().map(|c| &c.0));
+    let Some(first) = ctxs.next() else {
+        return Vec::new();
+    };
+    let mut len = first.len().saturating_sub(1);
+    for c in ctxs {
+        len = len.min(c.len().saturating_sub(1));
+        len = first[..len]
+            .iter()
+            .zip(c)
+            .take_while(|(a, b)| a == b)
+            .count();
+    }
+    first[..len].to_vec()
+}
+
+/// Scores examples (in order), the examples of one `group` key sharing their common prefix.
+/// `progress(done, total)` after each round of examples.
+pub fn score_examples(
+    model: &Model,
+    tok: &Tokenizer,
+    examples: &[Example],
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Vec<Sample>> {
+    let tokenized: Vec<Tokenized> = crate::threads::install(|| {
+        examples
+            .par_iter()
+            .map(|e| tokenize(tok, e))
+            .collect::<Result<_>>()
+    })?;
+    let max_len = model.config.context_length - model.config.memory_tokens;
+    let mut samples = Vec::with_capacity(examples.len());
+    let mut start = 0;
+    while start < examples.len() {
+        // A group: consecutive examples of one subject (all of a task without subjects).
+        let end = start
+            + examples[start..]
+                .iter()
+                .take_while(|e| e.subject == examples[start].subject)
+                .count();
+        let items = &tokenized[start..end];
+        let shared = common_prefix(items);
+        let longest = items
+            .iter()
+            .flat_map(|t| &t.contexts)
+            .map(|(c, conts)| c.len() + conts.iter().map(Vec::len).max().unwrap_or(0))
+            .filter(|n| *n <= max_len)
+            .max()
+            .unwrap_or(0);
+        let prefix = if shared.len() >= MIN_SHARED_PREFIX {
+            Some(crate::threads::install(|| {
+                Prefix::new(model, &shared, longest)
+            })?)
+        } else {
+            None
+        };
+        // Rounds of a few examples per thread, one thread each (short sequences scale better
+        // over examples than split inside one forward pass).
+        let round = crate::threads::threads() * 4;
+        for (r, chunk) in items.chunks(round).enumerate() {
+            let done: Vec<(Vec<Scored>, bool)> = crate::threads::install(|| {
+                chunk
+                    .par_iter()
+                    .map(|t| {
+                        crate::threads::one_thread(|| {
+                            with_f32_activations(|| score_example(model, t, prefix.as_ref()))
+                        })
+                    })
+                    .collect::<Result<_>>()
+            })?;
+            for (i, (scores, truncated)) in done.into_iter().enumerate() {
+                let index = start + r * round + i;
+                samples.push(Sample {
+                    index,
+                    gold: examples[index].gold,
+                    scores,
+                    truncated,
+                });
+            }
+            progress(samples.len(), examples.len());
+        }
+        start = end;
+    }
+    Ok(samples)
+}
+
+/// A metric with its standard error (of the mean over examples, as lm-eval's `mean_stderr`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Metric {
+    pub name: &'static str,
+    pub value: f64,
+    pub stderr: f64,
+}
+
+/// Mean and standard error of the mean (sample standard deviation / √n).
+fn mean_stderr(name: &'static str, xs: &[f64]) -> Metric {
+    let n = xs.len() as f64;
+    let mean = xs.iter().sum::<f64>() / n;
+    let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
+    Metric {
+        name,
+        value: mean,
+        stderr: (var / n).sqrt(),
+    }
+}
+
+/// Index of the largest value, the first on ties (numpy's `argmax`).
+fn first_max(v: impl Iterator<Item = f64>) -> usize {
+    let mut best = (0, f64::NEG_INFINITY);
+    for (i, x) in v.enumerate() {
+        if x > best.1 {
+            best = (i, x);
+        }
+    }
+    best.0
+}
+
+/// lm-eval's metrics of a task from its samples: `acc` (and `acc_norm`, each log-likelihood
+/// divided by its choice's length in characters) for choices; `acc` (greedy last word) and
+/// `perplexity` (exp of minus the mean log-likelihood; its error by the delta method, where
+/// lm-eval bootstraps) for LAMBADA.
+pub fn metrics(task: Task, examples: &[Example], samples: &[Sample]) -> Vec<Metric> {
+    if samples.is_empty() {
+        return Vec::new();
+    }
+    match task.scoring() {
+        Scoring::Choice { norm } => {
+            let hit = |f: &dyn Fn(&Sample) -> usize| -> Vec<f64> {
+                samples
+                    .iter()
+                    .map(|s| f64::from(u8::from(f(s) == s.gold)))
+                    .collect()
+            };
+            let mut out = vec![mean_stderr(
+                "acc",
+                &hit(&|s| first_max(s.scores.iter().map(|c| c.loglik))),
+            )];
+            if norm {
+                out.push(mean_stderr(
+                    "acc_norm",
+                    &hit(&|s| {
+                        let chars = &examples[s.index].choice_chars;
+                        first_max(
+                            s.scores
+                                .iter()
+                                .zip(chars)
+                                .map(|(c, n)| c.loglik / (*n).max(1) as f64),
+                        )
+                    }),
+                ));
+            }
+            out
+        }
+        Scoring::LastWord => {
+            let greedy: Vec<f64> = samples
+                .iter()
+                .map(|s| f64::from(u8::from(s.scores[0].greedy)))
+                .collect();
+            let ll: Vec<f64> = samples.iter().map(|s| s.scores[0].loglik).collect();
+            let m = mean_stderr("loglik", &ll);
+            let ppl = (-m.value).exp();
+            vec![
+                mean_stderr("acc", &greedy),
+                Metric {
+                    name: "perplexity",
+                    value: ppl,
+                    stderr: ppl * m.stderr,
+                },
+            ]
+        }
+    }
+}
+
+/// Accuracy per MMLU subject: (correct, examples).
+pub fn per_subject(examples: &[Example], samples: &[Sample]) -> BTreeMap<String, (usize, usize)> {
+    let mut out: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+    for s in samples {
+        if let Some(sub) = &examples[s.index].subject {
+            let e = out.entry(sub.clone()).or_default();
+            e.0 += usize::from(first_max(s.scores.iter().map(|c| c.loglik)) == s.gold);
+            e.1 += 1;
+        }
+    }
+    out
+}
+
+/// One task's result.
+#[derive(Debug, Clone, Serialize)]
+pub struct TaskReport {
+    pub task: Task,
+    pub split: &'static str,
+    pub shots: usize,
+    pub examples: usize,
+    pub metrics: Vec<Metric>,
+    /// Examples with a request cut from the left to fit the model's context.
+    pub truncated: usize,
+    pub seconds: f64,
+    /// MMLU: correct and total per subject.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub subjects: BTreeMap<String, (usize, usize)>,
+}
+
+/// Runs one task on the first `limit` examples (MMLU: of each subject, as lm-eval's
+/// `--limit` does for its subtasks). Returns the report and the per-example samples.
+pub fn run_task(
+    model: &Model,
+    tok: &Tokenizer,
+    task: Task,
+    data_dir: &std::path::Path,
+    shots: usize,
+    limit: Option<usize>,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<(TaskReport, Vec<Sample>)> {
+    let shots = if task == Task::Mmlu { shots } else { 0 };
+    let mut examples = task.load(data_dir, shots)?;
+    // Positions in the whole split, so that samples name their example even after `limit`.
+    let mut kept: Vec<usize> = (0..examples.len()).collect();
+    if let Some(n) = limit {
+        let mut seen: BTreeMap<Option<String>, usize> = BTreeMap::new();
+        kept.retain(|&i| {
+            let c = seen.entry(examples[i].subject.clone()).or_default();
+            *c += 1;
+            *c <= n
+        });
+        examples = kept.iter().map(|&i| examples[i].clone()).collect();
+    }
+    let t = Instant::now();
+    let mut samples = score_examples(model, tok, &examples, progress)?;
+    let report = TaskReport {
+        task,
+        split: task.split(),
+        shots,
+        examples: samples.len(),
+        metrics: metrics(task, &examples, &samples),
+        truncated: samples.iter().filter(|s| s.truncated).count(),
+        seconds: t.elapsed().as_secs_f64(),
+        subjects: per_subject(&examples, &samples),
+    };
+    for s in &mut samples {
+        s.index = kept[s.index];
+    }
+    Ok((report, samples))
+}
