@@ -176,6 +176,7 @@ def main():
             s = json.loads(line)
             by_task[s["task"]].append(s)
     worst, failed = 0.0, False
+    dump = {}
     for task, samples in by_task.items():
         examples = load(task, ARGS.data)
         samples = sorted(samples, key=lambda s: s["index"])[:ARGS.first]
@@ -183,6 +184,8 @@ def main():
         for s in samples:
             ex = examples[s["index"]]
             ours = [loglik(model, *encode_pair(tok, c, k), max_len) for c, k in ex["reqs"]]
+            dump.setdefault(task, []).append({"index": s["index"], "loglik": [a[0] for a in ours],
+                                              "greedy": [a[1] for a in ours]})
             d = max(abs(a[0] - b) for a, b in zip(ours, s["loglik"]))
             diff = max(diff, d)
             same += first_max([a[0] for a in ours]) == first_max(s["loglik"])
@@ -195,6 +198,10 @@ def main():
               f"{same}/{len(samples)}  greedy flags differing {gmis}  {'ok' if ok else 'FAIL'}",
               flush=True)
     print(f"worst |Δ loglik| {worst:.2e} (tolerance {ARGS.tol})")
+    if ARGS.dump:
+        with open(ARGS.dump, "w") as f:
+            json.dump({"note": "benches/tasks_reference.py: PyTorch f32, one full forward per request",
+                       "shots": ARGS.shots, "tasks": dump}, f, indent=1)
     sys.exit(1 if failed else 0)
 
 
@@ -207,5 +214,6 @@ if __name__ == "__main__":
     p.add_argument("--shots", type=int, default=5, help="MMLU shots whittle used")
     p.add_argument("--tol", type=float, default=1e-3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--dump", help="also write the reference log-likelihoods here (a test fixture)")
     ARGS = p.parse_args()
     main()

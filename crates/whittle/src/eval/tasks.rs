@@ -281,7 +281,8 @@ pub fn score_examples(
             .filter(|n| *n <= max_len)
             .max()
             .unwrap_or(0);
-        let prefix = if shared.len() >= MIN_SHARED_PREFIX {
+        // (Examples too long for the model are cut from the left and run alone.)
+        let prefix = if shared.len() >= MIN_SHARED_PREFIX && longest > shared.len() {
             Some(crate::threads::install(|| {
                 Prefix::new(model, &shared, longest)
             })?)

@@ -26,7 +26,7 @@ pub fn matmul_t(x: &[f32], w: &[f32], rows: usize, inp: usize, out: usize, y: &m
         return;
     }
     let level = simd::level();
-    if rows <= GEMV_MAX_ROWS {
+    if rows <= GEMV_MAX_ROWS && !matmul_small::takes(level, rows) {
         for r in 0..rows {
             let xr = &x[r * inp..(r + 1) * inp];
             let yr = &mut y[r * out..(r + 1) * out];

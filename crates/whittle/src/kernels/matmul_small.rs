@@ -1,4 +1,4 @@
-//! `y = x · Wᵀ` for a handful of rows (5 to [`SMALL_MAX_ROWS`]): the short sequences of task
+//! `y = x · Wᵀ` for a handful of rows (2 to [`SMALL_MAX_ROWS`]): the short sequences of task
 //! scoring (a 20-token continuation after a cached context) and of chunked prefill.
 //!
 //! Why not the GEMM: a GEMM first packs the whole weight into panels, which costs as much as
@@ -6,7 +6,8 @@
 //! weights). Here the weight is read in place, row by row: 4 weight rows × 4 input rows share
 //! each loaded vector in 16 accumulators (AVX-512; 4 × 2 in AVX2's 16 registers), so the loop
 //! does two FMAs per load, twice the matrix-vector kernel's rate, and every weight byte is read
-//! once per call.
+//! once per call (a matrix-vector product per row streams the weight once per row: scoring
+//! 4-token ARC answers that way ran at decode speed).
 
 use super::simd::Level;
 
@@ -17,8 +18,7 @@ pub const SMALL_MAX_ROWS: usize = 48;
 /// Whether `rows` rows at `level` take this path (the vector levels of x86; elsewhere the
 /// GEMM).
 pub fn takes(level: Level, rows: usize) -> bool {
-    rows > super::matmul::GEMV_MAX_ROWS
-        && rows <= SMALL_MAX_ROWS
+    (2..=SMALL_MAX_ROWS).contains(&rows)
         && matches!(level, Level::Avx2 | Level::Avx512 | Level::Amx)
         && cfg!(target_arch = "x86_64")
 }
@@ -199,7 +199,13 @@ mod tests {
     /// of the block, widths not a multiple of the vector) against an f64 loop.
     #[test]
     fn matches_f64_loop_at_every_level() {
-        for (rows, outs, inp) in [(5, 9, 576), (7, 4, 33), (16, 13, 64), (48, 6, 15)] {
+        for (rows, outs, inp) in [
+            (2, 5, 20),
+            (5, 9, 576),
+            (7, 4, 33),
+            (16, 13, 64),
+            (48, 6, 15),
+        ] {
             let x: Vec<f32> = (0..rows * inp)
                 .map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0)
                 .collect();

@@ -181,8 +181,8 @@ mod x86 {
             let o = dot::<4, SYM>(&rows, 4 * q, x, per_group);
             out[4 * q..4 * q + 4].copy_from_slice(&o);
         }
-        for r in 4 * quads..out.len() {
-            out[r] = dot::<1, SYM>(&rows, r, x, per_group)[0];
+        for (r, o) in out.iter_mut().enumerate().skip(4 * quads) {
+            *o = dot::<1, SYM>(&rows, r, x, per_group)[0];
         }
     }
 

@@ -189,7 +189,7 @@ impl Linear {
     /// `y[rows, out] = x[rows, in] · Wᵀ (+ adapter)`.
     pub fn forward(&self, x: &[f32], rows: usize, y: &mut [f32]) {
         let (inp, out) = (self.in_features, self.out_features);
-        if rows <= GEMV_MAX_ROWS {
+        if self.row_by_row(rows) {
             let level = simd::level();
             for (xr, yr) in x.chunks_exact(inp).zip(y.chunks_exact_mut(out)) {
                 let xq = self.decode_input(level, xr);
@@ -250,6 +250,16 @@ impl Linear {
 
     /// `x` quantized to int16 blocks when this weight's decode takes the integer dot product
     /// ([`qdot_i16`]: 4- and 8-bit codes at the vector levels), once for all its rows.
+    /// Whether `rows` rows go through the matrix-vector loop (one pass over the weight per row):
+    /// one row, or a few against packed weights; a few rows against f32 weights read the weight
+    /// once in the small-row product instead.
+    fn row_by_row(&self, rows: usize) -> bool {
+        rows <= GEMV_MAX_ROWS
+            && (rows == 1
+                || self.is_packed()
+                || !crate::kernels::matmul_small::takes(simd::level(), rows))
+    }
+
     fn decode_input(&self, level: Level, x: &[f32]) -> Option<QActs> {
         self.takes_int16(level).then(|| QActs::quantize(x))
     }
@@ -299,7 +309,7 @@ impl Linear {
             }
             return;
         }
-        if rows > GEMV_MAX_ROWS {
+        if !linears.iter().all(|l| l.row_by_row(rows)) {
             for (l, y) in linears.iter().zip(outs.iter_mut()) {
                 l.forward(x, rows, y);
             }

