@@ -160,6 +160,8 @@ def main():
     from model import load_model, load_tokenizer
 
     torch.set_num_threads(ARGS.threads)
+    if ARGS.f64:
+        torch.set_default_dtype(torch.float64)
     from tokenizers import pre_tokenizers
 
     model, tok = load_model(ARGS.model or MODEL_PATH), load_tokenizer(ARGS.model or MODEL_PATH)
@@ -169,6 +171,10 @@ def main():
     tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Digits(individual_digits=True),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    if ARGS.f64:
+        # The exact value of the f32 weights' model, so that the difference is whittle's own
+        # f32 rounding (an f32 reference adds its own: ~2e-5 per scored token either way).
+        model = model.double()
     max_len = model.cfg.context_length
     by_task = defaultdict(list)
     with open(ARGS.samples) as f:
@@ -214,6 +220,7 @@ if __name__ == "__main__":
     p.add_argument("--shots", type=int, default=5, help="MMLU shots whittle used")
     p.add_argument("--tol", type=float, default=1e-3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--f64", action="store_true", help="run the reference model in float64")
     p.add_argument("--dump", help="also write the reference log-likelihoods here (a test fixture)")
     ARGS = p.parse_args()
     main()

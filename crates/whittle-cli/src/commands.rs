@@ -293,13 +293,10 @@ pub fn eval_tasks(
     // A bad task list fails before the model loads.
     args.parsed()?;
     let Loaded {
-        mut model,
+        model,
         tokenizer,
         path,
     } = load(model)?;
-    // Short sequences multiply each weight matrix a few rows at a time: expanding packed
-    // blocks once beats expanding them in every product (the same weights, exactly).
-    model.densify();
     let t = Instant::now();
     let reports = crate::tasks::evaluate(&model, &tokenizer, &args, "")?;
     crate::tasks::print(&reports);

@@ -40,17 +40,8 @@ pub fn matmul_t(x: &[f32], w: &[f32], rows: usize, inp: usize, out: usize, y: &m
     }
     let threads = crate::threads::threads();
     if matmul_small::takes(level, rows) {
-        // Threads split the weight rows: each fills its own slice of the transposed product.
-        let mut yt = vec![0f32; rows * out];
-        let per = out.div_ceil(threads).next_multiple_of(4);
-        yt.par_chunks_mut(per * rows)
-            .zip(w.par_chunks(per * inp))
-            .for_each(|(yt, w)| matmul_small::matmul_t_transposed(level, x, w, inp, yt));
-        for (j, col) in yt.chunks_exact(rows).enumerate() {
-            for (r, v) in col.iter().enumerate() {
-                y[r * out + j] = *v;
-            }
-        }
+        let w = matmul_small::WeightRows::F32(w);
+        matmul_small::matmul_t(level, x, w, (rows, inp, out), y);
         return;
     }
     let seq = |x: &[f32], y: &mut [f32]| {

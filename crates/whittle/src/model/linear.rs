@@ -8,6 +8,7 @@ use super::packed::Packed;
 use crate::kernels::amx;
 use crate::kernels::dot::dot_at;
 use crate::kernels::matmul::{matmul_t, matvec_chunks, GEMV_CHUNK, GEMV_MAX_ROWS};
+use crate::kernels::matmul_small;
 use crate::kernels::qdot::{dequant_row, qdot_at};
 use crate::kernels::qdot_i16::{self, QActs};
 use crate::kernels::simd::{self, Level};
@@ -201,6 +202,10 @@ impl Linear {
             match &self.weight {
                 _ if amx::takes(rows) => Self::on_tiles(&[self], x, rows, &mut [y]),
                 Weight::Dense(w) => matmul_t(x, w, rows, inp, out, y),
+                Weight::Packed(p) if matmul_small::takes(simd::level(), rows) => {
+                    let w = matmul_small::WeightRows::Packed(p.rows(inp));
+                    matmul_small::matmul_t(simd::level(), x, w, (rows, inp, out), y);
+                }
                 // Expanding costs ~1/(2·rows) of the GEMM's time; keeping the expansion would
                 // cost the memory of an f32 model.
                 Weight::Packed(p) => {
@@ -251,13 +256,10 @@ impl Linear {
     /// `x` quantized to int16 blocks when this weight's decode takes the integer dot product
     /// ([`qdot_i16`]: 4- and 8-bit codes at the vector levels), once for all its rows.
     /// Whether `rows` rows go through the matrix-vector loop (one pass over the weight per row):
-    /// one row, or a few against packed weights; a few rows against f32 weights read the weight
-    /// once in the small-row product instead.
+    /// one row (decode); a few rows read the weight once in the small-row product instead
+    /// where a level has it.
     fn row_by_row(&self, rows: usize) -> bool {
-        rows <= GEMV_MAX_ROWS
-            && (rows == 1
-                || self.is_packed()
-                || !crate::kernels::matmul_small::takes(simd::level(), rows))
+        rows <= GEMV_MAX_ROWS && (rows == 1 || !matmul_small::takes(simd::level(), rows))
     }
 
     fn decode_input(&self, level: Level, x: &[f32]) -> Option<QActs> {
