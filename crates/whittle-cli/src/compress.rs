@@ -153,15 +153,7 @@ pub fn run(
         path,
     } = load(model)?;
     let before = perplexity(&model, &tokenizer, eval, "perplexity before")?;
-    let tasks_before = if eval.tasks.parsed()?.is_empty() {
-        Vec::new()
-    } else {
-        // Scored on an f32 expansion when the input is packed; the model compressed is the
-        // one loaded.
-        let mut dense = crate::commands::load_model(&path)?;
-        dense.densify();
-        crate::tasks::evaluate(&dense, &tokenizer, &eval.tasks, "before")?
-    };
+    let tasks_before = crate::tasks::evaluate(&model, &tokenizer, &eval.tasks, "before")?;
     let ids = calibration_ids(&tokenizer, &job.calib, calibrate)?;
     let windows = calibration_windows(&ids, &job.calib)?;
     let pb = progress(model.layers.len(), what);
@@ -180,9 +172,6 @@ pub fn run(
     }
     whittle::io::safetensors::save(&model, Some(&tokenizer), packed, out)?;
     eprintln!("wrote {}", out.display());
-    // Tasks after saving: the written model is final, and its packed weights can be expanded
-    // for scoring (exactly the same numbers, many times faster on short sequences).
-    model.densify();
     let tasks_after = crate::tasks::evaluate(&model, &tokenizer, &eval.tasks, "after")?;
     if !tasks_before.is_empty() {
         crate::tasks::print_pair(&tasks_before, &tasks_after);
