@@ -10,7 +10,7 @@ shift
 W=${W:-target/release/whittle}
 [ -x "$W" ] || cargo build --release -q
 mkdir -p "$OUT"
-for t in ${TASKS:-hellaswag piqa winogrande arc_easy arc_challenge boolq openbookqa lambada mmlu}; do
+for t in ${TASKS:-piqa winogrande arc_easy arc_challenge openbookqa boolq lambada mmlu hellaswag}; do
   [ -f "$OUT/$t.json" ] && continue
   echo "== $t" >&2
   "$W" eval tasks --tasks "$t" --json "$OUT/$t.json" --samples "$OUT/$t.samples.jsonl" "$@" >&2

@@ -1,7 +1,7 @@
 //! The subcommands other than `bench`.
 
 use crate::compress::JobArgs;
-use crate::report::{progress, table, write_json};
+use crate::report::{advance, progress, table, write_json};
 use anyhow::{Context, Result};
 use serde_json::json;
 use std::collections::BTreeMap;
@@ -248,17 +248,9 @@ pub fn eval_ppl(
         t.elapsed().as_secs_f64()
     );
     let pb = progress(0, "perplexity");
-    let report = whittle::eval::perplexity::perplexity(
-        &model,
-        &ids,
-        seq_len,
-        max_tokens,
-        &mut |done, total| {
-            pb.set_length(total as u64);
-            pb.set_position(done as u64);
-        },
-    )
-    .with_context(|| format!("perplexity of {}", data.display()))?;
+    let report =
+        whittle::eval::perplexity::perplexity(&model, &ids, seq_len, max_tokens, &mut advance(&pb))
+            .with_context(|| format!("perplexity of {}", data.display()))?;
     pb.finish_and_clear();
     table(
         &["data", "seq", "windows", "predicted", "PPL", "tok/s"],

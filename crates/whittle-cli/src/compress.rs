@@ -2,7 +2,7 @@
 //! arguments, the per-layer table, and the before/after perplexity.
 
 use crate::commands::load;
-use crate::report::{progress, table, write_json};
+use crate::report::{advance, progress, table, write_json};
 use anyhow::{Context, Result};
 use serde_json::json;
 use std::path::PathBuf;
@@ -115,10 +115,7 @@ fn perplexity(model: &Model, tok: &Tokenizer, args: &EvalArgs, what: &str) -> Re
         &ids,
         args.eval_seq_len,
         args.eval_max_tokens,
-        &mut |d, t| {
-            pb.set_length(t as u64);
-            pb.set_position(d as u64);
-        },
+        &mut advance(&pb),
     )
     .with_context(|| format!("perplexity of {}", path.display()))?;
     pb.finish_and_clear();
@@ -158,10 +155,7 @@ pub fn run(
     let windows = calibration_windows(&ids, &job.calib)?;
     let pb = progress(model.layers.len(), what);
     let start = Instant::now();
-    let reports = compress(&mut model, &windows, &mut |d, t| {
-        pb.set_length(t as u64);
-        pb.set_position(d as u64)
-    })?;
+    let reports = compress(&mut model, &windows, &mut advance(&pb))?;
     let seconds = start.elapsed().as_secs_f64();
     pb.finish_and_clear();
     let after = perplexity(&model, &tokenizer, eval, "perplexity after")?;

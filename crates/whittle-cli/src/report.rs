@@ -62,6 +62,14 @@ pub fn progress(total: usize, what: &str) -> indicatif::ProgressBar {
     pb
 }
 
+/// The `(done, total)` callback that library functions report progress through, moving `pb`.
+pub fn advance(pb: &indicatif::ProgressBar) -> impl FnMut(usize, usize) + '_ {
+    |done, total| {
+        pb.set_length(total as u64);
+        pb.set_position(done as u64);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

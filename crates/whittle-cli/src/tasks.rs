@@ -1,6 +1,6 @@
 //! Downstream task evaluation for `eval tasks` and for every command that takes `--eval`.
 
-use crate::report::{progress, table};
+use crate::report::{advance, progress, table};
 use anyhow::{Context, Result};
 use std::io::Write;
 use std::path::PathBuf;
@@ -95,10 +95,7 @@ pub fn evaluate(
             &dir,
             args.shots,
             args.limit,
-            &mut |d, t| {
-                pb.set_length(t as u64);
-                pb.set_position(d as u64);
-            },
+            &mut advance(&pb),
         )
         .with_context(|| format!("task {}", task.name()))?;
         pb.finish_and_clear();
