@@ -253,8 +253,6 @@ impl Linear {
         self.tiles.0.get().map_or(0, |t| t.bytes())
     }
 
-    /// `x` quantized to int16 blocks when this weight's decode takes the integer dot product
-    /// ([`qdot_i16`]: 4- and 8-bit codes at the vector levels), once for all its rows.
     /// Whether `rows` rows go through the matrix-vector loop (one pass over the weight per row):
     /// one row (decode); a few rows read the weight once in the small-row product instead
     /// where a level has it.
@@ -262,6 +260,8 @@ impl Linear {
         rows <= GEMV_MAX_ROWS && (rows == 1 || !matmul_small::takes(simd::level(), rows))
     }
 
+    /// `x` quantized to int16 blocks when this weight's decode takes the integer dot product
+    /// ([`qdot_i16`]: 4- and 8-bit codes at the vector levels), once for all its rows.
     fn decode_input(&self, level: Level, x: &[f32]) -> Option<QActs> {
         self.takes_int16(level).then(|| QActs::quantize(x))
     }
