@@ -206,7 +206,8 @@ def main():
     print(f"worst |Δ loglik| {worst:.2e} (tolerance {ARGS.tol})")
     if ARGS.dump:
         with open(ARGS.dump, "w") as f:
-            json.dump({"note": "benches/tasks_reference.py: PyTorch f32, one full forward per request",
+            json.dump({"note": "benches/tasks_reference.py: PyTorch, " + ("the f32 weights in float64" if ARGS.f64 else "f32")
+                       + ", one full forward pass per request",
                        "shots": ARGS.shots, "tasks": dump}, f, indent=1)
     sys.exit(1 if failed else 0)
 
