@@ -258,14 +258,15 @@ mod tests {
         let scales: Vec<f32> = (0..out * 2).map(|g| 0.01 + g as f32 * 1e-3).collect();
         let mins: Vec<f32> = scales.iter().map(|s| -7.5 * s).collect();
         let m = QRows::new(4, 32, None, (&data, &scales, &mins), inp);
-        let mut w = vec![0f32; out * inp];
-        for (r, dst) in w.chunks_exact_mut(inp).enumerate() {
-            super::super::qdot::dequant_row(m.row(r), dst);
-        }
         let x: Vec<f32> = (0..rows * inp)
             .map(|i| ((i * 7 % 19) as f32 - 9.0) * 0.1)
             .collect();
         for level in Level::supported().into_iter().filter(|l| takes(*l, rows)) {
+            // Expanded at the same level (its multiply-add may be fused or not).
+            let mut w = vec![0f32; out * inp];
+            for (r, dst) in w.chunks_exact_mut(inp).enumerate() {
+                dequant_row_at(level, m.row(r), dst);
+            }
             let (mut a, mut b) = (vec![0f32; rows * out], vec![0f32; rows * out]);
             matmul_t(level, &x, WeightRows::Packed(m), (rows, inp, out), &mut a);
             matmul_t(level, &x, WeightRows::F32(&w), (rows, inp, out), &mut b);
