@@ -39,6 +39,17 @@ pub struct TokenRequest {
 
 /// lm-eval's `_encode_pair`.
 pub fn encode_pair(tok: &Tokenizer, context: &str, continuation: &str) -> Result<TokenRequest> {
+    encode_pair_memo(tok, context, continuation, &mut None)
+}
+
+/// [`encode_pair`] reusing the context's tokens from `memo` when the (trimmed) context is the
+/// one encoded last: the choices of an example share it.
+fn encode_pair_memo(
+    tok: &Tokenizer,
+    context: &str,
+    continuation: &str,
+    memo: &mut Option<(String, Vec<u32>)>,
+) -> Result<TokenRequest> {
     let kept = context.trim_end().len();
     let (context, continuation) = (
         &context[..kept],
@@ -50,7 +61,14 @@ pub fn encode_pair(tok: &Tokenizer, context: &str, continuation: &str) -> Result
         ));
     }
     let whole = tok.encode(&format!("{context}{continuation}"))?;
-    let ctx = tok.encode(context)?;
+    let ctx = match memo {
+        Some((text, ids)) if text == context => ids.clone(),
+        _ => {
+            let ids = tok.encode(context)?;
+            *memo = Some((context.to_owned(), ids.clone()));
+            ids
+        }
+    };
     let mut cont = whole.get(ctx.len()..).unwrap_or_default().to_vec();
     if cont.is_empty() {
         // The context's encoding swallowed the continuation (cannot happen with byte-level
@@ -203,8 +221,9 @@ struct Tokenized {
 
 fn tokenize(tok: &Tokenizer, ex: &Example) -> Result<Tokenized> {
     let mut contexts: Vec<(Vec<u32>, Vec<Vec<u32>>)> = Vec::new();
+    let mut memo = None;
     for r in &ex.requests {
-        let t = encode_pair(tok, &r.context, &r.continuation)?;
+        let t = encode_pair_memo(tok, &r.context, &r.continuation, &mut memo)?;
         match contexts.last_mut() {
             Some((c, conts)) if *c == t.context => conts.push(t.continuation),
             _ => contexts.push((t.context, vec![t.continuation])),
