@@ -11,6 +11,7 @@ use std::time::Instant;
 use whittle::io::resolve::{self, Loaded, ModelSpec};
 use whittle::model::sampling::{Sampler, SamplingConfig};
 use whittle::model::KvCache;
+use whittle::recipe::{Recipe, Stage};
 
 static WINDOW_RULE: std::sync::OnceLock<whittle::model::WindowRule> = std::sync::OnceLock::new();
 
@@ -28,11 +29,39 @@ pub fn load_model(path: &Path) -> Result<whittle::Model> {
     Ok(model)
 }
 
+/// The `inspect` lines that say where a model came from: name, licence, base model, the
+/// recipes of the whittle runs that made it, and the figures measured on it.
+fn print_provenance(p: &whittle::model::Provenance) {
+    let g = |k: &str| p.text(k).unwrap_or("-");
+    println!(
+        "source     {} · licence {} · {} general.* keys",
+        g("general.name"),
+        g("general.license"),
+        p.general.len()
+    );
+    if let Some(b) = &p.base_model {
+        println!("base model {b}");
+    }
+    for (i, r) in p.recipes.iter().enumerate() {
+        let stages: Vec<String> = whittle::recipe::Recipe::describe_toml(r);
+        println!("whittle    run {}: {}", i + 1, stages.join(" → "));
+    }
+    for f in &p.figures {
+        let se = f.stderr.map_or(String::new(), |s| format!(" ± {s:.4}"));
+        println!(
+            "figure     {} {} = {:.4}{se} ({})",
+            f.task, f.metric, f.value, f.setting
+        );
+    }
+}
+
 /// Resolves `--model` (fetching the default model if needed) and loads it.
 pub fn load(model: Option<&str>) -> Result<Loaded> {
-    let path = ModelSpec::parse(model)?.resolve()?;
+    let spec = ModelSpec::parse(model)?;
+    let path = spec.resolve()?;
     let t = Instant::now();
-    let model = load_model(&path)?;
+    let mut model = load_model(&path)?;
+    model.provenance.set_source(spec.identity(&path));
     let loaded = Loaded {
         tokenizer: resolve::load_tokenizer(&path, &model)?,
         model,
@@ -129,6 +158,7 @@ pub fn inspect(model: Option<&str>, json_out: Option<PathBuf>) -> Result<()> {
         ),
         None => println!("tokenizer  none in the checkpoint"),
     }
+    print_provenance(&model.provenance);
     let cache = cache_figures(&model);
     println!(
         "cache      {} bytes/token · {:.2} MiB at {} tokens ({} meta tokens, f32 K/V and SSM state)",
@@ -168,7 +198,7 @@ pub fn inspect(model: Option<&str>, json_out: Option<PathBuf>) -> Result<()> {
                     "cache": {"bytes_per_token": cache.per_token, "context": cache.context,
                               "bytes_at_context": cache.at_context},
                     "cpu": crate::baselines::cpu_name(), "simd_level": level.name(),
-                    "simd_levels_here": runs}),
+                    "simd_levels_here": runs, "provenance": model.provenance}),
         )?;
     }
     Ok(())
@@ -327,7 +357,16 @@ pub fn generate(
     } else {
         prompt.to_string()
     };
-    let ids = tokenizer.encode(&text)?;
+    let mut ids = tokenizer.encode(&text)?;
+    if ids.is_empty() {
+        // As other runners do: an empty prompt generates from the BOS token.
+        let bos = tokenizer.bos.or(model.config.bos_token_id);
+        ids.extend(bos);
+        anyhow::ensure!(
+            !ids.is_empty(),
+            "the prompt is empty and the model has no BOS token to start from; give --prompt"
+        );
+    }
     // In chat mode the turn ends with <|im_end|>-style tokens; stop at the tokenizer's EOS.
     let eos = tokenizer.eos.or(model.config.eos_token_id);
     let mut generated: Vec<u32> = Vec::new();
@@ -395,15 +434,22 @@ pub fn convert(model: Option<&str>, out: &Path, dtype: whittle::io::gguf::GgufTy
 
 pub fn sparsify(model: Option<&str>, method: &str, pattern: &str, job: &JobArgs) -> Result<()> {
     use whittle::sparsity::{sparsify_model, Pattern, SparsityMethod};
+    let method_name = method;
     let method = SparsityMethod::parse(method)?;
     let pattern = Pattern::parse(pattern)?;
     let targets = &job.targets;
     let settings = json!({"method": format!("{method:?}"), "pattern": pattern.to_string(),
                           "targets": targets});
     let what = format!("sparsify {pattern}");
+    let stage = Stage::Sparsify {
+        method: method_name.to_string(),
+        pattern: pattern.to_string(),
+        targets: targets.clone(),
+    };
     crate::compress::run(
         model,
         job,
+        &Recipe::single(job.calib.spec(), stage),
         &what,
         false,
         method.needs_calibration(),
@@ -424,13 +470,23 @@ pub fn quantize(
     job: &JobArgs,
 ) -> Result<()> {
     use whittle::quant::{quantize_model, QuantMethod};
+    let method_name = method;
     let method = QuantMethod::parse(method, act_order)?;
     let targets = &job.targets;
     let settings = json!({"method": format!("{method:?}"), "config": cfg, "targets": targets});
     let what = format!("quantize int{} g{}", cfg.bits, cfg.group);
+    let stage = Stage::Quantize {
+        method: method_name.to_string(),
+        bits: cfg.bits,
+        group_size: cfg.group,
+        sym: cfg.sym,
+        act_order,
+        targets: targets.clone(),
+    };
     crate::compress::run(
         model,
         job,
+        &Recipe::single(job.calib.spec(), stage),
         &what,
         true,
         method.needs_calibration(),
@@ -449,6 +505,7 @@ pub fn compensate(
     job: &JobArgs,
 ) -> Result<()> {
     use whittle::lowrank::{compensate_choice, LowRankMethod, RankChoice, Ranks};
+    let method_name = method;
     let method = LowRankMethod::parse(method)?;
     let targets = &job.targets;
     let settings = json!({"method": format!("{method:?}"), "rank": format!("{rank:?}"),
@@ -458,9 +515,22 @@ pub fn compensate(
         RankChoice::Budget(b) => format!("compensate {method:?} budget {b}"),
     };
     let calibrate = method == LowRankMethod::Eora || job.calib.wanted();
+    let (fixed, budget) = match rank {
+        RankChoice::Fixed(r) => (r, None),
+        // The recipe reads `rank` only without a budget.
+        RankChoice::Budget(b) => (whittle::recipe::DEFAULT_RANK, Some(b)),
+    };
+    let stage = Stage::Compensate {
+        method: method_name.to_string(),
+        rank: fixed,
+        rank_budget: budget,
+        fold,
+        targets: targets.clone(),
+    };
     crate::compress::run(
         model,
         job,
+        &Recipe::single(job.calib.spec(), stage),
         &what,
         true,
         calibrate,
@@ -497,7 +567,7 @@ pub fn compress_recipe(
     json_out: Option<PathBuf>,
 ) -> Result<()> {
     let recipe = whittle::recipe::Recipe::from_file(recipe)?;
-    let settings = json!({"recipe": format!("{recipe:?}")});
+    let settings = json!({"recipe": recipe});
     let job = JobArgs {
         targets: Vec::new(),
         calib: crate::compress::CalibArgs::from_spec(&recipe.calib),
@@ -509,6 +579,7 @@ pub fn compress_recipe(
     crate::compress::run(
         model,
         &job,
+        &recipe,
         "recipe",
         true,
         calibrate,

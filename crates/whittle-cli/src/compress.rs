@@ -9,6 +9,8 @@ use std::path::PathBuf;
 use std::time::Instant;
 use whittle::calib::sequential::LinearReport;
 use whittle::io::tokenizer::Tokenizer;
+use whittle::model::provenance::Figure;
+use whittle::recipe::Recipe;
 use whittle::Model;
 
 /// Calibration data: windows of the text at GPTQ-style seeded random starts.
@@ -29,6 +31,16 @@ impl CalibArgs {
     /// `--calib-samples 0` asks for no calibration (e.g. data-free SVD compensation).
     pub fn wanted(&self) -> bool {
         self.calib_samples > 0
+    }
+
+    /// These settings as a recipe's `[calib]` table.
+    pub fn spec(&self) -> whittle::recipe::CalibSpec {
+        whittle::recipe::CalibSpec {
+            file: self.calib.clone(),
+            samples: self.calib_samples,
+            len: self.calib_len,
+            seed: self.seed,
+        }
     }
 
     /// The calibration settings of a recipe file.
@@ -126,12 +138,33 @@ fn perplexity(model: &Model, tok: &Tokenizer, args: &EvalArgs, what: &str) -> Re
 pub type CompressFn<'a> = dyn FnMut(&mut Model, &[&[u32]], &mut dyn FnMut(usize, usize)) -> Result<Vec<LinearReport>>
     + 'a;
 
+/// The perplexity measured after compression, as a provenance figure.
+fn ppl_figure(args: &EvalArgs, ppl: f64) -> Figure {
+    let file = args.eval.as_deref().unwrap_or(std::path::Path::new("text"));
+    let task = file
+        .file_stem()
+        .map_or_else(|| "text".into(), |s| s.to_string_lossy().into_owned());
+    let first = args
+        .eval_max_tokens
+        .map_or(String::new(), |n| format!(", first {n} tokens"));
+    Figure {
+        task,
+        metric: "ppl".into(),
+        value: ppl,
+        stderr: None,
+        setting: format!("{}-token windows{first}", args.eval_seq_len),
+    }
+}
+
 /// Loads the model, measures it, draws the calibration windows (when `calibrate`), runs
-/// `compress` with a per-layer progress bar, measures again, prints the tables, writes the model
-/// to `job.out` (quantized linears kept packed when `packed`) and the report to `job.json`.
+/// `compress` with a per-layer progress bar, measures again, prints the tables, records
+/// `recipe` and the figures in the model's provenance, writes the model to `job.out`
+/// (quantized linears kept packed when `packed`) and the report to `job.json`.
+#[allow(clippy::too_many_arguments)]
 pub fn run(
     model: Option<&str>,
     job: &JobArgs,
+    recipe: &Recipe,
     what: &str,
     packed: bool,
     calibrate: bool,
@@ -144,6 +177,7 @@ pub fn run(
         "{} already exists; choose a new output folder",
         out.display()
     );
+    whittle::io::atomic::parent_of(out)?;
     let whittle::io::resolve::Loaded {
         mut model,
         tokenizer,
@@ -164,12 +198,15 @@ pub fn run(
     if let (Some(b), Some(a)) = (before, after) {
         println!("perplexity {b:.4} -> {a:.4}");
     }
-    whittle::io::safetensors::save(&model, Some(&tokenizer), packed, out)?;
-    eprintln!("wrote {}", out.display());
     let tasks_after = crate::tasks::evaluate(&model, &tokenizer, &eval.tasks, "after")?;
     if !tasks_before.is_empty() {
         crate::tasks::print_pair(&tasks_before, &tasks_after);
     }
+    let mut figures: Vec<Figure> = after.map(|p| ppl_figure(eval, p)).into_iter().collect();
+    figures.extend(tasks_after.iter().flat_map(|t| t.figures()));
+    model.provenance.record_run(recipe.to_toml()?, figures);
+    whittle::io::safetensors::save(&model, Some(&tokenizer), packed, out)?;
+    eprintln!("wrote {}", out.display());
     if let Some(j) = &job.json {
         write_json(
             j,

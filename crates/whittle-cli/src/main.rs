@@ -278,6 +278,12 @@ enum EvalCommand {
 }
 
 fn main() {
+    // A panic is a bug in whittle, not bad input: say so, where, and exit 70 (EX_SOFTWARE), not
+    // Rust's 101, so scripts can tell the two apart (bad input: 1, bad usage: 2).
+    std::panic::set_hook(Box::new(|info| {
+        eprintln!("error: internal error in whittle (please report it): {info}");
+        std::process::exit(70);
+    }));
     let cli = Cli::parse();
     // A bad WHITTLE_SIMD (unknown, or above what this CPU runs) is an error before any work.
     if let Err(e) = whittle::kernels::simd::init() {

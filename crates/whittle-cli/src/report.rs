@@ -1,6 +1,6 @@
 //! Output helpers: aligned tables on stdout, JSON files written atomically.
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use std::path::Path;
 
 /// Prints rows as a left-aligned text table with a header rule.
@@ -38,12 +38,10 @@ fn render(header: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
-/// Writes `value` as pretty JSON to `path` via a temporary file and a rename.
+/// Writes `value` as pretty JSON to `path`, kill-safe (see `whittle::io::atomic`).
 pub fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<()> {
-    let tmp = path.with_extension("json.partial");
     let text = serde_json::to_string_pretty(value)?;
-    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    whittle::io::atomic::write_bytes(path, text.as_bytes())?;
     eprintln!("wrote {}", path.display());
     Ok(())
 }

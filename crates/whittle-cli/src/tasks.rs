@@ -204,22 +204,19 @@ pub fn print_pair(before: &[TaskReport], after: &[TaskReport]) {
     table(&["task", "n", "metric", "before", "after", "change"], &rows);
 }
 
-/// The samples JSON-lines file, written beside its final name and renamed when complete.
+/// The samples JSON-lines file: lines are collected (a few MB for every task) and written
+/// kill-safe when the run completes.
 struct SamplesFile {
     path: PathBuf,
-    tmp: PathBuf,
-    out: std::io::BufWriter<std::fs::File>,
+    out: Vec<u8>,
 }
 
 impl SamplesFile {
     fn create(path: &std::path::Path) -> Result<Self> {
-        let tmp = path.with_extension("partial");
-        let f =
-            std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        whittle::io::atomic::parent_of(path)?;
         Ok(SamplesFile {
             path: path.to_path_buf(),
-            tmp,
-            out: std::io::BufWriter::new(f),
+            out: Vec::new(),
         })
     }
 
@@ -236,10 +233,8 @@ impl SamplesFile {
         Ok(())
     }
 
-    fn finish(mut self) -> Result<()> {
-        self.out.flush()?;
-        std::fs::rename(&self.tmp, &self.path)
-            .with_context(|| format!("writing {}", self.path.display()))?;
+    fn finish(self) -> Result<()> {
+        whittle::io::atomic::write_bytes(&self.path, &self.out)?;
         eprintln!("wrote {}", self.path.display());
         Ok(())
     }

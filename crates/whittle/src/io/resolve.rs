@@ -41,6 +41,19 @@ impl ModelSpec {
         Ok(ModelSpec::Local(PathBuf::from(s)))
     }
 
+    /// How exported models name this source as their base: the hub repository where one is
+    /// known, else the file or folder name at `path`.
+    pub fn identity(&self, path: &Path) -> String {
+        match self {
+            ModelSpec::Default => fetch::DEFAULT_MODEL.hub_repo.to_string(),
+            ModelSpec::Hub { repo, .. } => repo.clone(),
+            ModelSpec::Local(_) => path.file_name().map_or_else(
+                || path.display().to_string(),
+                |n| n.to_string_lossy().into_owned(),
+            ),
+        }
+    }
+
     /// Local path of the model (file or folder), downloading it if needed.
     pub fn resolve(&self) -> Result<PathBuf> {
         match self {

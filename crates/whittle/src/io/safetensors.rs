@@ -228,8 +228,14 @@ pub(super) fn read_config(dir: &Path) -> Result<(Value, PathBuf)> {
     Ok((v, path))
 }
 
-/// Loads a model from an HF-layout folder.
+/// Loads a model from an HF-layout folder, with the provenance the folder records.
 pub fn load(dir: &Path) -> Result<Model> {
+    let mut model = load_weights(dir)?;
+    model.provenance = super::model_card::read(dir)?;
+    Ok(model)
+}
+
+fn load_weights(dir: &Path) -> Result<Model> {
     let (cfg, cfg_path) = read_config(dir)?;
     let arch_name = cfg["architectures"][0]
         .as_str()
@@ -265,6 +271,7 @@ pub fn load(dir: &Path) -> Result<Model> {
         window_rule: Default::default(),
     };
     let n_layers = num("num_hidden_layers")?;
+    ModelConfig::check_layer_count(n_layers).map_err(|e| Error::format(&cfg_path, e))?;
     let st = Shards::open(dir)?;
     let h = hidden;
     let embed = st.linear("model.embed_tokens.weight", config.vocab_size, h)?;
@@ -410,20 +417,9 @@ pub fn save(model: &Model, tokenizer: Option<&Tokenizer>, packed: bool, dir: &Pa
             model.config.arch.name()
         )));
     }
-    if dir.exists() {
-        return Err(Error::Invalid(format!(
-            "{} already exists; choose a new output folder",
-            dir.display()
-        )));
-    }
-    let tmp = super::temp_sibling(dir);
-    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    let result = write_folder(model, tokenizer, packed, &tmp)
-        .and_then(|_| std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e)));
-    if result.is_err() {
-        let _ = std::fs::remove_dir_all(&tmp);
-    }
-    result
+    super::atomic::write_dir(dir, super::atomic::Existing::Refuse, |tmp| {
+        write_folder(model, tokenizer, packed, tmp)
+    })
 }
 
 fn write_folder(
@@ -478,6 +474,7 @@ fn write_folder(
             linear_views(&p(name), lin, packed, &mut views, &mut meta);
         }
     }
+    super::model_card::write(model, packed, dir)?;
     let path = dir.join("model.safetensors");
     safetensors::serialize_to_file(views, Some(meta), &path).map_err(|e| Error::format(&path, e))
 }

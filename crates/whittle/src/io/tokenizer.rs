@@ -98,6 +98,18 @@ impl TokenizerSpec {
     }
 }
 
+/// Deepest nesting accepted in `tokenizer.json`.
+const MAX_JSON_DEPTH: usize = 32;
+
+/// Nesting depth of a JSON value (a scalar is 0).
+fn json_depth(v: &serde_json::Value) -> usize {
+    match v {
+        serde_json::Value::Array(a) => 1 + a.iter().map(json_depth).max().unwrap_or(0),
+        serde_json::Value::Object(m) => 1 + m.values().map(json_depth).max().unwrap_or(0),
+        _ => 0,
+    }
+}
+
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     json: String,
@@ -116,6 +128,17 @@ impl Tokenizer {
     }
 
     fn from_json(json: &str, chat_template: Option<String>) -> Result<Self> {
+        // Syntax and nesting are checked first: tokenizers 0.23 panics (`expect("Helper")` in
+        // its decoder deserializer) on a syntax error inside the "decoder" object, or on one
+        // nested deep enough to pass serde_json's limit once but not its own second pass (found
+        // by tests/fuzz.rs). Real tokenizer files nest about five levels.
+        let v: serde_json::Value = serde_json::from_str(json)
+            .map_err(|e| Error::Tokenizer(format!("not valid JSON: {e}")))?;
+        if json_depth(&v) > MAX_JSON_DEPTH {
+            return Err(Error::Tokenizer(format!(
+                "JSON nested deeper than {MAX_JSON_DEPTH} levels"
+            )));
+        }
         let inner: tokenizers::Tokenizer = json
             .parse()
             .map_err(|e| Error::Tokenizer(format!("cannot build tokenizer: {e}")))?;

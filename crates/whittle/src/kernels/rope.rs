@@ -2,32 +2,48 @@
 //! head is rotated together with dimension `i + head_dim/2`. GGUF files store Q/K rows permuted
 //! for the interleaved convention; the GGUF loader undoes that so one convention serves all files.
 
-/// Precomputed cos/sin per position, `[positions, head_dim/2]`.
+/// Positions kept in the table; later ones are computed per row, so a header that claims a
+/// context of billions of tokens costs nothing until such positions are used.
+const TABLE_POSITIONS: usize = 1 << 15;
+
+/// Precomputed cos/sin per position, `[positions, head_dim/2]`, for the first
+/// [`TABLE_POSITIONS`] positions.
 pub struct RopeTable {
     half: usize,
+    inv_freq: Vec<f32>,
     cos: Vec<f32>,
     sin: Vec<f32>,
+    positions: usize,
 }
 
 impl RopeTable {
     pub fn new(head_dim: usize, theta: f32, positions: usize) -> Self {
         let half = head_dim / 2;
-        let mut cos = Vec::with_capacity(positions * half);
-        let mut sin = Vec::with_capacity(positions * half);
-        for p in 0..positions {
-            for i in 0..half {
-                // Same rounding as the reference: frequencies in f32, angle in f32.
-                let inv_freq = 1.0 / theta.powf((2 * i) as f32 / head_dim as f32);
-                let angle = p as f32 * inv_freq;
+        // Same rounding as the reference: frequencies in f32, angle in f32.
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32))
+            .collect();
+        let kept = positions.min(TABLE_POSITIONS);
+        let mut cos = Vec::with_capacity(kept * half);
+        let mut sin = Vec::with_capacity(kept * half);
+        for p in 0..kept {
+            for f in &inv_freq {
+                let angle = p as f32 * f;
                 cos.push(angle.cos());
                 sin.push(angle.sin());
             }
         }
-        RopeTable { half, cos, sin }
+        RopeTable {
+            half,
+            inv_freq,
+            cos,
+            sin,
+            positions,
+        }
     }
 
     pub fn positions(&self) -> usize {
-        self.cos.len() / self.half.max(1)
+        self.positions
     }
 
     /// Rotates every head of every row of `x` (`rows × n_heads·head_dim`, row stride `stride`);
@@ -41,9 +57,21 @@ impl RopeTable {
 
     fn apply_rows(&self, x: &mut [f32], stride: usize, n_heads: usize, start: usize) {
         let (h, d) = (self.half, 2 * self.half);
+        // Allocated only for positions past the table.
+        let (mut far_cos, mut far_sin) = (Vec::new(), Vec::new());
         for r in 0..x.len() / stride {
             let p = start + r;
-            let (c, s) = (&self.cos[p * h..(p + 1) * h], &self.sin[p * h..(p + 1) * h]);
+            let (c, s) = if p < TABLE_POSITIONS {
+                (&self.cos[p * h..(p + 1) * h], &self.sin[p * h..(p + 1) * h])
+            } else {
+                far_cos.resize(h, 0.0);
+                far_sin.resize(h, 0.0);
+                for (i, f) in self.inv_freq.iter().enumerate() {
+                    let angle = p as f32 * f;
+                    (far_cos[i], far_sin[i]) = (angle.cos(), angle.sin());
+                }
+                (&far_cos[..], &far_sin[..])
+            };
             for head in 0..n_heads {
                 let v = &mut x[r * stride + head * d..r * stride + (head + 1) * d];
                 let (a, b) = v.split_at_mut(h);
@@ -82,6 +110,19 @@ mod tests {
                 }
             }
         }
+        // Past the table, positions are computed the same way.
+        let far = RopeTable::new(d, theta, TABLE_POSITIONS + 10);
+        let (mut a, mut b) = (x.clone(), x.clone());
+        let p = TABLE_POSITIONS - 1;
+        far.apply(&mut a, 2, 2 * d, 2, p);
+        for (i, f) in far.inv_freq.iter().enumerate() {
+            let angle = (p + 1) as f32 * f;
+            let (c, s) = (angle.cos(), angle.sin());
+            let (x1, x2) = (x[2 * d + i], x[2 * d + i + d / 2]);
+            b[2 * d + i] = x1 * c - x2 * s;
+            b[2 * d + i + d / 2] = x2 * c + x1 * s;
+        }
+        assert_eq!(&a[2 * d..3 * d], &b[2 * d..3 * d]);
         // Position 0 is the identity.
         let mut z = x.clone();
         t.apply(&mut z, 1, 2 * d, 2, 0);

@@ -142,8 +142,22 @@ impl WindowRule {
     }
 }
 
+/// The most layers a model file may declare (the deepest published LLMs have ~200).
+pub const MAX_LAYERS: usize = 1 << 16;
+
 impl ModelConfig {
     /// Checks the global invariants the forward pass relies on.
+    /// Fails unless `n` layers, as a file's header declares them, can be real: at most
+    /// [`MAX_LAYERS`], so that a corrupt count fails before anything is sized by it.
+    pub fn check_layer_count(n: usize) -> crate::Result<()> {
+        if n == 0 || n > MAX_LAYERS {
+            return Err(crate::Error::Invalid(format!(
+                "model config: {n} layers (whittle reads 1 to {MAX_LAYERS})"
+            )));
+        }
+        Ok(())
+    }
+
     pub fn validate(&self) -> crate::Result<()> {
         if self.vocab_size == 0 || self.hidden == 0 || self.context_length == 0 {
             return Err(crate::Error::Invalid(

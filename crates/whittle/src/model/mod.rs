@@ -9,6 +9,7 @@ pub mod kv_cache;
 pub mod linear;
 pub mod packed;
 pub mod params;
+pub mod provenance;
 pub mod random;
 pub mod sampling;
 pub mod ssm;
@@ -18,6 +19,7 @@ pub use forward::{Logits, Observer, Site};
 pub use kv_cache::KvCache;
 pub use linear::{Linear, LowRank, Weight};
 pub use packed::Packed;
+pub use provenance::Provenance;
 pub use ssm::{Ssm, SsmState};
 
 use crate::error::check_finite;
@@ -135,6 +137,8 @@ pub struct Model {
     pub final_norm: Vec<f32>,
     /// Untied output head `[vocab, hidden]`; `None` when tied to `embed`.
     pub lm_head: Option<Linear>,
+    /// Where the model came from and what was done to it; written with every export.
+    pub provenance: Provenance,
     rope: RopeTable,
 }
 
@@ -184,6 +188,7 @@ impl Model {
             layers,
             final_norm,
             lm_head,
+            provenance: Provenance::default(),
             rope,
         })
     }

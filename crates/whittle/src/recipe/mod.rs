@@ -33,10 +33,10 @@ use crate::lowrank::{compensate_choice, LowRankMethod, RankChoice};
 use crate::quant::{quantize_model, QuantConfig, QuantMethod};
 use crate::sparsity::{sparsify_model, Pattern, SparsityMethod};
 use crate::{Error, Model, Result};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct CalibSpec {
     #[serde(default = "default_calib_file")]
@@ -64,8 +64,10 @@ fn default_bits() -> u8 {
 fn default_group() -> usize {
     128
 }
+/// Adapter rank of a `compensate` stage that names neither `rank` nor `rank_budget`.
+pub const DEFAULT_RANK: usize = 64;
 fn default_rank() -> usize {
-    64
+    DEFAULT_RANK
 }
 
 impl Default for CalibSpec {
@@ -79,13 +81,13 @@ impl Default for CalibSpec {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
 pub enum Stage {
     Sparsify {
         method: String,
         pattern: String,
-        #[serde(default)]
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
         targets: Vec<String>,
     },
     Quantize {
@@ -98,23 +100,23 @@ pub enum Stage {
         sym: bool,
         #[serde(default)]
         act_order: bool,
-        #[serde(default)]
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
         targets: Vec<String>,
     },
     Compensate {
         method: String,
         #[serde(default = "default_rank")]
         rank: usize,
-        #[serde(default)]
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         rank_budget: Option<usize>,
         #[serde(default)]
         fold: bool,
-        #[serde(default)]
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
         targets: Vec<String>,
     },
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Recipe {
     #[serde(default)]
@@ -132,6 +134,29 @@ impl Recipe {
         }
         r.check().map_err(|e| Error::format(path, e))?;
         Ok(r)
+    }
+
+    /// A one-stage recipe: what a single `sparsify`/`quantize`/`compensate` run records as its
+    /// provenance, so every run can be replayed with `whittle compress --recipe`.
+    pub fn single(calib: CalibSpec, stage: Stage) -> Self {
+        Recipe {
+            calib,
+            stages: vec![stage],
+        }
+    }
+
+    /// The recipe as TOML text, in the format [`Recipe::from_file`] reads.
+    pub fn to_toml(&self) -> Result<String> {
+        toml::to_string(self).map_err(|e| Error::Invalid(format!("recipe to TOML: {e}")))
+    }
+
+    /// One line per stage of a recipe's TOML text (`sparsify sparsegpt 2:4`); the text itself
+    /// when it does not parse (provenance written by another version).
+    pub fn describe_toml(text: &str) -> Vec<String> {
+        match toml::from_str::<Recipe>(text) {
+            Ok(r) => r.stages.iter().map(Stage::describe).collect(),
+            Err(_) => vec![text.lines().next().unwrap_or("").to_string()],
+        }
     }
 
     /// Parses every stage's settings up front, so a typo fails before hours of work.

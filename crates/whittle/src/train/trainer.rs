@@ -283,8 +283,14 @@ impl Trainer {
     /// Writes the checkpoint into `dir` (`params.safetensors` with the parameters and AdamW
     /// moments, `state.json` with the configuration, step and log), atomically.
     pub fn save(&self, dir: &Path) -> Result<()> {
-        let tmp = crate::io::temp_sibling(&dir.join("checkpoint"));
-        std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let target = dir.join("checkpoint");
+        crate::io::atomic::write_dir(&target, crate::io::atomic::Existing::Replace, |tmp| {
+            self.write_checkpoint(tmp)
+        })
+    }
+
+    fn write_checkpoint(&self, tmp: &Path) -> Result<()> {
         let mut tensors: Vec<(String, Tensor)> = Vec::new();
         for name in &self.params.names {
             let var = &self.params.vars[name];
@@ -311,15 +317,7 @@ impl Trainer {
             &sj,
             serde_json::to_string_pretty(&state).unwrap_or_default(),
         )
-        .map_err(|e| Error::io(&sj, e))?;
-        let target = dir.join("checkpoint");
-        let old = crate::io::temp_sibling(&target);
-        if target.exists() {
-            std::fs::rename(&target, &old).map_err(|e| Error::io(&target, e))?;
-        }
-        std::fs::rename(&tmp, &target).map_err(|e| Error::io(&target, e))?;
-        let _ = std::fs::remove_dir_all(&old);
-        Ok(())
+        .map_err(|e| Error::io(&sj, e))
     }
 
     /// Continues the run saved in `dir/checkpoint`.
@@ -358,11 +356,21 @@ impl Trainer {
                 saved.get(&format!("m/{name}")),
                 saved.get(&format!("v/{name}")),
             ) {
+                if m.dims() != var.dims() || v.dims() != var.dims() {
+                    return Err(Error::format(
+                        &st,
+                        format!("optimizer moments of {name} do not match its shape"),
+                    ));
+                }
                 t.moments.insert(
                     name.clone(),
                     Moments {
-                        m: m.flatten_all()?.to_vec1()?,
-                        v: v.flatten_all()?.to_vec1()?,
+                        m: m.flatten_all()?
+                            .to_dtype(candle_core::DType::F32)?
+                            .to_vec1()?,
+                        v: v.flatten_all()?
+                            .to_dtype(candle_core::DType::F32)?
+                            .to_vec1()?,
                     },
                 );
             }
