@@ -55,13 +55,19 @@ fn print_provenance(p: &whittle::model::Provenance) {
     }
 }
 
-/// Resolves `--model` (fetching the default model if needed) and loads it.
-pub fn load(model: Option<&str>) -> Result<Loaded> {
+/// Resolves `--model` and loads the model alone, its provenance naming the source.
+fn resolve_and_load(model: Option<&str>) -> Result<(PathBuf, whittle::Model)> {
     let spec = ModelSpec::parse(model)?;
     let path = spec.resolve()?;
+    let mut m = load_model(&path)?;
+    m.provenance.set_source(spec.identity(&path));
+    Ok((path, m))
+}
+
+/// Resolves `--model` (fetching the default model if needed) and loads it.
+pub fn load(model: Option<&str>) -> Result<Loaded> {
     let t = Instant::now();
-    let mut model = load_model(&path)?;
-    model.provenance.set_source(spec.identity(&path));
+    let (path, model) = resolve_and_load(model)?;
     let loaded = Loaded {
         tokenizer: resolve::load_tokenizer(&path, &model)?,
         model,
@@ -83,8 +89,7 @@ pub fn fetch() -> Result<()> {
 }
 
 pub fn inspect(model: Option<&str>, json_out: Option<PathBuf>) -> Result<()> {
-    let path = ModelSpec::parse(model)?.resolve()?;
-    let model = load_model(&path)?;
+    let (path, model) = resolve_and_load(model)?;
     // A checkpoint without a tokenizer can still be inspected.
     let tokenizer = resolve::load_tokenizer(&path, &model).ok();
     let c = &model.config;
