@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Mutation fuzzing of every reader of files from strangers (GGUF, safetensors weights of Llama,
 # packed and Hymba folders, config.json, tokenizer.json, whittle.json, model cards, recipes,
-# training checkpoints) at 100,000 cases per format; CI runs the same test with 1,500. The cases
+# training checkpoints) at 100,000 cases per format; CI runs the same test with 3,000. The cases
 # and mutations are described in crates/whittle/tests/fuzz.rs; a finding prints
 # `format:index`, which replays alone with WHITTLE_FUZZ_CASE=format:index.
 #

@@ -5,7 +5,7 @@
 //! in `Ok` or a typed error: no panic, no abort, no hang, and no single allocation larger than
 //! the input justifies (a global allocator below watches every request).
 //!
-//! Cases per format: `WHITTLE_FUZZ_CASES` (default 1500; `benches/fuzz.sh` runs 100,000). One
+//! Cases per format: `WHITTLE_FUZZ_CASES` (default 3000; `benches/fuzz.sh` runs 100,000). One
 //! case replays with `WHITTLE_FUZZ_CASE=format:index`.
 
 mod common;
@@ -716,7 +716,7 @@ fn readers_survive_mutated_files() {
     let cases: usize = std::env::var("WHITTLE_FUZZ_CASES")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(1500);
+        .unwrap_or(3000);
     let only = std::env::var("WHITTLE_FUZZ_CASE").ok();
     TRACE.store(only.is_some(), Relaxed);
     let work = tempfile::tempdir().unwrap();
