@@ -4,6 +4,7 @@
 
 pub mod graph;
 pub mod loss_op;
+pub mod objective;
 pub mod optim;
 pub mod presets;
 pub mod scan_op;

@@ -1,0 +1,340 @@
+//! Training objectives as values: a weighted sum of terms that the trainer takes, written on the
+//! command line as `kd:T=2+ce:0.5` (logit distillation at temperature 2, weight 1, plus half the
+//! cross-entropy). This module parses them and holds the logit-distillation loss as one fused
+//! candle op, as [`super::loss_op::CrossEntropy`] is: with a 49k vocabulary, primitive ops would
+//! make a dozen `[tokens, vocab]` temporaries per direction.
+//!
+//! Divergences between the teacher's `p = softmax(t / T)` and the student's `q = softmax(s / T)`
+//! per token, averaged over tokens and multiplied by `T²` (Hinton et al.: keeps the gradient scale
+//! independent of `T`):
+//! - forward KL `Σ p (log p − log q)` (Minitron's KD), gradient `T (q − p)`;
+//! - reverse KL `Σ q (log q − log p)`, gradient `T q (log q − log p − KL)`.
+//!
+//! The logs are `z − logsumexp(z)` of the scaled logits, so the op calls no libm per element.
+
+use crate::kernels::exp::{exp_shift_scale, logsumexp};
+use crate::{Error, Result};
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Which divergence a logit-distillation term measures.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Divergence {
+    ForwardKl,
+    ReverseKl,
+}
+
+/// One term of an objective.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Term {
+    /// Next-token cross-entropy on the data.
+    CrossEntropy,
+    /// Logit distillation toward the teacher at `temperature`.
+    Logits {
+        divergence: Divergence,
+        temperature: f32,
+    },
+}
+
+/// A weighted sum of terms.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Objective {
+    pub terms: Vec<(f32, Term)>,
+}
+
+impl Objective {
+    /// Parses `TERM[+TERM...]`, each `NAME[:SETTING,...]` where a setting is `T=2` (temperature),
+    /// `w=0.5` or a bare number (the weight, default 1). Names: `ce`, `kd` (forward KL), `rkl`
+    /// (reverse KL).
+    pub fn parse(spec: &str) -> Result<Self> {
+        let bad = |m: String| Error::Invalid(format!("objective '{spec}': {m}"));
+        let mut terms = Vec::new();
+        for part in spec.split('+').map(str::trim) {
+            let (name, settings) = part.split_once(':').unwrap_or((part, ""));
+            let (mut weight, mut temperature) = (1.0f32, 1.0f32);
+            for s in settings.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+                let number = |v: &str| {
+                    v.parse::<f32>()
+                        .ok()
+                        .filter(|x| x.is_finite() && *x > 0.0)
+                        .ok_or_else(|| bad(format!("'{s}' is not a positive number")))
+                };
+                match s.split_once('=') {
+                    Some(("T", v)) => temperature = number(v)?,
+                    Some(("w", v)) => weight = number(v)?,
+                    Some((k, _)) => return Err(bad(format!("unknown setting '{k}' (T, w)"))),
+                    None => weight = number(s)?,
+                }
+            }
+            let logits = |divergence| Term::Logits {
+                divergence,
+                temperature,
+            };
+            let term = match name {
+                "ce" if settings.contains("T=") => {
+                    return Err(bad("cross-entropy takes no temperature".into()))
+                }
+                "ce" => Term::CrossEntropy,
+                "kd" => logits(Divergence::ForwardKl),
+                "rkl" => logits(Divergence::ReverseKl),
+                other => return Err(bad(format!("unknown term '{other}' (ce, kd, rkl)"))),
+            };
+            terms.push((weight, term));
+        }
+        Ok(Objective { terms })
+    }
+
+    /// Whether any term needs teacher logits.
+    pub fn needs_teacher(&self) -> bool {
+        self.terms
+            .iter()
+            .any(|(_, t)| matches!(t, Term::Logits { .. }))
+    }
+}
+
+/// `T² · mean_rows D(p_row, q_row)` of student logits `[rows, vocab]` against the teacher's.
+pub struct LogitDistillation {
+    /// Teacher logits, `[rows, vocab]` row-major.
+    pub teacher: Vec<f32>,
+    pub divergence: Divergence,
+    pub temperature: f32,
+}
+
+/// One row's scaled logits, their log-softmax and softmax.
+struct Dist {
+    log: Vec<f32>,
+    prob: Vec<f32>,
+}
+
+fn dist(logits: &[f32], temperature: f32) -> Dist {
+    let z: Vec<f32> = logits.iter().map(|v| v / temperature).collect();
+    let lse = logsumexp(&z);
+    let mut prob = vec![0.0; z.len()];
+    exp_shift_scale(&z, lse, 1.0, &mut prob);
+    Dist {
+        log: z.iter().map(|v| v - lse).collect(),
+        prob,
+    }
+}
+
+impl LogitDistillation {
+    /// The row's divergence, and when `grad_scale` is given, its gradient with respect to the
+    /// student's logits times `grad_scale`, written to `grad`.
+    fn row(&self, student: &[f32], teacher: &[f32], grad: Option<(f32, &mut [f32])>) -> f64 {
+        let t = self.temperature;
+        let (p, q) = (dist(teacher, t), dist(student, t));
+        let (from, to) = match self.divergence {
+            Divergence::ForwardKl => (&p, &q),
+            Divergence::ReverseKl => (&q, &p),
+        };
+        let d: f64 = from
+            .prob
+            .iter()
+            .zip(&from.log)
+            .zip(&to.log)
+            .map(|((pr, a), b)| *pr as f64 * (*a as f64 - *b as f64))
+            .sum();
+        if let Some((scale, g)) = grad {
+            // d(T²·D)/ds = T · (q − p) for forward KL, T · q (log q − log p − D) for reverse.
+            let s = scale * t;
+            match self.divergence {
+                Divergence::ForwardKl => {
+                    for ((o, qi), pi) in g.iter_mut().zip(&q.prob).zip(&p.prob) {
+                        *o = s * (qi - pi);
+                    }
+                }
+                Divergence::ReverseKl => {
+                    let iter = q.prob.iter().zip(&q.log).zip(&p.log);
+                    for (o, ((qi, lq), lp)) in g.iter_mut().zip(iter) {
+                        *o = s * qi * (lq - lp - d as f32);
+                    }
+                }
+            }
+        }
+        d
+    }
+}
+
+impl CustomOp1 for LogitDistillation {
+    fn name(&self) -> &'static str {
+        "logit-distillation"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (rows, vocab) = l.shape().dims2()?;
+        let Some((lo, hi)) = l.contiguous_offsets() else {
+            candle_core::bail!("logit distillation: student logits must be contiguous")
+        };
+        if self.teacher.len() != rows * vocab {
+            candle_core::bail!(
+                "logit distillation: {} teacher logits for {rows} × {vocab} student logits",
+                self.teacher.len()
+            );
+        }
+        let student = &s.as_slice::<f32>()?[lo..hi];
+        let total: f64 = student
+            .par_chunks(vocab)
+            .zip(self.teacher.par_chunks(vocab))
+            .map(|(s, t)| self.row(s, t, None))
+            .collect::<Vec<f64>>()
+            .iter()
+            .sum();
+        let t2 = (self.temperature * self.temperature) as f64;
+        Ok((
+            CpuStorage::F32(vec![(t2 * total / rows as f64) as f32]),
+            Shape::from(()),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        logits: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let (rows, vocab) = logits.dims2()?;
+        let g = grad.to_scalar::<f32>()? / rows as f32;
+        let x = logits.flatten_all()?.to_vec1::<f32>()?;
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(vocab)
+            .zip(x.par_chunks(vocab).zip(self.teacher.par_chunks(vocab)))
+            .for_each(|(o, (s, t))| {
+                self.row(s, t, Some((g, o)));
+            });
+        Ok(Some(Tensor::from_vec(out, (rows, vocab), logits.device())?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// The divergence in f64 from its definition.
+    fn naive(s: &[f64], t: &[f64], temp: f64, d: Divergence) -> f64 {
+        let soft = |z: &[f64]| {
+            let m = z.iter().fold(f64::MIN, |a, b| a.max(*b / temp));
+            let e: Vec<f64> = z.iter().map(|v| (v / temp - m).exp()).collect();
+            let sum: f64 = e.iter().sum();
+            e.into_iter().map(|v| v / sum).collect::<Vec<f64>>()
+        };
+        let (p, q) = (soft(t), soft(s));
+        let (a, b) = match d {
+            Divergence::ForwardKl => (p, q),
+            Divergence::ReverseKl => (q, p),
+        };
+        a.iter().zip(&b).map(|(x, y)| x * (x / y).ln()).sum::<f64>() * temp * temp
+    }
+
+    #[test]
+    fn values_and_gradients_match_the_definition() {
+        let (rows, vocab) = (3, 7);
+        let s: Vec<f32> = (0..rows * vocab)
+            .map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.4)
+            .collect();
+        let t: Vec<f32> = (0..rows * vocab)
+            .map(|i| ((i * 13 % 7) as f32 - 3.0) * 0.7)
+            .collect();
+        for divergence in [Divergence::ForwardKl, Divergence::ReverseKl] {
+            for temperature in [1.0f32, 2.0] {
+                let op = || LogitDistillation {
+                    teacher: t.clone(),
+                    divergence,
+                    temperature,
+                };
+                let var = Var::from_vec(s.clone(), (rows, vocab), &Device::Cpu).unwrap();
+                let loss = var.as_tensor().apply_op1(op()).unwrap();
+                let got = loss.to_scalar::<f32>().unwrap() as f64;
+                let f = |x: &[f64]| -> f64 {
+                    (0..rows)
+                        .map(|r| {
+                            let tt: Vec<f64> = t[r * vocab..(r + 1) * vocab]
+                                .iter()
+                                .map(|v| *v as f64)
+                                .collect();
+                            naive(
+                                &x[r * vocab..(r + 1) * vocab],
+                                &tt,
+                                temperature as f64,
+                                divergence,
+                            )
+                        })
+                        .sum::<f64>()
+                        / rows as f64
+                };
+                let x: Vec<f64> = s.iter().map(|v| *v as f64).collect();
+                let want = f(&x);
+                assert!(
+                    (got - want).abs() < 1e-5 * want.max(1.0),
+                    "{divergence:?} T={temperature}: {got} vs {want}"
+                );
+                let grads = loss.backward().unwrap();
+                let g = grads
+                    .get(&var)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap();
+                for i in 0..x.len() {
+                    let h = 1e-6;
+                    let (mut up, mut down) = (x.clone(), x.clone());
+                    up[i] += h;
+                    down[i] -= h;
+                    let fd = (f(&up) - f(&down)) / (2.0 * h);
+                    assert!(
+                        (g[i] as f64 - fd).abs() < 1e-4,
+                        "{divergence:?} T={temperature} [{i}]: {} vs {fd}",
+                        g[i]
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn identical_logits_have_zero_divergence() {
+        let s: Vec<f32> = (0..20).map(|i| (i as f32 * 0.3).sin()).collect();
+        let op = LogitDistillation {
+            teacher: s.clone(),
+            divergence: Divergence::ForwardKl,
+            temperature: 2.0,
+        };
+        let x = Tensor::from_vec(s, (2, 10), &Device::Cpu).unwrap();
+        assert!(x.apply_op1(op).unwrap().to_scalar::<f32>().unwrap().abs() < 1e-6);
+    }
+
+    #[test]
+    fn objectives_parse_from_their_spec() {
+        let o = Objective::parse("kd:T=2+ce:0.5").unwrap();
+        assert_eq!(
+            o.terms,
+            vec![
+                (
+                    1.0,
+                    Term::Logits {
+                        divergence: Divergence::ForwardKl,
+                        temperature: 2.0
+                    }
+                ),
+                (0.5, Term::CrossEntropy)
+            ]
+        );
+        assert!(o.needs_teacher());
+        let o = Objective::parse("rkl:T=1.5,w=0.3").unwrap();
+        assert_eq!(
+            o.terms,
+            vec![(
+                0.3,
+                Term::Logits {
+                    divergence: Divergence::ReverseKl,
+                    temperature: 1.5
+                }
+            )]
+        );
+        assert!(!Objective::parse("ce").unwrap().needs_teacher());
+        for bad in ["kl", "kd:T=0", "kd:T=x", "ce:T=2", "kd:q=1", "kd:-1"] {
+            assert!(Objective::parse(bad).is_err(), "{bad}");
+        }
+    }
+}
