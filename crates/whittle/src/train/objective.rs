@@ -8,11 +8,14 @@
 //! per token, averaged over tokens and multiplied by `T²` (Hinton et al.: keeps the gradient scale
 //! independent of `T`):
 //! - forward KL `Σ p (log p − log q)` (Minitron's KD), gradient `T (q − p)`;
-//! - reverse KL `Σ q (log q − log p)`, gradient `T q (log q − log p − KL)`.
+//! - reverse KL `Σ q (log q − log p)`, gradient `T q (log q − log p − KL)`;
+//! - generalised Jensen–Shannon `β KL(p‖m) + (1−β) KL(q‖m)`, `m = β p + (1−β) q` (GKD, DistiLLM),
+//!   gradient `T q (g − ⟨q, g⟩)` with `g = (1−β) (log q − log m)`.
 //!
-//! The logs are `z − logsumexp(z)` of the scaled logits, so the op calls no libm per element.
+//! The logs of `p` and `q` are `z − logsumexp(z)` of the scaled logits and `log m` is
+//! [`crate::kernels::exp::ln_mix`]: the op calls no libm per element.
 
-use crate::kernels::exp::{exp_shift_scale, logsumexp};
+use crate::kernels::exp::{exp_shift_scale, ln_mix, logsumexp};
 use crate::{Error, Result};
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -22,6 +25,10 @@ use rayon::prelude::*;
 pub enum Divergence {
     ForwardKl,
     ReverseKl,
+    /// Generalised JSD with mixture weight `beta` on the teacher, `0 < beta < 1`.
+    Jsd {
+        beta: f32,
+    },
 }
 
 /// One term of an objective.
@@ -44,14 +51,14 @@ pub struct Objective {
 
 impl Objective {
     /// Parses `TERM[+TERM...]`, each `NAME[:SETTING,...]` where a setting is `T=2` (temperature),
-    /// `w=0.5` or a bare number (the weight, default 1). Names: `ce`, `kd` (forward KL), `rkl`
-    /// (reverse KL).
+    /// `w=0.5`, `beta=0.5` (JSD's mixture weight, default 0.5) or a bare number (the weight,
+    /// default 1). Names: `ce`, `kd` (forward KL), `rkl` (reverse KL), `jsd`.
     pub fn parse(spec: &str) -> Result<Self> {
         let bad = |m: String| Error::Invalid(format!("objective '{spec}': {m}"));
         let mut terms = Vec::new();
         for part in spec.split('+').map(str::trim) {
             let (name, settings) = part.split_once(':').unwrap_or((part, ""));
-            let (mut weight, mut temperature) = (1.0f32, 1.0f32);
+            let (mut weight, mut temperature, mut beta) = (1.0f32, 1.0f32, 0.5f32);
             for s in settings.split(',').map(str::trim).filter(|s| !s.is_empty()) {
                 let number = |v: &str| {
                     v.parse::<f32>()
@@ -62,7 +69,13 @@ impl Objective {
                 match s.split_once('=') {
                     Some(("T", v)) => temperature = number(v)?,
                     Some(("w", v)) => weight = number(v)?,
-                    Some((k, _)) => return Err(bad(format!("unknown setting '{k}' (T, w)"))),
+                    Some(("beta", v)) => {
+                        beta = number(v)?;
+                        if beta >= 1.0 {
+                            return Err(bad(format!("beta {beta} must lie between 0 and 1")));
+                        }
+                    }
+                    Some((k, _)) => return Err(bad(format!("unknown setting '{k}' (T, w, beta)"))),
                     None => weight = number(s)?,
                 }
             }
@@ -77,7 +90,8 @@ impl Objective {
                 "ce" => Term::CrossEntropy,
                 "kd" => logits(Divergence::ForwardKl),
                 "rkl" => logits(Divergence::ReverseKl),
-                other => return Err(bad(format!("unknown term '{other}' (ce, kd, rkl)"))),
+                "jsd" => logits(Divergence::Jsd { beta }),
+                other => return Err(bad(format!("unknown term '{other}' (ce, kd, rkl, jsd)"))),
             };
             terms.push((weight, term));
         }
@@ -123,30 +137,58 @@ impl LogitDistillation {
     fn row(&self, student: &[f32], teacher: &[f32], grad: Option<(f32, &mut [f32])>) -> f64 {
         let t = self.temperature;
         let (p, q) = (dist(teacher, t), dist(student, t));
-        let (from, to) = match self.divergence {
-            Divergence::ForwardKl => (&p, &q),
-            Divergence::ReverseKl => (&q, &p),
+        // Σ a (log a − log b)
+        let kl = |a: &Dist, log_b: &[f32]| -> f64 {
+            a.prob
+                .iter()
+                .zip(&a.log)
+                .zip(log_b)
+                .map(|((pr, la), lb)| *pr as f64 * (*la as f64 - *lb as f64))
+                .sum()
         };
-        let d: f64 = from
-            .prob
-            .iter()
-            .zip(&from.log)
-            .zip(&to.log)
-            .map(|((pr, a), b)| *pr as f64 * (*a as f64 - *b as f64))
-            .sum();
-        if let Some((scale, g)) = grad {
-            // d(T²·D)/ds = T · (q − p) for forward KL, T · q (log q − log p − D) for reverse.
+        // The divergence, and `g = ∂D/∂q` up to a constant where the gradient needs one.
+        let (d, g): (f64, Option<Vec<f32>>) = match self.divergence {
+            Divergence::ForwardKl => (kl(&p, &q.log), None),
+            Divergence::ReverseKl => {
+                let d = kl(&q, &p.log);
+                let g = grad
+                    .as_ref()
+                    .map(|_| q.log.iter().zip(&p.log).map(|(lq, lp)| lq - lp).collect());
+                (d, g)
+            }
+            Divergence::Jsd { beta } => {
+                let mut log_m = vec![0.0; p.prob.len()];
+                ln_mix(&p.prob, beta, &q.prob, 1.0 - beta, &mut log_m);
+                let d = beta as f64 * kl(&p, &log_m) + (1.0 - beta as f64) * kl(&q, &log_m);
+                let g = grad.as_ref().map(|_| {
+                    let w = 1.0 - beta;
+                    q.log
+                        .iter()
+                        .zip(&log_m)
+                        .map(|(lq, lm)| w * (lq - lm))
+                        .collect()
+                });
+                (d, g)
+            }
+        };
+        if let Some((scale, out)) = grad {
+            // d(T²·D)/ds = T · q (g − ⟨q, g⟩); for forward KL that is T · (q − p).
             let s = scale * t;
-            match self.divergence {
-                Divergence::ForwardKl => {
-                    for ((o, qi), pi) in g.iter_mut().zip(&q.prob).zip(&p.prob) {
+            match g {
+                None => {
+                    for ((o, qi), pi) in out.iter_mut().zip(&q.prob).zip(&p.prob) {
                         *o = s * (qi - pi);
                     }
                 }
-                Divergence::ReverseKl => {
-                    let iter = q.prob.iter().zip(&q.log).zip(&p.log);
-                    for (o, ((qi, lq), lp)) in g.iter_mut().zip(iter) {
-                        *o = s * qi * (lq - lp - d as f32);
+                Some(g) => {
+                    let mean: f64 = q
+                        .prob
+                        .iter()
+                        .zip(&g)
+                        .map(|(a, b)| *a as f64 * *b as f64)
+                        .sum();
+                    for ((o, qi), gi) in out.iter_mut().zip(&q.prob).zip(&g) {
+                        *o = s * qi * (gi - mean as f32);
                     }
                 }
             }
@@ -219,11 +261,21 @@ mod tests {
             e.into_iter().map(|v| v / sum).collect::<Vec<f64>>()
         };
         let (p, q) = (soft(t), soft(s));
-        let (a, b) = match d {
-            Divergence::ForwardKl => (p, q),
-            Divergence::ReverseKl => (q, p),
+        let kl = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * (x / y).ln()).sum::<f64>();
+        let d = match d {
+            Divergence::ForwardKl => kl(&p, &q),
+            Divergence::ReverseKl => kl(&q, &p),
+            Divergence::Jsd { beta } => {
+                let b = beta as f64;
+                let m: Vec<f64> = p
+                    .iter()
+                    .zip(&q)
+                    .map(|(x, y)| b * x + (1.0 - b) * y)
+                    .collect();
+                b * kl(&p, &m) + (1.0 - b) * kl(&q, &m)
+            }
         };
-        a.iter().zip(&b).map(|(x, y)| x * (x / y).ln()).sum::<f64>() * temp * temp
+        d * temp * temp
     }
 
     #[test]
@@ -235,7 +287,12 @@ mod tests {
         let t: Vec<f32> = (0..rows * vocab)
             .map(|i| ((i * 13 % 7) as f32 - 3.0) * 0.7)
             .collect();
-        for divergence in [Divergence::ForwardKl, Divergence::ReverseKl] {
+        for divergence in [
+            Divergence::ForwardKl,
+            Divergence::ReverseKl,
+            Divergence::Jsd { beta: 0.5 },
+            Divergence::Jsd { beta: 0.1 },
+        ] {
             for temperature in [1.0f32, 2.0] {
                 let op = || LogitDistillation {
                     teacher: t.clone(),
@@ -333,7 +390,26 @@ mod tests {
             )]
         );
         assert!(!Objective::parse("ce").unwrap().needs_teacher());
-        for bad in ["kl", "kd:T=0", "kd:T=x", "ce:T=2", "kd:q=1", "kd:-1"] {
+        let o = Objective::parse("jsd:beta=0.9,T=2").unwrap();
+        assert_eq!(
+            o.terms,
+            vec![(
+                1.0,
+                Term::Logits {
+                    divergence: Divergence::Jsd { beta: 0.9 },
+                    temperature: 2.0
+                }
+            )]
+        );
+        for bad in [
+            "kl",
+            "kd:T=0",
+            "kd:T=x",
+            "ce:T=2",
+            "kd:q=1",
+            "kd:-1",
+            "jsd:beta=1",
+        ] {
             assert!(Objective::parse(bad).is_err(), "{bad}");
         }
     }
