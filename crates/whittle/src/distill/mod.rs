@@ -1,7 +1,9 @@
 //! Distillation building blocks. So far: teacher-feature standardisation (PHI-S and its
-//! baselines) and the Hadamard matrices it needs; the training engine that uses them comes with
-//! issue 17.
+//! baselines) and the Hadamard matrices it needs, feature losses and the layer map for students
+//! with fewer layers, and the up-front tokenizer check; the objectives (logit KD) are in
+//! `train::objective`, and the engine that trains a loaded model with them comes with issue 17.
 
+pub mod features;
 pub mod hadamard;
 pub mod normalizer;
 
