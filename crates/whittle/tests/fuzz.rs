@@ -5,8 +5,9 @@
 //! in `Ok` or a typed error: no panic, no abort, no hang, and no single allocation larger than
 //! the input justifies (a global allocator below watches every request).
 //!
-//! Cases per format: `WHITTLE_FUZZ_CASES` (default 3000; `benches/fuzz.sh` runs 100,000). One
-//! case replays with `WHITTLE_FUZZ_CASE=format:index`.
+//! Cases per format: `WHITTLE_FUZZ_CASES` (default 3000; `benches/fuzz.sh` runs 100,000);
+//! `WHITTLE_FUZZ_FORMAT=name` runs one format. One case replays with
+//! `WHITTLE_FUZZ_CASE=format:index`.
 
 mod common;
 
@@ -718,6 +719,7 @@ fn readers_survive_mutated_files() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(3000);
     let only = std::env::var("WHITTLE_FUZZ_CASE").ok();
+    let format_filter = std::env::var("WHITTLE_FUZZ_FORMAT").ok();
     TRACE.store(only.is_some(), Relaxed);
     let work = tempfile::tempdir().unwrap();
     // One worker thread: thread-local buffers (GEMM packing pages) are created by the warm-up
@@ -747,6 +749,7 @@ fn readers_survive_mutated_files() {
                 Some((name, i)) if name == f.name => vec![i.parse().unwrap()],
                 _ => continue,
             },
+            None if format_filter.as_ref().is_some_and(|only| only != f.name) => continue,
             None => (0..cases).collect(),
         };
         for i in range {

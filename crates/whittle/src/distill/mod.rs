@@ -6,6 +6,7 @@
 pub mod features;
 pub mod hadamard;
 pub mod normalizer;
+pub mod topk;
 
 use crate::io::tokenizer::Tokenizer;
 use crate::{Error, Result};

@@ -256,6 +256,9 @@ fn load_weights(dir: &Path) -> Result<Model> {
     let head_dim = cfg["head_dim"]
         .as_u64()
         .map_or(hidden / n_heads.max(1), |v| v as usize);
+    if head_dim == 0 {
+        return Err(Error::format(&cfg_path, "head dimension is 0"));
+    }
     let id = |k: &str| cfg[k].as_u64().map(|v| v as u32);
     let config = ModelConfig {
         arch,

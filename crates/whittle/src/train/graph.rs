@@ -358,5 +358,7 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     logits
         .reshape((b * t, v))?
         .contiguous()?
-        .apply_op1(super::loss_op::CrossEntropy { targets })
+        .apply_op1(super::loss_op::MeanOverRows(super::loss_op::CrossEntropy {
+            targets,
+        }))
 }

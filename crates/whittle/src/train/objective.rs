@@ -15,10 +15,9 @@
 //! The logs of `p` and `q` are `z − logsumexp(z)` of the scaled logits and `log m` is
 //! [`crate::kernels::exp::ln_mix`]: the op calls no libm per element.
 
+use super::loss_op::RowLoss;
 use crate::kernels::exp::{exp_shift_scale, ln_mix, logsumexp};
 use crate::{Error, Result};
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
-use rayon::prelude::*;
 
 /// Which divergence a logit-distillation term measures.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -131,10 +130,29 @@ fn dist(logits: &[f32], temperature: f32) -> Dist {
     }
 }
 
-impl LogitDistillation {
-    /// The row's divergence, and when `grad_scale` is given, its gradient with respect to the
-    /// student's logits times `grad_scale`, written to `grad`.
-    fn row(&self, student: &[f32], teacher: &[f32], grad: Option<(f32, &mut [f32])>) -> f64 {
+impl RowLoss for LogitDistillation {
+    fn name(&self) -> &'static str {
+        "logit-distillation"
+    }
+
+    fn check(&self, rows: usize, vocab: usize) -> candle_core::Result<()> {
+        if self.teacher.len() != rows * vocab {
+            candle_core::bail!(
+                "logit distillation: {} teacher logits for {rows} × {vocab} student logits",
+                self.teacher.len()
+            );
+        }
+        Ok(())
+    }
+
+    fn factor(&self) -> f32 {
+        self.temperature * self.temperature
+    }
+
+    /// The row's divergence; with `grad`, `scale · ∂D/∂s` (`∂/∂s = (1/T) ∂/∂z`).
+    fn row(&self, r: usize, student: &[f32], grad: Option<(f32, &mut [f32])>) -> f64 {
+        let vocab = student.len();
+        let teacher = &self.teacher[r * vocab..(r + 1) * vocab];
         let t = self.temperature;
         let (p, q) = (dist(teacher, t), dist(student, t));
         // Σ a (log a − log b)
@@ -172,8 +190,8 @@ impl LogitDistillation {
             }
         };
         if let Some((scale, out)) = grad {
-            // d(T²·D)/ds = T · q (g − ⟨q, g⟩); for forward KL that is T · (q − p).
-            let s = scale * t;
+            // ∂D/∂s = q (g − ⟨q, g⟩) / T; for forward KL that is (q − p) / T.
+            let s = scale / t;
             match g {
                 None => {
                     for ((o, qi), pi) in out.iter_mut().zip(&q.prob).zip(&p.prob) {
@@ -197,60 +215,10 @@ impl LogitDistillation {
     }
 }
 
-impl CustomOp1 for LogitDistillation {
-    fn name(&self) -> &'static str {
-        "logit-distillation"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (rows, vocab) = l.shape().dims2()?;
-        let Some((lo, hi)) = l.contiguous_offsets() else {
-            candle_core::bail!("logit distillation: student logits must be contiguous")
-        };
-        if self.teacher.len() != rows * vocab {
-            candle_core::bail!(
-                "logit distillation: {} teacher logits for {rows} × {vocab} student logits",
-                self.teacher.len()
-            );
-        }
-        let student = &s.as_slice::<f32>()?[lo..hi];
-        let total: f64 = student
-            .par_chunks(vocab)
-            .zip(self.teacher.par_chunks(vocab))
-            .map(|(s, t)| self.row(s, t, None))
-            .collect::<Vec<f64>>()
-            .iter()
-            .sum();
-        let t2 = (self.temperature * self.temperature) as f64;
-        Ok((
-            CpuStorage::F32(vec![(t2 * total / rows as f64) as f32]),
-            Shape::from(()),
-        ))
-    }
-
-    fn bwd(
-        &self,
-        logits: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
-        let (rows, vocab) = logits.dims2()?;
-        let g = grad.to_scalar::<f32>()? / rows as f32;
-        let x = logits.flatten_all()?.to_vec1::<f32>()?;
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(vocab)
-            .zip(x.par_chunks(vocab).zip(self.teacher.par_chunks(vocab)))
-            .for_each(|(o, (s, t))| {
-                self.row(s, t, Some((g, o)));
-            });
-        Ok(Some(Tensor::from_vec(out, (rows, vocab), logits.device())?))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
+    use candle_core::{Device, Tensor, Var};
 
     /// The divergence in f64 from its definition.
     fn naive(s: &[f64], t: &[f64], temp: f64, d: Divergence) -> f64 {
@@ -300,7 +268,7 @@ mod tests {
                     temperature,
                 };
                 let var = Var::from_vec(s.clone(), (rows, vocab), &Device::Cpu).unwrap();
-                let loss = var.as_tensor().apply_op1(op()).unwrap();
+                let loss = crate::train::loss_op::mean_over_rows(var.as_tensor(), op()).unwrap();
                 let got = loss.to_scalar::<f32>().unwrap() as f64;
                 let f = |x: &[f64]| -> f64 {
                     (0..rows)
@@ -358,7 +326,14 @@ mod tests {
             temperature: 2.0,
         };
         let x = Tensor::from_vec(s, (2, 10), &Device::Cpu).unwrap();
-        assert!(x.apply_op1(op).unwrap().to_scalar::<f32>().unwrap().abs() < 1e-6);
+        assert!(
+            crate::train::loss_op::mean_over_rows(&x, op)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                .abs()
+                < 1e-6
+        );
     }
 
     #[test]
