@@ -1,8 +1,9 @@
 //! Training objectives as values: a weighted sum of terms that the trainer takes, written on the
 //! command line as `kd:T=2+ce:0.5` (logit distillation at temperature 2, weight 1, plus half the
-//! cross-entropy). This module parses them and holds the logit-distillation loss as one fused
-//! candle op, as [`super::loss_op::CrossEntropy`] is: with a 49k vocabulary, primitive ops would
-//! make a dozen `[tokens, vocab]` temporaries per direction.
+//! cross-entropy). This module parses them and holds the logit-distillation loss, a
+//! [`super::loss_op::RowLoss`] like the cross-entropy (one fused op through
+//! [`super::loss_op::mean_over_rows`]: with a 49k vocabulary, primitive ops would make a dozen
+//! `[tokens, vocab]` temporaries per direction).
 //!
 //! Divergences between the teacher's `p = softmax(t / T)` and the student's `q = softmax(s / T)`
 //! per token, averaged over tokens and multiplied by `T²` (Hinton et al.: keeps the gradient scale
