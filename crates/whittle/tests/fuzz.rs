@@ -17,6 +17,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::time::{Duration, Instant};
+use whittle::io::gguf;
 
 // ---------------------------------------------------------------------------------------------
 // The allocation watch: while a case runs, any single request above `LIMIT` is recorded (and
@@ -456,8 +457,6 @@ fn real_header_gguf(work: &Path) -> Vec<u8> {
     candle_core::quantized::gguf_file::write(&mut out, &m, &ts).unwrap();
     out.into_inner()
 }
-
-use whittle::io::gguf;
 
 fn formats(work: &Path) -> Vec<Format> {
     let mut fs = Vec::new();

@@ -8,8 +8,9 @@
 //! one token): exact at `T = 1`, an approximation otherwise, because the other logits are not
 //! kept.
 
-use crate::kernels::exp::{exp_shift_scale, logsumexp};
+use crate::kernels::exp::logsumexp;
 use crate::train::loss_op::RowLoss;
+use crate::train::objective::dist;
 use crate::{Error, Result};
 
 /// Top-k logits per token: `ids` and `logits` are `[rows, k]`, `rest` is `[rows]`
@@ -40,7 +41,9 @@ impl TopK {
             logits: Vec::with_capacity(rows * k),
             rest: Vec::with_capacity(rows),
         };
+        // Any permutation serves the next row's selection: `order` is never reset.
         let mut order: Vec<u32> = (0..vocab as u32).collect();
+        let mut others = Vec::with_capacity(vocab - k);
         for row in logits.chunks_exact(vocab) {
             order.select_nth_unstable_by(k - 1, |a, b| {
                 row[*b as usize].total_cmp(&row[*a as usize])
@@ -49,16 +52,13 @@ impl TopK {
             top.sort_unstable();
             out.ids.extend_from_slice(top);
             out.logits.extend(top.iter().map(|&i| row[i as usize]));
-            let others: Vec<f32> = order[k..].iter().map(|&i| row[i as usize]).collect();
+            others.clear();
+            others.extend(order[k..].iter().map(|&i| row[i as usize]));
             out.rest.push(if others.is_empty() {
                 f32::NEG_INFINITY
             } else {
                 logsumexp(&others)
             });
-            // Restore the identity order cheaply for the next row's selection.
-            for (i, v) in order.iter_mut().enumerate() {
-                *v = i as u32;
-            }
         }
         Ok(out)
     }
@@ -99,46 +99,35 @@ impl RowLoss for SparseDistillation {
         let (t, k) = (self.temperature, self.teacher.k);
         let ids = &self.teacher.ids[r * k..(r + 1) * k];
         // Teacher buckets: top-k, then the rest (absent when k is the vocabulary).
-        let mut zt: Vec<f32> = self.teacher.logits[r * k..(r + 1) * k]
-            .iter()
-            .map(|v| v / t)
-            .collect();
+        let mut buckets = self.teacher.logits[r * k..(r + 1) * k].to_vec();
         let rest = self.teacher.rest[r];
         let has_rest = rest.is_finite();
         if has_rest {
-            zt.push(rest / t);
+            buckets.push(rest);
         }
-        let lse_t = logsumexp(&zt);
-        let mut p = vec![0.0; zt.len()];
-        exp_shift_scale(&zt, lse_t, 1.0, &mut p);
+        let p = dist(&buckets, t);
         // Student: full softmax, then bucketed.
-        let zs: Vec<f32> = student.iter().map(|v| v / t).collect();
-        let lse_s = logsumexp(&zs);
-        let mut q = vec![0.0; zs.len()];
-        exp_shift_scale(&zs, lse_s, 1.0, &mut q);
-        let q_top: f64 = ids.iter().map(|&i| q[i as usize] as f64).sum();
+        let q = dist(student, t);
+        let q_top: f64 = ids.iter().map(|&i| q.prob[i as usize] as f64).sum();
         let q_rest = (1.0 - q_top).max(1e-30);
         let mut d: f64 = ids
             .iter()
-            .zip(&zt)
-            .zip(&p)
-            .map(|((&i, z), pb)| {
-                *pb as f64 * ((z - lse_t) as f64 - (zs[i as usize] - lse_s) as f64)
-            })
+            .zip(p.prob.iter().zip(&p.log))
+            .map(|(&i, (pb, lp))| *pb as f64 * (*lp as f64 - q.log[i as usize] as f64))
             .sum();
-        let p_rest = if has_rest { p[k] as f64 } else { 0.0 };
-        if has_rest && p_rest > 0.0 {
-            d += p_rest * ((zt[k] - lse_t) as f64 - q_rest.ln());
+        let p_rest = if has_rest { p.prob[k] as f64 } else { 0.0 };
+        if p_rest > 0.0 {
+            d += p_rest * (p.log[k] as f64 - q_rest.ln());
         }
         if let Some((scale, out)) = grad {
             // ∂KL/∂s_j = (q_j − p_j) / T on the top-k, q_j (1 − p_rest / q_rest) / T elsewhere.
             let s = scale / t;
             let rest_factor = (1.0 - p_rest / q_rest) as f32;
-            for (o, qj) in out.iter_mut().zip(&q) {
+            for (o, qj) in out.iter_mut().zip(&q.prob) {
                 *o = s * qj * rest_factor;
             }
-            for (&i, pb) in ids.iter().zip(&p) {
-                out[i as usize] = s * (q[i as usize] - pb);
+            for (&i, pb) in ids.iter().zip(&p.prob) {
+                out[i as usize] = s * (q.prob[i as usize] - pb);
             }
         }
         d

@@ -114,13 +114,14 @@ pub struct LogitDistillation {
     pub temperature: f32,
 }
 
-/// One row's scaled logits, their log-softmax and softmax.
-struct Dist {
-    log: Vec<f32>,
-    prob: Vec<f32>,
+/// One row's log-softmax and softmax at a temperature.
+pub(crate) struct Dist {
+    pub log: Vec<f32>,
+    pub prob: Vec<f32>,
 }
 
-fn dist(logits: &[f32], temperature: f32) -> Dist {
+/// `softmax(logits / temperature)` and its log, the log as `z − logsumexp(z)` (no libm).
+pub(crate) fn dist(logits: &[f32], temperature: f32) -> Dist {
     let z: Vec<f32> = logits.iter().map(|v| v / temperature).collect();
     let lse = logsumexp(&z);
     let mut prob = vec![0.0; z.len()];
