@@ -86,7 +86,7 @@ pub struct JobArgs {
 }
 
 /// Tokens of the calibration text (read once); none when the method needs no data.
-fn calibration_ids(tok: &Tokenizer, args: &CalibArgs, needed: bool) -> Result<Vec<u32>> {
+pub(crate) fn calibration_ids(tok: &Tokenizer, args: &CalibArgs, needed: bool) -> Result<Vec<u32>> {
     if !needed {
         return Ok(Vec::new());
     }
@@ -104,7 +104,7 @@ fn calibration_ids(tok: &Tokenizer, args: &CalibArgs, needed: bool) -> Result<Ve
 }
 
 /// The calibration windows (none without calibration tokens).
-fn calibration_windows<'a>(ids: &'a [u32], args: &CalibArgs) -> Result<Vec<&'a [u32]>> {
+pub(crate) fn calibration_windows<'a>(ids: &'a [u32], args: &CalibArgs) -> Result<Vec<&'a [u32]>> {
     if ids.is_empty() {
         return Ok(Vec::new());
     }
@@ -193,7 +193,9 @@ pub fn run(
     let seconds = start.elapsed().as_secs_f64();
     pb.finish_and_clear();
     let after = perplexity(&model, &tokenizer, eval, "perplexity after")?;
-    layer_table(&reports);
+    if !reports.is_empty() {
+        layer_table(&reports);
+    }
     println!("{what}: {seconds:.1} s");
     if let (Some(b), Some(a)) = (before, after) {
         println!("perplexity {b:.4} -> {a:.4}");

@@ -6,6 +6,7 @@ mod bench;
 mod commands;
 mod compress;
 mod plot;
+mod prune;
 mod report;
 mod tasks;
 mod train;
@@ -141,6 +142,24 @@ enum Command {
         peft: Option<PathBuf>,
         #[command(flatten)]
         job: compress::JobArgs,
+    },
+    /// Importance scores for structured pruning from one calibration pass (Minitron width
+    /// scores; cosine, angular and update-norm depth metrics), optionally leave-one-out and
+    /// Monte-Carlo Shapley values of every block and sublayer; written as JSON for `prune`.
+    Importance {
+        #[command(flatten)]
+        model: ModelArg,
+        #[command(flatten)]
+        args: prune::ImportanceArgs,
+    },
+    /// Structured pruning from stored scores: hidden channels, MLP neurons, query heads per KV
+    /// group, whole blocks or attention / MLP sublayers (optionally replaced by emulated
+    /// updates fitted on calibration data).
+    Prune {
+        #[command(flatten)]
+        model: ModelArg,
+        #[command(flatten)]
+        args: prune::PruneArgs,
     },
     /// Apply a recipe of stages in order (e.g. SparseGPT 2:4 -> GPTQ int4 -> EoRA r64); the
     /// recipe format is documented in the library's `recipe` module.
@@ -381,6 +400,8 @@ fn main() {
             peft,
             &job,
         ),
+        Command::Importance { model, args } => prune::importance(model.model.as_deref(), &args),
+        Command::Prune { model, args } => prune::prune(model.model.as_deref(), &args),
         Command::Compress {
             model,
             recipe,

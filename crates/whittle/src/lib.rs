@@ -15,6 +15,7 @@ pub mod eval;
 pub mod io;
 pub mod lowrank;
 pub mod model;
+pub mod prune;
 pub mod quant;
 pub mod recipe;
 pub mod sparsity;

@@ -48,28 +48,16 @@ pub fn window_nll(model: &Model, window: &[u32]) -> Result<f64> {
     Ok(nll)
 }
 
-/// Perplexity of `ids` over windows of `seq_len` (at most `max_tokens` tokens). `progress` is
-/// called after each window with (done, total).
-pub fn perplexity(
+/// Sum of the NLLs of `wins`, added in window order. Whole windows per thread while there are
+/// enough of them: independent items scale better than one window's kernels split between
+/// threads (see `threads::one_thread`); the tail that cannot fill every thread runs window by
+/// window on all of them. `progress(done, total)` after each round.
+pub fn windows_nll(
     model: &Model,
-    ids: &[u32],
-    seq_len: usize,
-    max_tokens: Option<usize>,
+    wins: &[&[u32]],
     progress: &mut dyn FnMut(usize, usize),
-) -> Result<PplReport> {
-    if seq_len > model.config.context_length {
-        return Err(Error::Invalid(format!(
-            "sequence length {seq_len} exceeds the model's context length {}",
-            model.config.context_length
-        )));
-    }
-    let wins = windows(ids, seq_len, max_tokens)?;
-    let start = Instant::now();
+) -> Result<f64> {
     let mut nll_sum = 0f64;
-    // Whole windows per thread while there are enough of them: independent items scale better
-    // than one window's kernels split between threads (see `threads::one_thread`); the tail
-    // that cannot fill every thread runs window by window on all of them. The window sums are
-    // added in window order either way.
     let per_round = crate::threads::threads();
     let in_rounds = match per_round {
         1 => 0,
@@ -90,6 +78,27 @@ pub fn perplexity(
         nll_sum += crate::threads::install(|| window_nll(model, w))?;
         progress(rounds.len() + i + 1, wins.len());
     }
+    Ok(nll_sum)
+}
+
+/// Perplexity of `ids` over windows of `seq_len` (at most `max_tokens` tokens). `progress` is
+/// called after each window with (done, total).
+pub fn perplexity(
+    model: &Model,
+    ids: &[u32],
+    seq_len: usize,
+    max_tokens: Option<usize>,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<PplReport> {
+    if seq_len > model.config.context_length {
+        return Err(Error::Invalid(format!(
+            "sequence length {seq_len} exceeds the model's context length {}",
+            model.config.context_length
+        )));
+    }
+    let wins = windows(ids, seq_len, max_tokens)?;
+    let start = Instant::now();
+    let nll_sum = windows_nll(model, &wins, progress)?;
     let seconds = start.elapsed().as_secs_f64();
     let predicted = wins.len() * (seq_len - 1);
     Ok(PplReport {

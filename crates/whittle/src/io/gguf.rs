@@ -290,6 +290,7 @@ impl GgufFile {
                 fusion: None,
                 mlp_norm: norm(self, &p("ffn_norm"))?,
                 mlp,
+                emulated: Default::default(),
             });
         }
         let mut model = Model::new(config, embed, layers, final_norm, lm_head)
@@ -481,6 +482,12 @@ fn write_gguf(
         return Err(Error::Invalid(format!(
             "GGUF export writes Llama models; this one is {}",
             c.arch.name()
+        )));
+    }
+    if let Some(why) = model.irregularity() {
+        return Err(Error::Invalid(format!(
+            "GGUF export writes plain Llama models (one width for every layer, every sublayer \
+             present) and this one is not: {why}. Keep it as a whittle HF folder instead"
         )));
     }
     let arch = c.arch.name();

@@ -252,6 +252,7 @@ pub fn load(dir: &Path, cfg: &Value, cfg_path: &Path) -> Result<Model> {
                 up: st.linear(&expert("up_proj"), width, h)?,
                 down: st.linear(&expert("down_proj"), h, width)?,
             }),
+            emulated: Default::default(),
         });
     }
     let vocab = config.vocab_size;

@@ -11,12 +11,23 @@
 //!   `P.qweight` to `{"bits": b, "group_size": g}`.
 //! - low-rank adapter on the linear at `P`: `P.adapter_A` `[r, in]`, `P.adapter_B` `[out, r]`;
 //!   output `W x + B (A x)`.
+//! - emulated update of layer `i` (see [`crate::model::Emulation`]) at
+//!   `P = model.layers.{i}.whittle_emulated.{mixer|mlp}`: `P.bias` `[hidden]`, maps
+//!   `P.0.weight`, `P.1.weight` when present.
+//!
+//! A model that is not a plain Llama ([`Model::irregularity`]: widths that differ between
+//! layers, removed sublayers, emulated updates) is written with `model_type` `whittle_llama`
+//! and architecture `WhittleLlamaForCausalLM`, so transformers and vLLM refuse it by name
+//! instead of filling the missing tensors with random weights; whittle reads it as Llama.
 
 use super::tokenizer::Tokenizer;
 use crate::model::{
-    Arch, Attention, AttnShape, KvSource, Layer, Linear, LowRank, Mlp, Model, ModelConfig, Packed,
-    Weight,
+    Arch, Attention, AttnShape, Emulated, Emulation, KvSource, Layer, Linear, LowRank, Mlp, Model,
+    ModelConfig, Packed, Weight,
 };
+
+/// Prefix of emulated-update tensors within a layer.
+const EMULATED: &str = "whittle_emulated";
 use crate::{Error, Result};
 use safetensors::{Dtype, SafeTensors, View};
 use serde_json::{json, Value};
@@ -104,6 +115,33 @@ impl Shards {
             }
         };
         Ok(v)
+    }
+
+    /// The emulated update stored at `prefix` (`{prefix}.bias`, `{prefix}.{0,1}.weight`), if any.
+    fn emulation(&self, prefix: &str, h: usize) -> Result<Option<Emulation>> {
+        if !self.has(&format!("{prefix}.bias")) {
+            return Ok(None);
+        }
+        let mut maps = Vec::new();
+        let mut width = h;
+        for k in 0..2 {
+            let name = format!("{prefix}.{k}.weight");
+            let Some(shape) = self.shape(&name) else {
+                break;
+            };
+            let out = shape.first().copied().unwrap_or(0);
+            maps.push(Linear::dense(
+                &name,
+                self.f32(&name, &[out, width])?,
+                out,
+                width,
+            )?);
+            width = out;
+        }
+        Ok(Some(Emulation {
+            maps,
+            bias: self.f32(&format!("{prefix}.bias"), &[h])?,
+        }))
     }
 
     pub(super) fn linear(&self, name: &str, out: usize, inp: usize) -> Result<Linear> {
@@ -337,6 +375,10 @@ fn load_weights(dir: &Path) -> Result<Model> {
             fusion: None,
             mlp_norm: norm(&p("post_attention_layernorm.weight"))?,
             mlp,
+            emulated: Emulated {
+                mixer: st.emulation(&p(&format!("{EMULATED}.mixer")), h)?,
+                mlp: st.emulation(&p(&format!("{EMULATED}.mlp")), h)?,
+            },
         });
     }
     Model::new(config, embed, layers, final_norm, lm_head).map_err(|e| Error::format(dir, e))
@@ -407,6 +449,11 @@ fn config_json(model: &Model, tokenizer: Option<&Tokenizer>) -> Value {
     if !uniform {
         v["whittle_layers"] = serde_json::to_value(&shapes).unwrap_or(Value::Null);
     }
+    if let Some(why) = model.irregularity() {
+        v["architectures"] = json!(["WhittleLlamaForCausalLM"]);
+        v["model_type"] = json!("whittle_llama");
+        v["whittle_irregular"] = json!(why);
+    }
     v
 }
 
@@ -475,6 +522,13 @@ fn write_folder(
         ));
         for (name, _, lin) in l.linears() {
             linear_views(&p(name), lin, packed, &mut views, &mut meta);
+        }
+        for (name, e) in l.emulated.named() {
+            let p = |s: String| p(&format!("{EMULATED}.{name}.{s}"));
+            for (k, m) in e.maps.iter().enumerate() {
+                views.push(dense_view(&p(format!("{k}.weight")), m));
+            }
+            views.push(view(&p("bias".into()), &e.bias, vec![h]));
         }
     }
     super::model_card::write(model, packed, dir)?;

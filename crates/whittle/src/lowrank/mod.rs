@@ -49,7 +49,7 @@ fn gram(m: &Mat<f64>) -> Mat<f64> {
 /// The top-`rank` eigenvectors (columns) of the symmetric `g` and the square roots of their
 /// eigenvalues (singular values of the matrix `g` is the Gram of). Values below `1e-14` of the
 /// largest count as 0: squaring in the Gram matrix left them at rounding level.
-fn top_eigen(g: &Mat<f64>, rank: usize) -> Result<(Mat<f64>, Vec<f64>)> {
+pub(crate) fn top_eigen(g: &Mat<f64>, rank: usize) -> Result<(Mat<f64>, Vec<f64>)> {
     let evd = g
         .self_adjoint_eigen(Side::Lower)
         .map_err(|e| Error::Invalid(format!("eigendecomposition did not converge: {e:?}")))?;

@@ -28,7 +28,10 @@ impl Arch {
 
     pub fn parse(name: &str) -> crate::Result<Self> {
         match name {
-            "llama" | "LlamaForCausalLM" => Ok(Arch::Llama),
+            // whittle's name for a Llama that transformers cannot load (see `io::safetensors`).
+            "llama" | "LlamaForCausalLM" | "whittle_llama" | "WhittleLlamaForCausalLM" => {
+                Ok(Arch::Llama)
+            }
             "hymba" | "HymbaForCausalLM" => Ok(Arch::Hymba),
             "mamba" | "MambaForCausalLM" => Ok(Arch::Mamba),
             other => Err(crate::Error::UnknownArchitecture(other.to_string())),

@@ -37,12 +37,22 @@ pub enum Site {
     AttnHeads,
     /// Gated SSM output in a hybrid layer, before its branch norm (no linear reads it).
     SsmGated,
+    /// The residual stream entering the layer (depth importance compares it with the next two).
+    BlockIn,
+    /// The residual stream after the mixer's update, entering the MLP sublayer.
+    Mixed,
+    /// The residual stream leaving the layer. Not shown to an observer that does not need the
+    /// layer's output (see [`Observer::needs_output`]).
+    BlockOut,
 }
 
 impl Site {
     /// Whether a linear reads this site (calibration keeps statistics only for those).
     pub fn feeds_linear(self) -> bool {
-        !matches!(self, Site::AttnHeads | Site::SsmGated)
+        !matches!(
+            self,
+            Site::AttnHeads | Site::SsmGated | Site::BlockIn | Site::Mixed | Site::BlockOut
+        )
     }
 }
 
@@ -251,6 +261,7 @@ impl Model {
                 o.observe(index, site, buf, t);
             }
         };
+        observe(Site::BlockIn, x);
         if layer.attn.is_some() || layer.ssm.is_some() {
             let normed = sized(&mut s.normed, t * h);
             rms_norm(x, &layer.attn_norm, eps, normed);
@@ -296,7 +307,10 @@ impl Model {
             let delta = sized(&mut s.delta, t * h);
             out.forward(mixed, t, delta);
             add_in_place(x, delta, h);
+        } else if let Some(e) = &layer.emulated.mixer {
+            e.apply(x, t);
         }
+        observe(Site::Mixed, x);
         if let Some(m) = &layer.mlp {
             let w = m.gate.out_features;
             let normed = sized(&mut s.normed, t * h);
@@ -313,6 +327,11 @@ impl Model {
             let delta = sized(&mut s.delta, t * h);
             m.down.forward(gate, t, delta);
             add_in_place(x, delta, h);
+        } else if let Some(e) = &layer.emulated.mlp {
+            e.apply(x, t);
+        }
+        if !stats_only {
+            observe(Site::BlockOut, x);
         }
     }
 

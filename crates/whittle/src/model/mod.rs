@@ -3,6 +3,8 @@
 //! MLP, with their own widths, and whose linears may carry any [`Weight`] storage.
 
 pub mod config;
+pub mod emulated;
+pub mod fingerprint;
 mod forward;
 pub mod generate;
 pub mod kv_cache;
@@ -15,6 +17,8 @@ pub mod sampling;
 pub mod ssm;
 
 pub use config::{Arch, AttnShape, LayerShape, ModelConfig, SsmShape, WindowRule};
+pub use emulated::{Emulated, Emulation};
+pub use fingerprint::Fingerprint;
 pub use forward::{Logits, Observer, Site};
 pub use kv_cache::KvCache;
 pub use linear::{Linear, LowRank, Weight};
@@ -65,6 +69,8 @@ pub struct Layer {
     pub fusion: Option<[Vec<f32>; 2]>,
     pub mlp_norm: Vec<f32>,
     pub mlp: Option<Mlp>,
+    /// Affine stand-ins for removed units (depth pruning with emulated updates).
+    pub emulated: Emulated,
 }
 
 /// The body of [`Layer::linears`] and [`Layer::linears_mut`], which differ only in `mut`.
@@ -152,37 +158,9 @@ impl Model {
         final_norm: Vec<f32>,
         lm_head: Option<Linear>,
     ) -> Result<Self> {
-        config.validate()?;
-        let h = config.hidden;
-        if layers.is_empty() {
-            return Err(Error::Invalid("model has no layers".into()));
-        }
-        check_linear("embed_tokens", &embed, config.vocab_size, h)?;
-        expect_len("norm", &final_norm, &[h])?;
-        check_finite("norm", &final_norm)?;
-        if let Some(head) = &lm_head {
-            check_linear("lm_head", head, config.vocab_size, h)?;
-        }
-        let mut head_dim = None;
-        for (i, l) in layers.iter().enumerate() {
-            check_layer(i, l, &layers[..i], h)?;
-            if let Some(a) = &l.attn {
-                let d = a.shape.head_dim;
-                if *head_dim.get_or_insert(d) != d {
-                    return Err(Error::Invalid(format!(
-                        "layer {i}: head_dim {d} differs from earlier layers' {}",
-                        head_dim.unwrap_or_default()
-                    )));
-                }
-            }
-        }
-        let rope = RopeTable::new(
-            head_dim.unwrap_or(2),
-            config.rope_theta,
-            config.context_length,
-        );
+        let rope = check_parts(&config, &embed, &layers, &final_norm, lm_head.as_ref())?;
         Ok(Model {
-            memory: vec![0.0; config.memory_tokens * h],
+            memory: vec![0.0; config.memory_tokens * config.hidden],
             config,
             embed,
             layers,
@@ -191,6 +169,23 @@ impl Model {
             provenance: Provenance::default(),
             rope,
         })
+    }
+
+    /// Checks the model again after its parts were rewritten in place (pruning): the checks of
+    /// [`Model::new`], and the RoPE table rebuilt for the head width now in use.
+    pub fn revalidate(&mut self) -> Result<()> {
+        self.rope = check_parts(
+            &self.config,
+            &self.embed,
+            &self.layers,
+            &self.final_norm,
+            self.lm_head.as_ref(),
+        )?;
+        expect_len(
+            "memory_tokens",
+            &self.memory,
+            &[self.config.memory_tokens, self.config.hidden],
+        )
     }
 
     /// Sets the meta tokens (`[M, hidden]`, row-major; `M` must equal `config.memory_tokens`).
@@ -237,12 +232,80 @@ impl Model {
             + self.layers.iter().map(layer_params).sum::<usize>()
     }
 
+    /// Why the model is not a plain Llama (every layer with the same attention and MLP widths,
+    /// nothing removed, nothing emulated), which is what transformers, vLLM and llama.cpp load
+    /// with no custom code; `None` when it is one. Exports that cannot represent the difference
+    /// refuse with this reason instead of writing a file that loads wrong.
+    pub fn irregularity(&self) -> Option<String> {
+        if self.config.arch != Arch::Llama {
+            return Some(format!("a {} model", self.config.arch.name()));
+        }
+        let first = self.layers[0].shape();
+        for (i, l) in self.layers.iter().enumerate() {
+            let s = l.shape();
+            if s.attn.is_none() || s.mlp.is_none() {
+                return Some(format!(
+                    "layer {i} has no {}",
+                    if s.attn.is_none() { "attention" } else { "MLP" }
+                ));
+            }
+            if !l.emulated.is_empty() {
+                return Some(format!("layer {i} has an emulated update"));
+            }
+            if s != first {
+                return Some(format!(
+                    "layer {i}'s widths {s:?} differ from layer 0's {first:?}"
+                ));
+            }
+        }
+        None
+    }
+
     /// Whether any layer attends through a sliding window.
     pub fn has_window(&self) -> bool {
         self.layers
             .iter()
             .any(|l| l.attn.as_ref().is_some_and(|a| a.window.is_some()))
     }
+}
+
+/// Every check of [`Model::new`]; returns the RoPE table for the model's head width.
+fn check_parts(
+    config: &ModelConfig,
+    embed: &Linear,
+    layers: &[Layer],
+    final_norm: &[f32],
+    lm_head: Option<&Linear>,
+) -> Result<RopeTable> {
+    config.validate()?;
+    let h = config.hidden;
+    if layers.is_empty() {
+        return Err(Error::Invalid("model has no layers".into()));
+    }
+    check_linear("embed_tokens", embed, config.vocab_size, h)?;
+    expect_len("norm", final_norm, &[h])?;
+    check_finite("norm", final_norm)?;
+    if let Some(head) = lm_head {
+        check_linear("lm_head", head, config.vocab_size, h)?;
+    }
+    let mut head_dim = None;
+    for (i, l) in layers.iter().enumerate() {
+        check_layer(i, l, &layers[..i], h)?;
+        if let Some(a) = &l.attn {
+            let d = a.shape.head_dim;
+            if *head_dim.get_or_insert(d) != d {
+                return Err(Error::Invalid(format!(
+                    "layer {i}: head_dim {d} differs from earlier layers' {}",
+                    head_dim.unwrap_or_default()
+                )));
+            }
+        }
+    }
+    Ok(RopeTable::new(
+        head_dim.unwrap_or(2),
+        config.rope_theta,
+        config.context_length,
+    ))
 }
 
 fn layer_params(l: &Layer) -> usize {
@@ -254,6 +317,7 @@ fn layer_params(l: &Layer) -> usize {
             .iter()
             .map(|(_, _, x)| x.n_params())
             .sum::<usize>()
+        + l.emulated.named().map(|(_, e)| e.n_params()).sum::<usize>()
 }
 
 /// Checks layer `i` against the hidden width and the layers before it (KV sharing reads them).
@@ -271,6 +335,18 @@ fn check_layer(i: usize, l: &Layer, earlier: &[Layer], h: usize) -> Result<()> {
         // Widths were validated through the shape; here each linear's own dims are checked.
         let (out, inp) = expected_dims(l, name, h);
         check_linear(&format!("layers.{i}.{name}"), lin, out, inp)?;
+    }
+    for (name, e) in l.emulated.named() {
+        let replaces_present = match name {
+            "mixer" => l.attn.is_some() || l.ssm.is_some(),
+            _ => l.mlp.is_some(),
+        };
+        if replaces_present {
+            return Err(Error::Invalid(format!(
+                "layer {i}: an emulated {name} update stands in for a {name} that is present"
+            )));
+        }
+        e.validate(&format!("layers.{i}.emulated.{name}"), h)?;
     }
     if let (Some(a), Some(m)) = (&l.attn, &l.ssm) {
         let fusion = l.fusion.as_ref().ok_or_else(|| {

@@ -11,8 +11,9 @@ impl Model {
     /// Calls `f(name, shape, values)` for every parameter, in a fixed order. Packed linears are
     /// expanded to f32 first (training updates dense values). Names: `embed`, `memory`,
     /// `final_norm`, `lm_head`, and per layer `layers.{i}.` followed by `attn_norm`, `mlp_norm`,
-    /// `fusion.{0,1}`, an SSM tensor (`mamba.conv1d.weight`, `mamba.A_log.0`, ...) or a linear's
-    /// name (see [`Layer::linears`]).
+    /// `fusion.{0,1}`, an SSM tensor (`mamba.conv1d.weight`, `mamba.A_log.0`, ...), a linear's
+    /// name (see [`Layer::linears`]) or an emulated update's (`emulated.mixer.0`,
+    /// `emulated.mlp.bias`, ...).
     pub fn visit_parameters(&mut self, f: &mut ParamVisitor) {
         let (h, m) = (self.config.hidden, self.config.memory_tokens);
         let (vocab, width) = (self.embed.out_features, self.embed.in_features);
@@ -59,5 +60,16 @@ fn visit_layer(i: usize, l: &mut Layer, f: &mut ParamVisitor) {
     for (name, _, lin) in l.linears_mut() {
         let shape = [lin.out_features, lin.in_features];
         f(&p(name), &shape, lin.dense_weight_mut());
+    }
+    for (name, e) in l.emulated.named_mut() {
+        for (k, lin) in e.maps.iter_mut().enumerate() {
+            let shape = [lin.out_features, lin.in_features];
+            f(
+                &p(&format!("emulated.{name}.{k}")),
+                &shape,
+                lin.dense_weight_mut(),
+            );
+        }
+        f(&p(&format!("emulated.{name}.bias")), &[h], &mut e.bias);
     }
 }

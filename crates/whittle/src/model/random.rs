@@ -52,6 +52,7 @@ pub fn random_model(config: ModelConfig, shapes: &[LayerShape], seed: u64) -> Re
             fusion,
             mlp_norm: vec![1.0; h],
             mlp,
+            emulated: Default::default(),
         });
     }
     let mut rng = SmallRng::seed_from_u64(seed ^ 0x9e37_79b9);

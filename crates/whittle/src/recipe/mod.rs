@@ -25,11 +25,27 @@
 //! rank = 64                    # or rank_budget = 5000000 (adapter parameters in total)
 //! ```
 //!
+//! A `prune` stage (structured pruning, see [`crate::prune`]) reads importance scores that
+//! `whittle importance` computed on the model as it is at that stage:
+//!
+//! ```toml
+//! [[stage]]
+//! kind = "prune"
+//! scores = "scores.json"
+//! drop_layers = 3              # also: layers = [12, 13], drop_attn, drop_mlp,
+//! metric = "cosine"            #   hidden, ffn, heads_per_group
+//! emulate = "lowrank:64"       # none | bias | linear | lowrank:R
+//! ```
+//!
 //! Every stage may name `targets` (linear names or suffixes). Compensation measures against the
 //! model as it was before the first stage. A quantized base keeps its mask when it was sparse.
 
 use crate::calib::sequential::LinearReport;
 use crate::lowrank::{compensate_choice, LowRankMethod, RankChoice};
+use crate::prune::emulate::EmulateKind;
+use crate::prune::importance::Scores;
+use crate::prune::width::WidthTarget;
+use crate::prune::{prune_model, DepthMetric, PruneSpec, Unit};
 use crate::quant::{quantize_model, QuantConfig, QuantMethod};
 use crate::sparsity::{sparsify_model, Pattern, SparsityMethod};
 use crate::{Error, Model, Result};
@@ -70,6 +86,13 @@ fn default_rank() -> usize {
     DEFAULT_RANK
 }
 
+fn default_metric() -> String {
+    "cosine".into()
+}
+fn default_emulate() -> String {
+    "none".into()
+}
+
 impl Default for CalibSpec {
     fn default() -> Self {
         CalibSpec {
@@ -102,6 +125,27 @@ pub enum Stage {
         act_order: bool,
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         targets: Vec<String>,
+    },
+    Prune {
+        scores: PathBuf,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        hidden: Option<usize>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ffn: Option<usize>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        heads_per_group: Option<usize>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        layers: Vec<usize>,
+        #[serde(default)]
+        drop_layers: usize,
+        #[serde(default)]
+        drop_attn: usize,
+        #[serde(default)]
+        drop_mlp: usize,
+        #[serde(default = "default_metric")]
+        metric: String,
+        #[serde(default = "default_emulate")]
+        emulate: String,
     },
     Compensate {
         method: String,
@@ -187,6 +231,16 @@ impl Recipe {
                 Step::Compensate(m, ranks, fold, targets) => {
                     compensate_choice(model, reference, windows, m, ranks, fold, targets, p)?.0
                 }
+                Step::Prune(scores, spec) => {
+                    let scores = Scores::load(scores)?;
+                    let w = if spec.emulate == EmulateKind::None {
+                        &[]
+                    } else {
+                        windows
+                    };
+                    prune_model(model, &scores, &spec, w, p)?;
+                    Vec::new()
+                }
             };
             out.push((s.describe(), reports));
         }
@@ -198,6 +252,7 @@ impl Recipe {
         self.stages.iter().any(|s| match s.step() {
             Ok(Step::Sparsify(m, ..)) => m.needs_calibration(),
             Ok(Step::Quantize(m, ..)) => m.needs_calibration(),
+            Ok(Step::Prune(_, spec)) => spec.emulate != EmulateKind::None,
             Ok(Step::Compensate(..)) | Err(_) => true,
         })
     }
@@ -208,6 +263,7 @@ enum Step<'a> {
     Sparsify(SparsityMethod, Pattern, &'a [String]),
     Quantize(QuantMethod, QuantConfig, &'a [String]),
     Compensate(LowRankMethod, RankChoice, bool, &'a [String]),
+    Prune(&'a Path, PruneSpec),
 }
 
 impl Stage {
@@ -238,6 +294,33 @@ impl Stage {
                 cfg.check("recipe", 32)?;
                 Step::Quantize(QuantMethod::parse(method, *act_order)?, cfg, targets)
             }
+            Stage::Prune {
+                scores,
+                hidden,
+                ffn,
+                heads_per_group,
+                layers,
+                drop_layers,
+                drop_attn,
+                drop_mlp,
+                metric,
+                emulate,
+            } => Step::Prune(
+                scores,
+                PruneSpec {
+                    width: WidthTarget {
+                        hidden: *hidden,
+                        ffn: *ffn,
+                        heads_per_group: *heads_per_group,
+                    },
+                    units: layers.iter().map(|&i| Unit::Block(i)).collect(),
+                    drop_blocks: *drop_layers,
+                    drop_attn: *drop_attn,
+                    drop_mlp: *drop_mlp,
+                    metric: DepthMetric::parse(metric)?,
+                    emulate: EmulateKind::parse(emulate)?,
+                },
+            ),
             Stage::Compensate {
                 method,
                 rank,
@@ -269,6 +352,10 @@ impl Stage {
             } => {
                 format!("quantize {method} int{bits} g{group_size}")
             }
+            Stage::Prune { .. } => match self.step() {
+                Ok(Step::Prune(_, spec)) => format!("prune {}", spec.describe()),
+                _ => "prune".into(),
+            },
             Stage::Compensate {
                 method,
                 rank_budget: Some(b),
@@ -301,5 +388,19 @@ mod tests {
         .unwrap();
         assert!(bad.check().is_err());
         assert!(toml::from_str::<Recipe>("[[stage]]\nkind = \"prune\"\n").is_err());
+        let p: Recipe = toml::from_str(
+            "[[stage]]\nkind = \"prune\"\nscores = \"s.json\"\ndrop_layers = 3\n\
+             emulate = \"lowrank:8\"\n",
+        )
+        .unwrap();
+        p.check().unwrap();
+        assert_eq!(
+            p.stages[0].describe(),
+            "prune -3 blocks (cosine), emulate lowrank:8"
+        );
+        let bad: Recipe =
+            toml::from_str("[[stage]]\nkind = \"prune\"\nscores = \"s.json\"\nmetric = \"cos\"\n")
+                .unwrap();
+        assert!(bad.check().is_err());
     }
 }

@@ -238,14 +238,38 @@ fn layer_forward(
             (None, None) => unreachable!(),
         };
         x = (x + linear(&mixed, w(out_name)?, ctx.dt)?)?;
+    } else if let Some(e) = &layer.emulated.mixer {
+        x = emulated(&x, e.maps.len(), |s| w(&format!("emulated.mixer.{s}")), ctx)?;
     }
     if layer.mlp.is_some() {
         let normed = rms_norm(&x, w("mlp_norm")?, eps)?;
         let g = linear(&normed, w("mlp.gate_proj")?, ctx.dt)?.silu()?;
         let u = linear(&normed, w("mlp.up_proj")?, ctx.dt)?;
         x = (x + linear(&(g * u)?, w("mlp.down_proj")?, ctx.dt)?)?;
+    } else if let Some(e) = &layer.emulated.mlp {
+        x = emulated(&x, e.maps.len(), |s| w(&format!("emulated.mlp.{s}")), ctx)?;
     }
     Ok(x)
+}
+
+/// `x + maps(x) + bias`: an emulated update (see [`crate::model::Emulation`]) whose tensors
+/// `w("0")`, `w("1")`, `w("bias")` are trained like any other.
+fn emulated<'a>(
+    x: &Tensor,
+    maps: usize,
+    w: impl Fn(&str) -> Result<&'a Tensor>,
+    ctx: &Context,
+) -> Result<Tensor> {
+    let mut y = x.clone();
+    for k in 0..maps {
+        y = linear(&y, w(&k.to_string())?, ctx.dt)?;
+    }
+    let update = if maps == 0 {
+        w("bias")?.broadcast_as(x.shape())?.contiguous()?
+    } else {
+        y.broadcast_add(w("bias")?)?
+    };
+    Ok((x + update)?)
 }
 
 /// Attention heads `[B, S, n_heads·v_head_dim]` of layer `i`.

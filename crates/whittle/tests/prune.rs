@@ -1,0 +1,339 @@
+//! Structured pruning on tiny random models: scores against independent computations, pruned
+//! models against the same model with the pruned parts zeroed, exports, and bad requests.
+
+mod common;
+
+use common::{max_abs_diff, tiny_model, VOCAB};
+use whittle::model::{Linear, Logits, Model, Weight};
+use whittle::prune::emulate::{fit_emulations, EmulateKind};
+use whittle::prune::importance::{activation_scores, Scores};
+use whittle::prune::shapley::{loss_without, shapley};
+use whittle::prune::width::{prune_width, top_indices, WidthTarget};
+use whittle::prune::{depth, prune_model, DepthMetric, PruneSpec, Unit};
+
+fn windows() -> Vec<Vec<u32>> {
+    (0..3)
+        .map(|w| {
+            (0..24)
+                .map(|i| ((i * 37 + w * 11) % VOCAB) as u32)
+                .collect()
+        })
+        .collect()
+}
+
+fn refs(w: &[Vec<u32>]) -> Vec<&[u32]> {
+    w.iter().map(|v| &v[..]).collect()
+}
+
+fn logits(m: &Model, tokens: &[u32]) -> Vec<f32> {
+    m.forward(tokens, None, Logits::All, None).unwrap()
+}
+
+fn scores_of(m: &mut Model) -> Scores {
+    let w = windows();
+    Scores {
+        fingerprint: m.fingerprint(),
+        calibration: "test".into(),
+        activation: activation_scores(m, &refs(&w), &mut |_, _| {}).unwrap(),
+        shapley: Some(shapley(m, &refs(&w), 8, 0.5, 1, &mut |_, _| {}).unwrap()),
+    }
+}
+
+fn spec() -> PruneSpec {
+    PruneSpec {
+        width: WidthTarget::default(),
+        units: vec![],
+        drop_blocks: 0,
+        drop_attn: 0,
+        drop_mlp: 0,
+        metric: DepthMetric::Cosine,
+        emulate: EmulateKind::None,
+    }
+}
+
+/// Block metrics recomputed from layer inputs and outputs produced one layer at a time.
+#[test]
+fn depth_metrics_match_a_layer_by_layer_loop() {
+    let m = tiny_model(1);
+    let w = windows();
+    let s = activation_scores(&m, &refs(&w), &mut |_, _| {}).unwrap();
+    let h = m.config.hidden;
+    let mut cos_sum = vec![0f64; 3];
+    let mut l2_sum = vec![0f64; 3];
+    let mut n = 0;
+    for win in &w {
+        let mut x = m.embed_tokens(win).unwrap();
+        for (i, (c, l2)) in cos_sum.iter_mut().zip(l2_sum.iter_mut()).enumerate() {
+            let before = x.clone();
+            m.run_layer(i, &mut x, win.len(), None).unwrap();
+            for (a, b) in before.chunks(h).zip(x.chunks(h)) {
+                let dot: f64 = a
+                    .iter()
+                    .zip(b)
+                    .map(|(p, q)| (*p as f64) * (*q as f64))
+                    .sum();
+                let na: f64 = a.iter().map(|p| (*p as f64).powi(2)).sum::<f64>().sqrt();
+                let nb: f64 = b.iter().map(|p| (*p as f64).powi(2)).sum::<f64>().sqrt();
+                *c += 1.0 - dot / (na * nb);
+                let d: f64 = a.iter().zip(b).map(|(p, q)| ((q - p) as f64).powi(2)).sum();
+                *l2 += d.sqrt() / na;
+            }
+        }
+        n += win.len();
+    }
+    for i in 0..3 {
+        let b = s.depth.block[i];
+        assert!((b.cosine - cos_sum[i] / n as f64).abs() < 1e-5, "layer {i}");
+        assert!((b.rel_l2 - l2_sum[i] / n as f64).abs() < 1e-5);
+        assert!(b.angular > 0.0 && b.rel_l1 > 0.0);
+        // A block's update is its two sublayers' updates: both are nonzero.
+        assert!(s.depth.attn[i].cosine > 0.0 && s.depth.mlp[i].cosine > 0.0);
+    }
+    assert_eq!(s.tokens, n);
+    assert_eq!(s.width.channels.len(), h);
+    assert!(s.width.neurons.iter().all(|v| v.len() == 48));
+    assert!(s.width.heads.iter().all(|v| v.len() == 4));
+    for (g, hd) in s.width.kv_groups.iter().zip(&s.width.heads) {
+        assert!((g[0] - hd[0] - hd[1]).abs() < 1e-9 && (g[1] - hd[2] - hd[3]).abs() < 1e-9);
+    }
+}
+
+/// `x` with columns (`cols = true`) or rows outside `keep` set to zero.
+fn zero_outside(l: &mut Linear, keep: &[usize], cols: bool) {
+    let (out, inp) = (l.out_features, l.in_features);
+    let mut w = l.dense_weight().into_owned();
+    for r in 0..out {
+        for c in 0..inp {
+            let idx = if cols { c } else { r };
+            if !keep.contains(&idx) {
+                w[r * inp + c] = 0.0;
+            }
+        }
+    }
+    l.set_weight(Weight::Dense(w));
+}
+
+/// Removing neurons or heads equals zeroing what reads them (down_proj columns, o_proj columns).
+#[test]
+fn width_pruning_equals_zeroing_the_pruned_units() {
+    let mut m = tiny_model(2);
+    let s = scores_of(&mut m);
+    let w = &s.activation.width;
+    let mut zeroed = tiny_model(2);
+    for (i, l) in zeroed.layers.iter_mut().enumerate() {
+        let keep = top_indices(&w.neurons[i], 20);
+        zero_outside(&mut l.mlp.as_mut().unwrap().down, &keep, true);
+        // 4 heads in 2 KV groups of 2: keep the better head of each group.
+        let heads: Vec<usize> = (0..2)
+            .map(|g| 2 * g + top_indices(&w.heads[i][2 * g..2 * g + 2], 1)[0])
+            .collect();
+        let cols: Vec<usize> = heads.iter().flat_map(|h| h * 8..h * 8 + 8).collect();
+        zero_outside(&mut l.attn.as_mut().unwrap().o, &cols, true);
+    }
+    let target = WidthTarget {
+        hidden: None,
+        ffn: Some(20),
+        heads_per_group: Some(1),
+    };
+    prune_width(&mut m, w, &target).unwrap();
+    let shape = m.layers[0].shape();
+    assert_eq!((shape.mlp, shape.attn.unwrap().n_heads), (Some(20), 2));
+    let toks = &windows()[0];
+    let d = max_abs_diff(&logits(&m, toks), &logits(&zeroed, toks));
+    assert!(d < 1e-4, "{d}");
+    assert!(m.irregularity().is_none());
+    // The hidden size: keeping every channel changes nothing; fewer give a smaller valid model.
+    let mut all = tiny_model(2);
+    let full = WidthTarget {
+        hidden: Some(32),
+        ..Default::default()
+    };
+    prune_width(&mut all, w, &full).unwrap();
+    assert_eq!(logits(&all, toks), logits(&tiny_model(2), toks));
+    let narrow = WidthTarget {
+        hidden: Some(24),
+        ..Default::default()
+    };
+    prune_width(&mut all, w, &narrow).unwrap();
+    assert_eq!(all.config.hidden, 24);
+    assert!(logits(&all, toks).iter().all(|v| v.is_finite()));
+}
+
+#[test]
+fn impossible_widths_and_stale_scores_are_errors_and_change_nothing() {
+    let mut m = tiny_model(3);
+    let s = scores_of(&mut m);
+    let w = &s.activation.width;
+    for t in [
+        WidthTarget {
+            ffn: Some(49),
+            ..Default::default()
+        },
+        WidthTarget {
+            ffn: Some(0),
+            ..Default::default()
+        },
+        WidthTarget {
+            heads_per_group: Some(3),
+            ..Default::default()
+        },
+        WidthTarget {
+            hidden: Some(33),
+            ..Default::default()
+        },
+    ] {
+        let before = m.fingerprint();
+        assert!(prune_width(&mut m, w, &t).is_err(), "{t:?}");
+        assert_eq!(m.fingerprint(), before);
+    }
+    let other = tiny_model(4);
+    let err = s
+        .fingerprint
+        .check(&other, "scores")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("weights differ"), "{err}");
+    let mut drop_all = spec();
+    drop_all.drop_blocks = 3;
+    assert!(prune_model(&mut m, &s, &drop_all, &[], &mut |_, _| {}).is_err());
+    let mut twice = spec();
+    twice.units = vec![Unit::Block(1), Unit::Attn(1)];
+    assert!(prune_model(&mut m, &s, &twice, &[], &mut |_, _| {}).is_err());
+    let mut past = spec();
+    past.units = vec![Unit::Block(7)];
+    assert!(prune_model(&mut m, &s, &past, &[], &mut |_, _| {}).is_err());
+    // Once pruned, the scores are stale for the result.
+    let mut one = spec();
+    one.drop_blocks = 1;
+    prune_model(&mut m, &s, &one, &[], &mut |_, _| {}).unwrap();
+    assert!(prune_model(&mut m, &s, &one, &[], &mut |_, _| {}).is_err());
+}
+
+/// Leave-one-out values are the loss increase of the model pruned for real.
+#[test]
+fn leave_one_out_is_the_loss_of_the_pruned_model() {
+    let mut m = tiny_model(5);
+    let w = windows();
+    let s = scores_of(&mut m);
+    let sh = s.shapley.as_ref().unwrap();
+    let loss = |m: &Model| {
+        let nll: f64 = w
+            .iter()
+            .map(|x| whittle::eval::perplexity::window_nll(m, x).unwrap())
+            .sum();
+        nll / (w.len() * 23) as f64
+    };
+    assert!((sh.base_loss - loss(&m)).abs() < 1e-6);
+    for u in [Unit::Block(1), Unit::Attn(0), Unit::Mlp(2)] {
+        let mut p = tiny_model(5);
+        depth::remove_units(&mut p, &[u], vec![]).unwrap();
+        let want = loss(&p) - sh.base_loss;
+        assert!((sh.leave_one_out.get(u) - want).abs() < 1e-6, "{u}");
+    }
+    // The model is whole again after the measurements.
+    assert_eq!(m.fingerprint(), tiny_model(5).fingerprint());
+    let mc = sh.monte_carlo.as_ref().unwrap();
+    assert!(mc
+        .block
+        .iter()
+        .chain(&mc.attn)
+        .chain(&mc.mlp)
+        .all(|v| v.is_finite()));
+    let l = loss_without(&mut m, &[Unit::Block(0), Unit::Block(2)], &refs(&w)).unwrap();
+    assert!(l.is_finite() && l != sh.base_loss);
+}
+
+/// Removal by ranking takes the least important units; a removed block leaves the layer list
+/// (a plain Llama), a removed sublayer leaves an irregular layer that GGUF export refuses.
+#[test]
+fn depth_pruning_removes_the_lowest_ranked_units_and_exports_honestly() {
+    let mut m = tiny_model(6);
+    let s = scores_of(&mut m);
+    let ranked = depth::ranking(&s, depth::Family::Block, DepthMetric::Angular).unwrap();
+    let mut sp = spec();
+    sp.drop_blocks = 1;
+    sp.metric = DepthMetric::Angular;
+    let r = prune_model(&mut m, &s, &sp, &[], &mut |_, _| {}).unwrap();
+    assert_eq!(r.removed[0].0, ranked[0].0);
+    assert_eq!(m.layers.len(), 2);
+    assert!(m.irregularity().is_none());
+    let dir = tempfile::tempdir().unwrap();
+    let g = dir.path().join("d.gguf");
+    whittle::io::gguf::save(&m, None, whittle::io::gguf::GgufType::F32, &g).unwrap();
+    let (back, _) = whittle::io::gguf::load(&g).unwrap();
+    let toks = &windows()[1];
+    assert!(max_abs_diff(&logits(&back, toks), &logits(&m, toks)) < 1e-5);
+
+    let mut m = tiny_model(6);
+    let mut sp = spec();
+    sp.drop_attn = 2;
+    sp.metric = DepthMetric::Loo;
+    sp.emulate = EmulateKind::LowRank(4);
+    let w = windows();
+    prune_model(&mut m, &s, &sp, &refs(&w), &mut |_, _| {}).unwrap();
+    assert_eq!(m.layers.iter().filter(|l| l.attn.is_none()).count(), 2);
+    let why = m.irregularity().unwrap();
+    assert!(why.contains("no attention"), "{why}");
+    let err = whittle::io::gguf::save(
+        &m,
+        None,
+        whittle::io::gguf::GgufType::F32,
+        &g.with_extension("x.gguf"),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("plain Llama"), "{err}");
+    // whittle's own folder keeps it, marked so that transformers refuses it by name.
+    let hf = dir.path().join("hf");
+    whittle::io::safetensors::save(&m, None, false, &hf).unwrap();
+    let cfg = std::fs::read_to_string(hf.join("config.json")).unwrap();
+    assert!(cfg.contains("whittle_llama"));
+    let back = whittle::io::safetensors::load(&hf).unwrap();
+    assert_eq!(logits(&back, toks), logits(&m, toks));
+}
+
+/// Emulated updates fitted on exactly affine updates recover them; on a real block they lower
+/// the loss of removing it.
+#[test]
+fn emulated_updates_fit_affine_maps_and_help() {
+    let w = windows();
+    let mut m = tiny_model(7);
+    let s = scores_of(&mut m);
+    let base = s.shapley.as_ref().unwrap().base_loss;
+    let loss_of = |emulate| {
+        let mut p = tiny_model(7);
+        let mut sp = spec();
+        sp.units = vec![Unit::Block(1)];
+        sp.emulate = emulate;
+        prune_model(&mut p, &s, &sp, &refs(&w), &mut |_, _| {}).unwrap();
+        let nll: f64 = w
+            .iter()
+            .map(|x| whittle::eval::perplexity::window_nll(&p, x).unwrap())
+            .sum();
+        nll / (w.len() * 23) as f64 - base
+    };
+    let none = loss_of(EmulateKind::None);
+    let linear = loss_of(EmulateKind::Linear);
+    assert!(linear < none, "linear {linear} vs none {none}");
+    // A model whose layer 1 is already an affine map: the fit reproduces it.
+    let mut affine = tiny_model(8);
+    let mut sp = spec();
+    sp.units = vec![Unit::Block(1)];
+    sp.emulate = EmulateKind::Linear;
+    let sa = scores_of(&mut affine);
+    prune_model(&mut affine, &sa, &sp, &refs(&w), &mut |_, _| {}).unwrap();
+    let fitted = fit_emulations(
+        &affine,
+        &[Unit::Block(1)],
+        &refs(&w),
+        EmulateKind::Linear,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    let (e0, e1) = (
+        affine.layers[1].emulated.mixer.as_ref().unwrap(),
+        &fitted[0],
+    );
+    let d = max_abs_diff(&e0.maps[0].dense_weight(), &e1.maps[0].dense_weight());
+    assert!(d < 2e-3, "{d}");
+}
