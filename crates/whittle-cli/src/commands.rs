@@ -308,6 +308,24 @@ pub fn eval_ppl(
     Ok(())
 }
 
+pub fn eval_logits(model: Option<&str>, data: &Path, tokens: usize, json_out: &Path) -> Result<()> {
+    let text = whittle::data::text::read_text(data)?;
+    let Loaded {
+        model, tokenizer, ..
+    } = load(model)?;
+    let mut ids = tokenizer.encode(&text)?;
+    anyhow::ensure!(
+        ids.len() >= tokens && tokens > 0,
+        "{} has {} tokens, fewer than --tokens {tokens}",
+        data.display(),
+        ids.len()
+    );
+    ids.truncate(tokens);
+    let logits = model.forward(&ids, None, whittle::model::Logits::All, None)?;
+    let rows: Vec<&[f32]> = logits.chunks_exact(model.config.vocab_size).collect();
+    write_json(json_out, &json!({"ids": ids, "logits": rows}))
+}
+
 pub fn eval_tasks(
     model: Option<&str>,
     args: &crate::tasks::TaskArgs,

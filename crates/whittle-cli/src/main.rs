@@ -284,6 +284,18 @@ enum EvalCommand {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Logits of every position of a text's first tokens, as JSON (ids and rows), for parity
+    /// checks against other runtimes (e.g. transformers on an exported folder).
+    Logits {
+        #[command(flatten)]
+        model: ModelArg,
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long, default_value_t = 64)]
+        tokens: usize,
+        #[arg(long)]
+        json: PathBuf,
+    },
     /// Zero- and few-shot accuracy on downstream tasks (lm-evaluation-harness conventions;
     /// all nine tasks when --tasks is not given).
     Tasks {
@@ -329,6 +341,12 @@ fn main() {
             max_tokens,
             json,
         }) => commands::eval_ppl(model.model.as_deref(), &data, seq_len, max_tokens, json),
+        Command::Eval(EvalCommand::Logits {
+            model,
+            data,
+            tokens,
+            json,
+        }) => commands::eval_logits(model.model.as_deref(), &data, tokens, &json),
         Command::Eval(EvalCommand::Tasks { model, tasks, json }) => {
             commands::eval_tasks(model.model.as_deref(), &tasks, json)
         }

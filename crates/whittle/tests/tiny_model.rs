@@ -121,7 +121,10 @@ fn heterogeneous_and_removed_sublayers_run_and_round_trip() {
     assert_eq!(full, logits(&safetensors::load(&st).unwrap(), &TOKENS));
     let g = dir.path().join("m.gguf");
     let err = gguf::save(&m, None, gguf::GgufType::F32, &g).unwrap_err();
-    assert!(err.to_string().contains("layer 1 has no attention"), "{err}");
+    assert!(
+        err.to_string().contains("layer 1 has no attention"),
+        "{err}"
+    );
     assert!(!g.exists());
 }
 

@@ -243,14 +243,14 @@ impl Model {
         let first = self.layers[0].shape();
         for (i, l) in self.layers.iter().enumerate() {
             let s = l.shape();
+            if !l.emulated.is_empty() {
+                return Some(format!("layer {i} has an emulated update"));
+            }
             if s.attn.is_none() || s.mlp.is_none() {
                 return Some(format!(
                     "layer {i} has no {}",
                     if s.attn.is_none() { "attention" } else { "MLP" }
                 ));
-            }
-            if !l.emulated.is_empty() {
-                return Some(format!("layer {i} has an emulated update"));
             }
             if s != first {
                 return Some(format!(
