@@ -33,6 +33,15 @@ impl CalibArgs {
         self.calib_samples > 0
     }
 
+    /// The same windows' settings with the next seed: other windows of the same text, held out
+    /// from the ones drawn with this seed.
+    pub fn with_seed_after(&self) -> Self {
+        CalibArgs {
+            seed: self.seed + 1,
+            ..self.clone()
+        }
+    }
+
     /// These settings as a recipe's `[calib]` table.
     pub fn spec(&self) -> whittle::recipe::CalibSpec {
         whittle::recipe::CalibSpec {

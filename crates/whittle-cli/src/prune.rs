@@ -185,11 +185,40 @@ pub struct PruneArgs {
     /// calibration windows).
     #[arg(long, default_value = "none")]
     pub emulate: String,
+    /// Instead of widths and depth: a parameter budget (e.g. 90M); uniform candidates under it
+    /// are scored by KL divergence to the model on calibration windows drawn with seed + 1
+    /// (--calib-samples of --calib-len tokens; use a few hundred tokens each) and the best
+    /// is kept.
+    #[arg(long, conflicts_with_all = ["hidden", "ffn", "heads_per_group", "drop_layers",
+        "layers", "drop_attn", "drop_mlp"])]
+    pub target_params: Option<String>,
+    /// Candidates scored in --target-params mode (the largest under the budget).
+    #[arg(long, default_value_t = 8)]
+    pub candidates: usize,
     #[command(flatten)]
     pub job: JobArgs,
 }
 
+/// `90M`, `1.2B`, `500k` or a plain count.
+fn parse_count(s: &str) -> Result<usize> {
+    let (num, mult) = match s.trim().chars().last() {
+        Some('k' | 'K') => (&s[..s.len() - 1], 1e3),
+        Some('m' | 'M') => (&s[..s.len() - 1], 1e6),
+        Some('b' | 'B') => (&s[..s.len() - 1], 1e9),
+        _ => (s, 1.0),
+    };
+    let v: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| anyhow::anyhow!("'{s}' is not a parameter count (e.g. 90M, 1.2B)"))?;
+    anyhow::ensure!(v > 0.0, "the parameter budget must be positive");
+    Ok((v * mult) as usize)
+}
+
 pub fn prune(model: Option<&str>, a: &PruneArgs) -> Result<()> {
+    if let Some(t) = &a.target_params {
+        return prune_to_budget(model, a, parse_count(t)?);
+    }
     let scores = Scores::load(&a.scores)?;
     let spec = PruneSpec {
         width: WidthTarget {
@@ -265,5 +294,79 @@ fn print_removed(r: &whittle::prune::PruneReport) {
         100.0 * r.params_after as f64 / r.params_before as f64,
         r.layers_after,
         r.hidden_after
+    );
+}
+
+/// `--target-params`: the search picks widths and depth on calibration windows drawn with
+/// seed + 1 (held out from the windows the scores were computed on), then the chosen widths
+/// are applied and recorded like explicit ones.
+fn prune_to_budget(model: Option<&str>, a: &PruneArgs, budget: usize) -> Result<()> {
+    let scores = Scores::load(&a.scores)?;
+    let metric = DepthMetric::parse(&a.metric)?;
+    let whittle::io::resolve::Loaded {
+        model: m,
+        tokenizer,
+        ..
+    } = crate::commands::load(model)?;
+    let held_out = a.job.calib.with_seed_after();
+    let ids = crate::compress::calibration_ids(&tokenizer, &held_out, true)?;
+    let windows = crate::compress::calibration_windows(&ids, &held_out)?;
+    let pb = progress(0, "candidates");
+    let cands = whittle::prune::search::search(
+        &m,
+        &scores,
+        budget,
+        a.candidates,
+        metric,
+        &windows,
+        &mut advance(&pb),
+    )?;
+    pb.finish_and_clear();
+    drop(m);
+    print_candidates(&cands);
+    let best = cands[0];
+    println!(
+        "kept: hidden {}, ffn {}, {} heads per group, {} blocks dropped ({:.2} M parameters)",
+        best.hidden,
+        best.ffn,
+        best.heads_per_group,
+        best.drop_blocks,
+        best.params as f64 / 1e6
+    );
+    let chosen = PruneArgs {
+        hidden: Some(best.hidden),
+        ffn: Some(best.ffn),
+        heads_per_group: Some(best.heads_per_group),
+        drop_layers: best.drop_blocks,
+        target_params: None,
+        ..a.clone()
+    };
+    prune(model, &chosen)
+}
+
+fn print_candidates(c: &[whittle::prune::search::Candidate]) {
+    let rows: Vec<Vec<String>> = c
+        .iter()
+        .map(|c| {
+            vec![
+                c.hidden.to_string(),
+                c.ffn.to_string(),
+                c.heads_per_group.to_string(),
+                c.drop_blocks.to_string(),
+                format!("{:.2}", c.params as f64 / 1e6),
+                c.kl.map_or("—".into(), |k| format!("{k:.4}")),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "hidden",
+            "ffn",
+            "heads/group",
+            "blocks dropped",
+            "params (M)",
+            "KL to dense",
+        ],
+        &rows,
     );
 }

@@ -337,3 +337,46 @@ fn emulated_updates_fit_affine_maps_and_help() {
     let d = max_abs_diff(&e0.maps[0].dense_weight(), &e1.maps[0].dense_weight());
     assert!(d < 2e-3, "{d}");
 }
+
+/// Every candidate of the budget search has the parameter count it claims once pruned, fits the
+/// budget, and the search returns them by KL, the best first.
+#[test]
+fn budget_search_counts_parameters_exactly() {
+    use whittle::prune::search::{candidates, search};
+    let mut m = tiny_model(9);
+    let s = scores_of(&mut m);
+    let budget = m.n_params() * 3 / 4;
+    let all = candidates(&m, budget, 1000).unwrap();
+    assert!(all.len() > 5);
+    for c in all.iter().step_by(all.len() / 5) {
+        let mut p = m.clone();
+        prune_model(
+            &mut p,
+            &s,
+            &c.spec(&m, DepthMetric::Cosine),
+            &[],
+            &mut |_, _| {},
+        )
+        .unwrap();
+        assert_eq!(p.n_params(), c.params, "{c:?}");
+        assert!(c.params <= budget);
+    }
+    let w = windows();
+    let best = search(
+        &m,
+        &s,
+        budget,
+        4,
+        DepthMetric::Cosine,
+        &refs(&w),
+        &mut |_, _| {},
+    )
+    .unwrap();
+    assert_eq!(best.len(), 4);
+    let kls: Vec<f64> = best.iter().map(|c| c.kl.unwrap()).collect();
+    assert!(
+        kls.windows(2).all(|k| k[0] <= k[1]) && kls[0] > 0.0,
+        "{kls:?}"
+    );
+    assert!(candidates(&m, 100, 4).is_err());
+}

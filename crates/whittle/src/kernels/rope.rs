@@ -8,6 +8,7 @@ const TABLE_POSITIONS: usize = 1 << 15;
 
 /// Precomputed cos/sin per position, `[positions, head_dim/2]`, for the first
 /// [`TABLE_POSITIONS`] positions.
+#[derive(Clone)]
 pub struct RopeTable {
     half: usize,
     inv_freq: Vec<f32>,

@@ -30,6 +30,7 @@ use crate::error::check_finite;
 use crate::kernels::rope::RopeTable;
 use crate::{Error, Result};
 
+#[derive(Clone)]
 pub struct Attention {
     pub shape: AttnShape,
     pub q: Linear,
@@ -44,6 +45,7 @@ pub struct Attention {
 /// Where a layer's keys and values come from.
 // One per layer: the size difference between the variants is not worth a box.
 #[allow(clippy::large_enum_variant)]
+#[derive(Clone)]
 pub enum KvSource {
     /// Its own K/V projections.
     Own { k: Linear, v: Linear },
@@ -52,6 +54,7 @@ pub enum KvSource {
     Shared(usize),
 }
 
+#[derive(Clone)]
 pub struct Mlp {
     pub gate: Linear,
     pub up: Linear,
@@ -61,6 +64,7 @@ pub struct Mlp {
 /// One pre-norm residual block: `x += mixer(norm(x)); x += mlp(norm(x))`. The mixer is attention
 /// (Llama), an SSM (Mamba) or both in parallel on the same input (Hymba): then each branch is
 /// RMS-normalised with its own weights (`fusion`), the two are averaged and `attn.o` projects them.
+#[derive(Clone)]
 pub struct Layer {
     pub attn_norm: Vec<f32>,
     pub attn: Option<Attention>,
@@ -132,6 +136,7 @@ impl Layer {
     }
 }
 
+#[derive(Clone)]
 pub struct Model {
     pub config: ModelConfig,
     /// Token embeddings as a `vocab × hidden` linear (rows are looked up); also the output head

@@ -11,6 +11,7 @@ use crate::kernels::norm::rms_norm;
 use crate::kernels::ssm::{causal_conv_silu, selective_scan, ScanInputs};
 use crate::{Error, Result};
 
+#[derive(Clone)]
 pub struct Ssm {
     pub shape: SsmShape,
     /// `x` input projection `[E, hidden]`.

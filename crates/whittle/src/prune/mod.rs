@@ -15,6 +15,7 @@
 pub mod depth;
 pub mod emulate;
 pub mod importance;
+pub mod search;
 pub mod shapley;
 pub mod width;
 
