@@ -58,8 +58,8 @@ fn depth_metrics_match_a_layer_by_layer_loop() {
     let w = windows();
     let s = activation_scores(&m, &refs(&w), &mut |_, _| {}).unwrap();
     let h = m.config.hidden;
-    let mut cos_sum = vec![0f64; 3];
-    let mut l2_sum = vec![0f64; 3];
+    let mut cos_sum = [0f64; 3];
+    let mut l2_sum = [0f64; 3];
     let mut n = 0;
     for win in &w {
         let mut x = m.embed_tokens(win).unwrap();

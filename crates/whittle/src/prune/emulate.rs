@@ -107,7 +107,7 @@ impl UnitSums {
         let cxx = Mat::<f64>::from_fn(h, h, |i, j| self.xtx[(i, j)] / n - mx[i] * mx[j]);
         let cxd = Mat::<f64>::from_fn(h, h, |i, j| self.xtd[(i, j)] / n - mx[i] * md[j]);
         let mean_var = (0..h).map(|i| cxx[(i, i)]).sum::<f64>() / h as f64;
-        if !(mean_var > 0.0) {
+        if mean_var.is_nan() || mean_var <= 0.0 {
             return Err(Error::Invalid(format!(
                 "{name}: the calibration inputs do not vary; cannot fit an emulated update"
             )));

@@ -67,7 +67,7 @@ pub fn candidates(model: &Model, budget: usize, keep: usize) -> Result<Vec<Candi
     let widths = |max: usize| -> Vec<usize> {
         let step = STEP.min(max / 4).max(1);
         let mut v: Vec<usize> = (1..=max / step).map(|k| k * step).collect();
-        if max % step != 0 {
+        if !max.is_multiple_of(step) {
             v.push(max);
         }
         v
@@ -102,7 +102,7 @@ pub fn candidates(model: &Model, budget: usize, keep: usize) -> Result<Vec<Candi
             model.n_params()
         )));
     }
-    out.sort_by(|x, y| y.params.cmp(&x.params));
+    out.sort_by_key(|c| std::cmp::Reverse(c.params));
     out.truncate(keep);
     Ok(out)
 }

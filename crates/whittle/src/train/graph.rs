@@ -269,7 +269,7 @@ fn emulated<'a>(
     } else {
         y.broadcast_add(w("bias")?)?
     };
-    Ok((x + update)?)
+    x + update
 }
 
 /// Attention heads `[B, S, n_heads·v_head_dim]` of layer `i`.
