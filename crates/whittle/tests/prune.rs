@@ -380,3 +380,39 @@ fn budget_search_counts_parameters_exactly() {
     );
     assert!(candidates(&m, 100, 4).is_err());
 }
+
+/// prune → int4 → EoRA in one recipe: compensation measures against the pruned model.
+#[test]
+fn recipe_prunes_then_quantizes_and_compensates() {
+    let mut m = tiny_model(10);
+    let s = scores_of(&mut m);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("scores.json");
+    std::fs::write(&path, serde_json::to_string(&s).unwrap()).unwrap();
+    let text = format!(
+        "[[stage]]\nkind = \"prune\"\nscores = {path:?}\ndrop_layers = 1\nffn = 32\n\
+         emulate = \"linear\"\n\
+         [[stage]]\nkind = \"quantize\"\nmethod = \"rtn\"\nbits = 4\ngroup_size = 32\n\
+         [[stage]]\nkind = \"compensate\"\nmethod = \"eora\"\nrank = 4\n"
+    );
+    let file = dir.path().join("r.toml");
+    std::fs::write(&file, text).unwrap();
+    let recipe = whittle::recipe::Recipe::from_file(&file).unwrap();
+    let w = windows();
+    let reference = tiny_model(10);
+    let reports = recipe
+        .run(&mut m, &reference, &refs(&w), &mut |_, _, _| {})
+        .unwrap();
+    assert_eq!(reports.len(), 3);
+    assert!(m
+        .layers
+        .iter()
+        .filter_map(|l| l.shape().mlp)
+        .all(|f| f == 32));
+    assert_eq!(m.layers.iter().filter(|l| l.attn.is_none()).count(), 1);
+    let comp = &reports[2].1;
+    assert!(!comp.is_empty());
+    for r in comp {
+        assert!(r.rel_error.unwrap() < r.error_before.unwrap(), "{r:?}");
+    }
+}

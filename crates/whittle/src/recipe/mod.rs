@@ -38,7 +38,7 @@
 //! ```
 //!
 //! Every stage may name `targets` (linear names or suffixes). Compensation measures against the
-//! model as it was before the first stage. A quantized base keeps its mask when it was sparse.
+//! model as it was before the first stage, or after the last prune stage before it. A quantized base keeps its mask when it was sparse.
 
 use crate::calib::sequential::LinearReport;
 use crate::lowrank::{compensate_choice, LowRankMethod, RankChoice};
@@ -218,8 +218,12 @@ impl Recipe {
         progress: &mut dyn FnMut(usize, usize, usize),
     ) -> Result<Vec<(String, Vec<LinearReport>)>> {
         let mut out = Vec::new();
+        // After a prune stage, compensation measures against the pruned model (the dense one
+        // has other shapes).
+        let mut pruned: Option<Model> = None;
         for (i, s) in self.stages.iter().enumerate() {
             let p = &mut |d, t| progress(i, d, t);
+            let reference = pruned.as_ref().unwrap_or(reference);
             let reports = match s.step()? {
                 Step::Sparsify(m, pat, targets) => {
                     sparsify_model(model, windows, m, pat, targets, p)?
@@ -239,6 +243,7 @@ impl Recipe {
                         windows
                     };
                     prune_model(model, &scores, &spec, w, p)?;
+                    pruned = Some(model.clone());
                     Vec::new()
                 }
             };
