@@ -11,7 +11,6 @@ use std::time::Instant;
 use whittle::io::resolve::{self, Loaded, ModelSpec};
 use whittle::model::sampling::{Sampler, SamplingConfig};
 use whittle::model::KvCache;
-use whittle::recipe::{Recipe, Stage};
 
 static WINDOW_RULE: std::sync::OnceLock<whittle::model::WindowRule> = std::sync::OnceLock::new();
 
@@ -455,133 +454,6 @@ pub fn convert(model: Option<&str>, out: &Path, dtype: whittle::io::gguf::GgufTy
     Ok(())
 }
 
-pub fn sparsify(model: Option<&str>, method: &str, pattern: &str, job: &JobArgs) -> Result<()> {
-    use whittle::sparsity::{sparsify_model, Pattern, SparsityMethod};
-    let method_name = method;
-    let method = SparsityMethod::parse(method)?;
-    let pattern = Pattern::parse(pattern)?;
-    let targets = &job.targets;
-    let settings = json!({"method": format!("{method:?}"), "pattern": pattern.to_string(),
-                          "targets": targets});
-    let what = format!("sparsify {pattern}");
-    let stage = Stage::Sparsify {
-        method: method_name.to_string(),
-        pattern: pattern.to_string(),
-        targets: targets.clone(),
-    };
-    crate::compress::run(
-        model,
-        job,
-        &Recipe::single(job.calib.spec(), stage),
-        &what,
-        false,
-        method.needs_calibration(),
-        settings,
-        &mut |m, windows, progress| {
-            Ok(sparsify_model(
-                m, windows, method, pattern, targets, progress,
-            )?)
-        },
-    )
-}
-
-pub fn quantize(
-    model: Option<&str>,
-    method: &str,
-    cfg: whittle::quant::QuantConfig,
-    act_order: bool,
-    job: &JobArgs,
-) -> Result<()> {
-    use whittle::quant::{quantize_model, QuantMethod};
-    let method_name = method;
-    let method = QuantMethod::parse(method, act_order)?;
-    let targets = &job.targets;
-    let settings = json!({"method": format!("{method:?}"), "config": cfg, "targets": targets});
-    let what = format!("quantize int{} g{}", cfg.bits, cfg.group);
-    let stage = Stage::Quantize {
-        method: method_name.to_string(),
-        bits: cfg.bits,
-        group_size: cfg.group,
-        sym: cfg.sym,
-        act_order,
-        targets: targets.clone(),
-    };
-    crate::compress::run(
-        model,
-        job,
-        &Recipe::single(job.calib.spec(), stage),
-        &what,
-        true,
-        method.needs_calibration(),
-        settings,
-        &mut |m, windows, progress| Ok(quantize_model(m, windows, method, cfg, targets, progress)?),
-    )
-}
-
-pub fn compensate(
-    model: Option<&str>,
-    reference: Option<&str>,
-    method: &str,
-    rank: whittle::lowrank::RankChoice,
-    fold: bool,
-    peft: Option<PathBuf>,
-    job: &JobArgs,
-) -> Result<()> {
-    use whittle::lowrank::{compensate_choice, LowRankMethod, RankChoice, Ranks};
-    let method_name = method;
-    let method = LowRankMethod::parse(method)?;
-    let targets = &job.targets;
-    let settings = json!({"method": format!("{method:?}"), "rank": format!("{rank:?}"),
-                          "fold": fold, "reference": reference, "targets": targets});
-    let what = match rank {
-        RankChoice::Fixed(r) => format!("compensate {method:?} r{r}"),
-        RankChoice::Budget(b) => format!("compensate {method:?} budget {b}"),
-    };
-    let calibrate = method == LowRankMethod::Eora || job.calib.wanted();
-    let (fixed, budget) = match rank {
-        RankChoice::Fixed(r) => (r, None),
-        // The recipe reads `rank` only without a budget.
-        RankChoice::Budget(b) => (whittle::recipe::DEFAULT_RANK, Some(b)),
-    };
-    let stage = Stage::Compensate {
-        method: method_name.to_string(),
-        rank: fixed,
-        rank_budget: budget,
-        fold,
-        targets: targets.clone(),
-    };
-    crate::compress::run(
-        model,
-        job,
-        &Recipe::single(job.calib.spec(), stage),
-        &what,
-        true,
-        calibrate,
-        settings,
-        &mut |m, windows, progress| {
-            let reference = load(reference)?.model;
-            let (reports, ranks) = compensate_choice(
-                m, &reference, windows, method, rank, fold, targets, progress,
-            )?;
-            if let Ranks::PerLinear(r) = &ranks {
-                let used: Vec<usize> = r.values().copied().filter(|x| *x > 0).collect();
-                eprintln!(
-                    "rank budget: {} of {} linears get an adapter, ranks {}..{}",
-                    used.len(),
-                    r.len(),
-                    used.iter().min().unwrap_or(&0),
-                    used.iter().max().unwrap_or(&0)
-                );
-            }
-            if let Some(dir) = &peft {
-                whittle::io::peft::save(m, dir)?;
-                eprintln!("wrote {}", dir.display());
-            }
-            Ok(reports)
-        },
-    )
-}
-
 pub fn compress_recipe(
     model: Option<&str>,
     recipe: &Path,
@@ -592,7 +464,6 @@ pub fn compress_recipe(
     let recipe = whittle::recipe::Recipe::from_file(recipe)?;
     let settings = json!({"recipe": recipe});
     let job = JobArgs {
-        targets: Vec::new(),
         calib: crate::compress::CalibArgs::from_spec(&recipe.calib),
         eval: eval.clone(),
         out: out.to_path_buf(),
@@ -613,10 +484,17 @@ pub fn compress_recipe(
             let done = recipe.run(m, &reference, windows, &mut |s, d, t| {
                 progress(s * t + d, stages * t)
             })?;
-            for (name, reports) in &done {
-                eprintln!("stage {name}: {} linears", reports.len());
+            let mut all = whittle::recipe::method::StageReport::default();
+            let mut details = Vec::new();
+            for (name, r) in done {
+                eprintln!("stage {name}: {} linears", r.linears.len());
+                all.notes
+                    .extend(r.notes.into_iter().map(|n| format!("{name}: {n}")));
+                all.linears.extend(r.linears);
+                details.push(json!({"stage": name, "details": r.details}));
             }
-            Ok(done.into_iter().flat_map(|(_, r)| r).collect())
+            all.details = json!(details);
+            Ok(all)
         },
     )
 }

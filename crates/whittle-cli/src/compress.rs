@@ -5,12 +5,13 @@ use crate::commands::load;
 use crate::report::{advance, progress, table, write_json};
 use anyhow::{Context, Result};
 use serde_json::json;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 use whittle::calib::sequential::LinearReport;
 use whittle::io::tokenizer::Tokenizer;
 use whittle::model::provenance::Figure;
-use whittle::recipe::Recipe;
+use whittle::recipe::method::{self, StageReport};
+use whittle::recipe::{Recipe, Stage};
 use whittle::Model;
 
 /// Calibration data: windows of the text at GPTQ-style seeded random starts.
@@ -77,13 +78,10 @@ pub struct EvalArgs {
     eval_max_tokens: Option<usize>,
 }
 
-/// What every one-shot command takes besides its method: which linears, calibration data,
-/// evaluation, where to write.
+/// What every one-shot command takes besides its method: calibration data, evaluation, where to
+/// write.
 #[derive(clap::Args, Clone)]
 pub struct JobArgs {
-    /// Linears to compress (names or suffixes: q_proj,k_proj,...); default all seven.
-    #[arg(long, value_delimiter = ',')]
-    pub targets: Vec<String>,
     #[command(flatten)]
     pub calib: CalibArgs,
     #[command(flatten)]
@@ -144,8 +142,60 @@ fn perplexity(model: &Model, tok: &Tokenizer, args: &EvalArgs, what: &str) -> Re
 }
 
 /// A compression run over a loaded model: `(model, calibration windows, progress)`.
-pub type CompressFn<'a> = dyn FnMut(&mut Model, &[&[u32]], &mut dyn FnMut(usize, usize)) -> Result<Vec<LinearReport>>
-    + 'a;
+pub type CompressFn<'a> =
+    dyn FnMut(&mut Model, &[&[u32]], &mut dyn FnMut(usize, usize)) -> Result<StageReport> + 'a;
+
+/// A one-shot command: the model, the method's own settings (its recipe stage), and the job.
+#[derive(clap::Args, Clone)]
+pub struct OneShotArgs<S: clap::Args> {
+    #[command(flatten)]
+    pub model: crate::ModelArg,
+    #[command(flatten)]
+    pub stage: S,
+    #[command(flatten)]
+    pub job: JobArgs,
+}
+
+/// The one driver of every one-shot command: the stage runs through [`run`], recorded as a
+/// one-stage recipe. `reference`: the model compensation measures against (default: the
+/// default model); `peft`: also write the adapters as a PEFT folder.
+pub fn one_shot<S>(a: &OneShotArgs<S>, reference: Option<&str>, peft: Option<&Path>) -> Result<()>
+where
+    S: clap::Args + Clone + Into<Stage>,
+{
+    let stage: Stage = a.stage.clone().into();
+    let method = stage.method();
+    method.check()?;
+    let calibrate =
+        method.needs_calibration() || (method.uses_calibration() && a.job.calib.wanted());
+    let settings = serde_json::to_value(&stage)?;
+    run(
+        a.model.model.as_deref(),
+        &a.job,
+        &Recipe::single(a.job.calib.spec(), stage.clone()),
+        &method.describe(),
+        method.writes_packed(),
+        calibrate,
+        settings,
+        &mut |m, windows, progress| {
+            let reference = match method.needs_reference() {
+                true => Some(crate::commands::load(reference)?.model),
+                false => None,
+            };
+            let cx = method::Context {
+                reference: reference.as_ref(),
+                windows,
+                progress,
+            };
+            let report = method.run(m, cx)?;
+            if let Some(dir) = peft {
+                whittle::io::peft::save(m, dir)?;
+                eprintln!("wrote {}", dir.display());
+            }
+            Ok(report)
+        },
+    )
+}
 
 /// The perplexity measured after compression, as a provenance figure.
 fn ppl_figure(args: &EvalArgs, ppl: f64) -> Figure {
@@ -198,13 +248,15 @@ pub fn run(
     let windows = calibration_windows(&ids, &job.calib)?;
     let pb = progress(model.layers.len(), what);
     let start = Instant::now();
-    let reports = compress(&mut model, &windows, &mut advance(&pb))?;
+    let report = compress(&mut model, &windows, &mut advance(&pb))?;
+    let reports = &report.linears;
     let seconds = start.elapsed().as_secs_f64();
     pb.finish_and_clear();
     let after = perplexity(&model, &tokenizer, eval, "perplexity after")?;
     if !reports.is_empty() {
-        layer_table(&reports);
+        layer_table(reports);
     }
+    report.notes.iter().for_each(|n| println!("{n}"));
     println!("{what}: {seconds:.1} s");
     if let (Some(b), Some(a)) = (before, after) {
         println!("perplexity {b:.4} -> {a:.4}");
@@ -225,7 +277,7 @@ pub fn run(
                     "ppl_before": before, "ppl_after": after, "eval": eval.eval,
                     "eval_seq_len": eval.eval_seq_len, "eval_max_tokens": eval.eval_max_tokens,
                     "tasks_before": tasks_before, "tasks_after": tasks_after,
-                    "linears": reports, "out": out}),
+                    "linears": reports, "details": report.details, "out": out}),
         )?;
     }
     Ok(())

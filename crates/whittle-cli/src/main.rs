@@ -35,9 +35,9 @@ struct Cli {
 
 /// `--model`: a GGUF file, an HF folder, or hf:org/name[@rev]; default SmolLM2-135M-Instruct.
 #[derive(clap::Args, Clone)]
-struct ModelArg {
+pub struct ModelArg {
     #[arg(long)]
-    model: Option<String>,
+    pub model: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -85,63 +85,20 @@ enum Command {
         dtype: GgufDtype,
     },
     /// Prune weights to an N:M or unstructured pattern (magnitude, Wanda, SparseGPT).
-    Sparsify {
-        #[command(flatten)]
-        model: ModelArg,
-        #[arg(long)]
-        method: String,
-        /// N:M (N kept of every M consecutive inputs) or P% (unstructured, per output row).
-        #[arg(long)]
-        pattern: String,
-        #[command(flatten)]
-        job: compress::JobArgs,
-    },
+    Sparsify(compress::OneShotArgs<whittle::recipe::Sparsify>),
     /// Quantize weights to 2-8 bits per group (RTN, GPTQ); stored packed.
-    Quantize {
-        #[command(flatten)]
-        model: ModelArg,
-        #[arg(long)]
-        method: String,
-        #[arg(long, default_value_t = 4)]
-        bits: u8,
-        /// Inputs per scale/zero group (a multiple of 32; 0 = per output channel).
-        #[arg(long, default_value_t = 128)]
-        group_size: usize,
-        /// Symmetric grid (default asymmetric).
-        #[arg(long)]
-        sym: bool,
-        /// GPTQ: walk columns by decreasing Hessian diagonal (static groups).
-        #[arg(long)]
-        act_order: bool,
-        #[command(flatten)]
-        job: compress::JobArgs,
-    },
+    Quantize(compress::OneShotArgs<whittle::recipe::Quantize>),
     /// Add low-rank adapters that compensate a compressed model's error against a reference
     /// (plain SVD of the weight error, or EoRA in the input eigenspace).
     Compensate {
-        /// The compressed model.
         #[command(flatten)]
-        model: ModelArg,
+        args: compress::OneShotArgs<whittle::recipe::Compensate>,
         /// The dense model it was made from (default: the default model).
         #[arg(long)]
         reference: Option<String>,
-        #[arg(long)]
-        method: String,
-        /// Rank of every adapter.
-        #[arg(long, default_value_t = 64, conflicts_with = "rank_budget")]
-        rank: usize,
-        /// Instead of one rank: a total number of adapter parameters, spent where the singular
-        /// values are largest per parameter (one extra calibration pass).
-        #[arg(long)]
-        rank_budget: Option<usize>,
-        /// Merge B·A into dense weights instead of keeping adapters.
-        #[arg(long)]
-        fold: bool,
         /// Also write the adapters as a PEFT LoRA adapter folder.
         #[arg(long)]
         peft: Option<PathBuf>,
-        #[command(flatten)]
-        job: compress::JobArgs,
     },
     /// Importance scores for structured pruning from one calibration pass (Minitron width
     /// scores; cosine, angular and update-norm depth metrics), optionally leave-one-out and
@@ -157,9 +114,9 @@ enum Command {
     /// updates fitted on calibration data).
     Prune {
         #[command(flatten)]
-        model: ModelArg,
+        args: compress::OneShotArgs<whittle::recipe::Prune>,
         #[command(flatten)]
-        args: prune::PruneArgs,
+        search: prune::SearchArgs,
     },
     /// Apply a recipe of stages in order (e.g. SparseGPT 2:4 -> GPTQ int4 -> EoRA r64); the
     /// recipe format is documented in the library's `recipe` module.
@@ -372,54 +329,15 @@ fn main() {
         Command::Convert { model, out, dtype } => {
             commands::convert(model.model.as_deref(), &out, dtype.into())
         }
-        Command::Sparsify {
-            model,
-            method,
-            pattern,
-            job,
-        } => commands::sparsify(model.model.as_deref(), &method, &pattern, &job),
-        Command::Quantize {
-            model,
-            method,
-            bits,
-            group_size,
-            sym,
-            act_order,
-            job,
-        } => commands::quantize(
-            model.model.as_deref(),
-            &method,
-            whittle::quant::QuantConfig {
-                bits,
-                group: group_size,
-                sym,
-            },
-            act_order,
-            &job,
-        ),
+        Command::Sparsify(args) => compress::one_shot(&args, None, None),
+        Command::Quantize(args) => compress::one_shot(&args, None, None),
         Command::Compensate {
-            model,
+            args,
             reference,
-            method,
-            rank,
-            rank_budget,
-            fold,
             peft,
-            job,
-        } => commands::compensate(
-            model.model.as_deref(),
-            reference.as_deref(),
-            &method,
-            rank_budget.map_or(
-                whittle::lowrank::RankChoice::Fixed(rank),
-                whittle::lowrank::RankChoice::Budget,
-            ),
-            fold,
-            peft,
-            &job,
-        ),
+        } => compress::one_shot(&args, reference.as_deref(), peft.as_deref()),
         Command::Importance { model, args } => prune::importance(model.model.as_deref(), &args),
-        Command::Prune { model, args } => prune::prune(model.model.as_deref(), &args),
+        Command::Prune { args, search } => prune::prune(&args, &search),
         Command::Compress {
             model,
             recipe,

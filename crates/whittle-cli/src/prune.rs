@@ -1,17 +1,14 @@
 //! `whittle importance` (scores from one calibration pass, optional Shapley estimates) and
 //! `whittle prune` (width and depth pruning from stored scores).
 
-use crate::compress::{CalibArgs, JobArgs};
+use crate::compress::{CalibArgs, OneShotArgs};
 use crate::report::{advance, progress, table, write_json};
 use anyhow::{Context, Result};
-use serde_json::json;
 use std::path::PathBuf;
-use whittle::prune::emulate::EmulateKind;
 use whittle::prune::importance::{activation_scores, DepthMetrics, Scores};
 use whittle::prune::shapley::shapley;
-use whittle::prune::width::WidthTarget;
-use whittle::prune::{DepthMetric, PruneSpec, Unit};
-use whittle::recipe::{Recipe, Stage};
+use whittle::prune::DepthMetric;
+use whittle::recipe::Prune;
 
 #[derive(clap::Args, Clone)]
 pub struct ImportanceArgs {
@@ -152,51 +149,18 @@ fn print_depth(s: &Scores) {
     }
 }
 
+/// `prune --target-params`: choose widths and depth under a budget instead of naming them.
 #[derive(clap::Args, Clone)]
-pub struct PruneArgs {
-    /// Scores written by `whittle importance` for this model.
-    #[arg(long)]
-    pub scores: PathBuf,
-    /// Hidden size to keep (embedding channels).
-    #[arg(long)]
-    pub hidden: Option<usize>,
-    /// MLP width to keep in every layer.
-    #[arg(long)]
-    pub ffn: Option<usize>,
-    /// Query heads to keep in each KV group.
-    #[arg(long)]
-    pub heads_per_group: Option<usize>,
-    /// Remove this many blocks, the least important by --metric.
-    #[arg(long, default_value_t = 0)]
-    pub drop_layers: usize,
-    /// Remove these blocks (0-based).
-    #[arg(long, value_delimiter = ',')]
-    pub layers: Vec<usize>,
-    /// Remove this many attention sublayers.
-    #[arg(long, default_value_t = 0)]
-    pub drop_attn: usize,
-    /// Remove this many MLP sublayers.
-    #[arg(long, default_value_t = 0)]
-    pub drop_mlp: usize,
-    /// cosine, angular, rel_l1, rel_l2, loo or shapley (the last two need Shapley scores).
-    #[arg(long, default_value = "cosine")]
-    pub metric: String,
-    /// What replaces removed units: none, bias, linear or lowrank:R (fitted on the
-    /// calibration windows).
-    #[arg(long, default_value = "none")]
-    pub emulate: String,
-    /// Instead of widths and depth: a parameter budget (e.g. 90M); uniform candidates under it
-    /// are scored by KL divergence to the model on calibration windows drawn with seed + 1
-    /// (--calib-samples of --calib-len tokens; use a few hundred tokens each) and the best
-    /// is kept.
+pub struct SearchArgs {
+    /// A parameter budget (e.g. 90M): uniform candidates under it are scored by KL divergence
+    /// to the model on calibration windows drawn with seed + 1 (--calib-samples of
+    /// --calib-len tokens; a few hundred tokens each suffice) and the best is kept.
     #[arg(long, conflicts_with_all = ["hidden", "ffn", "heads_per_group", "drop_layers",
         "layers", "drop_attn", "drop_mlp"])]
     pub target_params: Option<String>,
     /// Candidates scored in --target-params mode (the largest under the budget).
     #[arg(long, default_value_t = 8)]
     pub candidates: usize,
-    #[command(flatten)]
-    pub job: JobArgs,
 }
 
 /// `90M`, `1.2B`, `500k` or a plain count.
@@ -215,94 +179,20 @@ fn parse_count(s: &str) -> Result<usize> {
     Ok((v * mult) as usize)
 }
 
-pub fn prune(model: Option<&str>, a: &PruneArgs) -> Result<()> {
-    if let Some(t) = &a.target_params {
-        return prune_to_budget(model, a, parse_count(t)?);
+pub fn prune(a: &OneShotArgs<Prune>, search: &SearchArgs) -> Result<()> {
+    match &search.target_params {
+        Some(t) => prune_to_budget(a, search, parse_count(t)?),
+        None => crate::compress::one_shot(a, None, None),
     }
-    let scores = Scores::load(&a.scores)?;
-    let spec = PruneSpec {
-        width: WidthTarget {
-            hidden: a.hidden,
-            ffn: a.ffn,
-            heads_per_group: a.heads_per_group,
-        },
-        units: a.layers.iter().map(|&i| Unit::Block(i)).collect(),
-        drop_blocks: a.drop_layers,
-        drop_attn: a.drop_attn,
-        drop_mlp: a.drop_mlp,
-        metric: DepthMetric::parse(&a.metric)?,
-        emulate: EmulateKind::parse(&a.emulate)?,
-    };
-    anyhow::ensure!(
-        !spec.width.is_empty() || !whittle::prune::units_to_remove(&scores, &spec)?.is_empty(),
-        "nothing to prune: give --hidden, --ffn, --heads-per-group, --drop-layers, --layers, \
-         --drop-attn or --drop-mlp"
-    );
-    let removed = whittle::prune::units_to_remove(&scores, &spec)?;
-    let stage = Stage::Prune {
-        scores: a.scores.clone(),
-        hidden: a.hidden,
-        ffn: a.ffn,
-        heads_per_group: a.heads_per_group,
-        layers: a.layers.clone(),
-        drop_layers: a.drop_layers,
-        drop_attn: a.drop_attn,
-        drop_mlp: a.drop_mlp,
-        metric: a.metric.clone(),
-        emulate: a.emulate.clone(),
-    };
-    let what = format!("prune {}", spec.describe());
-    let settings = json!({"spec": spec.describe(), "scores": a.scores, "removed": removed});
-    let mut report = None;
-    crate::compress::run(
-        model,
-        &a.job,
-        &Recipe::single(a.job.calib.spec(), stage),
-        &what,
-        false,
-        spec.emulate != EmulateKind::None,
-        settings,
-        &mut |m, windows, p| {
-            report = Some(whittle::prune::prune_model(m, &scores, &spec, windows, p)?);
-            Ok(Vec::new())
-        },
-    )?;
-    if let Some(r) = report {
-        print_removed(&r);
-    }
-    Ok(())
-}
-
-fn print_removed(r: &whittle::prune::PruneReport) {
-    let rows: Vec<Vec<String>> = r
-        .removed
-        .iter()
-        .map(|(u, v)| {
-            vec![
-                u.to_string(),
-                v.map_or("named".into(), |v| format!("{v:.5}")),
-            ]
-        })
-        .collect();
-    if !rows.is_empty() {
-        table(&["removed", "importance"], &rows);
-    }
-    println!(
-        "parameters {:.2} M -> {:.2} M ({:.1} %), {} layers, hidden {}",
-        r.params_before as f64 / 1e6,
-        r.params_after as f64 / 1e6,
-        100.0 * r.params_after as f64 / r.params_before as f64,
-        r.layers_after,
-        r.hidden_after
-    );
 }
 
 /// `--target-params`: the search picks widths and depth on calibration windows drawn with
 /// seed + 1 (held out from the windows the scores were computed on), then the chosen widths
 /// are applied and recorded like explicit ones.
-fn prune_to_budget(model: Option<&str>, a: &PruneArgs, budget: usize) -> Result<()> {
-    let scores = Scores::load(&a.scores)?;
-    let metric = DepthMetric::parse(&a.metric)?;
+fn prune_to_budget(a: &OneShotArgs<Prune>, search: &SearchArgs, budget: usize) -> Result<()> {
+    let scores = Scores::load(&a.stage.scores)?;
+    let metric = DepthMetric::parse(&a.stage.metric)?;
+    let model = a.model.model.as_deref();
     let whittle::io::resolve::Loaded {
         model: m,
         tokenizer,
@@ -316,7 +206,7 @@ fn prune_to_budget(model: Option<&str>, a: &PruneArgs, budget: usize) -> Result<
         &m,
         &scores,
         budget,
-        a.candidates,
+        search.candidates,
         metric,
         &windows,
         &mut advance(&pb),
@@ -333,15 +223,15 @@ fn prune_to_budget(model: Option<&str>, a: &PruneArgs, budget: usize) -> Result<
         best.drop_blocks,
         best.params as f64 / 1e6
     );
-    let chosen = PruneArgs {
+    let mut chosen = a.clone();
+    chosen.stage = Prune {
         hidden: Some(best.hidden),
         ffn: Some(best.ffn),
         heads_per_group: Some(best.heads_per_group),
         drop_layers: best.drop_blocks,
-        target_params: None,
-        ..a.clone()
+        ..a.stage.clone()
     };
-    prune(model, &chosen)
+    crate::compress::one_shot(&chosen, None, None)
 }
 
 fn print_candidates(c: &[whittle::prune::search::Candidate]) {

@@ -113,7 +113,7 @@ fn importance_then_width_and_depth_pruning_on_the_default_model() {
     ok(&args);
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    assert_eq!(report["settings"]["removed"].as_array().unwrap().len(), 2);
+    assert_eq!(report["details"]["removed"].as_array().unwrap().len(), 2);
     let cfg = std::fs::read_to_string(format!("{emulated}/config.json")).unwrap();
     assert!(cfg.contains("whittle_llama"), "{cfg}");
     let (success, _, err) = whittle(&["convert", "--model", &emulated, "--out", &p("e.gguf")]);

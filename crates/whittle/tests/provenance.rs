@@ -17,11 +17,11 @@ fn default_model_general() -> Provenance {
 }
 
 fn recipe() -> String {
-    let stage = Stage::Sparsify {
+    let stage = Stage::Sparsify(whittle::recipe::Sparsify {
         method: "sparsegpt".into(),
         pattern: "2:4".into(),
         targets: vec![],
-    };
+    });
     Recipe::single(CalibSpec::default(), stage)
         .to_toml()
         .unwrap()
@@ -204,13 +204,13 @@ fn recipes_round_trip_through_toml() {
         Recipe::describe_toml(&text),
         vec!["sparsify sparsegpt 2:4".to_string()]
     );
-    let budget = Stage::Compensate {
+    let budget = Stage::Compensate(whittle::recipe::Compensate {
         method: "eora".into(),
         rank: whittle::recipe::DEFAULT_RANK,
         rank_budget: Some(5_000_000),
         fold: false,
         targets: vec!["q_proj".into()],
-    };
+    });
     let text = Recipe::single(CalibSpec::default(), budget)
         .to_toml()
         .unwrap();

@@ -410,7 +410,7 @@ fn recipe_prunes_then_quantizes_and_compensates() {
         .filter_map(|l| l.shape().mlp)
         .all(|f| f == 32));
     assert_eq!(m.layers.iter().filter(|l| l.attn.is_none()).count(), 1);
-    let comp = &reports[2].1;
+    let comp = &reports[2].1.linears;
     assert!(!comp.is_empty());
     for r in comp {
         assert!(r.rel_error.unwrap() < r.error_before.unwrap(), "{r:?}");

@@ -3,6 +3,7 @@
 //! Plain SVD minimises `‖ΔW − BA‖_F`; EoRA minimises the error on the calibration inputs,
 //! `‖(ΔW − BA) X‖_F`, by truncating the SVD in the eigenspace of `C = XᵀX`.
 
+pub mod stage;
 use crate::calib::stats::LayerStats;
 use crate::model::LowRank;
 use crate::{Error, Result};

@@ -17,6 +17,7 @@ pub mod emulate;
 pub mod importance;
 pub mod search;
 pub mod shapley;
+pub mod stage;
 pub mod width;
 
 use crate::model::KvSource;

@@ -3,6 +3,7 @@
 //! output channel. Results are stored packed ([`Packed`]), never as f32.
 
 pub mod gptq;
+pub mod stage;
 
 use crate::kernels::qdot::{block_bytes, pack_block, BLOCK};
 use crate::model::Packed;

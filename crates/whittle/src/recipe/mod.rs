@@ -40,15 +40,14 @@
 //! Every stage may name `targets` (linear names or suffixes). Compensation measures against the
 //! model as it was before the first stage, or after the last prune stage before it. A quantized base keeps its mask when it was sparse.
 
-use crate::calib::sequential::LinearReport;
-use crate::lowrank::{compensate_choice, LowRankMethod, RankChoice};
-use crate::prune::emulate::EmulateKind;
-use crate::prune::importance::Scores;
-use crate::prune::width::WidthTarget;
-use crate::prune::{prune_model, DepthMetric, PruneSpec, Unit};
-use crate::quant::{quantize_model, QuantConfig, QuantMethod};
-use crate::sparsity::{sparsify_model, Pattern, SparsityMethod};
+pub mod method;
+
+pub use crate::lowrank::stage::{Compensate, DEFAULT_RANK};
+pub use crate::prune::stage::Prune;
+pub use crate::quant::stage::Quantize;
+pub use crate::sparsity::stage::Sparsify;
 use crate::{Error, Model, Result};
+use method::{Context, OneShot, StageReport};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -74,24 +73,6 @@ fn default_samples() -> usize {
 fn default_len() -> usize {
     2048
 }
-fn default_bits() -> u8 {
-    4
-}
-fn default_group() -> usize {
-    128
-}
-/// Adapter rank of a `compensate` stage that names neither `rank` nor `rank_budget`.
-pub const DEFAULT_RANK: usize = 64;
-fn default_rank() -> usize {
-    DEFAULT_RANK
-}
-
-fn default_metric() -> String {
-    "cosine".into()
-}
-fn default_emulate() -> String {
-    "none".into()
-}
 
 impl Default for CalibSpec {
     fn default() -> Self {
@@ -104,60 +85,39 @@ impl Default for CalibSpec {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
-pub enum Stage {
-    Sparsify {
-        method: String,
-        pattern: String,
-        #[serde(default, skip_serializing_if = "Vec::is_empty")]
-        targets: Vec<String>,
-    },
-    Quantize {
-        method: String,
-        #[serde(default = "default_bits")]
-        bits: u8,
-        #[serde(default = "default_group")]
-        group_size: usize,
-        #[serde(default)]
-        sym: bool,
-        #[serde(default)]
-        act_order: bool,
-        #[serde(default, skip_serializing_if = "Vec::is_empty")]
-        targets: Vec<String>,
-    },
-    Prune {
-        scores: PathBuf,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        hidden: Option<usize>,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        ffn: Option<usize>,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        heads_per_group: Option<usize>,
-        #[serde(default, skip_serializing_if = "Vec::is_empty")]
-        layers: Vec<usize>,
-        #[serde(default)]
-        drop_layers: usize,
-        #[serde(default)]
-        drop_attn: usize,
-        #[serde(default)]
-        drop_mlp: usize,
-        #[serde(default = "default_metric")]
-        metric: String,
-        #[serde(default = "default_emulate")]
-        emulate: String,
-    },
-    Compensate {
-        method: String,
-        #[serde(default = "default_rank")]
-        rank: usize,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        rank_budget: Option<usize>,
-        #[serde(default)]
-        fold: bool,
-        #[serde(default, skip_serializing_if = "Vec::is_empty")]
-        targets: Vec<String>,
-    },
+/// Declares [`Stage`] with one variant per method (named like its settings struct, `kind` in
+/// TOML its lowercase name), its [`OneShot`] view, and `From` each settings struct.
+macro_rules! stages {
+    ($($method:ident),* $(,)?) => {
+        /// One stage of a recipe: a one-shot method with its settings (see [`OneShot`]).
+        #[derive(Debug, Clone, Deserialize, Serialize)]
+        #[serde(tag = "kind", rename_all = "lowercase")]
+        pub enum Stage {
+            $($method($method),)*
+        }
+
+        impl Stage {
+            pub fn method(&self) -> &dyn OneShot {
+                match self {
+                    $(Stage::$method(s) => s,)*
+                }
+            }
+        }
+
+        $(impl From<$method> for Stage {
+            fn from(s: $method) -> Self {
+                Stage::$method(s)
+            }
+        })*
+    };
+}
+
+stages!(Sparsify, Quantize, Compensate, Prune);
+
+impl Stage {
+    pub fn describe(&self) -> String {
+        self.method().describe()
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -205,169 +165,40 @@ impl Recipe {
 
     /// Parses every stage's settings up front, so a typo fails before hours of work.
     fn check(&self) -> Result<()> {
-        self.stages.iter().try_for_each(|s| s.step().map(|_| ()))
+        self.stages.iter().try_for_each(|s| s.method().check())
     }
 
-    /// Applies the stages in order; `reference` is the model before the first stage.
-    /// `progress(stage, done, total)` reports each stage's layers.
+    /// Applies the stages in order; `reference` is the model before the first stage (after a
+    /// stage that changes shapes, e.g. pruning, later stages measure against its output).
+    /// `progress(stage, done, total)` reports each stage's work.
     pub fn run(
         &self,
         model: &mut Model,
         reference: &Model,
         windows: &[&[u32]],
         progress: &mut dyn FnMut(usize, usize, usize),
-    ) -> Result<Vec<(String, Vec<LinearReport>)>> {
+    ) -> Result<Vec<(String, StageReport)>> {
         let mut out = Vec::new();
-        // After a prune stage, compensation measures against the pruned model (the dense one
-        // has other shapes).
-        let mut pruned: Option<Model> = None;
+        let mut reshaped: Option<Model> = None;
         for (i, s) in self.stages.iter().enumerate() {
-            let p = &mut |d, t| progress(i, d, t);
-            let reference = pruned.as_ref().unwrap_or(reference);
-            let reports = match s.step()? {
-                Step::Sparsify(m, pat, targets) => {
-                    sparsify_model(model, windows, m, pat, targets, p)?
-                }
-                Step::Quantize(m, cfg, targets) => {
-                    let w = if m.needs_calibration() { windows } else { &[] };
-                    quantize_model(model, w, m, cfg, targets, p)?
-                }
-                Step::Compensate(m, ranks, fold, targets) => {
-                    compensate_choice(model, reference, windows, m, ranks, fold, targets, p)?.0
-                }
-                Step::Prune(scores, spec) => {
-                    let scores = Scores::load(scores)?;
-                    let w = if spec.emulate == EmulateKind::None {
-                        &[]
-                    } else {
-                        windows
-                    };
-                    prune_model(model, &scores, &spec, w, p)?;
-                    pruned = Some(model.clone());
-                    Vec::new()
-                }
+            let m = s.method();
+            let cx = Context {
+                reference: Some(reshaped.as_ref().unwrap_or(reference)),
+                windows: if m.uses_calibration() { windows } else { &[] },
+                progress: &mut |d, t| progress(i, d, t),
             };
-            out.push((s.describe(), reports));
+            let report = m.run(model, cx)?;
+            if m.changes_shapes() {
+                reshaped = Some(model.clone());
+            }
+            out.push((m.describe(), report));
         }
         Ok(out)
     }
 
-    /// Whether any stage needs calibration data.
+    /// Whether any stage uses calibration data.
     pub fn needs_calibration(&self) -> bool {
-        self.stages.iter().any(|s| match s.step() {
-            Ok(Step::Sparsify(m, ..)) => m.needs_calibration(),
-            Ok(Step::Quantize(m, ..)) => m.needs_calibration(),
-            Ok(Step::Prune(_, spec)) => spec.emulate != EmulateKind::None,
-            Ok(Step::Compensate(..)) | Err(_) => true,
-        })
-    }
-}
-
-/// A stage with its settings parsed.
-enum Step<'a> {
-    Sparsify(SparsityMethod, Pattern, &'a [String]),
-    Quantize(QuantMethod, QuantConfig, &'a [String]),
-    Compensate(LowRankMethod, RankChoice, bool, &'a [String]),
-    Prune(&'a Path, PruneSpec),
-}
-
-impl Stage {
-    fn step(&self) -> Result<Step<'_>> {
-        Ok(match self {
-            Stage::Sparsify {
-                method,
-                pattern,
-                targets,
-            } => Step::Sparsify(
-                SparsityMethod::parse(method)?,
-                Pattern::parse(pattern)?,
-                targets,
-            ),
-            Stage::Quantize {
-                method,
-                bits,
-                group_size,
-                sym,
-                act_order,
-                targets,
-            } => {
-                let cfg = QuantConfig {
-                    bits: *bits,
-                    group: *group_size,
-                    sym: *sym,
-                };
-                cfg.check("recipe", 32)?;
-                Step::Quantize(QuantMethod::parse(method, *act_order)?, cfg, targets)
-            }
-            Stage::Prune {
-                scores,
-                hidden,
-                ffn,
-                heads_per_group,
-                layers,
-                drop_layers,
-                drop_attn,
-                drop_mlp,
-                metric,
-                emulate,
-            } => Step::Prune(
-                scores,
-                PruneSpec {
-                    width: WidthTarget {
-                        hidden: *hidden,
-                        ffn: *ffn,
-                        heads_per_group: *heads_per_group,
-                    },
-                    units: layers.iter().map(|&i| Unit::Block(i)).collect(),
-                    drop_blocks: *drop_layers,
-                    drop_attn: *drop_attn,
-                    drop_mlp: *drop_mlp,
-                    metric: DepthMetric::parse(metric)?,
-                    emulate: EmulateKind::parse(emulate)?,
-                },
-            ),
-            Stage::Compensate {
-                method,
-                rank,
-                rank_budget,
-                fold,
-                targets,
-            } => {
-                if *rank == 0 || *rank_budget == Some(0) {
-                    return Err(Error::Invalid(
-                        "rank and rank_budget must be positive".into(),
-                    ));
-                }
-                let ranks = rank_budget.map_or(RankChoice::Fixed(*rank), RankChoice::Budget);
-                Step::Compensate(LowRankMethod::parse(method)?, ranks, *fold, targets)
-            }
-        })
-    }
-
-    fn describe(&self) -> String {
-        match self {
-            Stage::Sparsify {
-                method, pattern, ..
-            } => format!("sparsify {method} {pattern}"),
-            Stage::Quantize {
-                method,
-                bits,
-                group_size,
-                ..
-            } => {
-                format!("quantize {method} int{bits} g{group_size}")
-            }
-            Stage::Prune { .. } => match self.step() {
-                Ok(Step::Prune(_, spec)) => format!("prune {}", spec.describe()),
-                _ => "prune".into(),
-            },
-            Stage::Compensate {
-                method,
-                rank_budget: Some(b),
-                ..
-            } => format!("compensate {method} budget {b}"),
-            Stage::Compensate { method, rank, .. } => format!("compensate {method} r{rank}"),
-        }
+        self.stages.iter().any(|s| s.method().uses_calibration())
     }
 }
 

@@ -3,6 +3,7 @@
 
 pub mod pattern;
 pub mod sparsegpt;
+pub mod stage;
 
 pub use pattern::Pattern;
 
