@@ -3,6 +3,7 @@
 //! off tensor shapes, not metadata, so pruned models load like dense ones.
 
 use super::tokenizer::TokenizerSpec;
+use crate::model::names::{llama, TensorName};
 use crate::model::{
     Arch, Attention, AttnShape, KvSource, Layer, Linear, Mlp, Model, ModelConfig, Packed, Weight,
 };
@@ -151,7 +152,7 @@ impl GgufFile {
         let vocab_size = match self.uint(&a("vocab_size"))? {
             Some(v) => v,
             None => self
-                .shape("token_embd.weight")
+                .shape(&format!("{}.weight", llama::EMBED.gguf))
                 .map(|s| s[0])
                 .ok_or_else(|| self.err("tensor 'token_embd.weight' missing"))?,
         };
@@ -164,7 +165,7 @@ impl GgufFile {
                 .float(&a("attention.layer_norm_rms_epsilon"))?
                 .unwrap_or(1e-5),
             context_length: self.req_uint(&a("context_length"))?,
-            tie_embeddings: !self.has_tensor("output.weight"),
+            tie_embeddings: !self.has_tensor(&format!("{}.weight", llama::LM_HEAD.gguf)),
             bos_token_id: self.uint("tokenizer.ggml.bos_token_id")?.map(|x| x as u32),
             eos_token_id: self.uint("tokenizer.ggml.eos_token_id")?.map(|x| x as u32),
             memory_tokens: 0,
@@ -230,26 +231,35 @@ impl GgufFile {
             return Err(self.err("head dimension is 0"));
         }
         let h = config.hidden;
-        let embed = self.linear("token_embd.weight", config.vocab_size, h)?;
-        let (final_norm, ns) = self.tensor_f32("output_norm.weight")?;
-        self.expect("output_norm.weight", &ns, &[h])?;
+        let embed = self.linear(
+            &format!("{}.weight", llama::EMBED.gguf),
+            config.vocab_size,
+            h,
+        )?;
+        let final_name = format!("{}.weight", llama::FINAL_NORM.gguf);
+        let (final_norm, ns) = self.tensor_f32(&final_name)?;
+        self.expect(&final_name, &ns, &[h])?;
         let lm_head = if config.tie_embeddings {
             None
         } else {
-            Some(self.linear("output.weight", config.vocab_size, h)?)
+            Some(self.linear(
+                &format!("{}.weight", llama::LM_HEAD.gguf),
+                config.vocab_size,
+                h,
+            )?)
         };
         let mut layers = Vec::with_capacity(n_layers);
         for i in 0..n_layers {
-            let p = |s: &str| format!("blk.{i}.{s}.weight");
-            let attn = if self.has_tensor(&p("attn_q")) {
+            let p = |t: TensorName| format!("blk.{i}.{}.weight", t.gguf);
+            let attn = if self.has_tensor(&p(llama::Q)) {
                 let rows = |n: &str| self.shape(n).map_or(0, |s| s[0]);
                 let shape = AttnShape::new(
-                    rows(&p("attn_q")) / head_dim,
-                    rows(&p("attn_k")) / head_dim,
+                    rows(&p(llama::Q)) / head_dim,
+                    rows(&p(llama::K)) / head_dim,
                     head_dim,
                 );
-                let mut q = self.linear(&p("attn_q"), shape.q_dim(), h)?;
-                let mut k = self.linear(&p("attn_k"), shape.kv_dim(), h)?;
+                let mut q = self.linear(&p(llama::Q), shape.q_dim(), h)?;
+                let mut k = self.linear(&p(llama::K), shape.kv_dim(), h)?;
                 unpermute_rows(&mut q, shape.n_heads, head_dim);
                 unpermute_rows(&mut k, shape.n_kv_heads, head_dim);
                 Some(Attention {
@@ -257,20 +267,20 @@ impl GgufFile {
                     q,
                     kv: KvSource::Own {
                         k,
-                        v: self.linear(&p("attn_v"), shape.kv_dim(), h)?,
+                        v: self.linear(&p(llama::V), shape.kv_dim(), h)?,
                     },
-                    o: self.linear(&p("attn_output"), h, shape.q_dim())?,
+                    o: self.linear(&p(llama::O), h, shape.q_dim())?,
                     window: None,
                 })
             } else {
                 None
             };
-            let mlp = if self.has_tensor(&p("ffn_gate")) {
-                let w = self.shape(&p("ffn_gate")).map_or(0, |s| s[0]);
+            let mlp = if self.has_tensor(&p(llama::GATE)) {
+                let w = self.shape(&p(llama::GATE)).map_or(0, |s| s[0]);
                 Some(Mlp {
-                    gate: self.linear(&p("ffn_gate"), w, h)?,
-                    up: self.linear(&p("ffn_up"), w, h)?,
-                    down: self.linear(&p("ffn_down"), h, w)?,
+                    gate: self.linear(&p(llama::GATE), w, h)?,
+                    up: self.linear(&p(llama::UP), w, h)?,
+                    down: self.linear(&p(llama::DOWN), h, w)?,
                 })
             } else {
                 None
@@ -284,11 +294,11 @@ impl GgufFile {
                 Ok(v)
             };
             layers.push(Layer {
-                attn_norm: norm(self, &p("attn_norm"))?,
+                attn_norm: norm(self, &p(llama::ATTN_NORM))?,
                 attn,
                 ssm: None,
                 fusion: None,
-                mlp_norm: norm(self, &p("ffn_norm"))?,
+                mlp_norm: norm(self, &p(llama::MLP_NORM))?,
                 mlp,
                 emulated: Default::default(),
             });
@@ -533,24 +543,28 @@ fn write_gguf(
     let h = c.hidden;
     let mut tensors = vec![
         tensor(
-            "token_embd.weight",
+            &format!("{}.weight", llama::EMBED.gguf),
             &model.embed.dense_weight(),
             &[c.vocab_size, h],
         )?,
-        tensor("output_norm.weight", &model.final_norm, &[h])?,
+        tensor(
+            &format!("{}.weight", llama::FINAL_NORM.gguf),
+            &model.final_norm,
+            &[h],
+        )?,
     ];
     if let Some(head) = &model.lm_head {
         tensors.push(tensor(
-            "output.weight",
+            &format!("{}.weight", llama::LM_HEAD.gguf),
             &head.dense_weight(),
             &[c.vocab_size, h],
         )?);
     }
     for (i, l) in model.layers.iter().enumerate() {
-        let p = |s: &str| format!("blk.{i}.{s}.weight");
-        tensors.push(tensor(&p("attn_norm"), &l.attn_norm, &[h])?);
-        tensors.push(tensor(&p("ffn_norm"), &l.mlp_norm, &[h])?);
-        let lin = |name: &str, x: &Linear, rows: Option<Vec<f32>>| {
+        let p = |t: TensorName| format!("blk.{i}.{}.weight", t.gguf);
+        tensors.push(tensor(&p(llama::ATTN_NORM), &l.attn_norm, &[h])?);
+        tensors.push(tensor(&p(llama::MLP_NORM), &l.mlp_norm, &[h])?);
+        let lin = |name: TensorName, x: &Linear, rows: Option<Vec<f32>>| {
             let dense = x.dense_weight();
             let w = rows.as_deref().unwrap_or(&dense);
             tensor(&p(name), w, &[x.out_features, x.in_features])
@@ -565,15 +579,15 @@ fn write_gguf(
             let s = a.shape;
             let q = permuted_rows(&a.q.dense_weight(), h, s.n_heads, s.head_dim, true);
             let kk = permuted_rows(&k.dense_weight(), h, s.n_kv_heads, s.head_dim, true);
-            tensors.push(lin("attn_q", &a.q, Some(q))?);
-            tensors.push(lin("attn_k", k, Some(kk))?);
-            tensors.push(lin("attn_v", v, None)?);
-            tensors.push(lin("attn_output", &a.o, None)?);
+            tensors.push(lin(llama::Q, &a.q, Some(q))?);
+            tensors.push(lin(llama::K, k, Some(kk))?);
+            tensors.push(lin(llama::V, v, None)?);
+            tensors.push(lin(llama::O, &a.o, None)?);
         }
         if let Some(m) = &l.mlp {
-            tensors.push(lin("ffn_gate", &m.gate, None)?);
-            tensors.push(lin("ffn_up", &m.up, None)?);
-            tensors.push(lin("ffn_down", &m.down, None)?);
+            tensors.push(lin(llama::GATE, &m.gate, None)?);
+            tensors.push(lin(llama::UP, &m.up, None)?);
+            tensors.push(lin(llama::DOWN, &m.down, None)?);
         }
     }
     let file = File::create(path).map_err(|e| Error::io(path, e))?;

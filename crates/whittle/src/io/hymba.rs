@@ -5,6 +5,7 @@
 //! is folded into `rope_theta`.
 
 use super::safetensors::Shards;
+use crate::model::names::llama;
 use crate::model::{
     Arch, Attention, AttnShape, KvSource, Layer, Linear, Mlp, Model, ModelConfig, Ssm, SsmShape,
 };
@@ -233,7 +234,7 @@ pub fn load(dir: &Path, cfg: &Value, cfg_path: &Path) -> Result<Model> {
         let expert = |s: &str| p(&format!("moe.experts.0.{s}.weight"));
         let width = st.shape(&expert("gate_proj")).map_or(0, |s| s[0]);
         layers.push(Layer {
-            attn_norm: st.f32(&p("input_layernorm.weight"), &[h])?,
+            attn_norm: st.f32(&p(&format!("{}.weight", llama::ATTN_NORM.hf)), &[h])?,
             attn: Some(Attention {
                 shape,
                 q,
@@ -256,7 +257,7 @@ pub fn load(dir: &Path, cfg: &Value, cfg_path: &Path) -> Result<Model> {
         });
     }
     let vocab = config.vocab_size;
-    let embed = st.linear("model.embed_tokens.weight", vocab, h)?;
+    let embed = st.linear(&format!("{}.weight", llama::EMBED.hf), vocab, h)?;
     // save_pretrained drops a tied head; an untied one must be present.
     let lm_head = if config.tie_embeddings {
         None

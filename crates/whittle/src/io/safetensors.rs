@@ -28,6 +28,7 @@ use crate::model::{
 
 /// Prefix of emulated-update tensors within a layer.
 const EMULATED: &str = "whittle_emulated";
+use crate::model::names::llama;
 use crate::{Error, Result};
 use safetensors::{Dtype, SafeTensors, View};
 use serde_json::{json, Value};
@@ -315,12 +316,16 @@ fn load_weights(dir: &Path) -> Result<Model> {
     ModelConfig::check_layer_count(n_layers).map_err(|e| Error::format(&cfg_path, e))?;
     let st = Shards::open(dir)?;
     let h = hidden;
-    let embed = st.linear("model.embed_tokens.weight", config.vocab_size, h)?;
-    let final_norm = st.f32("model.norm.weight", &[h])?;
+    let embed = st.linear(&format!("{}.weight", llama::EMBED.hf), config.vocab_size, h)?;
+    let final_norm = st.f32(&format!("{}.weight", llama::FINAL_NORM.hf), &[h])?;
     let lm_head = if config.tie_embeddings {
         None
     } else {
-        Some(st.linear("lm_head.weight", config.vocab_size, h)?)
+        Some(st.linear(
+            &format!("{}.weight", llama::LM_HEAD.hf),
+            config.vocab_size,
+            h,
+        )?)
     };
     let rows = |n: &str| {
         st.shape(&format!("{n}.weight"))
@@ -332,31 +337,31 @@ fn load_weights(dir: &Path) -> Result<Model> {
         let p = |s: &str| format!("model.layers.{i}.{s}");
         let present =
             |s: &str| st.has(&format!("{}.weight", p(s))) || st.has(&format!("{}.qweight", p(s)));
-        let attn = if present("self_attn.q_proj") {
+        let attn = if present(llama::Q.hf) {
             let shape = AttnShape::new(
-                rows(&p("self_attn.q_proj")) / head_dim,
-                rows(&p("self_attn.k_proj")) / head_dim,
+                rows(&p(llama::Q.hf)) / head_dim,
+                rows(&p(llama::K.hf)) / head_dim,
                 head_dim,
             );
             Some(Attention {
                 shape,
-                q: st.linear_at(&p("self_attn.q_proj"), shape.q_dim(), h)?,
+                q: st.linear_at(&p(llama::Q.hf), shape.q_dim(), h)?,
                 kv: KvSource::Own {
-                    k: st.linear_at(&p("self_attn.k_proj"), shape.kv_dim(), h)?,
-                    v: st.linear_at(&p("self_attn.v_proj"), shape.kv_dim(), h)?,
+                    k: st.linear_at(&p(llama::K.hf), shape.kv_dim(), h)?,
+                    v: st.linear_at(&p(llama::V.hf), shape.kv_dim(), h)?,
                 },
-                o: st.linear_at(&p("self_attn.o_proj"), h, shape.q_dim())?,
+                o: st.linear_at(&p(llama::O.hf), h, shape.q_dim())?,
                 window: None,
             })
         } else {
             None
         };
-        let mlp = if present("mlp.gate_proj") {
-            let w = rows(&p("mlp.gate_proj"));
+        let mlp = if present(llama::GATE.hf) {
+            let w = rows(&p(llama::GATE.hf));
             Some(Mlp {
-                gate: st.linear_at(&p("mlp.gate_proj"), w, h)?,
-                up: st.linear_at(&p("mlp.up_proj"), w, h)?,
-                down: st.linear_at(&p("mlp.down_proj"), h, w)?,
+                gate: st.linear_at(&p(llama::GATE.hf), w, h)?,
+                up: st.linear_at(&p(llama::UP.hf), w, h)?,
+                down: st.linear_at(&p(llama::DOWN.hf), h, w)?,
             })
         } else {
             None
@@ -369,11 +374,11 @@ fn load_weights(dir: &Path) -> Result<Model> {
             }
         };
         layers.push(Layer {
-            attn_norm: norm(&p("input_layernorm.weight"))?,
+            attn_norm: norm(&p(&format!("{}.weight", llama::ATTN_NORM.hf)))?,
             attn,
             ssm: None,
             fusion: None,
-            mlp_norm: norm(&p("post_attention_layernorm.weight"))?,
+            mlp_norm: norm(&p(&format!("{}.weight", llama::MLP_NORM.hf)))?,
             mlp,
             emulated: Emulated {
                 mixer: st.emulation(&p(&format!("{EMULATED}.mixer")), h)?,
@@ -506,17 +511,25 @@ fn write_folder(
     let mut meta = HashMap::from([("format".to_string(), "pt".to_string())]);
     // Embeddings and head are always f32, as transformers expects them.
     let mut views: Vec<(String, OutView)> = vec![
-        dense_view("model.embed_tokens.weight", &model.embed),
-        view("model.norm.weight", &model.final_norm, vec![h]),
+        dense_view(&format!("{}.weight", llama::EMBED.hf), &model.embed),
+        view(
+            &format!("{}.weight", llama::FINAL_NORM.hf),
+            &model.final_norm,
+            vec![h],
+        ),
     ];
     if let Some(head) = &model.lm_head {
-        views.push(dense_view("lm_head.weight", head));
+        views.push(dense_view(&format!("{}.weight", llama::LM_HEAD.hf), head));
     }
     for (i, l) in model.layers.iter().enumerate() {
         let p = |s: &str| format!("model.layers.{i}.{s}");
-        views.push(view(&p("input_layernorm.weight"), &l.attn_norm, vec![h]));
         views.push(view(
-            &p("post_attention_layernorm.weight"),
+            &p(&format!("{}.weight", llama::ATTN_NORM.hf)),
+            &l.attn_norm,
+            vec![h],
+        ));
+        views.push(view(
+            &p(&format!("{}.weight", llama::MLP_NORM.hf)),
             &l.mlp_norm,
             vec![h],
         ));

@@ -9,6 +9,7 @@ mod forward;
 pub mod generate;
 pub mod kv_cache;
 pub mod linear;
+pub mod names;
 pub mod packed;
 pub mod params;
 pub mod provenance;
@@ -29,6 +30,7 @@ pub use ssm::{Ssm, SsmState};
 use crate::error::check_finite;
 use crate::kernels::rope::RopeTable;
 use crate::{Error, Result};
+use names::{hymba, llama};
 
 #[derive(Clone)]
 pub struct Attention {
@@ -85,29 +87,29 @@ macro_rules! layer_linears {
         let hybrid = layer.ssm.is_some();
         if let Some(a) = & $($m)? layer.attn {
             let n = |llama, hymba| if hybrid { hymba } else { llama };
-            v.push((n("self_attn.q_proj", "mamba.in_proj.q"), Site::AttnIn, & $($m)? a.q));
+            v.push((n(llama::Q.hf, hymba::Q), Site::AttnIn, & $($m)? a.q));
             if let KvSource::Own { k, v: vp } = & $($m)? a.kv {
-                v.push((n("self_attn.k_proj", "mamba.in_proj.k"), Site::AttnIn, k));
-                v.push((n("self_attn.v_proj", "mamba.in_proj.v"), Site::AttnIn, vp));
+                v.push((n(llama::K.hf, hymba::K), Site::AttnIn, k));
+                v.push((n(llama::V.hf, hymba::V), Site::AttnIn, vp));
             }
-            v.push((n("self_attn.o_proj", "mamba.out_proj"), Site::AttnOut, & $($m)? a.o));
+            v.push((n(llama::O.hf, hymba::OUT), Site::AttnOut, & $($m)? a.o));
         }
         if let Some(m) = & $($m)? layer.ssm {
             v.extend([
-                ("mamba.in_proj.x", Site::AttnIn, & $($m)? m.in_x),
-                ("mamba.in_proj.z", Site::AttnIn, & $($m)? m.in_z),
-                ("mamba.x_proj.0", Site::SsmConv, & $($m)? m.x_proj),
-                ("mamba.dt_proj.0", Site::SsmDt, & $($m)? m.dt_proj),
+                (hymba::X, Site::AttnIn, & $($m)? m.in_x),
+                (hymba::Z, Site::AttnIn, & $($m)? m.in_z),
+                (hymba::X_PROJ, Site::SsmConv, & $($m)? m.x_proj),
+                (hymba::DT_PROJ, Site::SsmDt, & $($m)? m.dt_proj),
             ]);
             if let Some(o) = & $($m)? m.out {
-                v.push(("mamba.out_proj", Site::AttnOut, o));
+                v.push((hymba::OUT, Site::AttnOut, o));
             }
         }
         if let Some(m) = & $($m)? layer.mlp {
             v.extend([
-                ("mlp.gate_proj", Site::MlpIn, & $($m)? m.gate),
-                ("mlp.up_proj", Site::MlpIn, & $($m)? m.up),
-                ("mlp.down_proj", Site::MlpDown, & $($m)? m.down),
+                (llama::GATE.hf, Site::MlpIn, & $($m)? m.gate),
+                (llama::UP.hf, Site::MlpIn, & $($m)? m.up),
+                (llama::DOWN.hf, Site::MlpDown, & $($m)? m.down),
             ]);
         }
         v
@@ -287,7 +289,7 @@ fn check_parts(
     if layers.is_empty() {
         return Err(Error::Invalid("model has no layers".into()));
     }
-    check_linear("embed_tokens", embed, config.vocab_size, h)?;
+    check_linear(llama::EMBED.hf, embed, config.vocab_size, h)?;
     expect_len("norm", final_norm, &[h])?;
     check_finite("norm", final_norm)?;
     if let Some(head) = lm_head {
@@ -329,8 +331,8 @@ fn layer_params(l: &Layer) -> usize {
 fn check_layer(i: usize, l: &Layer, earlier: &[Layer], h: usize) -> Result<()> {
     l.shape().validate(i)?;
     for (name, w) in [
-        ("input_layernorm", &l.attn_norm),
-        ("post_attention_layernorm", &l.mlp_norm),
+        (llama::ATTN_NORM.hf, &l.attn_norm),
+        (llama::MLP_NORM.hf, &l.mlp_norm),
     ] {
         let name = format!("layers.{i}.{name}");
         expect_len(&name, w, &[h])?;
@@ -410,15 +412,15 @@ fn expected_dims(l: &Layer, name: &str, h: usize) -> (usize, usize) {
     });
     let e = s.map_or(0, |s| s.inner);
     match name {
-        "self_attn.q_proj" | "mamba.in_proj.q" => (a_q, h),
-        "self_attn.k_proj" | "mamba.in_proj.k" => (a_k, h),
-        "self_attn.v_proj" | "mamba.in_proj.v" => (a_v, h),
-        "self_attn.o_proj" => (h, a_o),
-        "mamba.out_proj" => (h, if a.is_some() { a_o } else { e }),
-        "mamba.in_proj.x" | "mamba.in_proj.z" => (e, h),
-        "mamba.x_proj.0" => s.map_or((0, 0), |s| (s.dt_rank + 2 * s.d_state, e)),
-        "mamba.dt_proj.0" => s.map_or((0, 0), |s| (e, s.dt_rank)),
-        "mlp.gate_proj" | "mlp.up_proj" => (mlp, h),
+        n if n == llama::Q.hf || n == hymba::Q => (a_q, h),
+        n if n == llama::K.hf || n == hymba::K => (a_k, h),
+        n if n == llama::V.hf || n == hymba::V => (a_v, h),
+        n if n == llama::O.hf => (h, a_o),
+        hymba::OUT => (h, if a.is_some() { a_o } else { e }),
+        hymba::X | hymba::Z => (e, h),
+        hymba::X_PROJ => s.map_or((0, 0), |s| (s.dt_rank + 2 * s.d_state, e)),
+        hymba::DT_PROJ => s.map_or((0, 0), |s| (e, s.dt_rank)),
+        n if n == llama::GATE.hf || n == llama::UP.hf => (mlp, h),
         _ => (h, mlp),
     }
 }

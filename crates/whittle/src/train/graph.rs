@@ -8,6 +8,7 @@
 //! gradients silently); the selective scan is [`super::scan_op::SelectiveScan`].
 
 use super::scan_op::SelectiveScan;
+use crate::model::names::{hymba, llama, TensorName};
 use crate::model::{KvSource, Layer, Model};
 use candle_core::{DType, Device, Result, Tensor, Var, D};
 use std::collections::HashMap;
@@ -231,10 +232,10 @@ fn layer_forward(
             (Some(a), Some(y)) => {
                 let a = rms_norm(&a, w("fusion.0")?, eps)?;
                 let y = rms_norm(&y, w("fusion.1")?, eps)?;
-                (((a + y)? * 0.5)?, "mamba.out_proj")
+                (((a + y)? * 0.5)?, hymba::OUT)
             }
-            (Some(a), None) => (a, "self_attn.o_proj"),
-            (None, Some(y)) => (y, "mamba.out_proj"),
+            (Some(a), None) => (a, llama::O.hf),
+            (None, Some(y)) => (y, hymba::OUT),
             (None, None) => unreachable!(),
         };
         x = (x + linear(&mixed, w(out_name)?, ctx.dt)?)?;
@@ -243,9 +244,9 @@ fn layer_forward(
     }
     if layer.mlp.is_some() {
         let normed = rms_norm(&x, w("mlp_norm")?, eps)?;
-        let g = linear(&normed, w("mlp.gate_proj")?, ctx.dt)?.silu()?;
-        let u = linear(&normed, w("mlp.up_proj")?, ctx.dt)?;
-        x = (x + linear(&(g * u)?, w("mlp.down_proj")?, ctx.dt)?)?;
+        let g = linear(&normed, w(llama::GATE.hf)?, ctx.dt)?.silu()?;
+        let u = linear(&normed, w(llama::UP.hf)?, ctx.dt)?;
+        x = (x + linear(&(g * u)?, w(llama::DOWN.hf)?, ctx.dt)?)?;
     } else if let Some(e) = &layer.emulated.mlp {
         x = emulated(&x, e.maps.len(), |s| w(&format!("emulated.mlp.{s}")), ctx)?;
     }
@@ -285,22 +286,25 @@ fn attention(
     let (b, s, _) = normed.dims3()?;
     let sh = a.shape;
     // The names of Layer::linears: Hymba's split in_proj, or Llama's projections.
-    let w = |x: &str| -> Result<&Tensor> {
-        p.get(&if hybrid {
-            format!("layers.{i}.mamba.in_proj.{x}")
-        } else {
-            format!("layers.{i}.self_attn.{x}_proj")
-        })
+    let w = |llama: TensorName, hymba: &str| -> Result<&Tensor> {
+        p.get(&format!(
+            "layers.{i}.{}",
+            if hybrid { hymba } else { llama.hf }
+        ))
     };
     let heads = |x: Tensor, n: usize, d: usize| -> Result<Tensor> {
         x.reshape((b, s, n, d))?.transpose(1, 2)?.contiguous()
     };
-    let q = heads(linear(normed, w("q")?, ctx.dt)?, sh.n_heads, sh.head_dim)?;
+    let q = heads(
+        linear(normed, w(llama::Q, hymba::Q)?, ctx.dt)?,
+        sh.n_heads,
+        sh.head_dim,
+    )?;
     let q = rope(&q, &ctx.cos, &ctx.sin)?;
     let (k, v) = match a.kv {
         KvSource::Own { .. } => {
-            let k = linear(normed, w("k")?, ctx.dt)?;
-            let v = linear(normed, w("v")?, ctx.dt)?;
+            let k = linear(normed, w(llama::K, hymba::K)?, ctx.dt)?;
+            let v = linear(normed, w(llama::V, hymba::V)?, ctx.dt)?;
             let k = rope(&heads(k, sh.n_kv_heads, sh.head_dim)?, &ctx.cos, &ctx.sin)?;
             let v = heads(v, sh.n_kv_heads, sh.v_head_dim)?;
             shared[i] = Some((k.clone(), v.clone()));
@@ -335,16 +339,17 @@ fn ssm_branch(
     normed: &Tensor,
     eps: f64,
 ) -> Result<Tensor> {
-    let w = |name: &str| p.get(&format!("layers.{i}.mamba.{name}"));
+    let w = |name: &str| p.get(&format!("layers.{i}.{name}"));
+    let m_ = |name: &str| format!("mamba.{name}");
     let (b, s, _) = normed.dims3()?;
     let sh = m.shape;
     let (e, n, k, r) = (sh.inner, sh.d_state, sh.d_conv, sh.dt_rank);
-    let xs = linear(normed, w("in_proj.x")?, ctx.dt)?;
-    let z = linear(normed, w("in_proj.z")?, ctx.dt)?;
+    let xs = linear(normed, w(hymba::X)?, ctx.dt)?;
+    let z = linear(normed, w(hymba::Z)?, ctx.dt)?;
     // Depthwise causal conv: K shifted copies of the zero-padded input, each scaled per channel.
     let padded = xs.pad_with_zeros(1, k - 1, 0)?;
-    let conv_w = w("conv1d.weight")?;
-    let mut xc = w("conv1d.bias")?
+    let conv_w = w(&m_("conv1d.weight"))?;
+    let mut xc = w(&m_("conv1d.bias"))?
         .reshape((1, 1, e))?
         .broadcast_as((b, s, e))?
         .clone();
@@ -353,25 +358,26 @@ fn ssm_branch(
         xc = (xc + padded.narrow(1, j, s)?.broadcast_mul(&tap)?)?;
     }
     let xc = xc.silu()?;
-    let proj = linear(&xc, w("x_proj.0")?, ctx.dt)?;
+    let proj = linear(&xc, w(hymba::X_PROJ)?, ctx.dt)?;
     let (mut dt_r, mut bm, mut cm) = (
         proj.narrow(2, 0, r)?,
         proj.narrow(2, r, n)?,
         proj.narrow(2, r + n, n)?,
     );
     if m.inner_norms.is_some() {
-        dt_r = rms_norm(&dt_r, w("dt_layernorm")?, eps)?;
-        bm = rms_norm(&bm, w("B_layernorm")?, eps)?;
-        cm = rms_norm(&cm, w("C_layernorm")?, eps)?;
+        dt_r = rms_norm(&dt_r, w(&m_("dt_layernorm"))?, eps)?;
+        bm = rms_norm(&bm, w(&m_("B_layernorm"))?, eps)?;
+        cm = rms_norm(&cm, w(&m_("C_layernorm"))?, eps)?;
     }
-    let delta =
-        softplus(&linear(&dt_r, w("dt_proj.0")?, ctx.dt)?.broadcast_add(w("dt_proj.0.bias")?)?)?;
+    let delta = softplus(
+        &linear(&dt_r, w(hymba::DT_PROJ)?, ctx.dt)?.broadcast_add(w(&m_("dt_proj.0.bias"))?)?,
+    )?;
     let u = (&delta * &xc)?;
-    let a = w("A_log.0")?.exp()?.neg()?;
+    let a = w(&m_("A_log.0"))?.exp()?.neg()?;
     let du = Tensor::cat(&[&delta, &u], 2)?.contiguous()?;
     let bc = Tensor::cat(&[&bm, &cm], 2)?.contiguous()?;
     let y = du.apply_op3(&a.contiguous()?, &bc, SelectiveScan)?;
-    let y = (y + xc.broadcast_mul(w("D.0")?)?)?;
+    let y = (y + xc.broadcast_mul(w(&m_("D.0"))?)?)?;
     y * z.silu()?
 }
 
