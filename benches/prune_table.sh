@@ -35,9 +35,7 @@ done
 for m in angular shapley loo; do
   for k in 3 6; do run "d-$m-$k" --drop-layers $k --metric $m; done
 done
-for e in bias linear lowrank:64; do
-  for k in 3 6; do run "d-cos-$k-${e/:/}" --drop-layers $k --metric cosine --emulate "$e" "${CAL[@]}"; done
-done
+for k in 3 6; do run "d-cos-$k-linear" --drop-layers $k --metric cosine --emulate linear "${CAL[@]}"; done
 run attn-6-linear --drop-attn 6 --metric cosine --emulate linear "${CAL[@]}"
 run w-ffn-896 --ffn 896
 run w-ffn-256 --ffn 256
@@ -50,6 +48,9 @@ run auto-101M --target-params 101M "${SEARCH[@]}"
 run auto-67M --target-params 67M "${SEARCH[@]}"
 run d-cos-9-eq --drop-layers 9 --metric cosine      # depth at the parameters of auto-101M
 run d-cos-19-eq --drop-layers 19 --metric cosine    # ... and of auto-67M
+for e in lowrank:64 bias; do
+  for k in 3 6; do run "d-cos-$k-${e/:/}" --drop-layers $k --metric cosine --emulate "$e" "${CAL[@]}"; done
+done
 
 for name in ${FULL:-}; do
   [ -f "$OUT/$name.full.json" ] && continue
