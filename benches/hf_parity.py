@@ -52,12 +52,14 @@ def main() -> int:
         with torch.no_grad():
             t = model(torch.tensor([w["ids"]])).logits[0]
         diff = (t - torch.tensor(w["logits"])).abs().max().item()
+        scale = t.abs().max().item()
         ok = diff <= a.tolerance
         bad += not ok
         print(f"{folder}: layers {cfg['num_hidden_layers']}, hidden {cfg['hidden_size']}, "
               f"ffn {cfg['intermediate_size']}, heads {cfg['num_attention_heads']}/"
               f"{cfg['num_key_value_heads']}, head_dim {cfg['head_dim']}: "
-              f"max |logit diff| over {a.tokens} tokens {diff:.2e} {'ok' if ok else 'TOO LARGE'}")
+              f"max |logit diff| over {a.tokens} tokens {diff:.2e} (max |logit| {scale:.1f}) "
+              f"{'ok' if ok else 'TOO LARGE'}")
     return 1 if bad else 0
 
 

@@ -5,6 +5,7 @@
 #   [SAMPLES=128] [W=bin] bash benches/prune_table.sh [OUT_DIR]          # build + perplexity
 #   FULL="d-cos-6 ..." bash benches/prune_table.sh OUT_DIR                # + full test split
 #   SPEED="d-cos-6 ..." bash benches/prune_table.sh OUT_DIR               # + speed, same run
+# SKIP_BUILD=1 skips building and evaluating variants (only FULL / SPEED).
 # SPEED benchmarks the dense model (f32 HF folder) and the named variants one after another
 # (prefill 512/2048 and decode on f32 weights) and prints speed-up against FLOP reduction.
 set -euo pipefail
@@ -27,6 +28,7 @@ run() { # name, prune flags...
     --json "$OUT/$name.json" > "$OUT/$name.log" 2>&1 || { echo "$name failed, see $OUT/$name.log"; return 1; }
   grep -E "perplexity .* ->|^parameters" "$OUT/$name.log" | tr '\n' ' ' | sed "s/^/$name: /"; echo
 }
+if [ -z "${SKIP_BUILD:-}" ]; then
 for k in 3 6 9; do
   run "d-cos-$k" --drop-layers $k --metric cosine
   run "attn-$k" --drop-attn $k --metric cosine
@@ -51,6 +53,8 @@ run d-cos-19-eq --drop-layers 19 --metric cosine    # ... and of auto-67M
 for e in lowrank:64 bias; do
   for k in 3 6; do run "d-cos-$k-${e/:/}" --drop-layers $k --metric cosine --emulate "$e" "${CAL[@]}"; done
 done
+
+fi
 
 for name in ${FULL:-}; do
   [ -f "$OUT/$name.full.json" ] && continue

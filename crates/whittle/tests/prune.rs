@@ -157,6 +157,26 @@ fn width_pruning_equals_zeroing_the_pruned_units() {
     prune_width(&mut all, w, &narrow).unwrap();
     assert_eq!(all.config.hidden, 24);
     assert!(logits(&all, toks).iter().all(|v| v.is_finite()));
+    // 24 channels and 4 heads: a plain Llama for whittle and GGUF; 22 is not a multiple of the
+    // heads, which transformers' LlamaConfig rejects, so the HF folder says so by its type.
+    let dir = tempfile::tempdir().unwrap();
+    let odd = WidthTarget {
+        hidden: Some(22),
+        ..Default::default()
+    };
+    for (m, name, marked) in [(&mut all, "a", false), (&mut tiny_model(2), "b", true)] {
+        if marked {
+            prune_width(m, w, &odd).unwrap();
+        }
+        let path = dir.path().join(name);
+        whittle::io::safetensors::save(m, None, false, &path).unwrap();
+        let cfg = std::fs::read_to_string(path.join("config.json")).unwrap();
+        assert_eq!(cfg.contains("whittle_llama"), marked, "{cfg}");
+        assert_eq!(
+            logits(&whittle::io::safetensors::load(&path).unwrap(), toks),
+            logits(m, toks)
+        );
+    }
 }
 
 #[test]

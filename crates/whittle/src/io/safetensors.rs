@@ -454,12 +454,26 @@ fn config_json(model: &Model, tokenizer: Option<&Tokenizer>) -> Value {
     if !uniform {
         v["whittle_layers"] = serde_json::to_value(&shapes).unwrap_or(Value::Null);
     }
-    if let Some(why) = model.irregularity() {
+    if let Some(why) = model.irregularity().or_else(|| transformers_refuses(model)) {
         v["architectures"] = json!(["WhittleLlamaForCausalLM"]);
         v["model_type"] = json!("whittle_llama");
         v["whittle_irregular"] = json!(why);
     }
     v
+}
+
+/// Why transformers' `LlamaConfig` would reject a model that is otherwise a plain Llama: it
+/// requires the hidden size to be a multiple of the attention heads (even with `head_dim` set),
+/// which width pruning can break (e.g. 448 channels and 9 heads).
+fn transformers_refuses(model: &Model) -> Option<String> {
+    let heads = model.layers.first()?.attn.as_ref()?.shape.n_heads;
+    (!model.config.hidden.is_multiple_of(heads)).then(|| {
+        format!(
+            "hidden size {} is not a multiple of the {heads} attention heads, which \
+             transformers' LlamaConfig requires",
+            model.config.hidden
+        )
+    })
 }
 
 /// Writes `model` (and `tokenizer`) as an HF folder at `dir`, atomically: everything goes to a

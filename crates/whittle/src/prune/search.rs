@@ -1,6 +1,7 @@
 //! Automatic architecture choice under a parameter budget (`--target-params`, as ModelOpt's
 //! Minitron mode): enumerate uniform width/depth candidates (hidden and MLP widths multiples of
-//! 64, whole query heads per KV group, whole blocks dropped by the depth metric), keep the ones
+//! 64, whole query heads per KV group, whole blocks dropped by the depth metric; the hidden size
+//! a multiple of the query heads, so that transformers loads the result), keep the ones
 //! closest below the budget, prune a copy of the model to each and score it by the KL divergence
 //! of its next-token distributions from the dense model's on a held-out slice; the lowest wins.
 
@@ -77,6 +78,10 @@ pub fn candidates(model: &Model, budget: usize, keep: usize) -> Result<Vec<Candi
     for h in widths(c.hidden) {
         for f in widths(ffn) {
             for g in 1..=group {
+                // transformers' LlamaConfig wants the hidden size a multiple of the heads.
+                if !h.is_multiple_of(a.n_kv_heads * g) {
+                    continue;
+                }
                 let q = a.n_kv_heads * g * a.head_dim;
                 let layer = 2 * h + 2 * h * q + 2 * h * a.kv_dim() + 3 * h * f;
                 for drop in 0..=n / 2 {
