@@ -107,6 +107,9 @@ pub fn inspect(model: Option<&str>, json_out: Option<PathBuf>) -> Result<()> {
         for (name, _, lin) in l.linears() {
             *modules.entry(name.to_string()).or_default() += lin.n_params();
         }
+        for (name, e) in l.emulated.named() {
+            *modules.entry(format!("emulated {name} updates")).or_default() += e.n_params();
+        }
     }
     if let Some(h) = &model.lm_head {
         modules.insert("lm_head".into(), h.n_params());
