@@ -108,7 +108,9 @@ pub fn inspect(model: Option<&str>, json_out: Option<PathBuf>) -> Result<()> {
             *modules.entry(name.to_string()).or_default() += lin.n_params();
         }
         for (name, e) in l.emulated.named() {
-            *modules.entry(format!("emulated {name} updates")).or_default() += e.n_params();
+            *modules
+                .entry(format!("emulated {name} updates"))
+                .or_default() += e.n_params();
         }
     }
     if let Some(h) = &model.lm_head {
