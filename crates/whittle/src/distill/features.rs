@@ -85,14 +85,7 @@ mod tests {
         let want: f32 =
             s.iter().zip(&t).map(|(a, b)| (a - b).powi(2)).sum::<f32>() / (n * c) as f32;
         assert!((l.to_scalar::<f32>().unwrap() - want).abs() < 1e-6);
-        let g = l.backward().unwrap();
-        let g = g
-            .get(&var)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+        let g = crate::train::grad_of(&l, &var);
         for i in 0..n * c {
             assert!((g[i] - 2.0 * (s[i] - t[i]) / (n * c) as f32).abs() < 1e-6);
         }

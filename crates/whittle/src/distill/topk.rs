@@ -158,14 +158,7 @@ mod tests {
     ) -> (f32, Vec<f32>) {
         let var = Var::from_vec(s.to_vec(), (rows, vocab), &Device::Cpu).unwrap();
         let loss = crate::train::loss_op::mean_over_rows(var.as_tensor(), op).unwrap();
-        let g = loss.backward().unwrap();
-        let g = g
-            .get(&var)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+        let g = crate::train::grad_of(&loss, &var);
         (loss.to_scalar::<f32>().unwrap(), g)
     }
 

@@ -419,8 +419,8 @@ impl Model {
         }
     }
 
-    /// Whether a later layer reads layer `index`'s K/V.
-    fn kv_is_shared(&self, index: usize) -> bool {
+    /// Whether a later layer reads layer `index`'s K/V (Hymba's KV sharing).
+    pub(crate) fn kv_is_shared(&self, index: usize) -> bool {
         self.layers[index + 1..].iter().any(
             |l| matches!(l.attn.as_ref().map(|a| &a.kv), Some(KvSource::Shared(p)) if *p == index),
         )

@@ -111,7 +111,7 @@ pub fn check_units(model: &Model, units: &[Unit]) -> Result<()> {
         if missing {
             return Err(Error::Invalid(format!("{u} was already removed")));
         }
-        if u.has_attn() && l.attn.is_some() && super::kv_is_read_later(model, i) {
+        if u.has_attn() && l.attn.is_some() && model.kv_is_shared(i) {
             return Err(Error::Invalid(format!(
                 "{u}: later layers read this layer's K/V"
             )));

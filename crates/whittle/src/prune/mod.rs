@@ -20,7 +20,6 @@ pub mod shapley;
 pub mod stage;
 pub mod width;
 
-use crate::model::KvSource;
 use crate::{Error, Model, Result};
 use serde::{Deserialize, Serialize};
 
@@ -55,13 +54,6 @@ impl std::fmt::Display for Unit {
             Unit::Mlp(i) => write!(f, "MLP of layer {i}"),
         }
     }
-}
-
-/// Whether a later layer reads layer `i`'s keys and values (Hymba's KV sharing).
-fn kv_is_read_later(model: &Model, i: usize) -> bool {
-    model.layers[i + 1..]
-        .iter()
-        .any(|l| matches!(l.attn.as_ref().map(|a| &a.kv), Some(KvSource::Shared(p)) if *p == i))
 }
 
 /// Which depth metric ranks units for removal.

@@ -9,3 +9,17 @@ pub mod optim;
 pub mod presets;
 pub mod scan_op;
 pub mod trainer;
+
+/// The gradient of `loss` with respect to `var`, flattened: what every test of a
+/// differentiable op compares with its closed form or finite differences.
+#[cfg(test)]
+pub(crate) fn grad_of(loss: &candle_core::Tensor, var: &candle_core::Var) -> Vec<f32> {
+    loss.backward()
+        .unwrap()
+        .get(var)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+}

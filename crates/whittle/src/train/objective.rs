@@ -295,14 +295,7 @@ mod tests {
                     (got - want).abs() < 1e-5 * want.max(1.0),
                     "{divergence:?} T={temperature}: {got} vs {want}"
                 );
-                let grads = loss.backward().unwrap();
-                let g = grads
-                    .get(&var)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap();
+                let g = crate::train::grad_of(&loss, &var);
                 for i in 0..x.len() {
                     let h = 1e-6;
                     let (mut up, mut down) = (x.clone(), x.clone());
