@@ -30,20 +30,19 @@ impl Emulation {
     /// Adds the emulated update to `x` (`rows × hidden`) in place.
     pub fn apply(&self, x: &mut [f32], rows: usize) {
         let h = self.bias.len();
-        let mut cur = x.to_vec();
+        // The maps' output; the first map reads `x` itself.
+        let mut mapped: Option<Vec<f32>> = None;
         for m in &self.maps {
             let mut next = vec![0f32; rows * m.out_features];
-            m.forward(&cur, rows, &mut next);
-            cur = next;
+            m.forward(mapped.as_deref().unwrap_or(x), rows, &mut next);
+            mapped = Some(next);
         }
-        if self.maps.is_empty() {
-            cur.clear();
-            cur.resize(rows * h, 0.0);
+        if let Some(update) = mapped {
+            add_in_place(x, &update, h);
         }
-        for row in cur.chunks_exact_mut(h) {
+        for row in x.chunks_exact_mut(h) {
             add_in_place(row, &self.bias, h);
         }
-        add_in_place(x, &cur, h);
     }
 
     /// Rank of the map: 0 for a bias alone, `hidden` for a full linear.

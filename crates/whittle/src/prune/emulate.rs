@@ -183,11 +183,13 @@ impl Observer for Fitter {
                 _ => {}
             }
         }
-        match site {
-            Site::BlockIn => self.block_in = x.to_vec(),
-            Site::Mixed => self.mixed = x.to_vec(),
-            _ => {}
-        }
+        let keep = match site {
+            Site::BlockIn => &mut self.block_in,
+            Site::Mixed => &mut self.mixed,
+            _ => return,
+        };
+        keep.clear();
+        keep.extend_from_slice(x);
     }
 }
 
