@@ -5,6 +5,7 @@ mod baselines;
 mod bench;
 mod commands;
 mod compress;
+mod distill;
 mod plot;
 mod prune;
 mod report;
@@ -182,6 +183,12 @@ enum Command {
     /// Train a Llama, Mamba or Hymba model from scratch on a corpus folder (resumes from
     /// OUT/checkpoint when present).
     Train(train::TrainArgs),
+    /// Train a student toward a teacher (logit KD, feature KD with PHI-S and other normalisers,
+    /// cross-entropy fine-tuning; any loaded model, frozen groups, adapters only, fixed
+    /// sparsity); resumes from OUT/checkpoint, writes OUT/model.
+    Distill(distill::DistillArgs),
+    /// Run a teacher once over training windows and store its top-k logits for `distill`.
+    TeacherCache(distill::TeacherCacheArgs),
     /// Plot training curves (loss and validation perplexity) of runs to an SVG file.
     Plot {
         /// Run folders written by `whittle train`.
@@ -384,6 +391,8 @@ fn main() {
             }
         }
         Command::Train(args) => train::run(&args),
+        Command::Distill(args) => distill::distill(&args),
+        Command::TeacherCache(args) => distill::teacher_cache(&args),
         Command::Plot { runs, out } => plot::curves(&runs, &out),
     };
     if let Err(e) = result {

@@ -12,7 +12,7 @@ use whittle::io::resolve::{self, ModelSpec};
 use whittle::model::{Arch, KvCache};
 use whittle::train::optim::AdamWConfig;
 use whittle::train::presets::{Preset, Size};
-use whittle::train::trainer::{TokenData, TrainConfig, Trainer};
+use whittle::train::trainer::{Start, Teacher, TokenData, TrainConfig, Trainer};
 
 #[derive(clap::ValueEnum, Clone, Copy)]
 pub enum ArchArg {
@@ -83,7 +83,7 @@ pub struct TrainArgs {
 impl TrainArgs {
     fn config(&self) -> TrainConfig {
         TrainConfig {
-            preset: Preset {
+            preset: Some(Preset {
                 arch: match self.arch {
                     ArchArg::Llama => Arch::Llama,
                     ArchArg::Mamba => Arch::Mamba,
@@ -95,7 +95,7 @@ impl TrainArgs {
                 },
                 meta_tokens: !self.no_meta_tokens,
                 kv_sharing: !self.no_kv_sharing,
-            },
+            }),
             steps: self.steps,
             batch: self.batch,
             seq_len: self.seq_len,
@@ -113,12 +113,15 @@ impl TrainArgs {
             ckpt_every: self.ckpt_every,
             seed: self.seed,
             bf16: self.bf16,
+            objective: "ce".into(),
+            groups: Default::default(),
+            head_windows: 0,
         }
     }
 }
 
 /// Files of a corpus folder's split: the names in `SPLIT.list` (the Gutenberg corpus's layout).
-fn split_files(dir: &Path, split: &str) -> Result<Vec<PathBuf>> {
+pub(crate) fn split_files(dir: &Path, split: &str) -> Result<Vec<PathBuf>> {
     let list = dir.join(format!("{split}.list"));
     let text = std::fs::read_to_string(&list)
         .with_context(|| format!("{}: cannot read the {split} file list", list.display()))?;
@@ -130,17 +133,26 @@ fn split_files(dir: &Path, split: &str) -> Result<Vec<PathBuf>> {
         .collect())
 }
 
-/// Token ids of `files`, books joined by the end-of-text token; cached in `cache` (u32 LE).
+/// Token ids of `files` read by the default model's tokenizer (the study's), cached in `cache`.
 fn tokens(files: &[PathBuf], cache: &Path) -> Result<Vec<u32>> {
+    let path = ModelSpec::Default.resolve()?;
+    let model = resolve::load_model(&path)?;
+    let tok = resolve::load_tokenizer(&path, &model)?;
+    tokens_with(&tok, files, cache)
+}
+
+/// Token ids of `files`, books joined by the end-of-text token; cached in `cache` (u32 LE).
+pub(crate) fn tokens_with(
+    tok: &whittle::io::tokenizer::Tokenizer,
+    files: &[PathBuf],
+    cache: &Path,
+) -> Result<Vec<u32>> {
     if let Ok(bytes) = std::fs::read(cache) {
         return Ok(bytes
             .chunks_exact(4)
             .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect());
     }
-    let path = ModelSpec::Default.resolve()?;
-    let model = resolve::load_model(&path)?;
-    let tok = resolve::load_tokenizer(&path, &model)?;
     let mut ids = Vec::new();
     for f in files {
         ids.extend(tok.encode(&whittle::data::text::read_text(f)?)?);
@@ -157,7 +169,7 @@ const VOCAB: usize = 49152;
 /// Keeps freed memory in the process. A training step allocates and frees tensors of hundreds of
 /// MB; glibc returns each to the kernel (mmap/munmap) and the next one page-faults its way back:
 /// measured, that costs 40 % of a small model's step (550 vs 950 tokens/s).
-fn keep_freed_memory() {
+pub(crate) fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator tuning parameters; it is called before the
     // training threads start allocating.
@@ -194,39 +206,72 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         data.valid.len(),
         t0.elapsed().as_secs_f64()
     );
-    let mut trainer = if out.join("checkpoint/state.json").is_file() {
-        let t = Trainer::resume(out, VOCAB)?;
-        if t.config != config {
-            bail!(
-                "{} holds a run with other settings; use a new --out or the same settings:\n{:#?}",
-                out.display(),
-                t.config
-            );
-        }
-        eprintln!("resuming at step {} of {}", t.step, t.config.steps);
-        t
-    } else {
-        Trainer::new(config, VOCAB)?
+    let start = || Start::Preset { vocab: VOCAB };
+    let mut trainer = match resumable(out, &config)? {
+        true => Trainer::resume(out, start(), Teacher::None, &data)?,
+        false => Trainer::new(config, start(), Teacher::None, &data)?,
     };
     let c = trainer.config.clone();
-    eprintln!(
-        "{:?} {:?}: {:.2} M parameters ({:.2} M outside the embedding)",
-        c.preset.arch,
-        c.preset.size,
-        trainer.n_params() as f64 / 1e6,
-        (trainer.n_params() - trainer.model.embed.n_params()) as f64 / 1e6
-    );
+    if let Some(p) = c.preset {
+        eprintln!(
+            "{:?} {:?}: {:.2} M parameters ({:.2} M outside the embedding)",
+            p.arch,
+            p.size,
+            trainer.n_params() as f64 / 1e6,
+            (trainer.n_params() - trainer.model.embed.n_params()) as f64 / 1e6
+        );
+    }
+    if drive(&mut trainer, &data, out, max_minutes)? {
+        summary(&mut trainer, &data, out)?;
+    }
+    Ok(())
+}
+
+/// Whether `out` holds a checkpoint of a run with `config` to resume; fails when it holds a run
+/// with other settings.
+pub(crate) fn resumable(out: &Path, config: &TrainConfig) -> Result<bool> {
+    if !out.join("checkpoint/state.json").is_file() {
+        return Ok(false);
+    }
+    let saved = Trainer::saved_config(out)?;
+    if &saved != config {
+        bail!(
+            "{} holds a run with other settings; use a new --out or the same settings:\n{:#?}",
+            out.display(),
+            saved
+        );
+    }
+    Ok(true)
+}
+
+/// Runs `trainer` to its last step or the time budget, checkpointing in `out`, with a progress
+/// bar; returns whether the run is finished.
+pub(crate) fn drive(
+    trainer: &mut Trainer,
+    data: &TokenData,
+    out: &Path,
+    max_minutes: Option<f64>,
+) -> Result<bool> {
+    let c = trainer.config.clone();
+    if trainer.step > 0 {
+        eprintln!("resuming at step {} of {}", trainer.step, c.steps);
+    }
     let pb = crate::report::progress(c.steps as usize, "training");
     pb.set_position(trainer.step);
     let deadline =
         max_minutes.map(|m| Instant::now() + std::time::Duration::from_secs_f64(m * 60.0));
-    trainer.run(&data, Some(out), None, deadline, &mut |r| {
+    trainer.run(data, Some(out), None, deadline, &mut |r| {
         pb.set_position(r.step);
         let val = r
             .val_ppl
             .map_or(String::new(), |p| format!(" · val ppl {p:.2}"));
+        let parts: String = r
+            .parts
+            .iter()
+            .map(|(n, v)| format!(" {n} {v:.3}"))
+            .collect();
         pb.set_message(format!(
-            "loss {:.3} · {:.0} tok/s{val}",
+            "loss {:.3}{parts} · {:.0} tok/s{val}",
             r.loss, r.tokens_per_s
         ));
     })?;
@@ -236,10 +281,10 @@ pub fn run(args: &TrainArgs) -> Result<()> {
             "time budget spent at step {}; run the same command again to resume",
             trainer.step
         );
-        return Ok(());
+        return Ok(false);
     }
     pb.finish();
-    summary(&mut trainer, &data, out)
+    Ok(true)
 }
 
 /// Final figures of a finished run: validation perplexity, cache size and decode speed.

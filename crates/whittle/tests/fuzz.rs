@@ -618,7 +618,17 @@ fn formats(work: &Path) -> Vec<Format> {
     });
 
     // Training checkpoints: state.json and the parameters with their optimizer moments.
-    let t = whittle::train::trainer::Trainer::new(checkpoint_config(), common::VOCAB).unwrap();
+    use whittle::train::trainer::{Start, Teacher, TokenData, Trainer};
+    let start = || Start::Preset {
+        vocab: common::VOCAB,
+    };
+    let mut t = Trainer::new(
+        checkpoint_config(),
+        start(),
+        Teacher::None,
+        &TokenData::default(),
+    )
+    .unwrap();
     for (name, file, kind) in [
         ("checkpoint state.json", "state.json", Kind::Json),
         ("checkpoint params", "params.safetensors", Kind::Safetensors),
@@ -635,7 +645,7 @@ fn formats(work: &Path) -> Vec<Format> {
             header: 4 << 10,
             read: Box::new(|d| {
                 let run = d.parent().unwrap();
-                whittle::train::trainer::Trainer::resume(run, common::VOCAB).map(|_| ())
+                Trainer::resume(run, start(), Teacher::None, &TokenData::default()).map(|_| ())
             }),
         });
     }
@@ -646,12 +656,12 @@ fn formats(work: &Path) -> Vec<Format> {
 fn checkpoint_config() -> whittle::train::trainer::TrainConfig {
     use whittle::train::{presets::Preset, presets::Size, trainer::TrainConfig};
     TrainConfig {
-        preset: Preset {
+        preset: Some(Preset {
             arch: whittle::model::Arch::Llama,
             size: Size::Tiny,
             meta_tokens: false,
             kv_sharing: false,
-        },
+        }),
         steps: 4,
         batch: 2,
         seq_len: 16,
@@ -666,6 +676,9 @@ fn checkpoint_config() -> whittle::train::trainer::TrainConfig {
         ckpt_every: 0,
         seed: 1,
         bf16: false,
+        objective: "ce".into(),
+        groups: Default::default(),
+        head_windows: 0,
     }
 }
 

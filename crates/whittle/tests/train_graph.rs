@@ -8,6 +8,31 @@ use whittle::model::Logits;
 use whittle::train::graph::{cross_entropy, forward, Trainable};
 use whittle::Model;
 
+/// The tiny Llama with rank-2 adapters on two linears and the head: the graph must add
+/// `B A x` wherever inference does.
+fn with_adapters(mut m: Model) -> Model {
+    let mut seed = 11usize;
+    let mut value = || {
+        seed = seed * 1103515245 % 2147483648 + 12345;
+        ((seed >> 8) % 1000) as f32 / 2000.0 - 0.25
+    };
+    let mut add = |l: &mut whittle::model::Linear| {
+        let (o, i) = (l.out_features, l.in_features);
+        l.adapter = Some(whittle::model::LowRank {
+            rank: 2,
+            a: (0..2 * i).map(|_| value()).collect(),
+            b: (0..o * 2).map(|_| value()).collect(),
+        });
+    };
+    for (name, _, lin) in m.layers[0].linears_mut() {
+        if name == "self_attn.q_proj" || name == "mlp.down_proj" {
+            add(lin);
+        }
+    }
+    add(m.lm_head.get_or_insert_with(|| m.embed.clone()));
+    m
+}
+
 fn ids(n: usize, vocab: usize, seed: usize) -> Vec<u32> {
     (0..n)
         .map(|i| ((i * 31 + seed * 7 + 3) % vocab) as u32)
@@ -20,10 +45,11 @@ fn graph_logits_equal_inference_logits() {
         ("llama", common::tiny_model(2)),
         ("hymba", common::hymba_tiny()),
         ("mamba", common::tiny_mamba(2, 32, Some(24), 5)),
+        ("llama with adapters", with_adapters(common::tiny_model(2))),
     ] {
         let vocab = m.config.vocab_size;
         let (a, b) = (ids(21, vocab, 1), ids(21, vocab, 2));
-        let p = Trainable::new(&mut m).unwrap();
+        let p = Trainable::all(&mut m).unwrap();
         let batch =
             Tensor::from_vec([a.clone(), b.clone()].concat(), (2, 21), &Device::Cpu).unwrap();
         let got = forward(&m, &p, &batch).unwrap();
@@ -42,7 +68,7 @@ fn graph_logits_equal_inference_logits() {
 fn check_gradients(mut m: Model) {
     let vocab = m.config.vocab_size;
     let seq = ids(13, vocab, 3);
-    let p = Trainable::new(&mut m).unwrap();
+    let p = Trainable::all(&mut m).unwrap();
     let x = Tensor::from_vec(seq[..12].to_vec(), (1, 12), &Device::Cpu).unwrap();
     let y = Tensor::from_vec(seq[1..].to_vec(), (1, 12), &Device::Cpu).unwrap();
     let loss = |p: &Trainable| cross_entropy(&forward(&m, p, &x).unwrap(), &y).unwrap();
@@ -82,6 +108,7 @@ fn check_gradients(mut m: Model) {
 fn gradients_match_finite_differences_llama_and_mamba() {
     check_gradients(common::tiny_model(4));
     check_gradients(common::tiny_mamba(2, 32, Some(24), 5));
+    check_gradients(with_adapters(common::tiny_model(3)));
 }
 
 #[test]

@@ -4,9 +4,10 @@
 use whittle::model::Arch;
 use whittle::train::optim::AdamWConfig;
 use whittle::train::presets::{Preset, Size};
-use whittle::train::trainer::{TokenData, TrainConfig, Trainer};
+use whittle::train::trainer::{Start, Teacher, TokenData, TrainConfig, Trainer};
 
 const VOCAB: usize = 48;
+const START: Start = Start::Preset { vocab: VOCAB };
 
 /// A learnable stream: each token mostly follows from the previous one.
 fn stream(n: usize, seed: u64) -> Vec<u32> {
@@ -29,12 +30,12 @@ fn stream(n: usize, seed: u64) -> Vec<u32> {
 
 fn config(arch: Arch, steps: u64) -> TrainConfig {
     TrainConfig {
-        preset: Preset {
+        preset: Some(Preset {
             arch,
             size: Size::Tiny,
             meta_tokens: true,
             kv_sharing: true,
-        },
+        }),
         steps,
         batch: 2,
         seq_len: 24,
@@ -49,6 +50,9 @@ fn config(arch: Arch, steps: u64) -> TrainConfig {
         ckpt_every: 0,
         seed: 7,
         bf16: false,
+        objective: "ce".into(),
+        groups: Default::default(),
+        head_windows: 0,
     }
 }
 
@@ -63,17 +67,17 @@ fn data() -> TokenData {
 fn resumed_run_equals_uninterrupted_run() {
     let data = data();
     for arch in [Arch::Hymba, Arch::Llama, Arch::Mamba] {
-        let mut whole = Trainer::new(config(arch, 6), VOCAB).unwrap();
+        let mut whole = Trainer::new(config(arch, 6), START, Teacher::None, &data).unwrap();
         whole.run(&data, None, None, None, &mut |_| {}).unwrap();
 
         let dir = tempfile::tempdir().unwrap();
-        let mut first = Trainer::new(config(arch, 6), VOCAB).unwrap();
+        let mut first = Trainer::new(config(arch, 6), START, Teacher::None, &data).unwrap();
         first
             .run(&data, Some(dir.path()), Some(3), None, &mut |_| {})
             .unwrap();
         assert_eq!(first.step, 3);
         drop(first);
-        let mut rest = Trainer::resume(dir.path(), VOCAB).unwrap();
+        let mut rest = Trainer::resume(dir.path(), START, Teacher::None, &data).unwrap();
         assert_eq!(rest.step, 3);
         rest.run(&data, Some(dir.path()), None, None, &mut |_| {})
             .unwrap();
@@ -105,7 +109,7 @@ fn training_reduces_validation_perplexity() {
     let mut cfg = config(Arch::Llama, 60);
     cfg.eval_every = 60;
     cfg.lr = 1e-2;
-    let mut t = Trainer::new(cfg, VOCAB).unwrap();
+    let mut t = Trainer::new(cfg, START, Teacher::None, &data).unwrap();
     let before = t.validate(&data).unwrap();
     t.run(&data, None, None, None, &mut |_| {}).unwrap();
     let after = t.log.last().unwrap().val_ppl.unwrap();
@@ -142,7 +146,7 @@ fn bf16_matmuls_train_too() {
     cfg.bf16 = true;
     cfg.lr = 1e-2;
     cfg.eval_every = 30;
-    let mut t = Trainer::new(cfg, VOCAB).unwrap();
+    let mut t = Trainer::new(cfg, START, Teacher::None, &data).unwrap();
     let before = t.validate(&data).unwrap();
     t.run(&data, None, None, None, &mut |_| {}).unwrap();
     let after = t.log.last().unwrap().val_ppl.unwrap();

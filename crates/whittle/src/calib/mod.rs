@@ -3,5 +3,6 @@
 
 pub mod hessian;
 pub mod obs;
+pub mod ridge;
 pub mod sequential;
 pub mod stats;

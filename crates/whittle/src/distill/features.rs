@@ -5,7 +5,8 @@ use crate::{Error, Result};
 use candle_core::{Tensor, D};
 
 /// How student features are compared with the teacher's.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum FeatureLoss {
     /// Mean squared error over tokens and channels.
     Mse,

@@ -12,14 +12,9 @@
 //! Activations are those of the model before removal, taken in one pass for all removed units.
 
 use super::Unit;
+use crate::calib::ridge::{row_major, RidgeSums};
 use crate::model::{Emulation, Linear, Observer, Site};
 use crate::{Error, Model, Result};
-use faer::linalg::solvers::Solve;
-use faer::{Mat, Side};
-
-/// Ridge term, relative to the mean input variance: keeps directions the calibration data never
-/// excites at zero instead of at noise.
-const RIDGE: f64 = 1e-4;
 
 /// How removed units are replaced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,69 +52,25 @@ impl EmulateKind {
     }
 }
 
-/// Streamed least-squares sums of one unit.
-struct UnitSums {
-    n: usize,
-    sx: Vec<f64>,
-    sd: Vec<f64>,
-    xtx: Mat<f64>,
-    xtd: Mat<f64>,
-}
+/// Streamed least-squares sums of one unit: inputs `x`, targets the updates `Δ = y − x`.
+struct UnitSums(RidgeSums);
 
 impl UnitSums {
-    fn new(h: usize) -> Self {
-        UnitSums {
-            n: 0,
-            sx: vec![0.0; h],
-            sd: vec![0.0; h],
-            xtx: Mat::zeros(h, h),
-            xtd: Mat::zeros(h, h),
-        }
-    }
-
-    fn add(&mut self, x: &[f32], y: &[f32], h: usize) {
-        let t = x.len() / h;
-        let xm = Mat::<f64>::from_fn(t, h, |r, c| x[r * h + c] as f64);
-        let dm = Mat::<f64>::from_fn(t, h, |r, c| (y[r * h + c] - x[r * h + c]) as f64);
-        for r in 0..t {
-            for c in 0..h {
-                self.sx[c] += xm[(r, c)];
-                self.sd[c] += dm[(r, c)];
-            }
-        }
-        self.xtx += xm.transpose() * &xm;
-        self.xtd += xm.transpose() * &dm;
-        self.n += t;
+    fn add(&mut self, x: &[f32], y: &[f32]) {
+        let delta: Vec<f32> = y.iter().zip(x).map(|(a, b)| a - b).collect();
+        self.0.add(x, &delta);
     }
 
     fn fit(&self, kind: EmulateKind, name: &str) -> Result<Emulation> {
-        let h = self.sx.len();
-        let n = self.n.max(1) as f64;
-        let mx: Vec<f64> = self.sx.iter().map(|v| v / n).collect();
-        let md: Vec<f64> = self.sd.iter().map(|v| v / n).collect();
         let f32s = |v: &[f64]| v.iter().map(|x| *x as f32).collect::<Vec<f32>>();
         if kind == EmulateKind::Bias {
             return Ok(Emulation {
                 maps: vec![],
-                bias: f32s(&md),
+                bias: f32s(&self.0.mean_y()),
             });
         }
-        let cxx = Mat::<f64>::from_fn(h, h, |i, j| self.xtx[(i, j)] / n - mx[i] * mx[j]);
-        let cxd = Mat::<f64>::from_fn(h, h, |i, j| self.xtd[(i, j)] / n - mx[i] * md[j]);
-        let mean_var = (0..h).map(|i| cxx[(i, i)]).sum::<f64>() / h as f64;
-        if mean_var.is_nan() || mean_var <= 0.0 {
-            return Err(Error::Invalid(format!(
-                "{name}: the calibration inputs do not vary; cannot fit an emulated update"
-            )));
-        }
-        let damped = Mat::<f64>::from_fn(h, h, |i, j| {
-            cxx[(i, j)] + if i == j { RIDGE * mean_var } else { 0.0 }
-        });
-        let llt = damped
-            .llt(Side::Lower)
-            .map_err(|e| Error::Invalid(format!("{name}: input covariance not definite: {e:?}")))?;
-        // in × out: Δ ≈ xᵀ W̃.
-        let w = llt.solve(&cxd);
+        let fit = self.0.fit(name)?;
+        let (w, h) = (&fit.w, fit.mean_x.len());
         let (a, b) = match kind {
             EmulateKind::LowRank(r) => {
                 if r > h {
@@ -127,17 +78,12 @@ impl UnitSums {
                         "{name}: rank {r} exceeds the hidden width {h}"
                     )));
                 }
-                let fitted = w.transpose() * &cxx * &w;
+                let fitted = w.transpose() * &fit.cxx * w;
                 let (v, _) = crate::lowrank::top_eigen(&fitted, r)?;
                 // A = Vᵀ W̃ᵀ (r × in), B = V (out × r).
                 (v.transpose() * w.transpose(), Some(v))
             }
             _ => (w.transpose().to_owned(), None),
-        };
-        let map = |m: &Mat<f64>| -> Vec<f32> {
-            (0..m.nrows())
-                .flat_map(|i| (0..m.ncols()).map(move |j| m[(i, j)] as f32))
-                .collect()
         };
         // b = E[Δ] − B A E[x] (or W E[x]).
         let full = match &b {
@@ -145,11 +91,11 @@ impl UnitSums {
             None => a.clone(),
         };
         let bias: Vec<f64> = (0..h)
-            .map(|o| md[o] - (0..h).map(|i| full[(o, i)] * mx[i]).sum::<f64>())
+            .map(|o| fit.mean_y[o] - (0..h).map(|i| full[(o, i)] * fit.mean_x[i]).sum::<f64>())
             .collect();
-        let mut maps = vec![Linear::dense(name, map(&a), a.nrows(), h)?];
+        let mut maps = vec![Linear::dense(name, row_major(&a), a.nrows(), h)?];
         if let Some(v) = &b {
-            maps.push(Linear::dense(name, map(v), h, v.ncols())?);
+            maps.push(Linear::dense(name, row_major(v), h, v.ncols())?);
         }
         Ok(Emulation {
             maps,
@@ -177,9 +123,9 @@ impl Observer for Fitter {
         let x = &x[self.skip * h..];
         for (u, sums) in &mut self.units {
             match (*u, site) {
-                (Unit::Attn(i), Site::Mixed) if i == layer => sums.add(&self.block_in, x, h),
-                (Unit::Mlp(i), Site::BlockOut) if i == layer => sums.add(&self.mixed, x, h),
-                (Unit::Block(i), Site::BlockOut) if i == layer => sums.add(&self.block_in, x, h),
+                (Unit::Attn(i), Site::Mixed) if i == layer => sums.add(&self.block_in, x),
+                (Unit::Mlp(i), Site::BlockOut) if i == layer => sums.add(&self.mixed, x),
+                (Unit::Block(i), Site::BlockOut) if i == layer => sums.add(&self.block_in, x),
                 _ => {}
             }
         }
@@ -214,7 +160,10 @@ pub fn fit_emulations(
     let mut fitter = Fitter {
         hidden: h,
         skip: model.config.memory_tokens,
-        units: units.iter().map(|u| (*u, UnitSums::new(h))).collect(),
+        units: units
+            .iter()
+            .map(|u| (*u, UnitSums(RidgeSums::new(h, h))))
+            .collect(),
         block_in: Vec::new(),
         mixed: Vec::new(),
     };

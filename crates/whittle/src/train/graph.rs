@@ -13,47 +13,60 @@ use crate::model::{KvSource, Layer, Model};
 use candle_core::{DType, Device, Result, Tensor, Var, D};
 use std::collections::HashMap;
 
-/// The model's parameters as candle variables, by [`Model::visit_parameters`] name.
+/// The model's parameters as candle tensors, by [`Model::visit_parameters`] name: the trained
+/// ones as variables, the frozen ones as plain tensors (no gradient is computed for them).
 pub struct Trainable {
+    /// Names of the trained parameters, in the model's order.
     pub names: Vec<String>,
     pub vars: HashMap<String, Var>,
+    pub frozen: HashMap<String, Tensor>,
     /// Dtype of the matrix products (bf16: mixed precision, weights and everything else stay
     /// f32, as PyTorch's autocast does).
     pub matmul_dtype: DType,
 }
 
 impl Trainable {
-    /// Copies every parameter of `model` into a variable.
-    pub fn new(model: &mut Model) -> Result<Self> {
-        let mut names = Vec::new();
-        let mut vars = HashMap::new();
-        let mut err = None;
-        model.visit_parameters(&mut |name, shape, data| match Var::from_slice(
-            data,
-            shape,
-            &Device::Cpu,
-        ) {
-            Ok(v) => {
-                names.push(name.to_string());
-                vars.insert(name.to_string(), v);
-            }
-            Err(e) => err = Some(e),
-        });
-        let t = Trainable {
-            names,
-            vars,
+    /// Copies every parameter of `model` into a tensor; `trains(name, values)` decides which
+    /// become variables. The model is not changed (a frozen packed weight stays packed).
+    pub fn new(model: &mut Model, trains: &dyn Fn(&str) -> bool) -> Result<Self> {
+        let mut t = Trainable {
+            names: Vec::new(),
+            vars: HashMap::new(),
+            frozen: HashMap::new(),
             matmul_dtype: DType::F32,
         };
+        let mut err = None;
+        model.visit_parameters(&mut |name, shape, param| {
+            let values = param.read();
+            let made = if trains(name) {
+                Var::from_slice(&values, shape, &Device::Cpu).map(|v| {
+                    t.names.push(name.to_string());
+                    t.vars.insert(name.to_string(), v);
+                })
+            } else {
+                Tensor::from_slice(&values, shape, &Device::Cpu).map(|v| {
+                    t.frozen.insert(name.to_string(), v);
+                })
+            };
+            if let Err(e) = made {
+                err = Some(e);
+            }
+        });
         err.map_or(Ok(t), Err)
     }
 
-    /// Copies the variables' values back into `model`.
+    /// Every parameter trained.
+    pub fn all(model: &mut Model) -> Result<Self> {
+        Self::new(model, &|_| true)
+    }
+
+    /// Copies the trained variables' values back into `model` (frozen ones are left alone).
     pub fn write_back(&self, model: &mut Model) -> Result<()> {
         let mut err = None;
-        model.visit_parameters(&mut |name, _, data| {
+        model.visit_parameters(&mut |name, _, param| {
             if let Some(v) = self.vars.get(name) {
                 match v.flatten_all().and_then(|t| t.to_vec1::<f32>()) {
-                    Ok(vals) => *data = vals,
+                    Ok(vals) => *param.into_values() = vals,
                     Err(e) => err = Some(e),
                 }
             }
@@ -61,14 +74,40 @@ impl Trainable {
         err.map_or(Ok(()), Err)
     }
 
-    fn get(&self, name: &str) -> Result<&Tensor> {
+    /// Adds a trained tensor that is no model parameter (a distillation head's projection):
+    /// optimised and checkpointed like the others, never written back.
+    pub fn add(&mut self, name: &str, values: &[f32], shape: &[usize]) -> Result<()> {
+        let v = Var::from_slice(values, shape, &Device::Cpu)?;
+        self.names.push(name.to_string());
+        self.vars.insert(name.to_string(), v);
+        Ok(())
+    }
+
+    /// The tensor of parameter `name`, trained or frozen.
+    pub fn tensor(&self, name: &str) -> Result<&Tensor> {
         self.vars
             .get(name)
             .map(|v| v.as_tensor())
+            .or_else(|| self.frozen.get(name))
             .ok_or_else(|| candle_core::Error::Msg(format!("no parameter {name}")))
     }
 
-    /// Parameter count.
+    fn has(&self, name: &str) -> bool {
+        self.vars.contains_key(name) || self.frozen.contains_key(name)
+    }
+
+    /// `x · Wᵀ (+ (x · Aᵀ) · Bᵀ)` for the linear `name` and its adapter when it has one.
+    fn linear(&self, x: &Tensor, name: &str, dt: DType) -> Result<Tensor> {
+        let y = linear(x, self.tensor(name)?, dt)?;
+        let a = format!("{name}.adapter.a");
+        if !self.has(&a) {
+            return Ok(y);
+        }
+        let low = linear(x, self.tensor(&a)?, dt)?;
+        y + linear(&low, self.tensor(&format!("{name}.adapter.b"))?, dt)?
+    }
+
+    /// Trained parameter count.
     pub fn len(&self) -> usize {
         self.vars.values().map(|v| v.elem_count()).sum()
     }
@@ -138,29 +177,48 @@ fn mask(s: usize, window: Option<usize>, sink: usize) -> Result<Tensor> {
 
 /// Logits `[B, T, vocab]` of token ids `[B, T]`.
 pub fn forward(model: &Model, p: &Trainable, ids: &Tensor) -> Result<Tensor> {
+    Ok(forward_with_features(model, p, ids, &[])?.0)
+}
+
+/// Logits `[B, T, vocab]` of token ids `[B, T]`, and the residual stream `[B, T, hidden]` leaving
+/// each block in `taps` (0-based, in the order given): the student side of feature distillation.
+pub fn forward_with_features(
+    model: &Model,
+    p: &Trainable,
+    ids: &Tensor,
+    taps: &[usize],
+) -> Result<(Tensor, Vec<Tensor>)> {
     let (b, t) = ids.dims2()?;
     let c = &model.config;
     let (h, m, eps) = (c.hidden, c.memory_tokens, c.rms_eps as f64);
-    let embed = p.get("embed")?;
+    let embed = p.tensor("embed")?;
     let mut x = embed
         .index_select(&ids.flatten_all()?, 0)?
         .reshape((b, t, h))?;
     if m > 0 {
-        let mem = p.get("memory")?.unsqueeze(0)?.broadcast_as((b, m, h))?;
+        let mem = p.tensor("memory")?.unsqueeze(0)?.broadcast_as((b, m, h))?;
         x = Tensor::cat(&[&mem, &x], 1)?;
     }
     let s = m + t;
     let ctx = Context::new(model, s, p.matmul_dtype)?;
     let mut shared: Vec<Option<(Tensor, Tensor)>> = vec![None; model.layers.len()];
+    let mut features: Vec<Option<Tensor>> = vec![None; taps.len()];
     for (i, layer) in model.layers.iter().enumerate() {
         x = layer_forward(i, layer, model, p, &ctx, &x, &mut shared)?;
+        for (slot, _) in features.iter_mut().zip(taps).filter(|(_, l)| **l == i) {
+            *slot = Some(x.narrow(1, m, t)?);
+        }
     }
-    let x = rms_norm(&x.narrow(1, m, t)?, p.get("final_norm")?, eps)?;
-    let head = match p.vars.get("lm_head") {
-        Some(v) => v.as_tensor(),
-        None => embed,
-    };
-    linear(&x, head, ctx.dt)
+    let features = features
+        .into_iter()
+        .zip(taps)
+        .map(|(f, l)| {
+            f.ok_or_else(|| candle_core::Error::Msg(format!("no block {l} to take features from")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let x = rms_norm(&x.narrow(1, m, t)?, p.tensor("final_norm")?, eps)?;
+    let head = if p.has("lm_head") { "lm_head" } else { "embed" };
+    Ok((p.linear(&x, head, ctx.dt)?, features))
 }
 
 /// Per-call constants: RoPE tables, one mask per distinct window, the matmul dtype.
@@ -215,7 +273,8 @@ fn layer_forward(
     shared: &mut [Option<(Tensor, Tensor)>],
 ) -> Result<Tensor> {
     let eps = model.config.rms_eps as f64;
-    let w = |name: &str| p.get(&format!("layers.{i}.{name}"));
+    let w = |name: &str| p.tensor(&format!("layers.{i}.{name}"));
+    let lin = |x: &Tensor, name: &str| p.linear(x, &format!("layers.{i}.{name}"), ctx.dt);
     let hybrid = layer.ssm.is_some();
     let mut x = x.clone();
     if layer.attn.is_some() || layer.ssm.is_some() {
@@ -238,37 +297,39 @@ fn layer_forward(
             (None, Some(y)) => (y, hymba::OUT),
             (None, None) => unreachable!(),
         };
-        x = (x + linear(&mixed, w(out_name)?, ctx.dt)?)?;
+        x = (x + lin(&mixed, out_name)?)?;
     } else if let Some(e) = &layer.emulated.mixer {
-        x = emulated(&x, e.maps.len(), |s| w(&format!("emulated.mixer.{s}")), ctx)?;
+        x = emulated(&x, e.maps.len(), "mixer", &lin, &w)?;
     }
     if layer.mlp.is_some() {
         let normed = rms_norm(&x, w("mlp_norm")?, eps)?;
-        let g = linear(&normed, w(llama::GATE.hf)?, ctx.dt)?.silu()?;
-        let u = linear(&normed, w(llama::UP.hf)?, ctx.dt)?;
-        x = (x + linear(&(g * u)?, w(llama::DOWN.hf)?, ctx.dt)?)?;
+        let g = lin(&normed, llama::GATE.hf)?.silu()?;
+        let u = lin(&normed, llama::UP.hf)?;
+        x = (x + lin(&(g * u)?, llama::DOWN.hf)?)?;
     } else if let Some(e) = &layer.emulated.mlp {
-        x = emulated(&x, e.maps.len(), |s| w(&format!("emulated.mlp.{s}")), ctx)?;
+        x = emulated(&x, e.maps.len(), "mlp", &lin, &w)?;
     }
     Ok(x)
 }
 
 /// `x + maps(x) + bias`: an emulated update (see [`crate::model::Emulation`]) whose tensors
-/// `w("0")`, `w("1")`, `w("bias")` are trained like any other.
+/// `emulated.{which}.0`, `.1`, `.bias` are trained like any other.
 fn emulated<'a>(
     x: &Tensor,
     maps: usize,
-    w: impl Fn(&str) -> Result<&'a Tensor>,
-    ctx: &Context,
+    which: &str,
+    lin: &dyn Fn(&Tensor, &str) -> Result<Tensor>,
+    w: &dyn Fn(&str) -> Result<&'a Tensor>,
 ) -> Result<Tensor> {
     let mut y = x.clone();
     for k in 0..maps {
-        y = linear(&y, w(&k.to_string())?, ctx.dt)?;
+        y = lin(&y, &format!("emulated.{which}.{k}"))?;
     }
+    let bias = w(&format!("emulated.{which}.bias"))?;
     let update = if maps == 0 {
-        w("bias")?.broadcast_as(x.shape())?.contiguous()?
+        bias.broadcast_as(x.shape())?.contiguous()?
     } else {
-        y.broadcast_add(w("bias")?)?
+        y.broadcast_add(bias)?
     };
     x + update
 }
@@ -286,25 +347,19 @@ fn attention(
     let (b, s, _) = normed.dims3()?;
     let sh = a.shape;
     // The names of Layer::linears: Hymba's split in_proj, or Llama's projections.
-    let w = |llama: TensorName, hymba: &str| -> Result<&Tensor> {
-        p.get(&format!(
-            "layers.{i}.{}",
-            if hybrid { hymba } else { llama.hf }
-        ))
+    let lin = |x: &Tensor, llama: TensorName, hymba: &str| -> Result<Tensor> {
+        let name = if hybrid { hymba } else { llama.hf };
+        p.linear(x, &format!("layers.{i}.{name}"), ctx.dt)
     };
     let heads = |x: Tensor, n: usize, d: usize| -> Result<Tensor> {
         x.reshape((b, s, n, d))?.transpose(1, 2)?.contiguous()
     };
-    let q = heads(
-        linear(normed, w(llama::Q, hymba::Q)?, ctx.dt)?,
-        sh.n_heads,
-        sh.head_dim,
-    )?;
+    let q = heads(lin(normed, llama::Q, hymba::Q)?, sh.n_heads, sh.head_dim)?;
     let q = rope(&q, &ctx.cos, &ctx.sin)?;
     let (k, v) = match a.kv {
         KvSource::Own { .. } => {
-            let k = linear(normed, w(llama::K, hymba::K)?, ctx.dt)?;
-            let v = linear(normed, w(llama::V, hymba::V)?, ctx.dt)?;
+            let k = lin(normed, llama::K, hymba::K)?;
+            let v = lin(normed, llama::V, hymba::V)?;
             let k = rope(&heads(k, sh.n_kv_heads, sh.head_dim)?, &ctx.cos, &ctx.sin)?;
             let v = heads(v, sh.n_kv_heads, sh.v_head_dim)?;
             shared[i] = Some((k.clone(), v.clone()));
@@ -339,13 +394,14 @@ fn ssm_branch(
     normed: &Tensor,
     eps: f64,
 ) -> Result<Tensor> {
-    let w = |name: &str| p.get(&format!("layers.{i}.{name}"));
+    let w = |name: &str| p.tensor(&format!("layers.{i}.{name}"));
+    let lin = |x: &Tensor, name: &str| p.linear(x, &format!("layers.{i}.{name}"), ctx.dt);
     let m_ = |name: &str| format!("mamba.{name}");
     let (b, s, _) = normed.dims3()?;
     let sh = m.shape;
     let (e, n, k, r) = (sh.inner, sh.d_state, sh.d_conv, sh.dt_rank);
-    let xs = linear(normed, w(hymba::X)?, ctx.dt)?;
-    let z = linear(normed, w(hymba::Z)?, ctx.dt)?;
+    let xs = lin(normed, hymba::X)?;
+    let z = lin(normed, hymba::Z)?;
     // Depthwise causal conv: K shifted copies of the zero-padded input, each scaled per channel.
     let padded = xs.pad_with_zeros(1, k - 1, 0)?;
     let conv_w = w(&m_("conv1d.weight"))?;
@@ -358,7 +414,7 @@ fn ssm_branch(
         xc = (xc + padded.narrow(1, j, s)?.broadcast_mul(&tap)?)?;
     }
     let xc = xc.silu()?;
-    let proj = linear(&xc, w(hymba::X_PROJ)?, ctx.dt)?;
+    let proj = lin(&xc, hymba::X_PROJ)?;
     let (mut dt_r, mut bm, mut cm) = (
         proj.narrow(2, 0, r)?,
         proj.narrow(2, r, n)?,
@@ -369,9 +425,7 @@ fn ssm_branch(
         bm = rms_norm(&bm, w(&m_("B_layernorm"))?, eps)?;
         cm = rms_norm(&cm, w(&m_("C_layernorm"))?, eps)?;
     }
-    let delta = softplus(
-        &linear(&dt_r, w(hymba::DT_PROJ)?, ctx.dt)?.broadcast_add(w(&m_("dt_proj.0.bias"))?)?,
-    )?;
+    let delta = softplus(&lin(&dt_r, hymba::DT_PROJ)?.broadcast_add(w(&m_("dt_proj.0.bias"))?)?)?;
     let u = (&delta * &xc)?;
     let a = w(&m_("A_log.0"))?.exp()?.neg()?;
     let du = Tensor::cat(&[&delta, &u], 2)?.contiguous()?;

@@ -3,6 +3,7 @@
 //! warmup + cosine schedule, and a resumable training loop.
 
 pub mod graph;
+pub mod groups;
 pub mod loss_op;
 pub mod objective;
 pub mod optim;

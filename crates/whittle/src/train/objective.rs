@@ -17,6 +17,9 @@
 //! [`crate::kernels::exp::ln_mix`]: the op calls no libm per element.
 
 use super::loss_op::RowLoss;
+use crate::distill::features::FeatureLoss;
+use crate::distill::heads::FeatureSpec;
+use crate::distill::normalizer::NormKind;
 use crate::kernels::exp::{exp_shift_scale, ln_mix, logsumexp};
 use crate::{Error, Result};
 
@@ -32,7 +35,7 @@ pub enum Divergence {
 }
 
 /// One term of an objective.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Term {
     /// Next-token cross-entropy on the data.
     CrossEntropy,
@@ -41,6 +44,9 @@ pub enum Term {
         divergence: Divergence,
         temperature: f32,
     },
+    /// Hidden-state distillation: the mean over the distilled layers of the feature loss between
+    /// the student's projected features and the teacher's normalised ones.
+    Features(FeatureSpec),
 }
 
 /// A weighted sum of terms.
@@ -52,13 +58,20 @@ pub struct Objective {
 impl Objective {
     /// Parses `TERM[+TERM...]`, each `NAME[:SETTING,...]` where a setting is `T=2` (temperature),
     /// `w=0.5`, `beta=0.5` (JSD's mixture weight, default 0.5) or a bare number (the weight,
-    /// default 1). Names: `ce`, `kd` (forward KL), `rkl` (reverse KL), `jsd`.
+    /// default 1). Names: `ce`, `kd` (forward KL), `rkl` (reverse KL), `jsd`, and `feat` with
+    /// `layers=4/8/12` (student blocks, required), `norm=phis` (see
+    /// [`NormKind::parse`], default phis) and `loss=mse|cosine` (default mse).
     pub fn parse(spec: &str) -> Result<Self> {
         let bad = |m: String| Error::Invalid(format!("objective '{spec}': {m}"));
         let mut terms = Vec::new();
         for part in spec.split('+').map(str::trim) {
             let (name, settings) = part.split_once(':').unwrap_or((part, ""));
             let (mut weight, mut temperature, mut beta) = (1.0f32, 1.0f32, 0.5f32);
+            let mut features = FeatureSpec {
+                layers: Vec::new(),
+                norm: NormKind::Phis,
+                loss: FeatureLoss::Mse,
+            };
             for s in settings.split(',').map(str::trim).filter(|s| !s.is_empty()) {
                 let number = |v: &str| {
                     v.parse::<f32>()
@@ -67,7 +80,16 @@ impl Objective {
                         .ok_or_else(|| bad(format!("'{s}' is not a positive number")))
                 };
                 match s.split_once('=') {
-                    Some(("T", v)) => temperature = number(v)?,
+                    Some(("T", v)) if name != "feat" => temperature = number(v)?,
+                    Some(("layers", v)) if name == "feat" => {
+                        features.layers = v
+                            .split('/')
+                            .map(|l| l.trim().parse::<usize>())
+                            .collect::<std::result::Result<_, _>>()
+                            .map_err(|_| bad(format!("'{v}': layers are block indices a/b/c")))?
+                    }
+                    Some(("norm", v)) if name == "feat" => features.norm = NormKind::parse(v)?,
+                    Some(("loss", v)) if name == "feat" => features.loss = FeatureLoss::parse(v)?,
                     Some(("w", v)) => weight = number(v)?,
                     Some(("beta", v)) => {
                         beta = number(v)?;
@@ -75,7 +97,12 @@ impl Objective {
                             return Err(bad(format!("beta {beta} must lie between 0 and 1")));
                         }
                     }
-                    Some((k, _)) => return Err(bad(format!("unknown setting '{k}' (T, w, beta)"))),
+                    Some((k, _)) => {
+                        return Err(bad(format!(
+                            "unknown setting '{k}' of '{name}' (T, w, beta; feat: layers, norm, \
+                             loss, w)"
+                        )))
+                    }
                     None => weight = number(s)?,
                 }
             }
@@ -91,18 +118,41 @@ impl Objective {
                 "kd" => logits(Divergence::ForwardKl),
                 "rkl" => logits(Divergence::ReverseKl),
                 "jsd" => logits(Divergence::Jsd { beta }),
-                other => return Err(bad(format!("unknown term '{other}' (ce, kd, rkl, jsd)"))),
+                "feat" if features.layers.is_empty() => {
+                    return Err(bad("feat needs layers=a/b/c".into()))
+                }
+                "feat" => Term::Features(features),
+                other => {
+                    return Err(bad(format!(
+                        "unknown term '{other}' (ce, kd, rkl, jsd, feat)"
+                    )))
+                }
             };
             terms.push((weight, term));
         }
         Ok(Objective { terms })
     }
 
-    /// Whether any term needs teacher logits.
+    /// Whether any term needs a teacher.
     pub fn needs_teacher(&self) -> bool {
         self.terms
             .iter()
-            .any(|(_, t)| matches!(t, Term::Logits { .. }))
+            .any(|(_, t)| !matches!(t, Term::CrossEntropy))
+    }
+
+    /// The feature-distillation term, if any (at most one: one set of heads).
+    pub fn features(&self) -> Result<Option<&FeatureSpec>> {
+        let mut f = self.terms.iter().filter_map(|(_, t)| match t {
+            Term::Features(s) => Some(s),
+            _ => None,
+        });
+        let first = f.next();
+        if f.next().is_some() {
+            return Err(Error::Invalid(
+                "an objective takes one feature term (list all its layers in it)".into(),
+            ));
+        }
+        Ok(first)
     }
 }
 
@@ -360,6 +410,21 @@ mod tests {
             )]
         );
         assert!(!Objective::parse("ce").unwrap().needs_teacher());
+        let o =
+            Objective::parse("kd+feat:layers=4/8/12,norm=per-channel,loss=cosine,w=0.5").unwrap();
+        assert_eq!(
+            o.features().unwrap(),
+            Some(&FeatureSpec {
+                layers: vec![4, 8, 12],
+                norm: NormKind::PerChannel,
+                loss: FeatureLoss::Cosine
+            })
+        );
+        assert_eq!(o.terms[1].0, 0.5);
+        assert!(Objective::parse("feat:layers=1+feat:layers=2")
+            .unwrap()
+            .features()
+            .is_err());
         let o = Objective::parse("jsd:beta=0.9,T=2").unwrap();
         assert_eq!(
             o.terms,
@@ -379,6 +444,11 @@ mod tests {
             "kd:q=1",
             "kd:-1",
             "jsd:beta=1",
+            "feat",
+            "feat:layers=a",
+            "feat:layers=1,norm=x",
+            "kd:layers=1",
+            "feat:layers=1,T=2",
         ] {
             assert!(Objective::parse(bad).is_err(), "{bad}");
         }

@@ -1,14 +1,25 @@
-//! The training loop: random windows of a token stream, gradient accumulation, global-norm
-//! clipping, AdamW under a warmup + cosine schedule, periodic validation perplexity and
-//! checkpoints that resume exactly.
+//! The training loop, for any model: random windows of a token stream (or the windows of a
+//! teacher cache), an [`Objective`] (cross-entropy, logit and feature distillation, weighted),
+//! parameter groups (frozen, adapters only, per-group learning rates, fixed sparsity masks),
+//! gradient accumulation, global-norm clipping, AdamW under a warmup + cosine schedule, periodic
+//! validation perplexity and checkpoints that resume exactly.
 //!
-//! Exact resumption follows from determinism: the model is rebuilt from its preset and seed, then
-//! overwritten with the checkpoint's parameters and AdamW moments; the windows of step `s` are a
-//! pure function of `(seed, s)`, so nothing else needs saving.
+//! Exact resumption follows from determinism: the caller supplies the same starting model (a
+//! preset rebuilt from its seed, or the same student file — checked by fingerprint), which is
+//! overwritten with the checkpoint's trained tensors and AdamW moments; the windows of step `s`
+//! are a pure function of `(seed, s)`, and feature heads are refitted identically before their
+//! trained values are restored, so nothing else needs saving.
 
-use super::graph::{cross_entropy, forward, Trainable};
+use super::graph::{cross_entropy, forward_with_features, Trainable};
+use super::groups::Groups;
+use super::loss_op::mean_over_rows;
+use super::objective::{Divergence, LogitDistillation, Objective, Term};
 use super::optim::{adamw_step, learning_rate, AdamWConfig, Moments};
 use super::presets::Preset;
+use crate::distill::cache::TeacherCache;
+use crate::distill::heads::{self, BlockTap, FeatureSpec, Head};
+use crate::distill::topk::SparseDistillation;
+use crate::model::{Fingerprint, Logits};
 use crate::{Error, Model, Result};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -16,9 +27,15 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::Instant;
 
+fn default_objective() -> String {
+    "ce".into()
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainConfig {
-    pub preset: Preset,
+    /// The preset a run from scratch starts from; `None` for a loaded model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preset: Option<Preset>,
     /// Optimiser steps in the whole run (the cosine schedule ends here).
     pub steps: u64,
     /// Sequences per micro-batch.
@@ -42,6 +59,31 @@ pub struct TrainConfig {
     /// Matrix products in bf16 (mixed precision) instead of f32.
     #[serde(default)]
     pub bf16: bool,
+    /// The objective, as [`Objective::parse`] reads it.
+    #[serde(default = "default_objective")]
+    pub objective: String,
+    #[serde(default)]
+    pub groups: Groups,
+    /// Windows the feature heads are fitted on (taken from the training data).
+    #[serde(default)]
+    pub head_windows: usize,
+}
+
+impl TrainConfig {
+    /// The settings as TOML under `[train]`: what a trained model's provenance records.
+    pub fn to_toml(&self) -> Result<String> {
+        #[derive(Serialize)]
+        struct Doc<'a> {
+            train: &'a TrainConfig,
+        }
+        toml::to_string(&Doc { train: self })
+            .map_err(|e| Error::Invalid(format!("training settings to TOML: {e}")))
+    }
+
+    /// Optimiser steps that train on `tokens` tokens (at least one).
+    pub fn steps_for(tokens: u64, batch: usize, seq_len: usize, accum: usize) -> u64 {
+        (tokens / (batch * seq_len * accum).max(1) as u64).max(1)
+    }
 }
 
 /// One logged step.
@@ -55,12 +97,34 @@ pub struct LogRow {
     pub tokens: u64,
     pub tokens_per_s: f64,
     pub val_ppl: Option<f64>,
+    /// Each objective term's value (unweighted), by its label.
+    #[serde(default)]
+    pub parts: Vec<(String, f64)>,
 }
 
 /// Tokenised training and validation text.
+#[derive(Default)]
 pub struct TokenData {
     pub train: Vec<u32>,
     pub valid: Vec<u32>,
+}
+
+/// Where the teacher's outputs come from.
+pub enum Teacher {
+    None,
+    /// Run on each batch, without gradients (logits and features).
+    Live(Box<Model>),
+    /// Read from a cache: its windows are the training data, its top-k logits the targets.
+    Cached(Box<TeacherCache>),
+}
+
+/// The model a run starts from.
+pub enum Start {
+    /// `config.preset` built for this vocabulary from `config.seed`.
+    Preset {
+        vocab: usize,
+    },
+    Model(Box<Model>),
 }
 
 /// SplitMix64: the window offsets of a step as a pure function of `(seed, step, index)`.
@@ -74,11 +138,35 @@ fn mix(mut x: u64) -> u64 {
 pub struct Trainer {
     pub config: TrainConfig,
     pub model: Model,
+    objective: Objective,
     params: Trainable,
+    /// 1 where a trained matrix may change, 0 at its fixed zeros.
+    masks: HashMap<String, Vec<f32>>,
     moments: HashMap<String, Moments>,
+    teacher: Teacher,
+    heads: Vec<FittedHead>,
+    /// The starting model's fingerprint (a resumed run must start from the same model).
+    start: Fingerprint,
     pub step: u64,
     pub log: Vec<LogRow>,
     tokens_seen: u64,
+    /// The step of the newest checkpoint on disk.
+    saved: Option<u64>,
+}
+
+/// A feature head with its normaliser as tensors: `z = (x − μ) Aᵀ`.
+struct FittedHead {
+    head: Head,
+    mean: Tensor,
+    forward_t: Tensor,
+}
+
+/// The parameter names of head `k`'s projection.
+fn head_names(k: usize) -> (String, String) {
+    (
+        format!("distill.head.{k}.weight"),
+        format!("distill.head.{k}.bias"),
+    )
 }
 
 /// Whether AdamW decays a parameter: weight matrices yes; norms, biases, A, D, conv taps and
@@ -87,31 +175,129 @@ fn decays(name: &str, shape: &[usize]) -> bool {
     shape.len() == 2 && !name.ends_with("A_log.0") && !name.contains("conv1d") && name != "memory"
 }
 
+/// The label of a term in logs.
+fn label(t: &Term) -> &'static str {
+    match t {
+        Term::CrossEntropy => "ce",
+        Term::Logits {
+            divergence: Divergence::ForwardKl,
+            ..
+        } => "kd",
+        Term::Logits {
+            divergence: Divergence::ReverseKl,
+            ..
+        } => "rkl",
+        Term::Logits {
+            divergence: Divergence::Jsd { .. },
+            ..
+        } => "jsd",
+        Term::Features(_) => "feat",
+    }
+}
+
+/// What the teacher says about one micro-batch.
+struct TeacherOut {
+    dense: Option<Vec<f32>>,
+    sparse: Option<crate::distill::topk::TopK>,
+    /// Per head, normalised features `[rows, teacher hidden]`.
+    features: Vec<Tensor>,
+}
+
 impl Trainer {
-    /// A fresh run: the preset's model initialised from `config.seed`.
-    pub fn new(config: TrainConfig, vocab: usize) -> Result<Self> {
+    /// A new run of `config` from `start`, distilling from `teacher` when the objective asks;
+    /// feature heads are fitted on the first windows of `data.train` (or of the cache).
+    pub fn new(
+        config: TrainConfig,
+        start: Start,
+        teacher: Teacher,
+        data: &TokenData,
+    ) -> Result<Self> {
         if config.batch == 0 || config.accum == 0 || config.seq_len < 2 || config.steps == 0 {
             return Err(Error::Invalid(
                 "training needs batch, accumulation, steps ≥ 1 and a sequence length ≥ 2".into(),
             ));
         }
-        // Room for 8k positions, so that trained models can be measured at long context.
-        let mut model = config
-            .preset
-            .build(vocab, config.seq_len.max(8192), config.seed)?;
-        let mut params = Trainable::new(&mut model)?;
+        let objective = Objective::parse(&config.objective)?;
+        let mut model = match start {
+            // Room for 8k positions, so that trained models can be measured at long context.
+            Start::Preset { vocab } => config
+                .preset
+                .ok_or_else(|| Error::Invalid("a run from scratch needs a preset".into()))?
+                .build(vocab, config.seq_len.max(8192), config.seed)?,
+            Start::Model(m) => *m,
+        };
+        if config.seq_len > model.config.context_length {
+            return Err(Error::Invalid(format!(
+                "sequence length {} exceeds the model's context length {}",
+                config.seq_len, model.config.context_length
+            )));
+        }
+        check_teacher(&objective, &teacher, &model, &config)?;
+        let start_print = model.fingerprint();
+        let groups = config.groups.clone();
+        let mut params = Trainable::new(&mut model, &|name| groups.trains(name))?;
+        groups.check(params.names.len())?;
         if config.bf16 {
             params.matmul_dtype = candle_core::DType::BF16;
         }
-        Ok(Trainer {
+        let mut masks = HashMap::new();
+        for name in &params.names {
+            let v = &params.vars[name];
+            let values = v.flatten_all()?.to_vec1::<f32>()?;
+            if let Some(m) = groups.mask(name, v.dims(), &values) {
+                masks.insert(name.clone(), m);
+            }
+        }
+        let mut t = Trainer {
             config,
             model,
+            objective,
             params,
+            masks,
             moments: HashMap::new(),
+            teacher,
+            heads: Vec::new(),
+            start: start_print,
             step: 0,
             log: Vec::new(),
             tokens_seen: 0,
-        })
+            saved: None,
+        };
+        if let Some(spec) = t.objective.features()?.cloned() {
+            t.fit_heads(&spec, data)?;
+        }
+        Ok(t)
+    }
+
+    /// Fits the feature heads and adds their projections to the trained parameters.
+    fn fit_heads(&mut self, spec: &FeatureSpec, data: &TokenData) -> Result<()> {
+        let Teacher::Live(teacher) = &self.teacher else {
+            return Err(Error::Invalid(
+                "feature distillation needs a live teacher (a cache holds only logits)".into(),
+            ));
+        };
+        let n = self.config.head_windows.max(1);
+        let windows: Vec<&[u32]> = data
+            .train
+            .chunks_exact(self.config.seq_len)
+            .take(n)
+            .collect();
+        let fitted = heads::fit(teacher, &self.model, spec, &windows, &mut |_, _| {})?;
+        for (k, head) in fitted.into_iter().enumerate() {
+            let c = head.normalizer.channels;
+            let hs = head.weight.len() / c;
+            let (w, b) = head_names(k);
+            self.params.add(&w, &head.weight, &[c, hs])?;
+            self.params.add(&b, &head.bias, &[c])?;
+            self.heads.push(FittedHead {
+                mean: Tensor::from_slice(&head.normalizer.mean, c, &Device::Cpu)?,
+                forward_t: Tensor::from_slice(&head.normalizer.forward, (c, c), &Device::Cpu)?
+                    .t()?
+                    .contiguous()?,
+                head,
+            });
+        }
+        Ok(())
     }
 
     /// Parameters being trained.
@@ -119,31 +305,155 @@ impl Trainer {
         self.params.len()
     }
 
-    /// Inputs and targets `[batch, seq_len]` of micro-batch `micro` of step `step`.
-    fn batch(&self, data: &[u32], step: u64, micro: usize) -> Result<(Tensor, Tensor)> {
+    /// Index of the `r`-th sequence of micro-batch `micro` of step `step` among all sequences.
+    fn sequence(&self, step: u64, micro: usize, r: usize) -> u64 {
+        let c = &self.config;
+        step * (c.accum * c.batch) as u64 + (micro * c.batch + r) as u64
+    }
+
+    /// Inputs and targets `[batch, seq_len]` of micro-batch `micro` of step `step`, as ids.
+    fn batch(&self, data: &[u32], step: u64, micro: usize) -> Result<(Vec<u32>, Vec<u32>)> {
         let (b, t) = (self.config.batch, self.config.seq_len);
-        let span = data
-            .len()
-            .checked_sub(t + 1)
-            .filter(|s| *s > 0)
-            .ok_or_else(|| {
-                Error::Invalid(format!(
-                    "training text has {} tokens, fewer than one window of {}",
-                    data.len(),
-                    t + 1
-                ))
-            })?;
         let (mut x, mut y) = (Vec::with_capacity(b * t), Vec::with_capacity(b * t));
         for r in 0..b {
-            let key = self.config.seed ^ mix(step ^ mix((micro * b + r) as u64));
-            let at = (mix(key) % span as u64) as usize;
-            x.extend_from_slice(&data[at..at + t]);
-            y.extend_from_slice(&data[at + 1..at + t + 1]);
+            let window = match &self.teacher {
+                Teacher::Cached(c) => c.tokens(self.sequence(step, micro, r) as usize),
+                _ => {
+                    let span = data
+                        .len()
+                        .checked_sub(t + 1)
+                        .filter(|s| *s > 0)
+                        .ok_or_else(|| {
+                            Error::Invalid(format!(
+                                "training text has {} tokens, fewer than one window of {}",
+                                data.len(),
+                                t + 1
+                            ))
+                        })?;
+                    let key = self.config.seed ^ mix(step ^ mix((micro * b + r) as u64));
+                    let at = (mix(key) % span as u64) as usize;
+                    data[at..at + t + 1].to_vec()
+                }
+            };
+            x.extend_from_slice(&window[..t]);
+            y.extend_from_slice(&window[1..t + 1]);
         }
-        Ok((
-            Tensor::from_vec(x, (b, t), &Device::Cpu)?,
-            Tensor::from_vec(y, (b, t), &Device::Cpu)?,
-        ))
+        Ok((x, y))
+    }
+
+    /// The teacher's outputs for the inputs `x` of micro-batch `micro` of step `step`.
+    fn teacher_out(&self, x: &[u32], step: u64, micro: usize) -> Result<Option<TeacherOut>> {
+        let t = self.config.seq_len;
+        match &self.teacher {
+            Teacher::None => Ok(None),
+            Teacher::Cached(c) => {
+                let mut top = c.empty_topk();
+                for r in 0..self.config.batch {
+                    c.extend_topk(self.sequence(step, micro, r) as usize, &mut top);
+                }
+                Ok(Some(TeacherOut {
+                    dense: None,
+                    sparse: Some(top),
+                    features: Vec::new(),
+                }))
+            }
+            Teacher::Live(m) => {
+                let layers: Vec<usize> = self.heads.iter().map(|h| h.head.teacher).collect();
+                let mut tap = BlockTap::new(m, &layers);
+                let mut logits = Vec::with_capacity(x.len() * m.config.vocab_size);
+                let mut feats = vec![Vec::new(); layers.len()];
+                for row in x.chunks_exact(t) {
+                    logits.extend(m.forward(row, None, Logits::All, Some(&mut tap))?);
+                    for (f, o) in feats.iter_mut().zip(&tap.out) {
+                        f.extend_from_slice(o);
+                    }
+                }
+                let features = feats
+                    .into_iter()
+                    .zip(&self.heads)
+                    .map(|(f, h)| {
+                        let c = h.head.normalizer.channels;
+                        Tensor::from_vec(f, (x.len(), c), &Device::Cpu)?
+                            .broadcast_sub(&h.mean)?
+                            .matmul(&h.forward_t)
+                    })
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                Ok(Some(TeacherOut {
+                    dense: Some(logits),
+                    sparse: None,
+                    features,
+                }))
+            }
+        }
+    }
+
+    /// The objective's value on one micro-batch, and each term's value.
+    fn loss(&self, x: &[u32], y: &[u32], step: u64, micro: usize) -> Result<(Tensor, Vec<f64>)> {
+        let (b, t) = (self.config.batch, self.config.seq_len);
+        let teacher = self.teacher_out(x, step, micro)?;
+        let taps: Vec<usize> = self.heads.iter().map(|h| h.head.student).collect();
+        let ids = Tensor::from_slice(x, (b, t), &Device::Cpu)?;
+        let (logits, feats) = forward_with_features(&self.model, &self.params, &ids, &taps)?;
+        let vocab = logits.dim(2)?;
+        let rows = logits.reshape((b * t, vocab))?;
+        let mut total: Option<Tensor> = None;
+        let mut parts = Vec::new();
+        for (w, term) in &self.objective.terms {
+            let value = match term {
+                Term::CrossEntropy => {
+                    cross_entropy(&logits, &Tensor::from_slice(y, (b, t), &Device::Cpu)?)?
+                }
+                Term::Logits {
+                    divergence,
+                    temperature,
+                } => {
+                    let out = teacher.as_ref().expect("checked: a teacher");
+                    match (&out.dense, &out.sparse) {
+                        (Some(d), _) => mean_over_rows(
+                            &rows,
+                            LogitDistillation {
+                                teacher: d.clone(),
+                                divergence: *divergence,
+                                temperature: *temperature,
+                            },
+                        )?,
+                        (None, Some(s)) => mean_over_rows(
+                            &rows,
+                            SparseDistillation {
+                                teacher: s.clone(),
+                                temperature: *temperature,
+                            },
+                        )?,
+                        (None, None) => unreachable!("a teacher gives logits"),
+                    }
+                }
+                Term::Features(spec) => {
+                    let out = teacher.as_ref().expect("checked: a live teacher");
+                    let mut sum: Option<Tensor> = None;
+                    for (k, (f, target)) in feats.iter().zip(&out.features).enumerate() {
+                        let (wn, bn) = head_names(k);
+                        let hs = f.dim(2)?;
+                        let proj = f
+                            .reshape((b * t, hs))?
+                            .matmul(&self.params.tensor(&wn)?.t()?)?
+                            .broadcast_add(self.params.tensor(&bn)?)?;
+                        let l = spec.loss.loss(&proj, target)?;
+                        sum = Some(match sum {
+                            None => l,
+                            Some(s) => (s + l)?,
+                        });
+                    }
+                    (sum.expect("at least one layer") / feats.len() as f64)?
+                }
+            };
+            parts.push(value.to_scalar::<f32>()? as f64);
+            let weighted = (value * *w as f64)?;
+            total = Some(match total {
+                None => weighted,
+                Some(s) => (s + weighted)?,
+            });
+        }
+        Ok((total.expect("an objective has a term"), parts))
     }
 
     /// One optimiser step; returns its log row.
@@ -152,17 +462,25 @@ impl Trainer {
         let accum = self.config.accum;
         let mut grads: HashMap<String, Vec<f32>> = HashMap::new();
         let mut loss_sum = 0f64;
+        let mut parts = vec![0f64; self.objective.terms.len()];
         for micro in 0..accum {
             let (x, y) = self.batch(&data.train, self.step, micro)?;
-            let loss = cross_entropy(&forward(&self.model, &self.params, &x)?, &y)?;
+            let (loss, p) = self.loss(&x, &y, self.step, micro)?;
             loss_sum += loss.to_scalar::<f32>()? as f64;
+            parts
+                .iter_mut()
+                .zip(&p)
+                .for_each(|(a, b)| *a += b / accum as f64);
             let g = loss.backward()?;
             for name in &self.params.names {
                 let var = &self.params.vars[name];
                 let Some(gt) = g.get(var.as_tensor()) else {
                     continue;
                 };
-                let gv = gt.flatten_all()?.to_vec1::<f32>()?;
+                let mut gv = gt.flatten_all()?.to_vec1::<f32>()?;
+                if let Some(m) = self.masks.get(name) {
+                    gv.iter_mut().zip(m).for_each(|(g, m)| *g *= m);
+                }
                 match grads.get_mut(name) {
                     Some(acc) => acc.iter_mut().zip(&gv).for_each(|(a, b)| *a += b),
                     None => {
@@ -173,9 +491,13 @@ impl Trainer {
         }
         let loss = loss_sum / accum as f64;
         if !loss.is_finite() {
+            let kept = match self.saved {
+                Some(s) => format!("the checkpoint of step {s} is kept"),
+                None => "no checkpoint was written yet".into(),
+            };
             return Err(Error::Invalid(format!(
-                "loss became {loss} at step {}: lower the learning rate",
-                self.step
+                "loss became {loss} at step {} (no update made; {kept}): lower the learning rate",
+                self.step + 1
             )));
         }
         let norm = grads
@@ -203,12 +525,16 @@ impl Trainer {
             adamw_step(
                 &c.adamw,
                 self.step + 1,
-                lr,
+                lr * c.groups.scale(name),
                 decays(name, &shape),
                 &mut theta,
                 g,
                 mom,
             );
+            // Decay acts on zeros too, but only as a product: masked values stay exactly zero.
+            if let Some(m) = self.masks.get(name) {
+                theta.iter_mut().zip(m).for_each(|(t, m)| *t *= m);
+            }
             var.set(&Tensor::from_vec(theta, shape, &Device::Cpu)?)?;
         }
         self.step += 1;
@@ -222,6 +548,13 @@ impl Trainer {
             tokens: self.tokens_seen,
             tokens_per_s: tokens as f64 / start.elapsed().as_secs_f64(),
             val_ppl: None,
+            parts: self
+                .objective
+                .terms
+                .iter()
+                .zip(parts)
+                .map(|((_, t), v)| (label(t).to_string(), v))
+                .collect(),
         };
         self.log.push(row.clone());
         Ok(row)
@@ -280,14 +613,47 @@ impl Trainer {
         Ok(())
     }
 
-    /// Writes the checkpoint into `dir` (`params.safetensors` with the parameters and AdamW
-    /// moments, `state.json` with the configuration, step and log), atomically.
-    pub fn save(&self, dir: &Path) -> Result<()> {
+    /// Writes the feature heads (normalisers and trained projections) to `path`; nothing when
+    /// the objective has no feature term.
+    pub fn save_heads(&self, path: &Path) -> Result<bool> {
+        if self.heads.is_empty() {
+            return Ok(false);
+        }
+        let proj = (0..self.heads.len())
+            .map(|k| {
+                let (w, b) = head_names(k);
+                Ok((
+                    self.params.tensor(&w)?.flatten_all()?.to_vec1::<f32>()?,
+                    self.params.tensor(&b)?.to_vec1::<f32>()?,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let heads: Vec<Head> = self
+            .heads
+            .iter()
+            .map(|h| Head {
+                student: h.head.student,
+                teacher: h.head.teacher,
+                normalizer: h.head.normalizer.clone(),
+                weight: Vec::new(),
+                bias: Vec::new(),
+            })
+            .collect();
+        heads::save(path, &heads, &proj)?;
+        Ok(true)
+    }
+
+    /// Writes the checkpoint into `dir` (`params.safetensors` with the trained tensors and AdamW
+    /// moments, `state.json` with the configuration, step, log and the starting model's
+    /// fingerprint), atomically: an interrupted write leaves the previous checkpoint.
+    pub fn save(&mut self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let target = dir.join("checkpoint");
         crate::io::atomic::write_dir(&target, crate::io::atomic::Existing::Replace, |tmp| {
             self.write_checkpoint(tmp)
-        })
+        })?;
+        self.saved = Some(self.step);
+        Ok(())
     }
 
     fn write_checkpoint(&self, tmp: &Path) -> Result<()> {
@@ -311,6 +677,7 @@ impl Trainer {
         candle_core::safetensors::save(&tensors.into_iter().collect::<HashMap<_, _>>(), &st)?;
         let state = serde_json::json!({
             "config": self.config, "step": self.step, "tokens": self.tokens_seen, "log": self.log,
+            "start": self.start,
         });
         let sj = tmp.join("state.json");
         std::fs::write(
@@ -320,18 +687,27 @@ impl Trainer {
         .map_err(|e| Error::io(&sj, e))
     }
 
-    /// Continues the run saved in `dir/checkpoint`.
-    pub fn resume(dir: &Path, vocab: usize) -> Result<Self> {
+    /// The configuration of the run checkpointed in `dir`.
+    pub fn saved_config(dir: &Path) -> Result<TrainConfig> {
+        let (config, _) = read_state(dir)?;
+        Ok(config)
+    }
+
+    /// Continues the run saved in `dir/checkpoint`, from the same `start` and `teacher` as the
+    /// run that wrote it.
+    pub fn resume(dir: &Path, start: Start, teacher: Teacher, data: &TokenData) -> Result<Self> {
+        let (config, state) = read_state(dir)?;
         let ck = dir.join("checkpoint");
         let sj = ck.join("state.json");
-        let text = std::fs::read_to_string(&sj).map_err(|e| Error::io(&sj, e))?;
-        let state: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| Error::format(&sj, e))?;
-        let config: TrainConfig =
-            serde_json::from_value(state["config"].clone()).map_err(|e| Error::format(&sj, e))?;
-        let mut t = Trainer::new(config, vocab)?;
+        if let (Start::Model(m), Some(fp)) = (&start, state.get("start")) {
+            let fp: Fingerprint =
+                serde_json::from_value(fp.clone()).map_err(|e| Error::format(&sj, e))?;
+            fp.check(m, &format!("the checkpoint in {}", dir.display()))?;
+        }
+        let mut t = Trainer::new(config, start, teacher, data)?;
         t.step = state["step"].as_u64().unwrap_or(0);
         t.tokens_seen = state["tokens"].as_u64().unwrap_or(0);
+        t.saved = Some(t.step);
         t.log = serde_json::from_value(state["log"].clone()).map_err(|e| Error::format(&sj, e))?;
         let st = ck.join("params.safetensors");
         let saved =
@@ -362,20 +738,90 @@ impl Trainer {
                         format!("optimizer moments of {name} do not match its shape"),
                     ));
                 }
+                let flat = |t: &Tensor| -> Result<Vec<f32>> {
+                    Ok(t.flatten_all()?
+                        .to_dtype(candle_core::DType::F32)?
+                        .to_vec1()?)
+                };
                 t.moments.insert(
                     name.clone(),
                     Moments {
-                        m: m.flatten_all()?
-                            .to_dtype(candle_core::DType::F32)?
-                            .to_vec1()?,
-                        v: v.flatten_all()?
-                            .to_dtype(candle_core::DType::F32)?
-                            .to_vec1()?,
+                        m: flat(m)?,
+                        v: flat(v)?,
                     },
                 );
             }
         }
         t.params.write_back(&mut t.model)?;
         Ok(t)
+    }
+}
+
+/// The configuration and state of the checkpoint in `dir`.
+fn read_state(dir: &Path) -> Result<(TrainConfig, serde_json::Value)> {
+    let sj = dir.join("checkpoint").join("state.json");
+    let text = std::fs::read_to_string(&sj).map_err(|e| Error::io(&sj, e))?;
+    let state: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::format(&sj, e))?;
+    let config: TrainConfig =
+        serde_json::from_value(state["config"].clone()).map_err(|e| Error::format(&sj, e))?;
+    Ok((config, state))
+}
+
+/// Fails unless `teacher` can give what `objective` asks, for this student.
+fn check_teacher(
+    objective: &Objective,
+    teacher: &Teacher,
+    student: &Model,
+    config: &TrainConfig,
+) -> Result<()> {
+    match teacher {
+        Teacher::None if objective.needs_teacher() => Err(Error::Invalid(format!(
+            "objective '{}' needs a teacher",
+            config.objective
+        ))),
+        Teacher::Live(t) if t.config.vocab_size != student.config.vocab_size => {
+            Err(Error::Invalid(format!(
+                "teacher and student vocabularies differ ({} against {} tokens); distillation \
+                 needs the same tokenizer",
+                t.config.vocab_size, student.config.vocab_size
+            )))
+        }
+        Teacher::Cached(c) => {
+            if c.meta.seq_len != config.seq_len {
+                return Err(Error::Invalid(format!(
+                    "the teacher cache in {} has windows of {} tokens; train with --seq-len {}",
+                    c.dir.display(),
+                    c.meta.seq_len,
+                    c.meta.seq_len
+                )));
+            }
+            if c.meta.vocab != student.config.vocab_size {
+                return Err(Error::Invalid(format!(
+                    "the teacher cache in {} is over {} tokens, the student has {}",
+                    c.dir.display(),
+                    c.meta.vocab,
+                    student.config.vocab_size
+                )));
+            }
+            let other = objective.terms.iter().find(|(_, t)| {
+                matches!(
+                    t,
+                    Term::Logits {
+                        divergence: Divergence::ReverseKl | Divergence::Jsd { .. },
+                        ..
+                    }
+                )
+            });
+            if other.is_some() {
+                return Err(Error::Invalid(
+                    "a teacher cache keeps top-k logits, which serve forward KL (kd) only; \
+                     use a live teacher for rkl or jsd"
+                        .into(),
+                ));
+            }
+            Ok(())
+        }
+        _ => Ok(()),
     }
 }
