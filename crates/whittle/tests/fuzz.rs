@@ -643,7 +643,7 @@ fn formats(work: &Path) -> Vec<Format> {
             file,
             kind,
             header: 4 << 10,
-            read: Box::new(|d| {
+            read: Box::new(move |d| {
                 let run = d.parent().unwrap();
                 Trainer::resume(run, start(), Teacher::None, &TokenData::default()).map(|_| ())
             }),
