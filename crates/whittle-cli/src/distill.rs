@@ -136,15 +136,17 @@ fn files(paths: &[PathBuf], split: &str) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-/// Token ids of `files`, cached under `dir` by a hash of the paths, sizes and tokenizer.
-fn corpus(tok: &Tokenizer, files: &[PathBuf], dir: &Path, what: &str) -> Result<Vec<u32>> {
+/// Token ids of `files`, cached in whittle's home (`tokens/`) by a hash of the paths, sizes and
+/// tokenizer: every run on the same corpus reads it once.
+fn corpus(tok: &Tokenizer, files: &[PathBuf], what: &str) -> Result<Vec<u32>> {
+    let dir = whittle::io::fetch::whittle_home().join("tokens");
     let mut key = tokenizer_hash(tok);
     for f in files {
         let len = std::fs::metadata(f).map(|m| m.len()).unwrap_or(0);
         key.push_str(&format!("|{}:{len}", f.display()));
     }
     let id = cache::hash_ids(&key.bytes().map(u32::from).collect::<Vec<_>>());
-    std::fs::create_dir_all(dir)?;
+    std::fs::create_dir_all(&dir)?;
     let ids = tokens_with(tok, files, &dir.join(format!("tokens-{what}-{id}.bin")))?;
     eprintln!("{what}: {} tokens from {} files", ids.len(), files.len());
     Ok(ids)
@@ -168,8 +170,8 @@ pub fn teacher_cache(a: &TeacherCacheArgs) -> Result<()> {
         a.out.display()
     );
     let (teacher, tok) = load_dense(a.teacher.as_deref())?;
-    let work = whittle::io::atomic::parent_of(&a.out)?;
-    let ids = corpus(&tok, &files(&a.data.data, "train")?, &work, "train")?;
+    whittle::io::atomic::parent_of(&a.out)?;
+    let ids = corpus(&tok, &files(&a.data.data, "train")?, "train")?;
     let n = (a.tokens as usize).div_ceil(a.data.seq_len);
     let windows = cache::shuffled_windows(&ids, a.data.seq_len, n, a.seed)?;
     let pb = progress(windows.len(), "teacher cache");
@@ -289,12 +291,11 @@ pub fn distill(a: &DistillArgs) -> Result<()> {
     let data = TokenData {
         train: match &cache {
             Some(_) => Vec::new(),
-            None => corpus(&tok, &files(&a.data.data, "train")?, &a.out, "train")?,
+            None => corpus(&tok, &files(&a.data.data, "train")?, "train")?,
         },
         valid: corpus(
             &tok,
             &files(std::slice::from_ref(&a.valid), "valid")?,
-            &a.out,
             "valid",
         )?,
     };

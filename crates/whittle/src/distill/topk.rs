@@ -70,7 +70,7 @@ impl TopK {
 
 /// `T² · mean_rows KL(p̂ ‖ q̂)` over the `k + 1` buckets, for student logits `[rows, vocab]`.
 pub struct SparseDistillation {
-    pub teacher: TopK,
+    pub teacher: std::sync::Arc<TopK>,
     pub temperature: f32,
 }
 
@@ -169,11 +169,11 @@ mod tests {
         for temperature in [1.0f32, 2.0] {
             let top = TopK::from_logits(&t, vocab, vocab).unwrap();
             let sparse = SparseDistillation {
-                teacher: top,
+                teacher: std::sync::Arc::new(top),
                 temperature,
             };
             let dense = LogitDistillation {
-                teacher: t.clone(),
+                teacher: std::sync::Arc::new(t.clone()),
                 divergence: Divergence::ForwardKl,
                 temperature,
             };
@@ -231,7 +231,7 @@ mod tests {
                 / rows as f64
         };
         let op = SparseDistillation {
-            teacher: top.clone(),
+            teacher: std::sync::Arc::new(top.clone()),
             temperature: 1.0,
         };
         let (got, g) = loss_and_grad(op, &s, rows, vocab);

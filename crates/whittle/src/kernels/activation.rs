@@ -17,6 +17,18 @@ simd_dispatch! {
     }
 }
 
+simd_dispatch! {
+    /// The gradients of `y = silu(g) ⊙ u` given `dy`: `du = dy ⊙ silu(g)`,
+    /// `dg = dy ⊙ u ⊙ σ(g) (1 + g (1 − σ(g)))`.
+    pub fn swiglu_backward(g: &[f32], u: &[f32], dy: &[f32], dg: &mut [f32], du: &mut [f32]) {
+        for i in 0..g.len() {
+            let s = 1.0 / (1.0 + exp_approx::<FMA>(-g[i]));
+            du[i] = dy[i] * g[i] * s;
+            dg[i] = dy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
+        }
+    }
+}
+
 /// `x += delta` (a residual add), `width` values a row.
 pub fn add_in_place(x: &mut [f32], delta: &[f32], width: usize) {
     assert_eq!(x.len(), delta.len());

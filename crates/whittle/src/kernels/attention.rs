@@ -53,7 +53,7 @@ impl Mask {
 
     /// Keys `sink..end` are hidden from the query at position `i`: the part of the history that
     /// slid out of the window (empty when there is no window).
-    fn hidden(self, i: usize) -> std::ops::Range<usize> {
+    pub(crate) fn hidden(self, i: usize) -> std::ops::Range<usize> {
         match self.window {
             Some(w) if i > w => self.sink..(i - w).max(self.sink),
             _ => 0..0,

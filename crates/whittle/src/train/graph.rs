@@ -4,13 +4,15 @@
 //! [`Model`]; its weights live in [`Trainable`]'s variables while training and are written back
 //! afterwards.
 //!
-//! Only ops whose backward candle implements are used (no fused softmax/RMSNorm/RoPE, which drop
-//! gradients silently); the selective scan is [`super::scan_op::SelectiveScan`].
+//! Attention, RMSNorm, RoPE and SwiGLU are whittle's fused ops with their own backward passes
+//! ([`super::ops`]; candle's fused versions drop gradients silently), the selective scan is
+//! [`super::scan_op::SelectiveScan`], and the rest are candle primitives.
 
 use super::scan_op::SelectiveScan;
+use crate::kernels::attention::Mask;
 use crate::model::names::{hymba, llama, TensorName};
 use crate::model::{KvSource, Layer, Model};
-use candle_core::{DType, Device, Result, Tensor, Var, D};
+use candle_core::{DType, Device, Result, Tensor, Var};
 use std::collections::HashMap;
 
 /// The model's parameters as candle tensors, by [`Model::visit_parameters`] name: the trained
@@ -131,48 +133,15 @@ fn linear(x: &Tensor, w: &Tensor, dt: DType) -> Result<Tensor> {
     y.reshape((b, s, w.dim(0)?))
 }
 
-/// RMSNorm over the last dimension, from primitives.
+/// RMSNorm over the last dimension (one fused op, [`super::ops::RmsNorm`]).
 fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
-    x.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(w)
-}
-
-/// Softmax over the last dimension, from primitives (the max is a constant for the gradient).
-fn softmax(x: &Tensor) -> Result<Tensor> {
-    let m = x.max_keepdim(D::Minus1)?.detach();
-    let e = x.broadcast_sub(&m)?.exp()?;
-    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+    x.contiguous()?
+        .apply_op2(w, super::ops::RmsNorm { eps: eps as f32 })
 }
 
 /// `log(1 + e^x)`, stable for large `|x|`.
 fn softplus(x: &Tensor) -> Result<Tensor> {
     x.relu()? + ((x.abs()?.neg()?.exp()? + 1.0)?.log()?)
-}
-
-/// Half-split rotary embedding of `x [B, heads, S, d]` with `cos`, `sin` `[S, d/2]`.
-fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let half = x.dim(3)? / 2;
-    let (x1, x2) = (x.narrow(3, 0, half)?, x.narrow(3, half, half)?);
-    let a = (x1.broadcast_mul(cos)? - x2.broadcast_mul(sin)?)?;
-    let b = (x2.broadcast_mul(cos)? + x1.broadcast_mul(sin)?)?;
-    Tensor::cat(&[a, b], 3)
-}
-
-/// Additive mask `[S, S]`: 0 where query `i` sees key `j` (the rule of
-/// [`crate::kernels::attention::Mask`]), −∞ elsewhere.
-fn mask(s: usize, window: Option<usize>, sink: usize) -> Result<Tensor> {
-    let v: Vec<f32> = (0..s * s)
-        .map(|k| {
-            let (i, j) = (k / s, k % s);
-            let visible = j <= i && window.is_none_or(|w| i - j <= w || j < sink);
-            if visible {
-                0.0
-            } else {
-                f32::NEG_INFINITY
-            }
-        })
-        .collect();
-    Tensor::from_vec(v, (s, s), &Device::Cpu)
 }
 
 /// Logits `[B, T, vocab]` of token ids `[B, T]`.
@@ -221,11 +190,12 @@ pub fn forward_with_features(
     Ok((p.linear(&x, head, ctx.dt)?, features))
 }
 
-/// Per-call constants: RoPE tables, one mask per distinct window, the matmul dtype.
+/// Per-call constants: RoPE tables, the matmul dtype.
 struct Context {
-    cos: Tensor,
-    sin: Tensor,
-    masks: HashMap<Option<usize>, Tensor>,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    head_dim: usize,
+    sink: usize,
     dt: DType,
 }
 
@@ -246,19 +216,21 @@ impl Context {
                 sin.push(angle.sin());
             }
         }
-        let mut masks = HashMap::new();
-        for l in &model.layers {
-            if let Some(a) = &l.attn {
-                if let std::collections::hash_map::Entry::Vacant(slot) = masks.entry(a.window) {
-                    slot.insert(mask(s, a.window, model.config.memory_tokens)?);
-                }
-            }
-        }
         Ok(Context {
-            cos: Tensor::from_vec(cos, (s, half), &Device::Cpu)?,
-            sin: Tensor::from_vec(sin, (s, half), &Device::Cpu)?,
-            masks,
+            cos,
+            sin,
+            head_dim,
+            sink: model.config.memory_tokens,
             dt,
+        })
+    }
+
+    /// Rotary embedding of `x [B, S, heads·d]` (one fused op).
+    fn rope(&self, x: &Tensor) -> Result<Tensor> {
+        x.contiguous()?.apply_op1(super::ops::Rope {
+            cos: self.cos.clone(),
+            sin: self.sin.clone(),
+            head_dim: self.head_dim,
         })
     }
 }
@@ -303,9 +275,9 @@ fn layer_forward(
     }
     if layer.mlp.is_some() {
         let normed = rms_norm(&x, w("mlp_norm")?, eps)?;
-        let g = lin(&normed, llama::GATE.hf)?.silu()?;
+        let g = lin(&normed, llama::GATE.hf)?;
         let u = lin(&normed, llama::UP.hf)?;
-        x = (x + lin(&(g * u)?, llama::DOWN.hf)?)?;
+        x = (x + lin(&g.apply_op2(&u, super::ops::SwiGlu)?, llama::DOWN.hf)?)?;
     } else if let Some(e) = &layer.emulated.mlp {
         x = emulated(&x, e.maps.len(), "mlp", &lin, &w)?;
     }
@@ -334,7 +306,8 @@ fn emulated<'a>(
     x + update
 }
 
-/// Attention heads `[B, S, n_heads·v_head_dim]` of layer `i`.
+/// Attention heads `[B, S, n_heads·v_head_dim]` of layer `i` (one fused op over the
+/// projections' row layout, [`super::ops::Attention`]).
 fn attention(
     i: usize,
     a: &crate::model::Attention,
@@ -344,24 +317,16 @@ fn attention(
     normed: &Tensor,
     shared: &mut [Option<(Tensor, Tensor)>],
 ) -> Result<Tensor> {
-    let (b, s, _) = normed.dims3()?;
-    let sh = a.shape;
     // The names of Layer::linears: Hymba's split in_proj, or Llama's projections.
     let lin = |x: &Tensor, llama: TensorName, hymba: &str| -> Result<Tensor> {
         let name = if hybrid { hymba } else { llama.hf };
         p.linear(x, &format!("layers.{i}.{name}"), ctx.dt)
     };
-    let heads = |x: Tensor, n: usize, d: usize| -> Result<Tensor> {
-        x.reshape((b, s, n, d))?.transpose(1, 2)?.contiguous()
-    };
-    let q = heads(lin(normed, llama::Q, hymba::Q)?, sh.n_heads, sh.head_dim)?;
-    let q = rope(&q, &ctx.cos, &ctx.sin)?;
+    let q = ctx.rope(&lin(normed, llama::Q, hymba::Q)?)?;
     let (k, v) = match a.kv {
         KvSource::Own { .. } => {
-            let k = lin(normed, llama::K, hymba::K)?;
-            let v = lin(normed, llama::V, hymba::V)?;
-            let k = rope(&heads(k, sh.n_kv_heads, sh.head_dim)?, &ctx.cos, &ctx.sin)?;
-            let v = heads(v, sh.n_kv_heads, sh.v_head_dim)?;
+            let k = ctx.rope(&lin(normed, llama::K, hymba::K)?)?;
+            let v = lin(normed, llama::V, hymba::V)?.contiguous()?;
             shared[i] = Some((k.clone(), v.clone()));
             (k, v)
         }
@@ -369,20 +334,18 @@ fn attention(
             .clone()
             .ok_or_else(|| candle_core::Error::Msg(format!("layer {i}: layer {src} has no K/V")))?,
     };
-    // GQA: repeat each KV head for its group of query heads.
-    let group = sh.n_heads / sh.n_kv_heads;
-    let repeat = |x: &Tensor, d: usize| -> Result<Tensor> {
-        x.unsqueeze(2)?
-            .broadcast_as((b, sh.n_kv_heads, group, s, d))?
-            .reshape((b, sh.n_heads, s, d))
+    let mask = Mask {
+        window: a.window,
+        sink: ctx.sink,
     };
-    let (k, v) = (repeat(&k, sh.head_dim)?, repeat(&v, sh.v_head_dim)?);
-    let scores = (q.matmul(&k.t()?)? / (sh.head_dim as f64).sqrt())?;
-    let scores = scores.broadcast_add(&ctx.masks[&a.window])?;
-    softmax(&scores)?
-        .matmul(&v)?
-        .transpose(1, 2)?
-        .reshape((b, s, sh.out_dim()))
+    q.apply_op3(
+        &k,
+        &v,
+        super::ops::Attention {
+            shape: a.shape,
+            mask,
+        },
+    )
 }
 
 /// The gated SSM output `[B, S, E]` of layer `i`.

@@ -6,6 +6,7 @@ pub mod graph;
 pub mod groups;
 pub mod loss_op;
 pub mod objective;
+pub mod ops;
 pub mod optim;
 pub mod presets;
 pub mod scan_op;

@@ -158,8 +158,9 @@ impl Objective {
 
 /// `T² · mean_rows D(p_row, q_row)` of student logits `[rows, vocab]` against the teacher's.
 pub struct LogitDistillation {
-    /// Teacher logits, `[rows, vocab]` row-major.
-    pub teacher: Vec<f32>,
+    /// Teacher logits, `[rows, vocab]` row-major (shared: at batch 8 × 512 they are 800 MB,
+    /// and the op is kept by the graph until backward).
+    pub teacher: std::sync::Arc<Vec<f32>>,
     pub divergence: Divergence,
     pub temperature: f32,
 }
@@ -315,7 +316,7 @@ mod tests {
         ] {
             for temperature in [1.0f32, 2.0] {
                 let op = || LogitDistillation {
-                    teacher: t.clone(),
+                    teacher: std::sync::Arc::new(t.clone()),
                     divergence,
                     temperature,
                 };
@@ -366,7 +367,7 @@ mod tests {
     fn identical_logits_have_zero_divergence() {
         let s: Vec<f32> = (0..20).map(|i| (i as f32 * 0.3).sin()).collect();
         let op = LogitDistillation {
-            teacher: s.clone(),
+            teacher: std::sync::Arc::new(s.clone()),
             divergence: Divergence::ForwardKl,
             temperature: 2.0,
         };

@@ -25,6 +25,7 @@ use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Instant;
 
 fn default_objective() -> String {
@@ -197,8 +198,8 @@ fn label(t: &Term) -> &'static str {
 
 /// What the teacher says about one micro-batch.
 struct TeacherOut {
-    dense: Option<Vec<f32>>,
-    sparse: Option<crate::distill::topk::TopK>,
+    dense: Option<Arc<Vec<f32>>>,
+    sparse: Option<Arc<crate::distill::topk::TopK>>,
     /// Per head, normalised features `[rows, teacher hidden]`.
     features: Vec<Tensor>,
 }
@@ -353,7 +354,7 @@ impl Trainer {
                 }
                 Ok(Some(TeacherOut {
                     dense: None,
-                    sparse: Some(top),
+                    sparse: Some(Arc::new(top)),
                     features: Vec::new(),
                 }))
             }
@@ -379,7 +380,7 @@ impl Trainer {
                     })
                     .collect::<candle_core::Result<Vec<_>>>()?;
                 Ok(Some(TeacherOut {
-                    dense: Some(logits),
+                    dense: Some(Arc::new(logits)),
                     sparse: None,
                     features,
                 }))
