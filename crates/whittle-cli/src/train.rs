@@ -168,14 +168,21 @@ const VOCAB: usize = 49152;
 
 /// Keeps freed memory in the process. A training step allocates and frees tensors of hundreds of
 /// MB; glibc returns each to the kernel (mmap/munmap) and the next one page-faults its way back:
-/// measured, that costs 40 % of a small model's step (550 vs 950 tokens/s).
+/// measured, that costs 40 % of a small model's step (550 vs 950 tokens/s). glibc caps the mmap
+/// threshold at 32 MB, so large blocks are kept on the heap by turning mmap off instead
+/// (`M_MMAP_MAX = 0`), and the heap is never trimmed.
 pub(crate) fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator tuning parameters; it is called before the
     // training threads start allocating.
     unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        libc::mallopt(libc::M_MMAP_MAX, 0);
+        // -1 reads as SIZE_MAX inside glibc: never trim (i32::MAX still trimmed a freed graph
+        // of more than 2 GB at every step).
+        libc::mallopt(libc::M_TRIM_THRESHOLD, -1);
+        // One arena: rayon workers' arenas are mmapped heaps that glibc shrinks with
+        // madvise, which brings the page faults back.
+        libc::mallopt(libc::M_ARENA_MAX, 1);
         libc::mallopt(libc::M_TOP_PAD, 1 << 29);
     }
 }

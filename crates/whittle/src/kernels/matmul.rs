@@ -71,6 +71,31 @@ pub fn matmul_t(x: &[f32], w: &[f32], rows: usize, inp: usize, out: usize, y: &m
 /// Fewest rows for which splitting rows between threads pays.
 const ROW_SPLIT_MIN: usize = 64;
 
+/// `dst = lhs · rhs` with the rows of `dst` (and `lhs`) split across the threads, each block a
+/// sequential GEMM at the current level: the layout [`matmul_t`] found fastest, for products
+/// whose operands are views (transposes of row-major data, as training's backward passes take).
+pub fn gemm_rows(dst: MatMut<f32>, lhs: MatRef<f32>, rhs: MatRef<f32>) {
+    let level = simd::level();
+    let (m, threads) = (dst.nrows(), crate::threads::threads());
+    if threads == 1 || m < ROW_SPLIT_MIN {
+        return gemm_at(level, dst, Accum::Replace, lhs, rhs, faer::Par::Seq);
+    }
+    let chunk = m.div_ceil(threads);
+    let mut parts = Vec::with_capacity(threads);
+    let mut rest = dst;
+    let mut at = 0;
+    while at < m {
+        let n = chunk.min(m - at);
+        let (top, bottom) = rest.split_at_row_mut(n);
+        parts.push((at, n, top));
+        rest = bottom;
+        at += n;
+    }
+    parts.into_par_iter().for_each(|(at, n, d)| {
+        gemm_at(level, d, Accum::Replace, lhs.subrows(at, n), rhs, faer::Par::Seq)
+    });
+}
+
 /// `dst (+)= lhs · rhs`, scale 1, at the thread's SIMD level.
 pub fn gemm(dst: MatMut<f32>, acc: Accum, lhs: MatRef<f32>, rhs: MatRef<f32>, par: faer::Par) {
     gemm_at(simd::level(), dst, acc, lhs, rhs, par)

@@ -124,7 +124,7 @@ fn linear(x: &Tensor, w: &Tensor, dt: DType) -> Result<Tensor> {
     let (b, s, i) = x.dims3()?;
     let x = x.reshape((b * s, i))?;
     let y = if dt == DType::F32 {
-        x.matmul(&w.t()?)?
+        x.contiguous()?.apply_op2(w, super::ops::Linear)?
     } else {
         x.to_dtype(dt)?
             .matmul(&w.to_dtype(dt)?.t()?)?

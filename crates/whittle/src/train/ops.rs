@@ -12,7 +12,7 @@
 use crate::kernels::activation::{swiglu_backward, swiglu_in_place};
 use crate::kernels::attention::{causal_attention, Mask};
 use crate::kernels::exp::softmax_in_place;
-use crate::kernels::matmul::gemm;
+use crate::kernels::matmul::{gemm, gemm_rows};
 use crate::kernels::norm::rms_norm;
 use crate::model::AttnShape;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
@@ -33,6 +33,65 @@ fn row_major(x: &[f32], r: usize, c: usize) -> MatRef<'_, f32> {
 
 fn values(t: &Tensor) -> Result<Vec<f32>> {
     t.flatten_all()?.to_vec1::<f32>()
+}
+
+/// `y = x · Wᵀ` for `x [rows, in]` and `W [out, in]`, on whittle's kernels: the forward pass is
+/// the inference product (AMX tiles where the CPU has them), the backward passes `dx = dy W` and
+/// `dW = dyᵀ x` are row-parallel GEMMs at the dispatched SIMD level. candle's own CPU matmul
+/// uses AVX2 kernels on every x86 CPU; this was half of a training step on AVX-512.
+pub struct Linear;
+
+impl CustomOp2 for Linear {
+    fn name(&self) -> &'static str {
+        "linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, w) = (contiguous(s1, l1, "linear")?, contiguous(s2, l2, "linear")?);
+        let (rows, inp) = l1.shape().dims2()?;
+        let (out, win) = l2.shape().dims2()?;
+        if win != inp {
+            candle_core::bail!("linear: input {:?} for weight {:?}", l1.shape(), l2.shape());
+        }
+        let mut y = vec![0f32; rows * out];
+        crate::threads::install(|| crate::kernels::matmul::matmul_t(x, w, rows, inp, out, &mut y));
+        Ok((CpuStorage::F32(y), Shape::from((rows, out))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (rows, inp) = x.dims2()?;
+        let out = w.dim(0)?;
+        let (xv, wv, gv) = (values(x)?, values(w)?, values(dy)?);
+        let (mut dx, mut dw) = (vec![0f32; rows * inp], vec![0f32; out * inp]);
+        crate::threads::install(|| {
+            gemm_rows(
+                MatMut::from_row_major_slice_mut(&mut dx, rows, inp),
+                row_major(&gv, rows, out),
+                row_major(&wv, out, inp),
+            );
+            gemm_rows(
+                MatMut::from_row_major_slice_mut(&mut dw, out, inp),
+                row_major(&gv, rows, out).transpose(),
+                row_major(&xv, rows, inp),
+            );
+        });
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), x.device())?),
+            Some(Tensor::from_vec(dw, w.shape(), w.device())?),
+        ))
+    }
 }
 
 /// `y = x / rms(x) ⊙ w` over the last dimension.
@@ -385,6 +444,20 @@ mod tests {
             let d = x.iter().zip(&y).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
             assert!(d < 2e-4, "{what}: gradient of input {k} differs by {d}");
         }
+    }
+
+    #[test]
+    fn linear_matches_candle_matmul_at_every_level() {
+        let (x, w) = (var(70 * 24, &[70, 24], 1), var(33 * 24, &[33, 24], 2));
+        crate::kernels::simd::for_each_level(|level| {
+            let fused = x.as_tensor().apply_op2(w.as_tensor(), Linear).unwrap();
+            let reference = x.matmul(&w.t().unwrap()).unwrap();
+            same(&fused, &reference, &[&x, &w], &format!("linear at {level:?}"));
+        });
+        // Two threads: the row split of the backward GEMMs.
+        let fused = x.as_tensor().apply_op2(w.as_tensor(), Linear).unwrap();
+        let reference = x.matmul(&w.t().unwrap()).unwrap();
+        same(&fused, &reference, &[&x, &w], "linear, threaded");
     }
 
     #[test]
