@@ -299,8 +299,10 @@ pub fn distill(a: &DistillArgs) -> Result<()> {
             "valid",
         )?,
     };
-    if let (Some(tokens), Some(t)) = (a.teacher_correction, teacher.take()) {
-        teacher = Some(correct_teacher(a, t, tokens, &data)?);
+    if let Some(tokens) = a.teacher_correction {
+        if let Some(t) = teacher.take() {
+            teacher = Some(correct_teacher(a, t, tokens, &data)?);
+        }
     }
     let source = match (cache, teacher) {
         (Some(c), _) => Teacher::Cached(Box::new(c)),

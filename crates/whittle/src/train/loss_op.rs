@@ -56,7 +56,9 @@ impl<L: RowLoss> CustomOp1 for MeanOverRows<L> {
     fn bwd(&self, logits: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let (rows, vocab) = logits.dims2()?;
         let g = grad.to_scalar::<f32>()? * self.0.factor() / rows as f32;
-        let x = logits.flatten_all()?.to_vec1::<f32>()?;
+        let logits = logits.contiguous()?;
+        let x = super::ops::view(&logits)?;
+        let x = x.slice();
         let mut out = vec![0f32; x.len()];
         out.par_chunks_mut(vocab)
             .zip(x.par_chunks(vocab))

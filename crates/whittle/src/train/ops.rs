@@ -31,6 +31,37 @@ fn row_major(x: &[f32], r: usize, c: usize) -> MatRef<'_, f32> {
     MatRef::from_row_major_slice(x, r, c)
 }
 
+/// A tensor's f32 values borrowed from its storage: backward passes read activations as large
+/// as the logits (800 MB at batch 8 × 512), which a copy would double.
+pub(crate) struct View<G> {
+    guard: G,
+    lo: usize,
+    hi: usize,
+}
+
+impl<G: std::ops::Deref<Target = candle_core::Storage>> View<G> {
+    pub(crate) fn slice(&self) -> &[f32] {
+        match &*self.guard {
+            candle_core::Storage::Cpu(CpuStorage::F32(v)) => &v[self.lo..self.hi],
+            _ => unreachable!("checked by view"),
+        }
+    }
+}
+
+/// A view of a contiguous f32 CPU tensor (make it contiguous first).
+pub(crate) fn view(
+    t: &Tensor,
+) -> Result<View<impl std::ops::Deref<Target = candle_core::Storage> + '_>> {
+    let (guard, layout) = t.storage_and_layout();
+    let Some((lo, hi)) = layout.contiguous_offsets() else {
+        candle_core::bail!("view of a non-contiguous tensor")
+    };
+    if !matches!(&*guard, candle_core::Storage::Cpu(CpuStorage::F32(_))) {
+        candle_core::bail!("training ops run on f32 CPU tensors");
+    }
+    Ok(View { guard, lo, hi })
+}
+
 fn values(t: &Tensor) -> Result<Vec<f32>> {
     t.flatten_all()?.to_vec1::<f32>()
 }
@@ -73,7 +104,9 @@ impl CustomOp2 for Linear {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (rows, inp) = x.dims2()?;
         let out = w.dim(0)?;
-        let (xv, wv, gv) = (values(x)?, values(w)?, values(dy)?);
+        let dy = dy.contiguous()?;
+        let (xv, wv, gv) = (view(x)?, view(w)?, view(&dy)?);
+        let (xv, wv, gv) = (xv.slice(), wv.slice(), gv.slice());
         let (mut dx, mut dw) = (vec![0f32; rows * inp], vec![0f32; out * inp]);
         crate::threads::install(|| {
             gemm_rows(
@@ -128,7 +161,9 @@ impl CustomOp2 for RmsNorm {
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (xv, wv, gv) = (values(x)?, values(w)?, values(dy)?);
+        let dy = dy.contiguous()?;
+        let (xv, wv, gv) = (view(x)?, view(w)?, view(&dy)?);
+        let (xv, wv, gv) = (xv.slice(), wv.slice(), gv.slice());
         let h = wv.len();
         let eps = self.eps as f64;
         let rows: Vec<(Vec<f32>, Vec<f64>)> = xv
@@ -196,7 +231,9 @@ impl CustomOp2 for SwiGlu {
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (gv, uv, dyv) = (values(g)?, values(u)?, values(dy)?);
+        let dy = dy.contiguous()?;
+        let (gv, uv, dyv) = (view(g)?, view(u)?, view(&dy)?);
+        let (gv, uv, dyv) = (gv.slice(), uv.slice(), dyv.slice());
         let (mut dg, mut du) = (vec![0f32; gv.len()], vec![0f32; gv.len()]);
         const BLOCK: usize = 1 << 14;
         dg.par_chunks_mut(BLOCK)
@@ -329,7 +366,9 @@ impl CustomOp3 for Attention {
         let (nh, nkv, d, dv) = (sh.n_heads, sh.n_kv_heads, sh.head_dim, sh.v_head_dim);
         let group = nh / nkv;
         let (qw, kw, vw, ow) = (nh * d, nkv * d, nkv * dv, nh * dv);
-        let (qv, kv, vv, ov, gv) = (values(q)?, values(k)?, values(v)?, values(o)?, values(dout)?);
+        let dout = dout.contiguous()?;
+        let views = [view(q)?, view(k)?, view(v)?, view(o)?, view(&dout)?];
+        let [qv, kv, vv, ov, gv] = views.each_ref().map(View::slice);
         let scale = 1.0 / (d as f32).sqrt();
         let mask = self.mask;
         // Strided columns `[col, col + n)` of every row of sequence `seq` in a `[B, T, w]` tensor.

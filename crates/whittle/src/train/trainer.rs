@@ -472,10 +472,13 @@ impl Trainer {
                 .iter_mut()
                 .zip(&p)
                 .for_each(|(a, b)| *a += b / accum as f64);
-            let g = loss.backward()?;
+            let mut g = loss.backward()?;
+            // The graph (every activation) is freed before the gradients are copied out, and each
+            // gradient leaves candle's store as it is copied: peak memory is one of the two.
+            drop(loss);
             for name in &self.params.names {
                 let var = &self.params.vars[name];
-                let Some(gt) = g.get(var.as_tensor()) else {
+                let Some(gt) = g.remove(var.as_tensor()) else {
                     continue;
                 };
                 let mut gv = gt.flatten_all()?.to_vec1::<f32>()?;
