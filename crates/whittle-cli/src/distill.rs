@@ -152,15 +152,12 @@ fn corpus(tok: &Tokenizer, files: &[PathBuf], what: &str) -> Result<Vec<u32>> {
     Ok(ids)
 }
 
-/// Loads a model for training or teaching: packed weights expanded to f32 (the dense model).
-fn load_dense(spec: Option<&str>) -> Result<(Model, Tokenizer)> {
+/// Loads a model for training or teaching as stored: a packed (GGUF) teacher computes with its
+/// dequantized values, the dense model, without holding an f32 copy; a packed student is read
+/// into f32 training tensors and written back dense.
+fn load(spec: Option<&str>) -> Result<(Model, Tokenizer)> {
     let l = crate::commands::load(spec)?;
-    let mut m = l.model;
-    if !m.has_packed() {
-        return Ok((m, l.tokenizer));
-    }
-    m.densify();
-    Ok((m, l.tokenizer))
+    Ok((l.model, l.tokenizer))
 }
 
 pub fn teacher_cache(a: &TeacherCacheArgs) -> Result<()> {
@@ -169,7 +166,7 @@ pub fn teacher_cache(a: &TeacherCacheArgs) -> Result<()> {
         "{} already exists; choose a new output folder",
         a.out.display()
     );
-    let (teacher, tok) = load_dense(a.teacher.as_deref())?;
+    let (teacher, tok) = load(a.teacher.as_deref())?;
     whittle::io::atomic::parent_of(&a.out)?;
     let ids = corpus(&tok, &files(&a.data.data, "train")?, "train")?;
     let n = (a.tokens as usize).div_ceil(a.data.seq_len);
@@ -264,7 +261,7 @@ pub fn distill(a: &DistillArgs) -> Result<()> {
     let objective = a.objective()?;
     let needs_teacher = whittle::train::objective::Objective::parse(&objective)?.needs_teacher();
     std::fs::create_dir_all(&a.out)?;
-    let (student, tok) = load_dense(Some(&a.student))?;
+    let (student, tok) = load(Some(&a.student))?;
     let cache = match &a.teacher_cache {
         Some(d) => Some(TeacherCache::open(d).with_context(|| "opening the teacher cache")?),
         None => None,
@@ -279,7 +276,7 @@ pub fn distill(a: &DistillArgs) -> Result<()> {
         || (cache.is_some() && a.teacher.is_some());
     let mut teacher = match load_teacher {
         true => {
-            let (t, ttok) = load_dense(a.teacher.as_deref())?;
+            let (t, ttok) = load(a.teacher.as_deref())?;
             check_same_tokenizer(&ttok, &tok)?;
             Some(t)
         }

@@ -2,25 +2,8 @@
 //! values, depth pruning by Shapley with emulated updates (kept in whittle's folder, refused by
 //! GGUF export), and width + depth pruning to a plain Llama that converts to GGUF and runs.
 
-use std::process::Command;
-
-fn whittle(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_whittle"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn ok(args: &[&str]) -> String {
-    let (success, out, err) = whittle(args);
-    assert!(success, "{args:?}: {err}");
-    out
-}
+mod common;
+use common::{ok, whittle};
 
 #[test]
 fn importance_then_width_and_depth_pruning_on_the_default_model() {

@@ -92,7 +92,14 @@ pub fn gemm_rows(dst: MatMut<f32>, lhs: MatRef<f32>, rhs: MatRef<f32>) {
         at += n;
     }
     parts.into_par_iter().for_each(|(at, n, d)| {
-        gemm_at(level, d, Accum::Replace, lhs.subrows(at, n), rhs, faer::Par::Seq)
+        gemm_at(
+            level,
+            d,
+            Accum::Replace,
+            lhs.subrows(at, n),
+            rhs,
+            faer::Par::Seq,
+        )
     });
 }
 

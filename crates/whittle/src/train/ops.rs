@@ -111,13 +111,13 @@ impl CustomOp2 for Linear {
         crate::threads::install(|| {
             gemm_rows(
                 MatMut::from_row_major_slice_mut(&mut dx, rows, inp),
-                row_major(&gv, rows, out),
-                row_major(&wv, out, inp),
+                row_major(gv, rows, out),
+                row_major(wv, out, inp),
             );
             gemm_rows(
                 MatMut::from_row_major_slice_mut(&mut dw, out, inp),
-                row_major(&gv, rows, out).transpose(),
-                row_major(&xv, rows, inp),
+                row_major(gv, rows, out).transpose(),
+                row_major(xv, rows, inp),
             );
         });
         Ok((
@@ -144,9 +144,16 @@ impl CustomOp2 for RmsNorm {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (x, w) = (contiguous(s1, l1, "rms-norm")?, contiguous(s2, l2, "rms-norm")?);
+        let (x, w) = (
+            contiguous(s1, l1, "rms-norm")?,
+            contiguous(s2, l2, "rms-norm")?,
+        );
         if l1.shape().dims().last() != Some(&w.len()) {
-            candle_core::bail!("rms-norm: weight of {} for rows of {:?}", w.len(), l1.shape());
+            candle_core::bail!(
+                "rms-norm: weight of {} for rows of {:?}",
+                w.len(),
+                l1.shape()
+            );
         }
         let mut y = vec![0f32; x.len()];
         rms_norm(x, w, self.eps, &mut y);
@@ -342,7 +349,11 @@ impl CustomOp3 for Attention {
         }
         let od = sh.out_dim();
         let mut out = vec![0f32; b * t * od];
-        let (qs, ks, vs) = (t * qw, t * sh.n_kv_heads * sh.head_dim, t * sh.n_kv_heads * sh.v_head_dim);
+        let (qs, ks, vs) = (
+            t * qw,
+            t * sh.n_kv_heads * sh.head_dim,
+            t * sh.n_kv_heads * sh.v_head_dim,
+        );
         for (i, o) in out.chunks_exact_mut(t * od).enumerate() {
             let (qb, kb, vb) = (&q[i * qs..][..qs], &k[i * ks..][..ks], &v[i * vs..][..vs]);
             causal_attention(qb, kb, vb, t, t, sh, self.mask, o);
@@ -391,8 +402,8 @@ impl CustomOp3 for Attention {
             .into_par_iter()
             .map(|job| {
                 let (seq, kvh) = (job / nkv, job % nkv);
-                let kh = gather(&kv, seq, kw, kvh * d, d);
-                let vh = gather(&vv, seq, vw, kvh * dv, dv);
+                let kh = gather(kv, seq, kw, kvh * d, d);
+                let vh = gather(vv, seq, vw, kvh * dv, dv);
                 let (mut dk, mut dvv) = (vec![0f32; t * d], vec![0f32; t * dv]);
                 let (mut p, mut dp) = (vec![0f32; t * t], vec![0f32; t * t]);
                 let mut tmp_k = vec![0f32; t * d];
@@ -400,10 +411,16 @@ impl CustomOp3 for Attention {
                 let mut dqs = Vec::with_capacity(group);
                 for g in 0..group {
                     let h = kvh * group + g;
-                    let qh = gather(&qv, seq, qw, h * d, d);
-                    let oh = gather(&ov, seq, ow, h * dv, dv);
-                    let doh = gather(&gv, seq, ow, h * dv, dv);
-                    mm(&mut p, t, t, row_major(&qh, t, d), row_major(&kh, t, d).transpose());
+                    let qh = gather(qv, seq, qw, h * d, d);
+                    let oh = gather(ov, seq, ow, h * dv, dv);
+                    let doh = gather(gv, seq, ow, h * dv, dv);
+                    mm(
+                        &mut p,
+                        t,
+                        t,
+                        row_major(&qh, t, d),
+                        row_major(&kh, t, d).transpose(),
+                    );
                     for (i, row) in p.chunks_exact_mut(t).enumerate() {
                         let hidden = mask.hidden(i);
                         row[hidden.clone()].fill(f32::NEG_INFINITY);
@@ -412,9 +429,21 @@ impl CustomOp3 for Attention {
                         row[i + 1..].fill(0.0);
                     }
                     // dV += Pᵀ dO
-                    mm(&mut tmp_v, t, dv, row_major(&p, t, t).transpose(), row_major(&doh, t, dv));
+                    mm(
+                        &mut tmp_v,
+                        t,
+                        dv,
+                        row_major(&p, t, t).transpose(),
+                        row_major(&doh, t, dv),
+                    );
                     dvv.iter_mut().zip(&tmp_v).for_each(|(a, b)| *a += b);
-                    mm(&mut dp, t, t, row_major(&doh, t, dv), row_major(&vh, t, dv).transpose());
+                    mm(
+                        &mut dp,
+                        t,
+                        t,
+                        row_major(&doh, t, dv),
+                        row_major(&vh, t, dv).transpose(),
+                    );
                     for i in 0..t {
                         let di: f32 = (0..dv).map(|c| doh[i * dv + c] * oh[i * dv + c]).sum();
                         let (pr, dr) = (&p[i * t..(i + 1) * t], &mut dp[i * t..(i + 1) * t]);
@@ -425,7 +454,13 @@ impl CustomOp3 for Attention {
                     // dQ = dS K, dK += dSᵀ Q (dS already carries 1/√d).
                     let mut dq = vec![0f32; t * d];
                     mm(&mut dq, t, d, row_major(&dp, t, t), row_major(&kh, t, d));
-                    mm(&mut tmp_k, t, d, row_major(&dp, t, t).transpose(), row_major(&qh, t, d));
+                    mm(
+                        &mut tmp_k,
+                        t,
+                        d,
+                        row_major(&dp, t, t).transpose(),
+                        row_major(&qh, t, d),
+                    );
                     dk.iter_mut().zip(&tmp_k).for_each(|(a, b)| *a += b);
                     dqs.push(dq);
                 }
@@ -474,13 +509,34 @@ mod tests {
     fn same(fused: &Tensor, reference: &Tensor, vars: &[&Var], what: &str) {
         let c = var(fused.elem_count(), fused.dims(), 5);
         let (a, b) = (values(fused).unwrap(), values(reference).unwrap());
-        let d = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        let d = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
         assert!(d < 1e-4, "{what}: values differ by {d}");
-        let ga = (fused * c.as_tensor()).unwrap().sum_all().unwrap().backward().unwrap();
-        let gb = (reference * c.as_tensor()).unwrap().sum_all().unwrap().backward().unwrap();
+        let ga = (fused * c.as_tensor())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gb = (reference * c.as_tensor())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
         for (k, v) in vars.iter().enumerate() {
-            let (x, y) = (values(ga.get(v).unwrap()).unwrap(), values(gb.get(v).unwrap()).unwrap());
-            let d = x.iter().zip(&y).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+            let (x, y) = (
+                values(ga.get(v).unwrap()).unwrap(),
+                values(gb.get(v).unwrap()).unwrap(),
+            );
+            let d = x
+                .iter()
+                .zip(&y)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
             assert!(d < 2e-4, "{what}: gradient of input {k} differs by {d}");
         }
     }
@@ -491,7 +547,12 @@ mod tests {
         crate::kernels::simd::for_each_level(|level| {
             let fused = x.as_tensor().apply_op2(w.as_tensor(), Linear).unwrap();
             let reference = x.matmul(&w.t().unwrap()).unwrap();
-            same(&fused, &reference, &[&x, &w], &format!("linear at {level:?}"));
+            same(
+                &fused,
+                &reference,
+                &[&x, &w],
+                &format!("linear at {level:?}"),
+            );
         });
         // Two threads: the row split of the backward GEMMs.
         let fused = x.as_tensor().apply_op2(w.as_tensor(), Linear).unwrap();
@@ -502,7 +563,10 @@ mod tests {
     #[test]
     fn rms_norm_and_swiglu_match_primitives() {
         let (x, w) = (var(3 * 5 * 16, &[3, 5, 16], 1), var(16, &[16], 2));
-        let fused = x.as_tensor().apply_op2(w.as_tensor(), RmsNorm { eps: 1e-5 }).unwrap();
+        let fused = x
+            .as_tensor()
+            .apply_op2(w.as_tensor(), RmsNorm { eps: 1e-5 })
+            .unwrap();
         let ms = x.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
         let reference = x
             .broadcast_div(&(ms + 1e-5).unwrap().sqrt().unwrap())
@@ -520,8 +584,12 @@ mod tests {
     fn tables(t: usize, d: usize) -> (Vec<f32>, Vec<f32>) {
         let half = d / 2;
         let angle = |p: usize, i: usize| p as f32 / 10000f32.powf((2 * i) as f32 / d as f32);
-        let cos = (0..t * half).map(|k| angle(k / half, k % half).cos()).collect();
-        let sin = (0..t * half).map(|k| angle(k / half, k % half).sin()).collect();
+        let cos = (0..t * half)
+            .map(|k| angle(k / half, k % half).cos())
+            .collect();
+        let sin = (0..t * half)
+            .map(|k| angle(k / half, k % half).sin())
+            .collect();
         (cos, sin)
     }
 
@@ -543,10 +611,16 @@ mod tests {
             })
             .unwrap();
         let xs = x.reshape((b, t, h, d)).unwrap();
-        let (x1, x2) = (xs.narrow(3, 0, d / 2).unwrap(), xs.narrow(3, d / 2, d / 2).unwrap());
+        let (x1, x2) = (
+            xs.narrow(3, 0, d / 2).unwrap(),
+            xs.narrow(3, d / 2, d / 2).unwrap(),
+        );
         let a = (x1.broadcast_mul(&ct).unwrap() - x2.broadcast_mul(&st).unwrap()).unwrap();
         let c = (x2.broadcast_mul(&ct).unwrap() + x1.broadcast_mul(&st).unwrap()).unwrap();
-        let reference = Tensor::cat(&[a, c], 3).unwrap().reshape((b, t, h * d)).unwrap();
+        let reference = Tensor::cat(&[a, c], 3)
+            .unwrap()
+            .reshape((b, t, h * d))
+            .unwrap();
         same(&fused, &reference, &[&x], "rope");
     }
 
@@ -554,7 +628,12 @@ mod tests {
     fn reference(q: &Tensor, k: &Tensor, v: &Tensor, sh: AttnShape, mask: Mask) -> Tensor {
         let (b, t, _) = q.dims3().unwrap();
         let heads = |x: &Tensor, n: usize, d: usize| {
-            x.reshape((b, t, n, d)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap()
+            x.reshape((b, t, n, d))
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .contiguous()
+                .unwrap()
         };
         let group = sh.n_heads / sh.n_kv_heads;
         let rep = |x: Tensor, d: usize| {
@@ -609,8 +688,16 @@ mod tests {
                 },
             ),
         ] {
-            let q = var(b * t * sh.n_heads * sh.head_dim, &[b, t, sh.n_heads * sh.head_dim], 7);
-            let k = var(b * t * sh.n_kv_heads * sh.head_dim, &[b, t, sh.n_kv_heads * sh.head_dim], 8);
+            let q = var(
+                b * t * sh.n_heads * sh.head_dim,
+                &[b, t, sh.n_heads * sh.head_dim],
+                7,
+            );
+            let k = var(
+                b * t * sh.n_kv_heads * sh.head_dim,
+                &[b, t, sh.n_kv_heads * sh.head_dim],
+                8,
+            );
             let v = var(
                 b * t * sh.n_kv_heads * sh.v_head_dim,
                 &[b, t, sh.n_kv_heads * sh.v_head_dim],
@@ -621,7 +708,12 @@ mod tests {
                 .apply_op3(k.as_tensor(), v.as_tensor(), Attention { shape: sh, mask })
                 .unwrap();
             let r = reference(&q, &k, &v, sh, mask);
-            same(&fused, &r, &[&q, &k, &v], &format!("attention {sh:?} {mask:?}"));
+            same(
+                &fused,
+                &r,
+                &[&q, &k, &v],
+                &format!("attention {sh:?} {mask:?}"),
+            );
         }
     }
 }

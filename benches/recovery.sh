@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Recovery of structured-pruned students by training (issue 17): each run trains a student from
+# target/prune (benches/prune_table.sh) on the Gutenberg train books + the Python stdlib corpus
+# for a token budget, with one objective, then is evaluated on the full WikiText-2 test split
+# (windows of 2048, the reference protocol) and on the Gutenberg validation books (held out).
+# Every run resumes from its checkpoint; MINUTES bounds each run's time per invocation, so the
+# same command, repeated across sessions, finishes the table.
+#   [RUNS="d-cos-6:kd:1M d-cos-6:ce:1M ..."] [MINUTES=60] bash benches/recovery.sh [OUT_DIR]
+# Objectives: ce (fine-tune), kd (Minitron: forward KL, T = 1), kdfeat (kd + PHI-S feature
+# distillation of four blocks), feat-NORM (kd + feature distillation with normaliser NORM).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-target/recover}
+PRUNED=${PRUNED:-target/prune}
+MINUTES=${MINUTES:-60}
+RUNS=${RUNS:-"d-cos-6:kd:1M d-cos-6:ce:1M w-ffn-896:kd:1M w-ffn-896:ce:1M"}
+mkdir -p "$OUT"
+if [ -z "${W:-}" ]; then cargo build --release -q; W=target/release/whittle; fi
+M=$("$W" fetch)
+DATA=(--data ../shared/data/gutenberg --data ../shared/data/code/python-stdlib-3.12.1.py.txt)
+COMMON=(--batch 4 --accum 2 --seq-len 512 --lr 2e-4 --min-lr 2e-5 --warmup 20 --eval-every 61
+        --eval-tokens 16384 --ckpt-every 10)
+TEST=../shared/reference/wikitext2-test.txt
+BOOKS=$OUT/gutenberg-valid.txt
+[ -f "$BOOKS" ] || (cd ../shared/data/gutenberg && cat $(cat valid.list)) > "$BOOKS"
+for run in $RUNS; do
+  IFS=: read -r student objective budget <<< "$run"
+  tokens=$(( ${budget%M} * 1000000 ))
+  case $objective in
+    ce) loss=(--loss ce) ;;
+    kd) loss=(--loss kd) ;;
+    kdfeat) loss=(--loss kd --features 5,11,17,23:phis) ;;
+    feat-*) loss=(--loss kd --features "5,11,17,23:${objective#feat-}") ;;
+    *) echo "unknown objective $objective"; exit 2 ;;
+  esac
+  name=$student-$objective-$budget
+  if [ ! -f "$OUT/$name/summary.json" ]; then
+    nice "$W" distill --teacher "$M" --student "$PRUNED/$student" "${DATA[@]}" --tokens "$tokens" \
+      "${loss[@]}" "${COMMON[@]}" --max-minutes "$MINUTES" --out "$OUT/$name" >> "$OUT/$name.log" 2>&1
+  fi
+  [ -f "$OUT/$name/summary.json" ] || { echo "$name: unfinished (run again)"; continue; }
+  for ev in test:"$TEST" books:"$BOOKS"; do
+    [ -f "$OUT/$name.${ev%%:*}.json" ] || "$W" eval ppl --model "$OUT/$name/model" --data "${ev#*:}" \
+      --seq-len 2048 --json "$OUT/$name.${ev%%:*}.json" > /dev/null 2>&1
+  done
+  python3 - "$OUT" "$name" <<'PY'
+import json, sys
+out, name = sys.argv[1:]
+ppl = lambda s: json.load(open(f"{out}/{name}.{s}.json"))["report"]["ppl"]
+print(f"{name:<28} WikiText-2 test {ppl('test'):8.2f}   Gutenberg valid {ppl('books'):8.2f}")
+PY
+done
