@@ -356,3 +356,17 @@ fn bad_settings_are_clear_errors() {
     let err = t.run(&d, None, None, None, &mut |_| {}).err().unwrap();
     assert!(err.to_string().contains("loss became"), "{err}");
 }
+
+#[test]
+fn a_runs_settings_round_trip_through_provenance_toml() {
+    let mut c = config("kd:T=2+ce:0.5", 7);
+    c.groups.adapters_only = true;
+    c.groups.lr_scale = vec![("embed".into(), 0.5)];
+    let text = c.to_toml().unwrap();
+    assert_eq!(TrainConfig::from_toml(&text).unwrap(), c);
+    let lines = whittle::recipe::Recipe::describe_toml(&text);
+    assert_eq!(
+        lines,
+        vec!["train kd:T=2+ce:0.5, 7 steps of 2 × 16 (accum 2), lr 0.01, adapters only"]
+    );
+}

@@ -154,13 +154,17 @@ impl Recipe {
         toml::to_string(self).map_err(|e| Error::Invalid(format!("recipe to TOML: {e}")))
     }
 
-    /// One line per stage of a recipe's TOML text (`sparsify sparsegpt 2:4`); the text itself
-    /// when it does not parse (provenance written by another version).
+    /// One line per stage of a recipe's TOML text (`sparsify sparsegpt 2:4`), or the line of a
+    /// training run's settings (`train kd, 244 steps of 4 × 512 (accum 2)`); the text's first
+    /// line when it parses as neither (provenance written by another version).
     pub fn describe_toml(text: &str) -> Vec<String> {
-        match toml::from_str::<Recipe>(text) {
-            Ok(r) => r.stages.iter().map(Stage::describe).collect(),
-            Err(_) => vec![text.lines().next().unwrap_or("").to_string()],
+        if let Ok(r) = toml::from_str::<Recipe>(text) {
+            return r.stages.iter().map(Stage::describe).collect();
         }
+        if let Ok(t) = crate::train::trainer::TrainConfig::from_toml(text) {
+            return vec![t.describe()];
+        }
+        vec![text.lines().next().unwrap_or("").to_string()]
     }
 
     /// Parses every stage's settings up front, so a typo fails before hours of work.

@@ -81,6 +81,30 @@ impl TrainConfig {
             .map_err(|e| Error::Invalid(format!("training settings to TOML: {e}")))
     }
 
+    /// Reads what [`Self::to_toml`] wrote.
+    pub fn from_toml(text: &str) -> Result<Self> {
+        #[derive(Deserialize)]
+        struct Doc {
+            train: TrainConfig,
+        }
+        toml::from_str::<Doc>(text)
+            .map(|d| d.train)
+            .map_err(|e| Error::Invalid(format!("training settings: {e}")))
+    }
+
+    /// One line: the objective, steps and batch shape, and what trained.
+    pub fn describe(&self) -> String {
+        let only = if self.groups.adapters_only {
+            ", adapters only"
+        } else {
+            ""
+        };
+        format!(
+            "train {}, {} steps of {} × {} (accum {}), lr {}{only}",
+            self.objective, self.steps, self.batch, self.seq_len, self.accum, self.lr
+        )
+    }
+
     /// Optimiser steps that train on `tokens` tokens (at least one).
     pub fn steps_for(tokens: u64, batch: usize, seq_len: usize, accum: usize) -> u64 {
         (tokens / (batch * seq_len * accum).max(1) as u64).max(1)
