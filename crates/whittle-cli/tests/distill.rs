@@ -107,6 +107,36 @@ fn cached_and_live_distillation_on_the_default_model() {
     assert_eq!(summary["steps"], 2);
     assert!(std::path::Path::new(&p("live/feature_heads.safetensors")).is_file());
 
+    // Minitron's teacher correction: a CE fine-tune of the teacher first, its own resumable run.
+    let corrected = p("corrected");
+    let mut args = vec![
+        "distill",
+        "--loss",
+        "kd",
+        "--teacher-correction",
+        "128",
+        "--out",
+        &corrected,
+    ];
+    args.extend(small);
+    ok(&args);
+    let teacher_log: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(p("corrected/teacher-correction/checkpoint/state.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(teacher_log["config"]["objective"], "ce");
+    assert!(std::path::Path::new(&p("corrected/model")).is_dir());
+    let mut args = vec![
+        "distill",
+        "--teacher-cache",
+        &cache,
+        "--teacher-correction",
+        "128",
+    ];
+    args.extend(["--out", &corrected]);
+    args.extend(small);
+    assert!(fails(&args).contains("stale"));
+
     // Bad settings.
     let (bad1, bad2, bad3, bad4) = (p("bad1"), p("bad2"), p("bad3"), p("bad4"));
     let mut args = vec!["distill", "--teacher-cache", &cache, "--out", &bad1];
