@@ -149,6 +149,22 @@ fn feature_distillation_lowers_its_loss_with_every_normaliser() {
         assert_eq!(saved["head.1.norm.forward"].dims(), &[32, 32]);
         assert_eq!(saved["head.0.proj.weight"].dims(), &[32, 32]);
     }
+    // A narrower student (hidden 24): the heads project its features to the teacher's width.
+    let mut narrow = common::tiny_config(false);
+    narrow.hidden = 24;
+    let s = random_model(narrow, &common::uniform_shapes(2), 5).unwrap();
+    let t = train(
+        config("feat:layers=0/1,norm=phis", 20),
+        s,
+        Teacher::Live(Box::new(teacher())),
+    );
+    let feat = |row: usize| t.log[row].parts[0].1;
+    assert!(
+        feat(19) < 0.8 * feat(0),
+        "narrow: {} -> {}",
+        feat(0),
+        feat(19)
+    );
 }
 
 #[test]
