@@ -260,8 +260,8 @@ pub(crate) fn drive(
     max_minutes: Option<f64>,
 ) -> Result<bool> {
     let c = trainer.config.clone();
-    if trainer.step > 0 {
-        eprintln!("resuming at step {} of {}", trainer.step, c.steps);
+    if let Some(step) = trainer.last_checkpoint() {
+        eprintln!("resuming at step {step} of {}", c.steps);
     }
     let pb = crate::report::progress(c.steps as usize, "training");
     pb.set_position(trainer.step);

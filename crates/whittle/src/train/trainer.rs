@@ -325,6 +325,11 @@ impl Trainer {
         Ok(())
     }
 
+    /// The step of the newest checkpoint this trainer wrote or resumed from.
+    pub fn last_checkpoint(&self) -> Option<u64> {
+        self.saved
+    }
+
     /// Parameters being trained.
     pub fn n_params(&self) -> usize {
         self.params.len()
