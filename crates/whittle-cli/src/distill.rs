@@ -31,6 +31,7 @@ pub struct DistillArgs {
     /// The teacher (default: the default model); not needed with --teacher-cache alone.
     #[arg(long)]
     teacher: Option<String>,
+    /// The model to train: any model whittle loads (GGUF, HF folder, `hf:org/name`).
     #[arg(long)]
     student: String,
     #[command(flatten)]
