@@ -3,6 +3,10 @@
 //! bad settings refused with clear errors.
 
 mod common;
+
+/// Frozen in these runs, so that each checkpoint is a few hundred MB rather than 1.6 GB (the
+/// whole model trains in the library's tests and in benches/).
+const FROZEN: &str = "embed,layers.*.mlp.*";
 use common::{fails, ok, shared};
 
 #[test]
@@ -48,6 +52,8 @@ fn cached_and_live_distillation_on_the_default_model() {
             "256",
             "--eval-tokens",
             "128",
+            "--freeze",
+            FROZEN,
         ]
     };
     let small = sized("64");
