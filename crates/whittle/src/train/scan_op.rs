@@ -31,11 +31,7 @@ fn dims(du: &Layout, a: &Layout) -> Result<Dims> {
 }
 
 fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    let (lo, hi) = match l.contiguous_offsets() {
-        Some(o) => o,
-        None => candle_core::bail!("selective scan: inputs must be contiguous"),
-    };
-    Ok(&s.as_slice::<f32>()?[lo..hi])
+    super::ops::contiguous(s, l, "selective scan")
 }
 
 /// Runs the recurrence of one sequence; `states`, when given, receives `h_t` for every step.
