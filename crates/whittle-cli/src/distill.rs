@@ -238,6 +238,7 @@ impl DistillArgs {
                 keep_zeros: self.keep_zeros,
             },
             head_windows: self.head_windows,
+            maskllm: None,
         })
     }
 }

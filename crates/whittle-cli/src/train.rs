@@ -116,6 +116,7 @@ impl TrainArgs {
             objective: "ce".into(),
             groups: Default::default(),
             head_windows: 0,
+            maskllm: None,
         }
     }
 }

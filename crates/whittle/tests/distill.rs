@@ -51,6 +51,7 @@ fn config(objective: &str, steps: u64) -> TrainConfig {
         objective: objective.into(),
         groups: Groups::default(),
         head_windows: 4,
+        maskllm: None,
     }
 }
 

@@ -679,6 +679,7 @@ fn checkpoint_config() -> whittle::train::trainer::TrainConfig {
         objective: "ce".into(),
         groups: Default::default(),
         head_windows: 0,
+        maskllm: None,
     }
 }
 

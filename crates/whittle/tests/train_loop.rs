@@ -53,6 +53,7 @@ fn config(arch: Arch, steps: u64) -> TrainConfig {
         objective: "ce".into(),
         groups: Default::default(),
         head_windows: 0,
+        maskllm: None,
     }
 }
 

@@ -78,11 +78,9 @@ pub fn shuffled_windows(ids: &[u32], seq_len: usize, n: usize, seed: u64) -> Res
     let mut order: Vec<usize> = (0..all.len()).collect();
     let mut s = seed;
     for i in (1..order.len()).rev() {
+        let z = crate::train::mix(s);
         s = s.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = s;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        order.swap(i, ((z ^ (z >> 31)) % (i as u64 + 1)) as usize);
+        order.swap(i, (z % (i as u64 + 1)) as usize);
     }
     Ok(order[..n].iter().map(|&i| all[i]).collect())
 }

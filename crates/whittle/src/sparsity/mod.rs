@@ -1,6 +1,7 @@
 //! Sparsification: magnitude, Wanda and SparseGPT, to N:M or unstructured patterns. Pruned
 //! weights are exact zeros in the layer's dense weight.
 
+pub mod maskllm;
 pub mod pattern;
 pub mod sparsegpt;
 pub mod stage;

@@ -8,12 +8,17 @@
 //! ([`super::ops`]; candle's fused versions drop gradients silently), the selective scan is
 //! [`super::scan_op::SelectiveScan`], and the rest are candle primitives.
 
+use super::mix;
 use super::scan_op::SelectiveScan;
 use crate::kernels::attention::Mask;
 use crate::model::names::{hymba, llama, TensorName};
 use crate::model::{KvSource, Layer, Model};
+use crate::sparsity::maskllm::op::MaskedWeight;
+use crate::sparsity::maskllm::{logits_name, Candidates, Schedule};
 use candle_core::{DType, Device, Result, Tensor, Var};
 use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
 
 /// The model's parameters as candle tensors, by [`Model::visit_parameters`] name: the trained
 /// ones as variables, the frozen ones as plain tensors (no gradient is computed for them).
@@ -25,6 +30,19 @@ pub struct Trainable {
     /// Dtype of the matrix products (bf16: mixed precision, weights and everything else stay
     /// f32, as PyTorch's autocast does).
     pub matmul_dtype: DType,
+    /// How linears with mask logits (MaskLLM) sample their soft masks in the next forward pass.
+    pub sampling: Option<MaskSampling>,
+}
+
+/// One forward pass's sampling of MaskLLM's soft masks: the schedule's values and a seed from
+/// which each linear draws its own Gumbel noise.
+#[derive(Clone)]
+pub struct MaskSampling {
+    pub candidates: Arc<Candidates>,
+    pub schedule: Schedule,
+    pub seed: u64,
+    /// `Σ ‖W ⊙ M‖²` over the masked linears of the passes since it was reset.
+    pub sum_sq: Arc<AtomicU64>,
 }
 
 impl Trainable {
@@ -36,6 +54,7 @@ impl Trainable {
             vars: HashMap::new(),
             frozen: HashMap::new(),
             matmul_dtype: DType::F32,
+            sampling: None,
         };
         let mut err = None;
         model.visit_parameters(&mut |name, shape, param| {
@@ -98,9 +117,30 @@ impl Trainable {
         self.vars.contains_key(name) || self.frozen.contains_key(name)
     }
 
+    /// The weight of linear `name` as the forward pass uses it: `W ⊙ M` with a sampled soft
+    /// mask when it has mask logits, else `W`.
+    fn weight(&self, name: &str) -> Result<Tensor> {
+        let w = self.tensor(name)?;
+        let (Some(s), Some(logits)) = (&self.sampling, self.vars.get(&logits_name(name))) else {
+            return Ok(w.clone());
+        };
+        let seed = name.bytes().fold(s.seed, |h, b| mix(h ^ b as u64));
+        w.apply_op2(
+            logits.as_tensor(),
+            MaskedWeight {
+                candidates: s.candidates.clone(),
+                tau: s.schedule.tau,
+                kappa: s.schedule.kappa,
+                seed,
+                reg: s.schedule.reg,
+                sum_sq: s.sum_sq.clone(),
+            },
+        )
+    }
+
     /// `x · Wᵀ (+ (x · Aᵀ) · Bᵀ)` for the linear `name` and its adapter when it has one.
     fn linear(&self, x: &Tensor, name: &str, dt: DType) -> Result<Tensor> {
-        let y = linear(x, self.tensor(name)?, dt)?;
+        let y = linear(x, &self.weight(name)?, dt)?;
         let a = format!("{name}.adapter.a");
         if !self.has(&a) {
             return Ok(y);

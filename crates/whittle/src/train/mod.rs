@@ -12,6 +12,16 @@ pub mod presets;
 pub mod scan_op;
 pub mod trainer;
 
+/// SplitMix64: counter-based randomness, a pure function of its input (the window offsets of a
+/// step, the Gumbel noise of a mask logit), so that a resumed run or a backward pass draws the
+/// same values again.
+pub(crate) fn mix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
 /// The gradient of `loss` with respect to `var`, flattened: what every test of a
 /// differentiable op compares with its closed form or finite differences.
 #[cfg(test)]

@@ -107,23 +107,30 @@ impl CustomOp2 for Linear {
         let dy = dy.contiguous()?;
         let (xv, wv, gv) = (view(x)?, view(w)?, view(&dy)?);
         let (xv, wv, gv) = (xv.slice(), wv.slice(), gv.slice());
-        let (mut dx, mut dw) = (vec![0f32; rows * inp], vec![0f32; out * inp]);
+        // A frozen weight (no variable behind it) needs no gradient: skipping `dW` halves the
+        // backward cost of every frozen linear (adapter training, frozen MLPs).
+        let weight_grad = w.track_op();
+        let mut dx = vec![0f32; rows * inp];
+        let mut dw = vec![0f32; if weight_grad { out * inp } else { 0 }];
         crate::threads::install(|| {
             gemm_rows(
                 MatMut::from_row_major_slice_mut(&mut dx, rows, inp),
                 row_major(gv, rows, out),
                 row_major(wv, out, inp),
             );
-            gemm_rows(
-                MatMut::from_row_major_slice_mut(&mut dw, out, inp),
-                row_major(gv, rows, out).transpose(),
-                row_major(xv, rows, inp),
-            );
+            if weight_grad {
+                gemm_rows(
+                    MatMut::from_row_major_slice_mut(&mut dw, out, inp),
+                    row_major(gv, rows, out).transpose(),
+                    row_major(xv, rows, inp),
+                );
+            }
         });
-        Ok((
-            Some(Tensor::from_vec(dx, x.shape(), x.device())?),
-            Some(Tensor::from_vec(dw, w.shape(), w.device())?),
-        ))
+        let dw = match weight_grad {
+            true => Some(Tensor::from_vec(dw, w.shape(), w.device())?),
+            false => None,
+        };
+        Ok((Some(Tensor::from_vec(dx, x.shape(), x.device())?), dw))
     }
 }
 

@@ -10,9 +10,10 @@
 //! are a pure function of `(seed, s)`, and feature heads are refitted identically before their
 //! trained values are restored, so nothing else needs saving.
 
-use super::graph::{cross_entropy, forward_with_features, Trainable};
+use super::graph::{cross_entropy, forward_with_features, MaskSampling, Trainable};
 use super::groups::Groups;
 use super::loss_op::mean_over_rows;
+use super::mix;
 use super::objective::{Divergence, LogitDistillation, Objective, Term};
 use super::optim::{adamw_step, learning_rate, AdamWConfig, Moments};
 use super::presets::Preset;
@@ -20,11 +21,13 @@ use crate::distill::cache::TeacherCache;
 use crate::distill::heads::{self, BlockTap, FeatureSpec, Head};
 use crate::distill::topk::SparseDistillation;
 use crate::model::{Fingerprint, Logits};
+use crate::sparsity::maskllm::{self, Candidates, LearnedMask, MaskLlmConfig};
 use crate::{Error, Model, Result};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -68,6 +71,9 @@ pub struct TrainConfig {
     /// Windows the feature heads are fitted on (taken from the training data).
     #[serde(default)]
     pub head_windows: usize,
+    /// Learn N:M masks (MaskLLM): mask logits train beside (or instead of) the parameters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub maskllm: Option<MaskLlmConfig>,
 }
 
 impl TrainConfig {
@@ -99,8 +105,12 @@ impl TrainConfig {
         } else {
             ""
         };
+        let masks = match &self.maskllm {
+            Some(m) => format!(", MaskLLM {} masks", m.pattern),
+            None => String::new(),
+        };
         format!(
-            "train {}, {} steps of {} × {} (accum {}), lr {}{only}",
+            "train {}, {} steps of {} × {} (accum {}), lr {}{only}{masks}",
             self.objective, self.steps, self.batch, self.seq_len, self.accum, self.lr
         )
     }
@@ -152,14 +162,6 @@ pub enum Start {
     Model(Box<Model>),
 }
 
-/// SplitMix64: the window offsets of a step as a pure function of `(seed, step, index)`.
-fn mix(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
-}
-
 pub struct Trainer {
     pub config: TrainConfig,
     pub model: Model,
@@ -177,6 +179,8 @@ pub struct Trainer {
     tokens_seen: u64,
     /// The step of the newest checkpoint on disk.
     saved: Option<u64>,
+    /// MaskLLM's candidates and masked linears `(name, rows, cols)`, when it learns masks.
+    masked: Option<(Arc<Candidates>, Vec<(String, usize, usize)>)>,
 }
 
 /// A feature head with its normaliser as tensors: `z = (x − μ) Aᵀ`.
@@ -261,6 +265,10 @@ impl Trainer {
         let start_print = model.fingerprint();
         let groups = config.groups.clone();
         let mut params = Trainable::new(&mut model, &|name| groups.trains(name))?;
+        let masked = match &config.maskllm {
+            Some(mc) => Some(add_mask_logits(&mut params, &model, mc, config.seed)?),
+            None => None,
+        };
         groups.check(params.names.len())?;
         if config.bf16 {
             params.matmul_dtype = candle_core::DType::BF16;
@@ -287,6 +295,7 @@ impl Trainer {
             log: Vec::new(),
             tokens_seen: 0,
             saved: None,
+            masked,
         };
         if let Some(spec) = t.objective.features()?.cloned() {
             t.fit_heads(&spec, data)?;
@@ -493,8 +502,17 @@ impl Trainer {
         let mut grads: HashMap<String, Vec<f32>> = HashMap::new();
         let mut loss_sum = 0f64;
         let mut parts = vec![0f64; self.objective.terms.len()];
+        let sum_sq = Arc::new(AtomicU64::new(0f64.to_bits()));
         for micro in 0..accum {
             let (x, y) = self.batch(&data.train, self.step, micro)?;
+            if let (Some((c, _)), Some(mc)) = (&self.masked, &self.config.maskllm) {
+                self.params.sampling = Some(MaskSampling {
+                    candidates: c.clone(),
+                    schedule: mc.at(self.step, self.config.steps),
+                    seed: mix(self.config.seed ^ mix(self.step ^ mix(micro as u64 + 1))),
+                    sum_sq: sum_sq.clone(),
+                });
+            }
             let (loss, p) = self.loss(&x, &y, self.step, micro)?;
             loss_sum += loss.to_scalar::<f32>()? as f64;
             parts
@@ -522,7 +540,12 @@ impl Trainer {
                 }
             }
         }
-        let loss = loss_sum / accum as f64;
+        let mut loss = loss_sum / accum as f64;
+        // The regulariser's gradient came from the mask op; its value joins the loss here.
+        let mask_l2 = f64::from_bits(sum_sq.load(Ordering::Relaxed)) / accum as f64;
+        if let Some(s) = &self.params.sampling {
+            loss -= s.schedule.reg as f64 * mask_l2;
+        }
         if !loss.is_finite() {
             let kept = match self.saved {
                 Some(s) => format!("the checkpoint of step {s} is kept"),
@@ -587,6 +610,11 @@ impl Trainer {
                 .iter()
                 .zip(parts)
                 .map(|((_, t), v)| (label(t).to_string(), v))
+                .chain(
+                    self.masked
+                        .as_ref()
+                        .map(|_| ("mask_l2".to_string(), mask_l2)),
+                )
                 .collect(),
         };
         self.log.push(row.clone());
@@ -597,8 +625,17 @@ impl Trainer {
     /// `eval_tokens` of the validation text).
     pub fn validate(&mut self, data: &TokenData) -> Result<f64> {
         self.params.write_back(&mut self.model)?;
+        // Learned masks are measured as they would be written: the argmax candidates applied.
+        let masked = match self.learned_mask()? {
+            Some(mask) => {
+                let mut m = self.model.clone();
+                mask.apply(&mut m)?;
+                Some(m)
+            }
+            None => None,
+        };
         let r = crate::eval::perplexity::perplexity(
-            &self.model,
+            masked.as_ref().unwrap_or(&self.model),
             &data.valid,
             self.config.seq_len,
             Some(self.config.eval_tokens),
@@ -643,6 +680,66 @@ impl Trainer {
             report(self.log.last().expect("a row per step"));
         }
         self.params.write_back(&mut self.model)?;
+        Ok(())
+    }
+
+    /// The masks learned so far (each group's highest logit), when the run learns masks.
+    pub fn learned_mask(&self) -> Result<Option<LearnedMask>> {
+        let Some((c, linears)) = &self.masked else {
+            return Ok(None);
+        };
+        let mut out = Vec::with_capacity(linears.len());
+        for (name, rows, cols) in linears {
+            let logits = self.params.tensor(&maskllm::logits_name(name))?;
+            let v = logits.flatten_all()?.to_vec1::<f32>()?;
+            let bad = v.iter().filter(|x| !x.is_finite()).count();
+            if bad > 0 {
+                return Err(Error::NonFinite {
+                    name: maskllm::logits_name(name),
+                    count: bad,
+                });
+            }
+            out.push((name.clone(), *rows, *cols, c.argmax(&v)));
+        }
+        Ok(Some(LearnedMask {
+            n: c.n,
+            m: c.m,
+            linears: out,
+            arch: self.model.config.arch.name().into(),
+        }))
+    }
+
+    /// Seeds the mask logits with a prior mask (a fresh run only: a resumed one restores its
+    /// logits), `strength` standard deviations for the prior's own candidate.
+    pub fn set_prior(&mut self, prior: &LearnedMask, strength: f64) -> Result<()> {
+        let Some((c, linears)) = &self.masked else {
+            return Err(Error::Invalid("this run learns no masks".into()));
+        };
+        if (prior.n, prior.m) != (c.n, c.m) {
+            return Err(Error::Invalid(format!(
+                "the prior is a {}:{} mask, the run learns {}:{}",
+                prior.n, prior.m, c.n, c.m
+            )));
+        }
+        prior.check(&self.model)?;
+        for (i, (name, rows, cols)) in linears.iter().enumerate() {
+            let idx = prior
+                .linears
+                .iter()
+                .find(|l| &l.0 == name)
+                .map(|l| l.3.as_slice())
+                .ok_or_else(|| Error::Invalid(format!("the prior has no mask for {name}")))?;
+            let groups = rows * cols / c.m;
+            let v = maskllm::init_logits(
+                c,
+                groups,
+                logit_seed(self.config.seed, i),
+                Some(idx),
+                strength,
+            )?;
+            let var = &self.params.vars[&maskllm::logits_name(name)];
+            var.set(&Tensor::from_vec(v, var.dims(), &Device::Cpu)?)?;
+        }
         Ok(())
     }
 
@@ -788,6 +885,32 @@ impl Trainer {
         t.params.write_back(&mut t.model)?;
         Ok(t)
     }
+}
+
+/// The seed of the initial logits of the `i`-th masked linear.
+fn logit_seed(seed: u64, i: usize) -> u64 {
+    mix(seed ^ mix(0x6d61_736b ^ i as u64))
+}
+
+/// Adds N(0, 0.01) mask logits for every linear `config` masks to the trained parameters.
+fn add_mask_logits(
+    params: &mut Trainable,
+    model: &Model,
+    config: &MaskLlmConfig,
+    seed: u64,
+) -> Result<(Arc<Candidates>, Vec<(String, usize, usize)>)> {
+    config.check()?;
+    let c = config.candidates()?;
+    let linears = maskllm::masked_linears(model, config)?;
+    for (i, (name, rows, cols)) in linears.iter().enumerate() {
+        let v = maskllm::init_logits(&c, rows * cols / c.m, logit_seed(seed, i), None, 0.0)?;
+        params.add(
+            &maskllm::logits_name(name),
+            &v,
+            &[*rows, cols / c.m, c.len()],
+        )?;
+    }
+    Ok((Arc::new(c), linears))
 }
 
 /// The configuration and state of the checkpoint in `dir`.
