@@ -155,6 +155,14 @@ impl LearnedMask {
             ("pattern".to_string(), format!("{}:{}", self.n, self.m)),
             ("arch".to_string(), self.arch.clone()),
             (
+                "order".to_string(),
+                self.linears
+                    .iter()
+                    .map(|l| l.0.as_str())
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ),
+            (
                 "layout".to_string(),
                 "per linear: u8 [rows, cols / M], the index of the kept candidate of each group \
                  of M inputs; candidates are the M-bit sets with N bits, in increasing order, \
@@ -191,13 +199,9 @@ impl LearnedMask {
             }
             linears.push((name, s[0], s[1] * m, view.data().to_vec()));
         }
-        // The model's order: layer index, then name.
-        let key = |n: &str| {
-            let rest = n.strip_prefix("layers.").unwrap_or(n);
-            let (i, tail) = rest.split_once('.').unwrap_or((rest, ""));
-            (i.parse::<usize>().unwrap_or(usize::MAX), tail.to_string())
-        };
-        linears.sort_by_key(|(n, ..)| key(n));
+        // The model's order, as written (safetensors keeps tensors sorted by name).
+        let order: Vec<&str> = meta.get("order").map_or(vec![], |o| o.split(',').collect());
+        linears.sort_by_key(|(n, ..)| order.iter().position(|o| o == n));
         Ok(LearnedMask {
             n,
             m,

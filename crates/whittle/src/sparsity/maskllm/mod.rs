@@ -220,6 +220,24 @@ pub fn masked_linears(
     Ok(out)
 }
 
+/// The one-shot mask of `method` (magnitude, Wanda, SparseGPT; `windows` for the latter two)
+/// on a copy of `model`, for the linears `config` masks: the prior of a MaskLLM run. Only the
+/// mask is kept; SparseGPT's weight update is not (MaskLLM's weights stay the dense ones).
+pub fn one_shot_prior(
+    model: &Model,
+    config: &MaskLlmConfig,
+    method: super::SparsityMethod,
+    windows: &[&[u32]],
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<LearnedMask> {
+    let c = config.candidates()?;
+    let linears = masked_linears(model, config)?;
+    let mut copy = model.clone();
+    let pattern = super::Pattern::NM { n: c.n, m: c.m };
+    super::sparsify_model(&mut copy, windows, method, pattern, &config.targets, progress)?;
+    Ok(LearnedMask::from_zeros(&copy, &c, &linears))
+}
+
 /// Initial logits of one linear: N(0, 0.01) from `seed`, then the prior (when given: the
 /// candidate index of each group) as the paper applies it, `logits += (overlap − (n − 1)) ·
 /// std(logits) · strength` — the prior's own candidate gains `strength` standard deviations,
