@@ -70,7 +70,7 @@ pub struct EvalArgs {
     #[command(flatten)]
     pub tasks: crate::tasks::TaskArgs,
     #[arg(long)]
-    eval: Option<PathBuf>,
+    pub eval: Option<PathBuf>,
     #[arg(long, default_value_t = 2048)]
     eval_seq_len: usize,
     /// Keep only the first ⌊N / eval-seq-len⌋ windows.
@@ -123,7 +123,12 @@ pub(crate) fn calibration_windows<'a>(ids: &'a [u32], args: &CalibArgs) -> Resul
     )?)
 }
 
-fn perplexity(model: &Model, tok: &Tokenizer, args: &EvalArgs, what: &str) -> Result<Option<f64>> {
+pub(crate) fn perplexity(
+    model: &Model,
+    tok: &Tokenizer,
+    args: &EvalArgs,
+    what: &str,
+) -> Result<Option<f64>> {
     let Some(path) = &args.eval else {
         return Ok(None);
     };

@@ -123,7 +123,7 @@ pub struct TeacherCacheArgs {
 }
 
 /// The files of `paths` for `split`: a folder's `SPLIT.list`, or a file itself.
-fn files(paths: &[PathBuf], split: &str) -> Result<Vec<PathBuf>> {
+pub(crate) fn files(paths: &[PathBuf], split: &str) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     for p in paths {
         if p.is_dir() {
@@ -139,7 +139,7 @@ fn files(paths: &[PathBuf], split: &str) -> Result<Vec<PathBuf>> {
 
 /// Token ids of `files`, cached in whittle's home (`tokens/`) by a hash of the paths, sizes and
 /// tokenizer: every run on the same corpus reads it once.
-fn corpus(tok: &Tokenizer, files: &[PathBuf], what: &str) -> Result<Vec<u32>> {
+pub(crate) fn corpus(tok: &Tokenizer, files: &[PathBuf], what: &str) -> Result<Vec<u32>> {
     let dir = whittle::io::fetch::whittle_home().join("tokens");
     let mut key = tokenizer_hash(tok);
     for f in files {
@@ -156,7 +156,7 @@ fn corpus(tok: &Tokenizer, files: &[PathBuf], what: &str) -> Result<Vec<u32>> {
 /// Loads a model for training or teaching as stored: a packed (GGUF) teacher computes with its
 /// dequantized values, the dense model, without holding an f32 copy; a packed student is read
 /// into f32 training tensors and written back dense.
-fn load(spec: Option<&str>) -> Result<(Model, Tokenizer)> {
+pub(crate) fn load(spec: Option<&str>) -> Result<(Model, Tokenizer)> {
     let l = crate::commands::load(spec)?;
     Ok((l.model, l.tokenizer))
 }
@@ -244,7 +244,7 @@ impl DistillArgs {
 }
 
 /// Starts or resumes a run in `dir`.
-fn trainer(
+pub(crate) fn trainer(
     dir: &Path,
     config: TrainConfig,
     student: Model,

@@ -6,6 +6,7 @@ mod bench;
 mod commands;
 mod compress;
 mod distill;
+mod maskllm;
 mod plot;
 mod prune;
 mod report;
@@ -85,8 +86,14 @@ enum Command {
         #[arg(long, value_enum, default_value = "f32")]
         dtype: GgufDtype,
     },
-    /// Prune weights to an N:M or unstructured pattern (magnitude, Wanda, SparseGPT).
-    Sparsify(compress::OneShotArgs<whittle::recipe::Sparsify>),
+    /// Prune weights to an N:M or unstructured pattern (magnitude, Wanda, SparseGPT), apply a
+    /// mask file, or learn N:M masks by training (MaskLLM, resumable).
+    Sparsify {
+        #[command(flatten)]
+        args: compress::OneShotArgs<whittle::recipe::Sparsify>,
+        #[command(flatten)]
+        learn: maskllm::MaskLlmArgs,
+    },
     /// Quantize weights to 2-8 bits per group (RTN, GPTQ); stored packed.
     Quantize(compress::OneShotArgs<whittle::recipe::Quantize>),
     /// Add low-rank adapters that compensate a compressed model's error against a reference
@@ -336,7 +343,10 @@ fn main() {
         Command::Convert { model, out, dtype } => {
             commands::convert(model.model.as_deref(), &out, dtype.into())
         }
-        Command::Sparsify(args) => compress::one_shot(&args, None, None),
+        Command::Sparsify { args, learn } => match args.stage.method.as_str() {
+            "maskllm" => maskllm::run(&args, &learn),
+            _ => compress::one_shot(&args, None, None),
+        },
         Command::Quantize(args) => compress::one_shot(&args, None, None),
         Command::Compensate {
             args,

@@ -115,11 +115,14 @@ fn masked(m: &Model, mask: &LearnedMask) -> Model {
 
 /// Every group of four inputs of every linear keeps exactly two nonzero weights.
 fn exactly_two_four(m: &Model) -> bool {
-    m.layers.iter().flat_map(|l| l.linears()).all(|(_, _, lin)| {
-        lin.dense_weight()
-            .chunks(4)
-            .all(|g| g.iter().filter(|v| **v != 0.0).count() == 2)
-    })
+    m.layers
+        .iter()
+        .flat_map(|l| l.linears())
+        .all(|(_, _, lin)| {
+            lin.dense_weight()
+                .chunks(4)
+                .all(|g| g.iter().filter(|v| **v != 0.0).count() == 2)
+        })
 }
 
 fn learn(steps: u64, update_weights: bool) -> Trainer {
@@ -144,7 +147,10 @@ fn learned_masks_beat_their_magnitude_prior_on_frozen_weights() {
     let mask = t.learned_mask().unwrap().unwrap();
     let learned = masked(&dense(), &mask);
     let after = kl(&dense(), &learned);
-    assert!(after < 0.8 * one_shot, "KL to dense: magnitude {one_shot}, MaskLLM {after}");
+    assert!(
+        after < 0.8 * one_shot,
+        "KL to dense: magnitude {one_shot}, MaskLLM {after}"
+    );
     assert!(exactly_two_four(&learned));
     // The weights stayed the dense ones; the log carries the regulariser's ‖W ⊙ M‖².
     assert_eq!(t.model.fingerprint(), dense().fingerprint());
@@ -222,18 +228,20 @@ fn mask_files_round_trip_and_refuse_other_models() {
     // Not a mask file; a truncated one.
     std::fs::write(&path, b"not safetensors").unwrap();
     assert!(LearnedMask::load(&path).is_err());
-    let prior = |p: &str| Trainer::new(
-        TrainConfig {
-            maskllm: Some(MaskLlmConfig {
-                pattern: p.into(),
-                ..Default::default()
-            }),
-            ..config(2, false)
-        },
-        Start::Model(Box::new(dense())),
-        Teacher::Live(Box::new(dense())),
-        &data(),
-    );
+    let prior = |p: &str| {
+        Trainer::new(
+            TrainConfig {
+                maskllm: Some(MaskLlmConfig {
+                    pattern: p.into(),
+                    ..Default::default()
+                }),
+                ..config(2, false)
+            },
+            Start::Model(Box::new(dense())),
+            Teacher::Live(Box::new(dense())),
+            &data(),
+        )
+    };
     for bad in ["4:4", "50%", "2:16", "3:5"] {
         assert!(prior(bad).is_err(), "{bad}");
     }

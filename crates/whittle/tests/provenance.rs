@@ -21,6 +21,7 @@ fn recipe() -> String {
         method: "sparsegpt".into(),
         pattern: "2:4".into(),
         targets: vec![],
+        mask: None,
     });
     Recipe::single(CalibSpec::default(), stage)
         .to_toml()

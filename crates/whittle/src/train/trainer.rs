@@ -179,8 +179,13 @@ pub struct Trainer {
     tokens_seen: u64,
     /// The step of the newest checkpoint on disk.
     saved: Option<u64>,
-    /// MaskLLM's candidates and masked linears `(name, rows, cols)`, when it learns masks.
-    masked: Option<(Arc<Candidates>, Vec<(String, usize, usize)>)>,
+    masked: Option<Masked>,
+}
+
+/// What a MaskLLM run masks: the candidates and the linears `(name, rows, cols)`.
+struct Masked {
+    candidates: Arc<Candidates>,
+    linears: Vec<(String, usize, usize)>,
 }
 
 /// A feature head with its normaliser as tensors: `z = (x − μ) Aᵀ`.
@@ -505,9 +510,9 @@ impl Trainer {
         let sum_sq = Arc::new(AtomicU64::new(0f64.to_bits()));
         for micro in 0..accum {
             let (x, y) = self.batch(&data.train, self.step, micro)?;
-            if let (Some((c, _)), Some(mc)) = (&self.masked, &self.config.maskllm) {
+            if let (Some(m), Some(mc)) = (&self.masked, &self.config.maskllm) {
                 self.params.sampling = Some(MaskSampling {
-                    candidates: c.clone(),
+                    candidates: m.candidates.clone(),
                     schedule: mc.at(self.step, self.config.steps),
                     seed: mix(self.config.seed ^ mix(self.step ^ mix(micro as u64 + 1))),
                     sum_sq: sum_sq.clone(),
@@ -540,12 +545,10 @@ impl Trainer {
                 }
             }
         }
-        let mut loss = loss_sum / accum as f64;
-        // The regulariser's gradient came from the mask op; its value joins the loss here.
+        // The objective's value; MaskLLM's regulariser (its gradient came from the mask op) is
+        // logged beside it as `mask_l2`, `Σ ‖W ⊙ M‖²`, which would swamp the loss curve.
+        let loss = loss_sum / accum as f64;
         let mask_l2 = f64::from_bits(sum_sq.load(Ordering::Relaxed)) / accum as f64;
-        if let Some(s) = &self.params.sampling {
-            loss -= s.schedule.reg as f64 * mask_l2;
-        }
         if !loss.is_finite() {
             let kept = match self.saved {
                 Some(s) => format!("the checkpoint of step {s} is kept"),
@@ -685,7 +688,11 @@ impl Trainer {
 
     /// The masks learned so far (each group's highest logit), when the run learns masks.
     pub fn learned_mask(&self) -> Result<Option<LearnedMask>> {
-        let Some((c, linears)) = &self.masked else {
+        let Some(Masked {
+            candidates: c,
+            linears,
+        }) = &self.masked
+        else {
             return Ok(None);
         };
         let mut out = Vec::with_capacity(linears.len());
@@ -712,7 +719,11 @@ impl Trainer {
     /// Seeds the mask logits with a prior mask (a fresh run only: a resumed one restores its
     /// logits), `strength` standard deviations for the prior's own candidate.
     pub fn set_prior(&mut self, prior: &LearnedMask, strength: f64) -> Result<()> {
-        let Some((c, linears)) = &self.masked else {
+        let Some(Masked {
+            candidates: c,
+            linears,
+        }) = &self.masked
+        else {
             return Err(Error::Invalid("this run learns no masks".into()));
         };
         if (prior.n, prior.m) != (c.n, c.m) {
@@ -898,7 +909,7 @@ fn add_mask_logits(
     model: &Model,
     config: &MaskLlmConfig,
     seed: u64,
-) -> Result<(Arc<Candidates>, Vec<(String, usize, usize)>)> {
+) -> Result<Masked> {
     config.check()?;
     let c = config.candidates()?;
     let linears = maskllm::masked_linears(model, config)?;
@@ -910,7 +921,10 @@ fn add_mask_logits(
             &[*rows, cols / c.m, c.len()],
         )?;
     }
-    Ok((Arc::new(c), linears))
+    Ok(Masked {
+        candidates: Arc::new(c),
+        linears,
+    })
 }
 
 /// The configuration and state of the checkpoint in `dir`.

@@ -234,7 +234,14 @@ pub fn one_shot_prior(
     let linears = masked_linears(model, config)?;
     let mut copy = model.clone();
     let pattern = super::Pattern::NM { n: c.n, m: c.m };
-    super::sparsify_model(&mut copy, windows, method, pattern, &config.targets, progress)?;
+    super::sparsify_model(
+        &mut copy,
+        windows,
+        method,
+        pattern,
+        &config.targets,
+        progress,
+    )?;
     Ok(LearnedMask::from_zeros(&copy, &c, &linears))
 }
 
