@@ -12,7 +12,8 @@
 //! steers which weights a mask keeps, never the weights themselves.
 
 use super::Candidates;
-use crate::kernels::exp::{exp_approx, ln_approx};
+use crate::kernels::gumbel::{group_softmax_at, gumbel_logits_at};
+use crate::kernels::simd::{self, Level};
 use crate::train::mix;
 use crate::train::ops::{contiguous, view};
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
@@ -42,37 +43,47 @@ fn add_f64(a: &AtomicU64, v: f64) {
 }
 
 impl MaskedWeight {
-    /// Gumbel noise `−ln(−ln u)` for logit `i` (counter-based: a pure function of the seed).
-    #[inline]
-    fn gumbel(&self, i: u64) -> f32 {
-        let u = ((mix(self.seed ^ mix(i)) >> 40) as f32 + 0.5) * (1.0 / (1u64 << 24) as f32);
-        -ln_approx::<false>(-ln_approx::<false>(u))
+    /// The 32-bit key of this sampling's noise.
+    fn key(&self) -> u32 {
+        let h = mix(self.seed);
+        (h >> 32) as u32 ^ h as u32
     }
 
-    /// The probabilities of the candidates of group `g` (`logits` its K values) into `p`, and
-    /// the resulting soft mask of its `m` inputs into `mask`.
-    #[inline]
-    fn soft(&self, g: usize, logits: &[f32], p: &mut [f32], mask: &mut [f32]) {
-        let c = &self.candidates;
-        let k = c.len();
-        let mut max = f32::NEG_INFINITY;
-        for (i, (pi, l)) in p.iter_mut().zip(logits).enumerate() {
-            *pi = (self.kappa * l + self.gumbel((g * k + i) as u64)) / self.tau;
-            max = max.max(*pi);
-        }
-        let mut sum = 0.0;
-        for pi in p.iter_mut() {
-            *pi = exp_approx::<false>(*pi - max);
-            sum += *pi;
-        }
-        mask.fill(0.0);
-        for (i, pi) in p.iter_mut().enumerate() {
-            *pi /= sum;
-            for (j, mj) in mask.iter_mut().enumerate() {
-                if c.keeps(i, j) {
-                    *mj += *pi;
+    /// The candidates' probabilities of every group of row `r` (`logits` its values) into `p`,
+    /// and the soft mask of its inputs into `mask`.
+    fn soft_row(&self, at: &RowContext, r: usize, logits: &[f32], p: &mut [f32], mask: &mut [f32]) {
+        let (k, m) = (self.candidates.len(), self.candidates.m);
+        let first = (r * logits.len()) as u32;
+        gumbel_logits_at(
+            at.level,
+            logits,
+            at.key,
+            first,
+            self.kappa,
+            1.0 / self.tau,
+            p,
+        );
+        group_softmax_at(at.level, p, k);
+        for (pg, mg) in p.chunks_exact(k).zip(mask.chunks_exact_mut(m)) {
+            mg.fill(0.0);
+            for (pi, t) in pg.iter().zip(at.table.chunks_exact(m)) {
+                for (mj, tj) in mg.iter_mut().zip(t) {
+                    *mj += pi * tj;
                 }
             }
+        }
+    }
+
+    /// What every row of one call shares.
+    fn row_context(&self) -> RowContext {
+        let c = &self.candidates;
+        RowContext {
+            level: simd::level(),
+            key: self.key(),
+            table: (0..c.len())
+                .flat_map(|k| (0..c.m).map(move |j| (k, j)))
+                .map(|(k, j)| if c.keeps(k, j) { 1.0 } else { 0.0 })
+                .collect(),
         }
     }
 
@@ -93,9 +104,18 @@ impl MaskedWeight {
     }
 }
 
-/// Scratch of one group: probabilities and mask (at most [`super::MAX_GROUP`] inputs and
-/// C(8, 4) = 70 candidates).
-type Scratch = ([f32; 70], [f32; super::MAX_GROUP]);
+/// The SIMD level (resolved on the calling thread, so that a forced level reaches the
+/// workers), the noise key, and the candidates as a 0/1 table `[candidates, m]`.
+struct RowContext {
+    level: Level,
+    key: u32,
+    table: Vec<f32>,
+}
+
+/// Per-worker buffers of one row: probabilities and soft mask.
+fn scratch(pn: usize, cols: usize) -> (Vec<f32>, Vec<f32>) {
+    (vec![0f32; pn], vec![0f32; cols])
+}
 
 impl CustomOp2 for MaskedWeight {
     fn name(&self) -> &'static str {
@@ -112,25 +132,21 @@ impl CustomOp2 for MaskedWeight {
         let (rows, cols) = self.shapes(l1.shape(), l2.shape())?;
         let w = contiguous(s1, l1, "masked-weight")?;
         let logits = contiguous(s2, l2, "masked-weight")?;
-        let (m, k) = (self.candidates.m, self.candidates.len());
-        let groups = cols / m;
+        let pn = cols / self.candidates.m * self.candidates.len();
+        let at = self.row_context();
         let mut out = vec![0f32; rows * cols];
         let sum_sq: f64 = crate::threads::install(|| {
             out.par_chunks_mut(cols)
                 .zip(w.par_chunks(cols))
                 .enumerate()
                 .map_init(
-                    || ([0f32; 70], [0f32; super::MAX_GROUP]) as Scratch,
+                    || scratch(pn, cols),
                     |(p, mask), (r, (o, w))| {
+                        self.soft_row(&at, r, &logits[r * pn..][..pn], p, mask);
                         let mut sq = 0f64;
-                        for g in 0..groups {
-                            let gi = r * groups + g;
-                            self.soft(gi, &logits[gi * k..][..k], &mut p[..k], &mut mask[..m]);
-                            for j in 0..m {
-                                let v = w[g * m + j] * mask[j];
-                                o[g * m + j] = v;
-                                sq += (v * v) as f64;
-                            }
+                        for ((o, w), mk) in o.iter_mut().zip(w).zip(mask.iter()) {
+                            *o = w * mk;
+                            sq += (*o * *o) as f64;
                         }
                         sq
                     },
@@ -160,41 +176,42 @@ impl CustomOp2 for MaskedWeight {
         let mut dl = vec![0f32; rows * groups * k];
         let mut dw = vec![0f32; if weights_train { rows * cols } else { 0 }];
         let scale = self.kappa / self.tau;
-        let row = |r: usize, dl: &mut [f32], dw: &mut [f32], (p, mask): &mut Scratch| {
-            for g in 0..groups {
-                let gi = r * groups + g;
-                self.soft(gi, &lv[gi * k..][..k], &mut p[..k], &mut mask[..m]);
-                let at = r * cols + g * m;
-                let mut d = [0f32; super::MAX_GROUP];
-                for j in 0..m {
-                    d[j] = gv[at + j] - 2.0 * self.reg * wv[at + j] * mask[j];
-                    if !dw.is_empty() {
-                        dw[g * m + j] = gv[at + j] * mask[j];
+        let cx = self.row_context();
+        let pn = groups * k;
+        let row =
+            |r: usize, dl: &mut [f32], dw: &mut [f32], (p, mask): &mut (Vec<f32>, Vec<f32>)| {
+                self.soft_row(&cx, r, &lv[r * pn..][..pn], p, mask);
+                for g in 0..groups {
+                    let at = r * cols + g * m;
+                    // e_j = ∂L/∂mask_j: the incoming gradient and the regulariser's, times w_j.
+                    let mut e = [0f32; super::MAX_GROUP];
+                    for j in 0..m {
+                        let mj = mask[g * m + j];
+                        e[j] = (gv[at + j] - 2.0 * self.reg * wv[at + j] * mj) * wv[at + j];
+                        if !dw.is_empty() {
+                            dw[g * m + j] = gv[at + j] * mj;
+                        }
+                    }
+                    let (dl, p) = (&mut dl[g * k..][..k], &p[g * k..][..k]);
+                    let mut dot = 0f32;
+                    for ((dli, pi), t) in dl.iter_mut().zip(p).zip(cx.table.chunks_exact(m)) {
+                        *dli = t.iter().zip(&e).map(|(t, e)| t * e).sum();
+                        dot += pi * *dli;
+                    }
+                    for (dli, pi) in dl.iter_mut().zip(p) {
+                        *dli = scale * pi * (*dli - dot);
                     }
                 }
-                let dl = &mut dl[g * k..][..k];
-                let mut dot = 0f32;
-                for (i, dli) in dl.iter_mut().enumerate() {
-                    *dli = (0..m)
-                        .filter(|&j| self.candidates.keeps(i, j))
-                        .map(|j| d[j] * wv[at + j])
-                        .sum();
-                    dot += p[i] * *dli;
-                }
-                for (dli, pi) in dl.iter_mut().zip(&p[..k]) {
-                    *dli = scale * pi * (*dli - dot);
-                }
-            }
-        };
-        let init = || ([0f32; 70], [0f32; super::MAX_GROUP]) as Scratch;
+            };
+        let init = || scratch(pn, cols);
         crate::threads::install(|| {
             if weights_train {
-                dl.par_chunks_mut(groups * k)
+                dl.par_chunks_mut(pn)
                     .zip(dw.par_chunks_mut(cols))
                     .enumerate()
                     .for_each_init(init, |s, (r, (dl, dw))| row(r, dl, dw, s));
             } else {
-                dl.par_chunks_mut(groups * k)
+                dl.par_chunks_mut(pn)
                     .enumerate()
                     .for_each_init(init, |s, (r, dl)| row(r, dl, &mut [], s));
             }
@@ -245,7 +262,8 @@ mod tests {
         let w = Tensor::from_vec(lcg(rows * cols, 1), (rows, cols), &Device::Cpu).unwrap();
         let l = Tensor::from_vec(lcg(rows * 2 * 6, 2), (rows, 2, 6), &Device::Cpu).unwrap();
         let y = w.apply_op2(&l, o.clone()).unwrap();
-        let noise: Vec<f32> = (0..rows * 2 * 6).map(|i| o.gumbel(i as u64)).collect();
+        let mut noise = vec![0f32; rows * 2 * 6];
+        crate::kernels::gumbel::gumbel_logits(&noise.clone(), o.key(), 0, 0.0, 1.0, &mut noise);
         let noise = Tensor::from_vec(noise, (rows, 2, 6), &Device::Cpu).unwrap();
         let z = ((l * 3.0).unwrap() + noise)
             .unwrap()
