@@ -198,9 +198,13 @@ enum Command {
     TeacherCache(distill::TeacherCacheArgs),
     /// Plot training curves (loss and validation perplexity) of runs to an SVG file.
     Plot {
-        /// Run folders written by `whittle train`.
+        /// Run folders written by `whittle train`, `distill` or `sparsify --method maskllm`.
         #[arg(long = "run", required = true)]
         runs: Vec<PathBuf>,
+        /// A reference perplexity drawn as a flat line, `LABEL=PPL` (repeatable), e.g. the
+        /// one-shot SparseGPT 2:4 model measured on the same validation text.
+        #[arg(long = "reference")]
+        references: Vec<String>,
         #[arg(long)]
         out: PathBuf,
     },
@@ -403,7 +407,11 @@ fn main() {
         Command::Train(args) => train::run(&args),
         Command::Distill(args) => distill::distill(&args),
         Command::TeacherCache(args) => distill::teacher_cache(&args),
-        Command::Plot { runs, out } => plot::curves(&runs, &out),
+        Command::Plot {
+            runs,
+            references,
+            out,
+        } => plot::curves(&runs, &references, &out),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -1,13 +1,15 @@
-//! `whittle plot`: training curves of `whittle train` runs (loss and validation perplexity
-//! against tokens seen), one line per run, as SVG.
+//! `whittle plot`: training curves of `whittle train`, `distill` and `sparsify --method maskllm`
+//! runs (loss and validation perplexity against tokens seen), one line per run, as SVG, with
+//! reference perplexities as horizontal lines (e.g. the one-shot method a run should beat).
 
 use anyhow::{Context, Result};
 use plotters::prelude::*;
 use std::path::{Path, PathBuf};
 use whittle::train::trainer::LogRow;
 
-/// A run's name (its folder) and log.
-fn read_log(dir: &Path) -> Result<(String, Vec<LogRow>)> {
+/// A run's name (its folder), log, and validation perplexity before its first step when the run
+/// recorded one (`start.json`: a MaskLLM run's seeded mask).
+fn read_log(dir: &Path) -> Result<(String, Vec<LogRow>, Option<f64>)> {
     let path = dir.join("checkpoint/state.json");
     let text = std::fs::read_to_string(&path).with_context(|| format!("{}", path.display()))?;
     let state: serde_json::Value = serde_json::from_str(&text)?;
@@ -15,7 +17,23 @@ fn read_log(dir: &Path) -> Result<(String, Vec<LogRow>)> {
     let name = dir
         .file_name()
         .map_or("run".into(), |n| n.to_string_lossy().into_owned());
-    Ok((name, log))
+    let start = std::fs::read_to_string(dir.join("start.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| v["val_ppl"].as_f64());
+    Ok((name, log, start))
+}
+
+/// Parses `--reference LABEL=PPL`.
+pub fn parse_reference(s: &str) -> Result<(String, f64)> {
+    let (label, v) = s
+        .rsplit_once('=')
+        .with_context(|| format!("--reference '{s}': expected LABEL=PPL"))?;
+    let v: f64 =
+        v.parse().ok().filter(|v: &f64| *v > 0.0).with_context(|| {
+            format!("--reference '{s}': the perplexity must be a positive number")
+        })?;
+    Ok((label.to_string(), v))
 }
 
 /// Exponential moving average (the per-step loss is noisy).
@@ -30,25 +48,41 @@ fn smooth(v: &[(f64, f64)], alpha: f64) -> Vec<(f64, f64)> {
         .collect()
 }
 
-pub fn curves(runs: &[PathBuf], out: &Path) -> Result<()> {
-    let logs: Vec<(String, Vec<LogRow>)> =
+pub fn curves(runs: &[PathBuf], references: &[String], out: &Path) -> Result<()> {
+    let logs: Vec<(String, Vec<LogRow>, Option<f64>)> =
         runs.iter().map(|r| read_log(r)).collect::<Result<_>>()?;
-    let series = |f: &dyn Fn(&LogRow) -> Option<f64>| -> Vec<(String, Vec<(f64, f64)>)> {
+    let references: Vec<(String, f64)> = references
+        .iter()
+        .map(|r| parse_reference(r))
+        .collect::<Result<_>>()?;
+    let series = |f: &dyn Fn(&LogRow) -> Option<f64>, start: bool| {
         logs.iter()
-            .map(|(n, log)| {
-                let pts = log
-                    .iter()
-                    .filter_map(|r| f(r).map(|y| (r.tokens as f64 / 1e6, y)))
+            .map(|(n, log, first)| {
+                let first = first.filter(|_| start).map(|p| (0.0, p.ln()));
+                let pts = first
+                    .into_iter()
+                    .chain(
+                        log.iter()
+                            .filter_map(|r| f(r).map(|y| (r.tokens as f64 / 1e6, y))),
+                    )
                     .collect();
                 (n.clone(), pts)
             })
-            .collect()
+            .collect::<Vec<(String, Vec<(f64, f64)>)>>()
     };
-    let loss: Vec<_> = series(&|r| Some(r.loss))
+    let loss: Vec<_> = series(&|r| Some(r.loss), false)
         .into_iter()
         .map(|(n, p)| (n, smooth(&p, 0.05)))
         .collect();
-    let ppl = series(&|r| r.val_ppl.map(f64::ln));
+    let mut ppl = series(&|r| r.val_ppl.map(f64::ln), true);
+    // A reference is a flat line across the runs' token range.
+    let x1 = ppl
+        .iter()
+        .flat_map(|(_, p)| p.iter().map(|(x, _)| *x))
+        .fold(1e-3, f64::max);
+    for (label, v) in &references {
+        ppl.push((label.clone(), vec![(0.0, v.ln()), (x1, v.ln())]));
+    }
     let root = SVGBackend::new(out, (1200, 480)).into_drawing_area();
     root.fill(&WHITE)?;
     let panels = root.split_evenly((1, 2));

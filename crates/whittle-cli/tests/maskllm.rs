@@ -76,6 +76,30 @@ fn learned_masks_on_the_default_model() {
     assert!(s["last"]["val_ppl"].as_f64().unwrap() > 1.0);
     let parts = s["last"]["parts"].to_string();
     assert!(parts.contains("mask_l2"), "{parts}");
+    // The curve starts at the seeded mask and is drawn against a reference line.
+    let svg = p("curve.svg");
+    ok(&[
+        "plot",
+        "--run",
+        &learned,
+        "--reference",
+        "SparseGPT 2:4=85.3",
+        "--out",
+        &svg,
+    ]);
+    assert!(std::fs::read_to_string(&svg)
+        .unwrap()
+        .contains("SparseGPT 2:4"));
+    let err = fails(&[
+        "plot",
+        "--run",
+        &learned,
+        "--reference",
+        "x=-1",
+        "--out",
+        &svg,
+    ]);
+    assert!(err.contains("positive"), "{err}");
     // The mask file applies to the model again, as a one-shot stage.
     let again = p("again");
     let out = ok(&[
