@@ -10,8 +10,8 @@
 //!
 //! [[stage]]
 //! kind = "sparsify"            # method: magnitude | wanda | sparsegpt; pattern: "2:4", "50%"
-//! method = "sparsegpt"
-//! pattern = "2:4"
+//! method = "sparsegpt"         #   or method = "mask", mask = "m.safetensors" (a learned mask,
+//! pattern = "2:4"              #   `whittle sparsify --method maskllm`)
 //!
 //! [[stage]]
 //! kind = "quantize"            # method: rtn | gptq; bits, group_size, sym, act_order
@@ -242,5 +242,23 @@ mod tests {
             toml::from_str("[[stage]]\nkind = \"prune\"\nscores = \"s.json\"\nmetric = \"cos\"\n")
                 .unwrap();
         assert!(bad.check().is_err());
+    }
+
+    /// The learned-mask example is refused up front while its mask file is missing (named in
+    /// the error), and a mask stage without a file asks for one.
+    #[test]
+    fn mask_stage_needs_a_readable_mask_file() {
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/maskllm-gptq-eora.toml");
+        let err = Recipe::from_file(&path).unwrap_err().to_string();
+        assert!(err.contains("maskllm/run/mask.safetensors"), "{err}");
+        let none: Recipe =
+            toml::from_str("[[stage]]\nkind = \"sparsify\"\nmethod = \"mask\"\n").unwrap();
+        assert!(none
+            .check()
+            .unwrap_err()
+            .to_string()
+            .contains("--mask FILE"));
+        assert!(!none.needs_calibration());
     }
 }
