@@ -61,7 +61,8 @@ pub fn run(
         lines.push(Line { row, key });
         Ok(())
     };
-    if packed {
+    // Quantized or 2:4-packed weights decode from their stored form.
+    if packed || loaded.model.has_sparse24() {
         decode(
             &loaded.model,
             "weights as stored",

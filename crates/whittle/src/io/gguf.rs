@@ -438,6 +438,10 @@ fn unpermute_rows(lin: &mut Linear, n_heads: usize, head_dim: usize) {
             )
             .expect("a row permutation keeps the packed shape valid");
         }
+        Weight::Sparse24(s) => {
+            s.values = un(&s.values, inp / 2);
+            s.index = permuted_rows(&s.index, inp.div_ceil(8), n_heads, head_dim, false);
+        }
     }
 }
 

@@ -108,6 +108,7 @@ pub mod qdot;
 pub mod qdot_i16;
 pub mod rope;
 pub mod simd;
+pub mod sparse24;
 pub mod ssm;
 
 #[cfg(test)]

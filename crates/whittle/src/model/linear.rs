@@ -5,6 +5,7 @@
 //! rewrite goes through a method that also drops what was derived from it (the tile packing).
 
 use super::packed::Packed;
+use super::sparse::Sparse24;
 use crate::kernels::amx;
 use crate::kernels::dot::dot_at;
 use crate::kernels::matmul::{matmul_t, matvec_chunks, GEMV_CHUNK, GEMV_MAX_ROWS};
@@ -12,6 +13,7 @@ use crate::kernels::matmul_small;
 use crate::kernels::qdot::{dequant_row, qdot_at};
 use crate::kernels::qdot_i16::{self, QActs};
 use crate::kernels::simd::{self, Level};
+use crate::kernels::sparse24::dot24_at;
 use crate::{Error, Result};
 use std::borrow::Cow;
 use std::cell::RefCell;
@@ -29,6 +31,8 @@ pub enum Weight {
     Dense(Vec<f32>),
     /// Group-quantized codes, dequantized on the fly.
     Packed(Packed),
+    /// 2:4 sparse f32: two kept values and their positions per group of four inputs.
+    Sparse24(Sparse24),
 }
 
 /// `ΔW ≈ B·A` with `A: rank × in`, `B: out × rank`, both row-major.
@@ -118,6 +122,27 @@ impl Linear {
                 p.dequantize_into(self.in_features, &mut w);
                 Cow::Owned(w)
             }
+            Weight::Sparse24(s) => {
+                let mut w = vec![0f32; self.out_features * self.in_features];
+                s.unpack_into(self.in_features, &mut w);
+                Cow::Owned(w)
+            }
+        }
+    }
+
+    /// Stores a dense 2:4 weight packed (kept values and positions); returns whether it did
+    /// (not for packed-quantized weights, nor when some group keeps more than two inputs).
+    pub fn pack_sparse24(&mut self) -> bool {
+        let Weight::Dense(w) = &self.weight else {
+            return false;
+        };
+        match Sparse24::pack(w, self.out_features, self.in_features) {
+            Some(s) => {
+                // The same values: a tile packing derived from them stays valid.
+                self.weight = Weight::Sparse24(s);
+                true
+            }
+            None => false,
         }
     }
 
@@ -126,13 +151,14 @@ impl Linear {
         self.densify();
         match self.weight_mut() {
             Weight::Dense(w) => w,
-            Weight::Packed(_) => unreachable!("densify leaves a dense weight"),
+            _ => unreachable!("densify leaves a dense weight"),
         }
     }
 
-    /// Replaces packed storage by its f32 expansion (the same values: the tiles stay valid).
+    /// Replaces packed or sparse storage by its f32 expansion (the same values: the tiles stay
+    /// valid).
     pub fn densify(&mut self) {
-        if let Weight::Packed(_) = &self.weight {
+        if !matches!(self.weight, Weight::Dense(_)) {
             self.weight = Weight::Dense(self.dense_weight().into_owned());
         }
     }
@@ -142,6 +168,7 @@ impl Linear {
         let w = match &self.weight {
             Weight::Dense(w) => 4 * w.len(),
             Weight::Packed(p) => p.bytes(),
+            Weight::Sparse24(s) => s.bytes(),
         };
         w + self
             .adapter
@@ -159,6 +186,10 @@ impl Linear {
         match &self.weight {
             Weight::Dense(w) => out.copy_from_slice(&w[r * inp..(r + 1) * inp]),
             Weight::Packed(p) => dequant_row(p.row(r, inp), out),
+            Weight::Sparse24(s) => {
+                let (v, i) = s.row(r, inp);
+                crate::kernels::sparse24::unpack_row(v, i, out);
+            }
         }
     }
 
@@ -170,6 +201,7 @@ impl Linear {
                 crate::error::check_finite(&format!("{name} (scales)"), &p.scales)?;
                 crate::error::check_finite(&format!("{name} (mins)"), &p.mins)?;
             }
+            Weight::Sparse24(s) => crate::error::check_finite(name, &s.values)?,
         }
         if let Some(a) = &self.adapter {
             crate::error::check_finite(&format!("{name} (adapter A)"), &a.a)?;
@@ -208,12 +240,16 @@ impl Linear {
                 }
                 // Expanding costs ~1/(2·rows) of the GEMM's time; keeping the expansion would
                 // cost the memory of an f32 model.
-                Weight::Packed(p) => {
+                packed => {
                     // Taken out of the thread-local (not borrowed) while the GEMM runs: a worker
                     // waiting inside it may pick up another forward pass that needs a buffer.
                     let mut w = DEQUANTIZED.with_borrow_mut(std::mem::take);
                     w.resize(out * inp, 0.0);
-                    p.dequantize_into(inp, &mut w);
+                    match packed {
+                        Weight::Packed(p) => p.dequantize_into(inp, &mut w),
+                        Weight::Sparse24(s) => s.unpack_into(inp, &mut w),
+                        Weight::Dense(_) => unreachable!("dense weights take the arm above"),
+                    }
                     matmul_t(x, &w, rows, inp, out, y);
                     DEQUANTIZED.with_borrow_mut(|b| *b = w);
                 }
@@ -290,6 +326,12 @@ impl Linear {
                 let m = p.rows(inp);
                 for (j, yj) in rows.zip(y) {
                     *yj = qdot_at(level, m.row(j), x);
+                }
+            }
+            (Weight::Sparse24(s), _) => {
+                for (j, yj) in rows.zip(y) {
+                    let (v, i) = s.row(j, inp);
+                    *yj = dot24_at(level, v, i, x);
                 }
             }
         }

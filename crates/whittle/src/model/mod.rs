@@ -15,6 +15,7 @@ pub mod params;
 pub mod provenance;
 pub mod random;
 pub mod sampling;
+pub mod sparse;
 pub mod ssm;
 
 pub use config::{Arch, AttnShape, LayerShape, ModelConfig, SsmShape, WindowRule};
