@@ -3,7 +3,7 @@
 //! check that no level falls back to something slow (`whittle bench --kernels`).
 
 use crate::kernels::simd::{for_each_level, Level};
-use crate::kernels::{activation, attention, exp, matmul, norm, qdot, rope, ssm};
+use crate::kernels::{activation, attention, exp, matmul, norm, qdot, rope, sparse24, ssm};
 use crate::model::AttnShape;
 use serde::Serialize;
 use std::time::Instant;
@@ -57,6 +57,14 @@ pub fn run(reps: usize) -> Vec<KernelTime> {
     let (scales, mins) = (wave(groups, 3), wave(groups, 5));
     let matrix = qdot::QRows::new(4, 32, None, (&codes, &scales, &mins), hidden);
     let row = |r: usize| matrix.row(r);
+    // The same matrix 2:4-sparse (the first two of every four kept), packed.
+    let half: Vec<f32> = w
+        .iter()
+        .enumerate()
+        .map(|(i, v)| if i % 4 < 2 { *v } else { 0.0 })
+        .collect();
+    let packed24 =
+        crate::model::sparse::Sparse24::pack(&half, ffn, hidden).expect("a 2:4 matrix packs");
     let table = rope::RopeTable::new(64, 10000.0, tokens);
     let norm_w = wave(hidden, 29);
     let scan = ssm::ScanData::synthetic(64, 512, 16);
@@ -81,6 +89,15 @@ pub fn run(reps: usize) -> Vec<KernelTime> {
             "gemv f32 576→1536",
             time(reps, || {
                 matmul::matmul_t(&x[..hidden], &w, 1, hidden, ffn, &mut y[..ffn]);
+            }),
+        );
+        push(
+            "gemv 2:4 f32 576→1536",
+            time(reps, || {
+                for (r, yr) in y[..ffn].iter_mut().enumerate() {
+                    let (v, i) = packed24.row(r, hidden);
+                    *yr = sparse24::dot24_at(level, v, i, &x[..hidden]);
+                }
             }),
         );
         push(

@@ -75,15 +75,43 @@ pub fn dot24_at(level: Level, values: &[f32], index: &[u8], x: &[f32]) -> f32 {
     }
 }
 
-/// The groups from `first` on, one at a time.
+/// For each index byte (two groups, eight inputs), the positions of the four kept inputs:
+/// `[a0, b0, 4 + a1, 4 + b1]`.
+const PAIRS: [[u8; 4]; 256] = {
+    let mut t = [[0u8; 4]; 256];
+    let mut b = 0;
+    while b < 256 {
+        let (lo, hi) = ((b & 15) as u8, (b >> 4) as u8);
+        t[b] = [lo & 3, lo >> 2 & 3, 4 + (hi & 3), 4 + (hi >> 2 & 3)];
+        b += 1;
+    }
+    t
+};
+
+/// The groups from `first` (even) on: two groups per index byte, the four kept inputs read
+/// through [`PAIRS`] into four accumulators (no bounds checks: positions are masked to the
+/// eight-input chunk), then a last odd group alone.
 #[inline(always)]
 fn dot24_portable(values: &[f32], index: &[u8], x: &[f32], first: usize) -> f32 {
-    let mut acc = [0f32; 2];
-    for g in first..x.len() / 4 {
-        let (a, b) = positions(index[g / 2] >> (4 * (g % 2)) & 15);
-        acc[g % 2] += values[2 * g] * x[4 * g + a] + values[2 * g + 1] * x[4 * g + b];
+    let mut acc = [0f32; 4];
+    let pairs = x[4 * first..]
+        .chunks_exact(8)
+        .zip(values[2 * first..].chunks_exact(4))
+        .zip(&index[first / 2..]);
+    for ((xc, v), byte) in pairs {
+        let t = PAIRS[*byte as usize];
+        for l in 0..4 {
+            acc[l] += v[l] * xc[(t[l] & 7) as usize];
+        }
     }
-    acc[0] + acc[1]
+    let mut total = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+    let groups = x.len() / 4;
+    if groups % 2 == 1 && groups > first {
+        let g = groups - 1;
+        let (a, b) = positions(index[g / 2] & 15);
+        total += values[2 * g] * x[4 * g + a] + values[2 * g + 1] * x[4 * g + b];
+    }
+    total
 }
 
 #[cfg(target_arch = "x86_64")]
