@@ -95,8 +95,10 @@ pub fn load_model(path: &Path) -> Result<Model> {
         gguf::load(path)?.0
     };
     // A 2:4 model is stored with its zeros (what transformers loads); in memory its 2:4
-    // matrices are packed, which is what makes it decode faster than the dense model.
-    model.pack_sparse24();
+    // matrices are packed where that decodes faster than the dense model.
+    if crate::kernels::sparse24::packed_is_faster(crate::kernels::simd::level()) {
+        model.pack_sparse24();
+    }
     Ok(model)
 }
 
