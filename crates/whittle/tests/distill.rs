@@ -12,22 +12,10 @@ use whittle::train::optim::AdamWConfig;
 use whittle::train::trainer::{Start, Teacher, TokenData, TrainConfig, Trainer};
 use whittle::Model;
 
-fn stream(n: usize, seed: u64) -> Vec<u32> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 33) % 200) as u32
-        })
-        .collect()
-}
-
 fn data() -> TokenData {
     TokenData {
-        train: stream(3000, 1),
-        valid: stream(400, 2),
+        train: common::stream(3000, 1),
+        valid: common::stream(400, 2),
     }
 }
 
@@ -68,30 +56,6 @@ fn student() -> Model {
     random_model(common::tiny_config(false), &common::uniform_shapes(2), 21).unwrap()
 }
 
-/// Mean KL(teacher ‖ student) over positions of held-out windows (inference forward, f64).
-fn kl(t: &Model, s: &Model) -> f64 {
-    let v = t.config.vocab_size;
-    let ids = stream(64, 99);
-    let (a, b) = (
-        t.forward(&ids, None, Logits::All, None).unwrap(),
-        s.forward(&ids, None, Logits::All, None).unwrap(),
-    );
-    let soft = |z: &[f32]| {
-        let m = z.iter().fold(f64::MIN, |a, b| a.max(*b as f64));
-        let e: Vec<f64> = z.iter().map(|x| (*x as f64 - m).exp()).collect();
-        let sum: f64 = e.iter().sum();
-        e.into_iter().map(|x| x / sum).collect::<Vec<_>>()
-    };
-    a.chunks(v)
-        .zip(b.chunks(v))
-        .map(|(x, y)| {
-            let (p, q) = (soft(x), soft(y));
-            p.iter().zip(&q).map(|(p, q)| p * (p / q).ln()).sum::<f64>()
-        })
-        .sum::<f64>()
-        / 64.0
-}
-
 fn train(config: TrainConfig, student: Model, teacher: Teacher) -> Trainer {
     let d = data();
     let mut t = Trainer::new(config, Start::Model(Box::new(student)), teacher, &d).unwrap();
@@ -101,14 +65,14 @@ fn train(config: TrainConfig, student: Model, teacher: Teacher) -> Trainer {
 
 #[test]
 fn logit_distillation_moves_the_student_toward_the_teacher() {
-    let before = kl(&teacher(), &student());
+    let before = common::kl(&teacher(), &student());
     for objective in ["kd", "kd:T=2+ce:0.5", "rkl", "jsd:beta=0.5"] {
         let t = train(
             config(objective, 80),
             student(),
             Teacher::Live(Box::new(teacher())),
         );
-        let after = kl(&teacher(), &t.model);
+        let after = common::kl(&teacher(), &t.model);
         // Plain KD closes most of the gap; the mixtures share the budget with other goals.
         let bound = if objective == "kd" { 0.5 } else { 0.8 };
         assert!(
@@ -123,7 +87,7 @@ fn logit_distillation_moves_the_student_toward_the_teacher() {
         student(),
         Teacher::Live(Box::new(teacher())),
     );
-    assert!(kl(&teacher(), &kd.model) < kl(&teacher(), &ce.model));
+    assert!(common::kl(&teacher(), &kd.model) < common::kl(&teacher(), &ce.model));
 }
 
 #[test]
@@ -207,7 +171,7 @@ fn adapters_only_training_changes_only_the_adapters() {
         before.lm_head.as_ref().unwrap().weight(),
         t.model.lm_head.as_ref().unwrap().weight()
     );
-    assert!(kl(&teacher(), &t.model) < kl(&teacher(), &before));
+    assert!(common::kl(&teacher(), &t.model) < common::kl(&teacher(), &before));
     // No adapters: nothing to train is an error, not a silent no-op.
     let mut c = config("kd", 2);
     c.groups.adapters_only = true;
@@ -250,7 +214,7 @@ fn a_two_four_student_stays_two_four() {
         Teacher::Live(Box::new(teacher())),
     );
     assert_eq!(zeros(&t.model), before, "the 2:4 pattern changed");
-    assert!(kl(&teacher(), &t.model) < kl(&teacher(), &s));
+    assert!(common::kl(&teacher(), &t.model) < common::kl(&teacher(), &s));
     // Without the mask the zeros fill in.
     let mut c = config("kd", 15);
     c.groups.keep_zeros = whittle::train::groups::KeepZeros::Off;
@@ -262,7 +226,7 @@ fn a_two_four_student_stays_two_four() {
 fn a_cached_teacher_trains_like_the_live_one_and_checks_its_origin() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("cache");
-    let ids = stream(3000, 1);
+    let ids = common::stream(3000, 1);
     let windows = cache::shuffled_windows(&ids, 16, 40, 0).unwrap();
     let meta = cache::write(
         &path,
@@ -292,9 +256,9 @@ fn a_cached_teacher_trains_like_the_live_one_and_checks_its_origin() {
     assert!(c.check(Some(&student()), &student(), "tok").is_err());
     assert!(c.check(None, &student(), "other").is_err());
 
-    let before = kl(&teacher(), &student());
+    let before = common::kl(&teacher(), &student());
     let t = train(config("kd", 80), student(), Teacher::Cached(Box::new(c)));
-    let after = kl(&teacher(), &t.model);
+    let after = common::kl(&teacher(), &t.model);
     // 40 cached windows, seen again and again: less general than the live teacher's stream.
     assert!(after < 0.75 * before, "cached KD: {before} -> {after}");
 

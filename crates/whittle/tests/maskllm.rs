@@ -4,7 +4,7 @@
 
 mod common;
 
-use whittle::model::{random::random_model, Logits};
+use whittle::model::random::random_model;
 use whittle::sparsity::maskllm::{self, LearnedMask, MaskLlmConfig};
 use whittle::sparsity::SparsityMethod;
 use whittle::train::groups::{Groups, KeepZeros};
@@ -12,22 +12,10 @@ use whittle::train::optim::AdamWConfig;
 use whittle::train::trainer::{Start, Teacher, TokenData, TrainConfig, Trainer};
 use whittle::Model;
 
-fn stream(n: usize, seed: u64) -> Vec<u32> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 33) % 200) as u32
-        })
-        .collect()
-}
-
 fn data() -> TokenData {
     TokenData {
-        train: stream(3000, 1),
-        valid: stream(400, 2),
+        train: common::stream(3000, 1),
+        valid: common::stream(400, 2),
     }
 }
 
@@ -70,30 +58,6 @@ fn config(steps: u64, update_weights: bool) -> TrainConfig {
         head_windows: 0,
         maskllm: Some(MaskLlmConfig::default()),
     }
-}
-
-/// Mean KL(teacher ‖ student) over positions of held-out windows (inference forward, f64).
-fn kl(t: &Model, s: &Model) -> f64 {
-    let v = t.config.vocab_size;
-    let ids = stream(64, 99);
-    let (a, b) = (
-        t.forward(&ids, None, Logits::All, None).unwrap(),
-        s.forward(&ids, None, Logits::All, None).unwrap(),
-    );
-    let soft = |z: &[f32]| {
-        let m = z.iter().fold(f64::MIN, |a, b| a.max(*b as f64));
-        let e: Vec<f64> = z.iter().map(|x| (*x as f64 - m).exp()).collect();
-        let sum: f64 = e.iter().sum();
-        e.into_iter().map(|x| x / sum).collect::<Vec<_>>()
-    };
-    a.chunks(v)
-        .zip(b.chunks(v))
-        .map(|(x, y)| {
-            let (p, q) = (soft(x), soft(y));
-            p.iter().zip(&q).map(|(p, q)| p * (p / q).ln()).sum::<f64>()
-        })
-        .sum::<f64>()
-        / 64.0
 }
 
 fn magnitude_prior(m: &Model) -> LearnedMask {
@@ -142,11 +106,11 @@ fn learn(steps: u64, update_weights: bool) -> Trainer {
 #[test]
 fn learned_masks_beat_their_magnitude_prior_on_frozen_weights() {
     let prior = magnitude_prior(&dense());
-    let one_shot = kl(&dense(), &masked(&dense(), &prior));
+    let one_shot = common::kl(&dense(), &masked(&dense(), &prior));
     let t = learn(60, false);
     let mask = t.learned_mask().unwrap().unwrap();
     let learned = masked(&dense(), &mask);
-    let after = kl(&dense(), &learned);
+    let after = common::kl(&dense(), &learned);
     assert!(
         after < 0.8 * one_shot,
         "KL to dense: magnitude {one_shot}, MaskLLM {after}"
@@ -172,7 +136,10 @@ fn weights_may_train_with_their_masks() {
     assert_ne!(t.model.fingerprint(), dense().fingerprint());
     let out = masked(&t.model, &t.learned_mask().unwrap().unwrap());
     assert!(exactly_two_four(&out));
-    assert!(kl(&dense(), &out) < kl(&dense(), &masked(&dense(), &magnitude_prior(&dense()))));
+    assert!(
+        common::kl(&dense(), &out)
+            < common::kl(&dense(), &masked(&dense(), &magnitude_prior(&dense())))
+    );
 }
 
 #[test]

@@ -2,7 +2,7 @@
 #![allow(dead_code)]
 
 use whittle::io::tokenizer::TokenizerSpec;
-use whittle::model::{random::random_model, AttnShape, LayerShape, ModelConfig};
+use whittle::model::{random::random_model, AttnShape, LayerShape, Logits, ModelConfig};
 use whittle::Model;
 
 pub const VOCAB: usize = 260;
@@ -136,4 +136,41 @@ pub fn hymba_fixture() -> std::path::PathBuf {
 
 pub fn hymba_tiny() -> Model {
     whittle::io::safetensors::load(&hymba_fixture()).unwrap()
+}
+
+/// Token ids in [0, 200) from a seeded LCG: training and held-out text for tiny models.
+pub fn stream(n: usize, seed: u64) -> Vec<u32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 33) % 200) as u32
+        })
+        .collect()
+}
+
+/// Mean KL(teacher ‖ student) over positions of held-out windows (inference forward, f64).
+pub fn kl(t: &Model, s: &Model) -> f64 {
+    let v = t.config.vocab_size;
+    let ids = stream(64, 99);
+    let (a, b) = (
+        t.forward(&ids, None, Logits::All, None).unwrap(),
+        s.forward(&ids, None, Logits::All, None).unwrap(),
+    );
+    let soft = |z: &[f32]| {
+        let m = z.iter().fold(f64::MIN, |a, b| a.max(*b as f64));
+        let e: Vec<f64> = z.iter().map(|x| (*x as f64 - m).exp()).collect();
+        let sum: f64 = e.iter().sum();
+        e.into_iter().map(|x| x / sum).collect::<Vec<_>>()
+    };
+    a.chunks(v)
+        .zip(b.chunks(v))
+        .map(|(x, y)| {
+            let (p, q) = (soft(x), soft(y));
+            p.iter().zip(&q).map(|(p, q)| p * (p / q).ln()).sum::<f64>()
+        })
+        .sum::<f64>()
+        / 64.0
 }
