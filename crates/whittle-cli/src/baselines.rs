@@ -22,6 +22,8 @@ pub enum Baseline {
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Measure {
     Prefill(usize),
+    /// Prefill reading 2:4-packed weights as stored (whittle only: the baselines run dense).
+    PrefillStored(usize),
     /// Decode reading the weights as the file stores them (the packed blocks of a quantized
     /// file; f32 for an unquantized one).
     DecodeStored,

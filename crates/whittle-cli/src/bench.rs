@@ -47,12 +47,22 @@ pub fn run(
     expanded.densify();
     let packed = loaded.model.has_packed();
     let mut lines = Vec::new();
+    let sparse = loaded.model.has_sparse24();
     for &t in &opts.prefill {
         eprintln!("measuring prefill {t} ({reps} runs + warm-up) ...");
         lines.push(Line {
             row: speed::prefill(&expanded, &ids, t, reps)?,
             key: baselines::Measure::Prefill(t),
         });
+        // A 2:4 model's own prefill (packed weights expanded per product or tiled once).
+        if sparse {
+            let mut row = speed::prefill(&loaded.model, &ids, t, reps)?;
+            row.what += ", 2:4 packed";
+            lines.push(Line {
+                row,
+                key: baselines::Measure::PrefillStored(t),
+            });
+        }
     }
     let mut decode = |model: &whittle::Model, label: &str, key| -> Result<()> {
         eprintln!("measuring decode, {label} ({reps} runs + warm-up) ...");
@@ -62,7 +72,7 @@ pub fn run(
         Ok(())
     };
     // Quantized or 2:4-packed weights decode from their stored form.
-    if packed || loaded.model.has_sparse24() {
+    if packed || sparse {
         decode(
             &loaded.model,
             "weights as stored",

@@ -46,13 +46,28 @@ pub fn pack_row(row: &[f32], values: &mut [f32], index: &mut [u8]) -> bool {
     true
 }
 
-/// Expands a packed row back into `row` (zeros elsewhere).
+/// Expands a packed row back into `row` (zeros elsewhere): two groups per index byte through
+/// [`PAIRS`], then a last odd group alone.
 pub fn unpack_row(values: &[f32], index: &[u8], row: &mut [f32]) {
-    row.fill(0.0);
-    for (g, grp) in row.chunks_exact_mut(4).enumerate() {
-        let (a, b) = positions(index[g / 2] >> (4 * (g % 2)) & 15);
-        grp[a] = values[2 * g];
-        grp[b] = values[2 * g + 1];
+    let groups = row.len() / 4;
+    let pairs = row
+        .chunks_exact_mut(8)
+        .zip(values.chunks_exact(4))
+        .zip(index);
+    for ((out, v), byte) in pairs {
+        let t = PAIRS[*byte as usize];
+        out.fill(0.0);
+        for l in 0..4 {
+            out[(t[l] & 7) as usize] = v[l];
+        }
+    }
+    if groups % 2 == 1 {
+        let g = groups - 1;
+        let (a, b) = positions(index[g / 2] & 15);
+        let out = &mut row[4 * g..4 * g + 4];
+        out.fill(0.0);
+        out[a] = values[2 * g];
+        out[b] = values[2 * g + 1];
     }
 }
 
