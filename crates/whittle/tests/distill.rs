@@ -9,15 +9,8 @@ use whittle::distill::cache::{self, TeacherCache};
 use whittle::model::{random::random_model, Logits};
 use whittle::train::groups::Groups;
 use whittle::train::optim::AdamWConfig;
-use whittle::train::trainer::{Start, Teacher, TokenData, TrainConfig, Trainer};
+use whittle::train::trainer::{Start, Teacher, TrainConfig, Trainer};
 use whittle::Model;
-
-fn data() -> TokenData {
-    TokenData {
-        train: common::stream(3000, 1),
-        valid: common::stream(400, 2),
-    }
-}
 
 fn config(objective: &str, steps: u64) -> TrainConfig {
     TrainConfig {
@@ -57,7 +50,7 @@ fn student() -> Model {
 }
 
 fn train(config: TrainConfig, student: Model, teacher: Teacher) -> Trainer {
-    let d = data();
+    let d = common::token_data();
     let mut t = Trainer::new(config, Start::Model(Box::new(student)), teacher, &d).unwrap();
     t.run(&d, None, None, None, &mut |_| {}).unwrap();
     t
@@ -179,7 +172,7 @@ fn adapters_only_training_changes_only_the_adapters() {
         c,
         Start::Model(Box::new(student())),
         Teacher::Live(Box::new(teacher())),
-        &data(),
+        &common::token_data(),
     )
     .err()
     .unwrap();
@@ -264,7 +257,14 @@ fn a_cached_teacher_trains_like_the_live_one_and_checks_its_origin() {
 
     // Wrong window length, reverse KL from top-k, and a truncated file are errors.
     let open = || Teacher::Cached(Box::new(TeacherCache::open(&path).unwrap()));
-    let new = |c: TrainConfig| Trainer::new(c, Start::Model(Box::new(student())), open(), &data());
+    let new = |c: TrainConfig| {
+        Trainer::new(
+            c,
+            Start::Model(Box::new(student())),
+            open(),
+            &common::token_data(),
+        )
+    };
     let mut c32 = config("kd", 2);
     c32.seq_len = 32;
     assert!(new(c32).err().unwrap().to_string().contains("--seq-len 16"));
@@ -286,7 +286,7 @@ fn a_cached_teacher_trains_like_the_live_one_and_checks_its_origin() {
 
 #[test]
 fn a_resumed_distillation_equals_an_uninterrupted_one() {
-    let d = data();
+    let d = common::token_data();
     let objective = "kd:T=2+ce:0.5+feat:layers=1,norm=phis";
     let start = || Start::Model(Box::new(student()));
     let live = || Teacher::Live(Box::new(teacher()));
@@ -314,7 +314,7 @@ fn a_resumed_distillation_equals_an_uninterrupted_one() {
 
 #[test]
 fn bad_settings_are_clear_errors() {
-    let d = data();
+    let d = common::token_data();
     let new = |c: TrainConfig, t: Teacher| {
         Trainer::new(c, Start::Model(Box::new(student())), t, &d)
             .err()

@@ -9,15 +9,8 @@ use whittle::sparsity::maskllm::{self, LearnedMask, MaskLlmConfig};
 use whittle::sparsity::SparsityMethod;
 use whittle::train::groups::{Groups, KeepZeros};
 use whittle::train::optim::AdamWConfig;
-use whittle::train::trainer::{Start, Teacher, TokenData, TrainConfig, Trainer};
+use whittle::train::trainer::{Start, Teacher, TrainConfig, Trainer};
 use whittle::Model;
-
-fn data() -> TokenData {
-    TokenData {
-        train: common::stream(3000, 1),
-        valid: common::stream(400, 2),
-    }
-}
 
 /// The dense model the masks are learned on (and the distillation teacher).
 fn dense() -> Model {
@@ -90,7 +83,7 @@ fn exactly_two_four(m: &Model) -> bool {
 }
 
 fn learn(steps: u64, update_weights: bool) -> Trainer {
-    let d = data();
+    let d = common::token_data();
     let mut t = Trainer::new(
         config(steps, update_weights),
         Start::Model(Box::new(dense())),
@@ -144,7 +137,7 @@ fn weights_may_train_with_their_masks() {
 
 #[test]
 fn a_resumed_mask_run_equals_an_uninterrupted_one() {
-    let d = data();
+    let d = common::token_data();
     let start = || Start::Model(Box::new(dense()));
     let live = || Teacher::Live(Box::new(dense()));
     let prior = magnitude_prior(&dense());
@@ -206,7 +199,7 @@ fn mask_files_round_trip_and_refuse_other_models() {
             },
             Start::Model(Box::new(dense())),
             Teacher::Live(Box::new(dense())),
-            &data(),
+            &common::token_data(),
         )
     };
     for bad in ["4:4", "50%", "2:16", "3:5"] {

@@ -174,3 +174,11 @@ pub fn kl(t: &Model, s: &Model) -> f64 {
         .sum::<f64>()
         / 64.0
 }
+
+/// Training and validation token streams for tiny-model training runs.
+pub fn token_data() -> whittle::train::trainer::TokenData {
+    whittle::train::trainer::TokenData {
+        train: stream(3000, 1),
+        valid: stream(400, 2),
+    }
+}
