@@ -9,6 +9,7 @@
 pub mod kernels;
 pub mod calib;
 pub mod data;
+pub mod dist;
 pub mod distill;
 pub mod error;
 pub mod eval;

@@ -20,6 +20,7 @@ use super::presets::Preset;
 use crate::distill::cache::TeacherCache;
 use crate::distill::heads::{self, BlockTap, FeatureSpec, Head};
 use crate::distill::topk::SparseDistillation;
+use crate::dist::{self, Collective};
 use crate::model::{Fingerprint, Logits};
 use crate::sparsity::maskllm::{self, Candidates, LearnedMask, MaskLlmConfig};
 use crate::{Error, Model, Result};
@@ -180,6 +181,10 @@ pub struct Trainer {
     /// The step of the newest checkpoint on disk.
     saved: Option<u64>,
     masked: Option<Masked>,
+    /// The ranks this run is data-parallel over (one process alone by default).
+    comm: Arc<dyn Collective>,
+    /// Gradient elements each rank sent in the last step's reduction.
+    reduced: usize,
 }
 
 /// What a MaskLLM run masks: the candidates and the linears `(name, rows, cols)`.
@@ -301,6 +306,8 @@ impl Trainer {
             tokens_seen: 0,
             saved: None,
             masked,
+            comm: dist::single(),
+            reduced: 0,
         };
         if let Some(spec) = t.objective.features()?.cloned() {
             t.fit_heads(&spec, data)?;
@@ -342,6 +349,91 @@ impl Trainer {
     /// The step of the newest checkpoint this trainer wrote or resumed from.
     pub fn last_checkpoint(&self) -> Option<u64> {
         self.saved
+    }
+
+    /// Makes this trainer one rank of `comm`, which every rank calls after building its trainer
+    /// (new or resumed) from the same model, teacher, data and settings: checks that they are
+    /// the same on every rank, then takes rank 0's state (a resumed run's trained tensors,
+    /// optimiser moments, step and log), so that only rank 0 needs the checkpoint and a run
+    /// resumes with any number of ranks. The run's batch is `accum` micro-batches over all
+    /// ranks, so each rank needs at least one.
+    pub fn join(&mut self, comm: Arc<dyn Collective>, data: &TokenData) -> Result<()> {
+        fn json(v: &impl Serialize) -> Vec<u8> {
+            serde_json::to_vec(v).unwrap_or_default()
+        }
+        let tokens = |ids: &[u32]| ids.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>();
+        let teacher = match &self.teacher {
+            Teacher::Live(m) => json(&m.fingerprint()),
+            Teacher::Cached(c) => json(&c.meta),
+            Teacher::None => Vec::new(),
+        };
+        dist::check_agreement(
+            &*comm,
+            &[
+                ("whittle version", env!("CARGO_PKG_VERSION").as_bytes().to_vec()),
+                ("settings", json(&self.config)),
+                ("starting model", json(&self.start)),
+                ("teacher", teacher),
+                ("training tokens", tokens(&data.train)),
+                ("validation tokens", tokens(&data.valid)),
+            ],
+        )?;
+        if comm.size() > self.config.accum {
+            return Err(Error::Invalid(format!(
+                "{} ranks share {} micro-batches a step: raise --accum to at least the number of \
+                 ranks (it counts the micro-batches of all ranks together)",
+                comm.size(),
+                self.config.accum
+            )));
+        }
+        self.take_state_of_rank0(&*comm)?;
+        self.comm = comm;
+        Ok(())
+    }
+
+    /// Rank 0's step, log, trained tensors and moments to every rank.
+    fn take_state_of_rank0(&mut self, comm: &dyn Collective) -> Result<()> {
+        let with_moments: Vec<&String> = self.moments.keys().collect();
+        let mut head = serde_json::to_vec(&serde_json::json!({
+            "step": self.step, "tokens": self.tokens_seen, "saved": self.saved,
+            "log": self.log, "moments": with_moments,
+        }))
+        .map_err(|e| Error::Invalid(format!("training state: {e}")))?;
+        dist::broadcast(comm, &mut head)?;
+        let head: serde_json::Value = serde_json::from_slice(&head)
+            .map_err(|e| Error::Invalid(format!("rank 0's training state: {e}")))?;
+        let bad = |e: serde_json::Error| Error::Invalid(format!("rank 0's training state: {e}"));
+        self.step = serde_json::from_value(head["step"].clone()).map_err(bad)?;
+        self.tokens_seen = serde_json::from_value(head["tokens"].clone()).map_err(bad)?;
+        self.saved = serde_json::from_value(head["saved"].clone()).map_err(bad)?;
+        self.log = serde_json::from_value(head["log"].clone()).map_err(bad)?;
+        let moment_names: Vec<String> =
+            serde_json::from_value(head["moments"].clone()).map_err(bad)?;
+        for name in &self.params.names {
+            let var = &self.params.vars[name];
+            let mut v = var.flatten_all()?.to_vec1::<f32>()?;
+            dist::broadcast_f32(comm, &mut v)?;
+            var.set(&Tensor::from_vec(v, var.dims(), &Device::Cpu)?)?;
+        }
+        for name in moment_names {
+            let n = self.params.vars.get(&name).map_or(0, |v| v.elem_count());
+            let mom = self.moments.entry(name).or_default();
+            mom.m.resize(n, 0.0);
+            mom.v.resize(n, 0.0);
+            dist::broadcast_f32(comm, &mut mom.m)?;
+            dist::broadcast_f32(comm, &mut mom.v)?;
+        }
+        Ok(self.params.write_back(&mut self.model)?)
+    }
+
+    /// Gradient elements this rank sent to the others in the last step (0 alone).
+    pub fn reduced_per_step(&self) -> usize {
+        self.reduced
+    }
+
+    /// This run's ranks.
+    pub fn collective(&self) -> &dyn Collective {
+        &*self.comm
     }
 
     /// Parameters being trained.
@@ -508,7 +600,10 @@ impl Trainer {
         let mut loss_sum = 0f64;
         let mut parts = vec![0f64; self.objective.terms.len()];
         let sum_sq = Arc::new(AtomicU64::new(0f64.to_bits()));
-        for micro in 0..accum {
+        // Data-parallel: each rank runs its share of the step's micro-batches (the same windows
+        // as one process running them all), then the sums are reduced over the ranks.
+        let (rank, ranks) = (self.comm.rank(), self.comm.size());
+        for micro in dist::shard(accum, rank, ranks) {
             let (x, y) = self.batch(&data.train, self.step, micro)?;
             if let (Some(m), Some(mc)) = (&self.masked, &self.config.maskllm) {
                 self.params.sampling = Some(MaskSampling {
@@ -545,10 +640,21 @@ impl Trainer {
                 }
             }
         }
+        let mut scalars = vec![loss_sum, f64::from_bits(sum_sq.load(Ordering::Relaxed))];
+        scalars.extend(&parts);
+        self.comm.sum_f64(&mut scalars)?;
+        parts.copy_from_slice(&scalars[2..]);
+        // In the model's order (a map's order differs between processes).
+        let mut ordered: Vec<(String, Vec<f32>)> = (self.params.names.iter())
+            .filter_map(|n| grads.remove_entry(n))
+            .collect();
+        let mut refs: Vec<&mut Vec<f32>> = ordered.iter_mut().map(|(_, g)| g).collect();
+        self.reduced = dist::all_reduce_buckets(&*self.comm, &mut refs)?;
+        grads.extend(ordered);
         // The objective's value; MaskLLM's regulariser (its gradient came from the mask op) is
         // logged beside it as `mask_l2`, `Σ ‖W ⊙ M‖²`, which would swamp the loss curve.
-        let loss = loss_sum / accum as f64;
-        let mask_l2 = f64::from_bits(sum_sq.load(Ordering::Relaxed)) / accum as f64;
+        let loss = scalars[0] / accum as f64;
+        let mask_l2 = scalars[1] / accum as f64;
         if !loss.is_finite() {
             let kept = match self.saved {
                 Some(s) => format!("the checkpoint of step {s} is kept"),
@@ -637,17 +743,21 @@ impl Trainer {
             }
             None => None,
         };
-        let r = crate::eval::perplexity::perplexity(
-            masked.as_ref().unwrap_or(&self.model),
-            &data.valid,
-            self.config.seq_len,
-            Some(self.config.eval_tokens),
-            &mut |_, _| {},
-        )?;
+        // Each rank scores its share of the windows.
+        let seq = self.config.seq_len;
+        let wins = crate::data::text::windows(&data.valid, seq, Some(self.config.eval_tokens))?;
+        let (rank, ranks) = (self.comm.rank(), self.comm.size());
+        let mine: Vec<&[u32]> = dist::shard(wins.len(), rank, ranks)
+            .map(|i| wins[i])
+            .collect();
+        let model = masked.as_ref().unwrap_or(&self.model);
+        let mut nll = [crate::eval::perplexity::windows_nll(model, &mine, &mut |_, _| {})?];
+        self.comm.sum_f64(&mut nll)?;
+        let ppl = (nll[0] / (wins.len() * (seq - 1)) as f64).exp();
         if let Some(last) = self.log.last_mut() {
-            last.val_ppl = Some(r.ppl);
+            last.val_ppl = Some(ppl);
         }
-        Ok(r.ppl)
+        Ok(ppl)
     }
 
     /// Runs until `config.steps` (or `stop_at`, or the first step boundary after `deadline`,
@@ -663,7 +773,11 @@ impl Trainer {
     ) -> Result<()> {
         let end = stop_at.unwrap_or(self.config.steps).min(self.config.steps);
         while self.step < end {
-            if deadline.is_some_and(|d| Instant::now() >= d) {
+            // Every rank stops at the same step: the first whose clock passed the deadline
+            // decides for all.
+            let mut late = [deadline.is_some_and(|d| Instant::now() >= d) as u8 as f64];
+            self.comm.sum_f64(&mut late)?;
+            if late[0] > 0.0 {
                 if let Some(dir) = dir {
                     self.save(dir)?;
                 }
@@ -788,6 +902,11 @@ impl Trainer {
     /// moments, `state.json` with the configuration, step, log and the starting model's
     /// fingerprint), atomically: an interrupted write leaves the previous checkpoint.
     pub fn save(&mut self, dir: &Path) -> Result<()> {
+        // Rank 0 writes; the others hold the same state.
+        if self.comm.rank() != 0 {
+            self.saved = Some(self.step);
+            return Ok(());
+        }
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let target = dir.join("checkpoint");
         crate::io::atomic::write_dir(&target, crate::io::atomic::Existing::Replace, |tmp| {
