@@ -310,6 +310,7 @@ pub fn distill(a: &DistillArgs) -> Result<()> {
     };
     let config = a.config(objective, a.tokens)?;
     let mut t = trainer(&a.out, config, student, source, &data)?;
+    crate::ranks::join(&mut t, &data)?;
     eprintln!(
         "distill: {} steps of {} × {} tokens (accum {}), {:.2} M trained parameters, objective {}",
         t.config.steps,
@@ -341,6 +342,7 @@ fn correct_teacher(
     let mut config = a.config("ce".into(), tokens)?;
     config.groups = Groups::default();
     let mut t = trainer(&dir, config, teacher, Teacher::None, data)?;
+    crate::ranks::join(&mut t, data)?;
     eprintln!("teacher correction: {} steps", t.config.steps);
     if !drive(&mut t, data, &dir, a.max_minutes)? {
         bail!("the time budget ended during teacher correction; run the same command again");
@@ -352,6 +354,9 @@ fn correct_teacher(
 /// and a summary.
 fn finish(t: &mut Trainer, tok: &Tokenizer, data: &TokenData, out: &Path) -> Result<()> {
     let ppl = t.validate(data)?;
+    if !crate::ranks::is_root() {
+        return Ok(());
+    }
     let last = t.log.last().cloned();
     let model_dir = out.join("model");
     let mut model = t.model.clone();

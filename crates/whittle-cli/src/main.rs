@@ -9,6 +9,7 @@ mod distill;
 mod maskllm;
 mod plot;
 mod prune;
+mod ranks;
 mod report;
 mod tasks;
 mod train;
@@ -31,6 +32,11 @@ struct Cli {
     /// forward pass.
     #[arg(long, global = true, value_enum)]
     window_rule: Option<WindowRuleArg>,
+    /// Run as one rank of an MPI job (`mpirun -n N --bind-to none whittle ... --distributed`;
+    /// train, distill, sparsify --method maskllm): each rank takes its share of every step's
+    /// micro-batches (--accum counts all ranks' together), rank 0 writes the files.
+    #[arg(long, global = true)]
+    distributed: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -306,6 +312,17 @@ fn main() {
             WindowRuleArg::Consistent => whittle::model::WindowRule::Consistent,
         });
     }
+    if cli.distributed {
+        let name = match &cli.command {
+            Command::Train(_) => "train",
+            Command::Distill(_) => "distill",
+            Command::Sparsify { args, .. } if args.stage.method == "maskllm" => "maskllm",
+            _ => "this command",
+        };
+        if let Err(e) = ranks::check_supported(name).and_then(|_| ranks::init()) {
+            ranks::fail(&e);
+        }
+    }
     let result = match cli.command {
         Command::Fetch => commands::fetch(),
         Command::Inspect { model, json } => commands::inspect(model.model.as_deref(), json),
@@ -414,7 +431,7 @@ fn main() {
         } => plot::curves(&runs, &references, &out),
     };
     if let Err(e) = result {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
+        ranks::fail(&e);
     }
+    ranks::finish();
 }

@@ -209,13 +209,19 @@ pub fn run(a: &OneShotArgs<Sparsify>, learn: &MaskLlmArgs) -> Result<()> {
     let mut t = trainer(out, config, model, teacher, &data)?;
     if let Some(Some(p)) = &first {
         t.set_prior(p, learn.prior_strength)?;
+    }
+    // Rank 0's state wins: a resumed run's logits, not another rank's fresh prior.
+    crate::ranks::join(&mut t, &data)?;
+    if t.step == 0 && learn.prior != "none" {
         // The curve's first point (the log starts with the first step), kept beside the run.
         let ppl = t.validate(&data)?;
         eprintln!("argmax mask of the seeded logits: validation perplexity {ppl:.3}");
-        write_json(
-            &out.join("start.json"),
-            &json!({"val_ppl": ppl, "prior": learn.prior}),
-        )?;
+        if crate::ranks::is_root() {
+            write_json(
+                &out.join("start.json"),
+                &json!({"val_ppl": ppl, "prior": learn.prior}),
+            )?;
+        }
     }
     eprintln!(
         "maskllm: {} steps of {} × {} tokens (accum {}), {:.1} M mask logits{}, objective {}",
@@ -232,6 +238,9 @@ pub fn run(a: &OneShotArgs<Sparsify>, learn: &MaskLlmArgs) -> Result<()> {
         t.config.objective
     );
     if !drive(&mut t, &data, out, learn.max_minutes)? {
+        return Ok(());
+    }
+    if !crate::ranks::is_root() {
         return Ok(());
     }
     let mask = t.learned_mask()?.context("a MaskLLM run learns masks")?;

@@ -219,6 +219,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         true => Trainer::resume(out, start(), Teacher::None, &data)?,
         false => Trainer::new(config, start(), Teacher::None, &data)?,
     };
+    crate::ranks::join(&mut trainer, &data)?;
     let c = trainer.config.clone();
     if let Some(p) = c.preset {
         eprintln!(
@@ -264,7 +265,10 @@ pub(crate) fn drive(
     if let Some(step) = trainer.last_checkpoint() {
         eprintln!("resuming at step {step} of {}", c.steps);
     }
-    let pb = crate::report::progress(c.steps as usize, "training");
+    let pb = match crate::ranks::is_root() {
+        true => crate::report::progress(c.steps as usize, "training"),
+        false => indicatif::ProgressBar::hidden(),
+    };
     pb.set_position(trainer.step);
     let deadline =
         max_minutes.map(|m| Instant::now() + std::time::Duration::from_secs_f64(m * 60.0));
@@ -298,6 +302,9 @@ pub(crate) fn drive(
 /// Final figures of a finished run: validation perplexity, cache size and decode speed.
 fn summary(trainer: &mut Trainer, data: &TokenData, out: &Path) -> Result<()> {
     let val_ppl = trainer.validate(data)?;
+    if !crate::ranks::is_root() {
+        return Ok(());
+    }
     let model = &trainer.model;
     let per_token = KvCache::footprint(model, 8192) - KvCache::footprint(model, 8191);
     let mut decode = Vec::new();

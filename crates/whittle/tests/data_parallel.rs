@@ -92,7 +92,10 @@ fn ranks_sharing_a_step_train_like_one_process() {
     let mut one = Trainer::new(config(6), student(), teacher(), &data).unwrap();
     one.run(&data, None, None, None, &mut |_| {}).unwrap();
     let reference = curve(&one);
-    assert!(reference[5].0 < 0.97 * reference[0].0, "it learns: {reference:?}");
+    assert!(
+        reference[5].0 < 0.97 * reference[0].0,
+        "it learns: {reference:?}"
+    );
     for ranks in [2, 3, 4] {
         let dir = tempfile::tempdir().unwrap();
         let runs = LocalGroup::run_ranks(ranks, |comm| {
@@ -140,10 +143,7 @@ fn ranks_that_loaded_different_things_refuse_to_start() {
             mine.train[0] += 1;
         }
         let mut t = Trainer::new(config(2), student(), teacher(), &mine).unwrap();
-        t.join(comm.handle(), &mine)
-            .err()
-            .unwrap()
-            .to_string()
+        t.join(comm.handle(), &mine).err().unwrap().to_string()
     });
     for e in errs {
         assert!(e.contains("training tokens (ranks 1)"), "{e}");
@@ -152,10 +152,7 @@ fn ranks_that_loaded_different_things_refuse_to_start() {
     // More ranks than micro-batches a step.
     let errs = LocalGroup::run_ranks(5, |comm| {
         let mut t = Trainer::new(config(2), student(), teacher(), &data).unwrap();
-        t.join(comm.handle(), &data)
-            .err()
-            .unwrap()
-            .to_string()
+        t.join(comm.handle(), &data).err().unwrap().to_string()
     });
     assert!(errs.iter().all(|e| e.contains("raise --accum")), "{errs:?}");
 }

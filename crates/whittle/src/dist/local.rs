@@ -58,11 +58,7 @@ impl LocalGroup {
     }
 
     /// Every rank's `buf` in its slot, then each rank sums the slots in rank order.
-    fn sum<T: Copy + std::ops::Add<Output = T>>(
-        &self,
-        slots: &Mutex<Vec<Vec<T>>>,
-        buf: &mut [T],
-    ) {
+    fn sum<T: Copy + std::ops::Add<Output = T>>(&self, slots: &Mutex<Vec<Vec<T>>>, buf: &mut [T]) {
         slots.lock().expect("no rank panics holding it")[self.rank] = buf.to_vec();
         self.shared.barrier.wait();
         {
@@ -97,7 +93,12 @@ impl Collective for LocalGroup {
         }
         self.shared.barrier.wait();
         if self.rank != 0 {
-            *buf = self.shared.bytes.lock().expect("no rank panics holding it").clone();
+            *buf = self
+                .shared
+                .bytes
+                .lock()
+                .expect("no rank panics holding it")
+                .clone();
         }
         self.shared.barrier.wait();
         Ok(())

@@ -92,9 +92,10 @@ pub fn broadcast(comm: &dyn Collective, buf: &mut Vec<u8>) -> Result<()> {
     }
     let mut len = (buf.len() as u64).to_le_bytes().to_vec();
     comm.broadcast_bytes(&mut len)?;
-    let len = u64::from_le_bytes(len.try_into().map_err(|_| {
-        Error::Invalid("broadcast: rank 0 sent a malformed length".into())
-    })?) as usize;
+    let len = u64::from_le_bytes(
+        len.try_into()
+            .map_err(|_| Error::Invalid("broadcast: rank 0 sent a malformed length".into()))?,
+    ) as usize;
     if comm.rank() != 0 {
         buf.resize(len, 0);
     }
@@ -263,14 +264,21 @@ mod tests {
             };
             broadcast(comm, &mut buf).unwrap();
             let same = check_agreement(comm, &[("model", b"m".to_vec())]);
-            let data = if comm.rank() == 2 { b"x".to_vec() } else { b"y".to_vec() };
+            let data = if comm.rank() == 2 {
+                b"x".to_vec()
+            } else {
+                b"y".to_vec()
+            };
             let differs = check_agreement(comm, &[("model", b"m".to_vec()), ("data", data)]);
             (buf, same.is_ok(), differs.unwrap_err().to_string())
         });
         for (buf, same, err) in out {
             assert_eq!(buf, b"from rank 0");
             assert!(same);
-            assert!(err.contains("data (ranks 2)") && !err.contains("model (ranks"), "{err}");
+            assert!(
+                err.contains("data (ranks 2)") && !err.contains("model (ranks"),
+                "{err}"
+            );
         }
         let parts: Vec<Vec<usize>> = (0..3).map(|r| shard(10, r, 3).collect()).collect();
         assert_eq!(parts, vec![vec![0, 3, 6, 9], vec![1, 4, 7], vec![2, 5, 8]]);

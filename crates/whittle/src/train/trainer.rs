@@ -17,10 +17,10 @@ use super::mix;
 use super::objective::{Divergence, LogitDistillation, Objective, Term};
 use super::optim::{adamw_step, learning_rate, AdamWConfig, Moments};
 use super::presets::Preset;
+use crate::dist::{self, Collective};
 use crate::distill::cache::TeacherCache;
 use crate::distill::heads::{self, BlockTap, FeatureSpec, Head};
 use crate::distill::topk::SparseDistillation;
-use crate::dist::{self, Collective};
 use crate::model::{Fingerprint, Logits};
 use crate::sparsity::maskllm::{self, Candidates, LearnedMask, MaskLlmConfig};
 use crate::{Error, Model, Result};
@@ -361,7 +361,11 @@ impl Trainer {
         fn json(v: &impl Serialize) -> Vec<u8> {
             serde_json::to_vec(v).unwrap_or_default()
         }
-        let tokens = |ids: &[u32]| ids.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>();
+        let tokens = |ids: &[u32]| {
+            ids.iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect::<Vec<u8>>()
+        };
         let teacher = match &self.teacher {
             Teacher::Live(m) => json(&m.fingerprint()),
             Teacher::Cached(c) => json(&c.meta),
@@ -370,7 +374,10 @@ impl Trainer {
         dist::check_agreement(
             &*comm,
             &[
-                ("whittle version", env!("CARGO_PKG_VERSION").as_bytes().to_vec()),
+                (
+                    "whittle version",
+                    env!("CARGO_PKG_VERSION").as_bytes().to_vec(),
+                ),
                 ("settings", json(&self.config)),
                 ("starting model", json(&self.start)),
                 ("teacher", teacher),
@@ -751,7 +758,11 @@ impl Trainer {
             .map(|i| wins[i])
             .collect();
         let model = masked.as_ref().unwrap_or(&self.model);
-        let mut nll = [crate::eval::perplexity::windows_nll(model, &mine, &mut |_, _| {})?];
+        let mut nll = [crate::eval::perplexity::windows_nll(
+            model,
+            &mine,
+            &mut |_, _| {},
+        )?];
         self.comm.sum_f64(&mut nll)?;
         let ppl = (nll[0] / (wins.len() * (seq - 1)) as f64).exp();
         if let Some(last) = self.log.last_mut() {
