@@ -247,16 +247,33 @@ pub fn run(
         tokenizer,
         path,
     } = load(model)?;
-    let before = perplexity(&model, &tokenizer, eval, "perplexity before")?;
-    let tasks_before = crate::tasks::evaluate(&model, &tokenizer, &eval.tasks, "before")?;
+    // With --distributed, the ranks split the calibration windows; rank 0 alone measures,
+    // reports and writes.
+    let root = crate::ranks::is_root();
+    let before = match root {
+        true => perplexity(&model, &tokenizer, eval, "perplexity before")?,
+        false => None,
+    };
+    let tasks_before = match root {
+        true => crate::tasks::evaluate(&model, &tokenizer, &eval.tasks, "before")?,
+        false => Vec::new(),
+    };
     let ids = calibration_ids(&tokenizer, &job.calib, calibrate)?;
     let windows = calibration_windows(&ids, &job.calib)?;
-    let pb = progress(model.layers.len(), what);
+    let pb = match root {
+        true => progress(model.layers.len(), what),
+        false => indicatif::ProgressBar::hidden(),
+    };
     let start = Instant::now();
-    let report = compress(&mut model, &windows, &mut advance(&pb))?;
+    let report = whittle::dist::scoped(crate::ranks::comm(), || {
+        compress(&mut model, &windows, &mut advance(&pb))
+    })?;
     let reports = &report.linears;
     let seconds = start.elapsed().as_secs_f64();
     pb.finish_and_clear();
+    if !root {
+        return Ok(());
+    }
     let after = perplexity(&model, &tokenizer, eval, "perplexity after")?;
     if !reports.is_empty() {
         layer_table(reports);

@@ -32,9 +32,10 @@ struct Cli {
     /// forward pass.
     #[arg(long, global = true, value_enum)]
     window_rule: Option<WindowRuleArg>,
-    /// Run as one rank of an MPI job (`mpirun -n N --bind-to none whittle ... --distributed`;
-    /// train, distill, sparsify --method maskllm): each rank takes its share of every step's
-    /// micro-batches (--accum counts all ranks' together), rank 0 writes the files.
+    /// Run as one rank of an MPI job (`mpirun -n N --bind-to none whittle ... --distributed`):
+    /// train, distill and MaskLLM split every step's micro-batches (--accum counts all ranks'
+    /// together); sparsify, quantize, compensate and compress split the calibration windows
+    /// and sum each layer's statistics. Rank 0 writes the files.
     #[arg(long, global = true)]
     distributed: bool,
     #[command(subcommand)]
@@ -317,6 +318,10 @@ fn main() {
             Command::Train(_) => "train",
             Command::Distill(_) => "distill",
             Command::Sparsify { args, .. } if args.stage.method == "maskllm" => "maskllm",
+            Command::Sparsify { .. } => "sparsify",
+            Command::Quantize(_) => "quantize",
+            Command::Compensate { .. } => "compensate",
+            Command::Compress { .. } => "compress",
             _ => "this command",
         };
         if let Err(e) = ranks::check_supported(name).and_then(|_| ranks::init()) {

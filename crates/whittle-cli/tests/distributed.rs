@@ -1,7 +1,8 @@
 //! `--distributed` under a real MPI (Open MPI's `mpirun`, loopback, on this one machine): two
 //! ranks distil the default model like one process with the same batch, rank 0 alone writes
 //! the files, and a rank killed mid-run ends the job with MPI's message while the last
-//! checkpoint stays whole and resumes in a single process. Built only with `--features mpi`.
+//! checkpoint stays whole and resumes in a single process; two ranks splitting the calibration
+//! windows make one process's SparseGPT masks and GPTQ codes. Built only with `--features mpi`.
 #![cfg(feature = "mpi")]
 
 mod common;
@@ -142,6 +143,61 @@ fn two_ranks_distil_like_one_process_and_a_killed_rank_leaves_a_checkpoint() {
     assert!((2..6).contains(&saved), "step {saved}");
     ok(&args(&gguf, &valid, "1536", &cut));
     assert_close(&curve(Path::new(&cut)), &curve(Path::new(&whole)));
+}
+
+#[test]
+fn two_ranks_calibrate_sparsegpt_and_gptq_like_one_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |s: &str| dir.path().join(s).to_str().unwrap().to_string();
+    let valid = shared("wikitext2-valid.txt");
+    for (verb, method, extra) in [
+        ("sparsify", "sparsegpt", ["--pattern", "2:4"]),
+        ("quantize", "gptq", ["--bits", "4"]),
+    ] {
+        let (one, two) = (p(&format!("{method}-1")), p(&format!("{method}-2")));
+        let args = |out: &str| -> Vec<String> {
+            let mut a: Vec<String> = [verb, "--method", method, "--calib", &valid]
+                .iter()
+                .chain(&["--calib-samples", "6", "--calib-len", "128", "--out", out])
+                .map(|s| s.to_string())
+                .collect();
+            a.extend(extra.iter().map(|s| s.to_string()));
+            a
+        };
+        let a1 = args(&one);
+        ok(&a1.iter().map(String::as_str).collect::<Vec<_>>());
+        let a2 = args(&two);
+        let out = mpirun(2, &a2.iter().map(String::as_str).collect::<Vec<_>>())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let weights = |d: &str| -> Vec<f32> {
+            let m = whittle::io::resolve::load_model(Path::new(d)).unwrap();
+            m.layers
+                .iter()
+                .flat_map(|l| l.linears())
+                .flat_map(|(_, _, lin)| lin.dense_weight().into_owned())
+                .collect()
+        };
+        let (w1, w2) = (weights(&one), weights(&two));
+        assert_eq!(w1.len(), w2.len());
+        let masks = w1
+            .iter()
+            .zip(&w2)
+            .filter(|(a, b)| (**a == 0.0) != (**b == 0.0))
+            .count();
+        let values = w1.iter().zip(&w2).filter(|(a, b)| a != b).count();
+        eprintln!(
+            "{method}: {masks} mask entries and {values} weights of {} differ",
+            w1.len()
+        );
+        // Measured: none (the sums differ only in order, f64).
+        assert!(masks * 10_000 <= w1.len() && values * 1000 <= w1.len());
+    }
 }
 
 /// The process id of rank `rank` of the job writing into `out` (its environment names the rank).

@@ -130,6 +130,12 @@ pub fn compress_linears(
 /// statistics are empty and no forward pass runs (for data-free methods); `cov` says how much
 /// of the covariance the method needs. `progress(done, total)` is called after each layer.
 /// Returns the seconds spent per layer.
+///
+/// Under [`crate::dist::scoped`], each rank runs its share of the windows (its activations
+/// stay its own), the layer's statistics are summed over the ranks, and every rank compresses
+/// the layer from the same sums; the ranks then check that they computed the same weights (a
+/// rank on another CPU could round differently: then the job stops with an error rather than
+/// continuing from layers that differ).
 pub fn compress_sequential(
     model: &mut Model,
     windows: &[&[u32]],
@@ -148,6 +154,19 @@ pub fn compress_sequential(
         }
         return Ok(seconds);
     }
+    let comm = crate::dist::current();
+    // Decided alike on every rank (a rank that returned alone would leave the others waiting).
+    if windows.len() < comm.size() {
+        return Err(Error::Invalid(format!(
+            "{} calibration windows for {} ranks: every rank needs at least one",
+            windows.len(),
+            comm.size()
+        )));
+    }
+    let mine: Vec<&[u32]> = crate::dist::shard(windows.len(), comm.rank(), comm.size())
+        .map(|i| windows[i])
+        .collect();
+    let windows = &mine[..];
     let mut xs: Vec<Vec<f32>> = windows
         .iter()
         .map(|w| model.embed_tokens(w))
@@ -166,9 +185,14 @@ pub fn compress_sequential(
             }
         })?;
         stats
-            .finish()
+            .all_reduce(&*comm)
+            .and_then(|_| stats.finish())
             .map_err(|e| Error::Invalid(format!("layer {i} calibration: {e}")))?;
         compress(i, &mut model.layers[i], &stats)?;
+        if comm.size() > 1 {
+            let what = format!("layer {i}'s compressed weights");
+            crate::dist::check_agreement(&*comm, &[(&what, layer_bytes(&model.layers[i]))])?;
+        }
         let m: &Model = model;
         over_windows(&mut xs, windows, || (), |_, _| (), {
             &|_: &mut (), x: &mut Vec<f32>, w: &[u32]| m.run_layer(i, x, w.len(), None)
@@ -177,6 +201,18 @@ pub fn compress_sequential(
         progress(i + 1, n);
     }
     Ok(seconds)
+}
+
+/// The values of a layer's linears (weights and adapters), for comparing ranks' layers.
+fn layer_bytes(layer: &Layer) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (_, _, lin) in layer.linears() {
+        let adapter = lin.adapter.iter().flat_map(|a| a.a.iter().chain(&a.b));
+        for v in lin.dense_weight().iter().chain(adapter) {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+    out
 }
 
 /// One window's work in [`over_windows`]: `(accumulator, activations, token ids)`.

@@ -212,6 +212,35 @@ pub fn check_agreement(comm: &dyn Collective, parts: &[(&str, Vec<u8>)]) -> Resu
     )))
 }
 
+thread_local! {
+    static GROUP: std::cell::RefCell<Option<Arc<dyn Collective>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `f` with the one-shot calibration started on this thread spread over `comm`'s ranks
+/// ([`crate::calib::sequential`] shards its windows and sums its statistics through it): the
+/// methods, recipes and stages above it take no group argument and stay unchanged.
+pub fn scoped<R>(comm: Arc<dyn Collective>, f: impl FnOnce() -> R) -> R {
+    let before = GROUP.with(|g| g.replace(Some(comm)));
+    let r = f();
+    GROUP.with(|g| *g.borrow_mut() = before);
+    r
+}
+
+/// The group set by [`scoped`] on this thread (this process alone otherwise).
+pub fn current() -> Arc<dyn Collective> {
+    GROUP.with(|g| g.borrow().clone()).unwrap_or_else(single)
+}
+
+/// Sums f64 values over the ranks in messages of at most [`MAX_MESSAGE`] elements.
+pub fn all_reduce_f64(comm: &dyn Collective, buf: &mut [f64]) -> Result<()> {
+    if comm.size() == 1 {
+        return Ok(());
+    }
+    buf.chunks_mut(MAX_MESSAGE)
+        .try_for_each(|chunk| comm.sum_f64(chunk))
+}
+
 /// SHA-256 of `bytes`.
 pub fn digest(bytes: &[u8]) -> Vec<u8> {
     use sha2::Digest;
