@@ -197,6 +197,9 @@ enum Command {
     /// Train a Llama, Mamba or Hymba model from scratch on a corpus folder (resumes from
     /// OUT/checkpoint when present).
     Train(train::TrainArgs),
+    /// Write a freshly initialised model of a training preset (with the default model's
+    /// tokenizer) as an HF folder: a starting point, and a small model for sweeps and tests.
+    Init(train::InitArgs),
     /// Train a student toward a teacher (logit KD, feature KD with PHI-S and other normalisers,
     /// cross-entropy fine-tuning; any loaded model, frozen groups, adapters only, fixed
     /// sparsity); resumes from OUT/checkpoint, writes OUT/model.
@@ -206,8 +209,12 @@ enum Command {
     /// Plot training curves (loss and validation perplexity) of runs to an SVG file.
     Plot {
         /// Run folders written by `whittle train`, `distill` or `sparsify --method maskllm`.
-        #[arg(long = "run", required = true)]
+        #[arg(long = "run", required_unless_present = "pareto")]
         runs: Vec<PathBuf>,
+        /// Instead: the Pareto plot (perplexity against size) of a sweep's results.json
+        /// (`tools/sweep.py`).
+        #[arg(long, conflicts_with = "runs")]
+        pareto: Option<PathBuf>,
         /// A reference perplexity drawn as a flat line, `LABEL=PPL` (repeatable), e.g. the
         /// one-shot SparseGPT 2:4 model measured on the same validation text.
         #[arg(long = "reference")]
@@ -427,13 +434,18 @@ fn main() {
             }
         }
         Command::Train(args) => train::run(&args),
+        Command::Init(args) => train::init(&args),
         Command::Distill(args) => distill::distill(&args),
         Command::TeacherCache(args) => distill::teacher_cache(&args),
         Command::Plot {
             runs,
+            pareto,
             references,
             out,
-        } => plot::curves(&runs, &references, &out),
+        } => match pareto {
+            Some(results) => plot::pareto(&results, &out),
+            None => plot::curves(&runs, &references, &out),
+        },
     };
     if let Err(e) = result {
         ranks::fail(&e);

@@ -121,3 +121,71 @@ pub fn curves(runs: &[PathBuf], references: &[String], out: &Path) -> Result<()>
     println!("wrote {}", out.display());
     Ok(())
 }
+
+/// One sweep entry as `tools/sweep.py` writes it to `results.json`.
+#[derive(serde::Deserialize)]
+struct SweepRow {
+    label: String,
+    status: String,
+    ppl: Option<f64>,
+    size_bytes: Option<f64>,
+    decode_tok_s: Option<f64>,
+    #[serde(default)]
+    pareto: Option<bool>,
+}
+
+/// The Pareto plot of a recipe sweep: perplexity against weight size, one labelled point per
+/// finished entry (decode speed in the label when measured), the front joined by a line.
+pub fn pareto(results: &Path, out: &Path) -> Result<()> {
+    let text =
+        std::fs::read_to_string(results).with_context(|| format!("{}", results.display()))?;
+    let rows: Vec<SweepRow> = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not a sweep's results.json", results.display()))?;
+    let pts: Vec<(f64, f64, &SweepRow)> = rows
+        .iter()
+        .filter(|r| r.status == "done")
+        .filter_map(|r| Some((r.size_bytes? / 1e6, r.ppl?, r)))
+        .collect();
+    anyhow::ensure!(
+        !pts.is_empty(),
+        "{}: no finished entry to plot",
+        results.display()
+    );
+    let (x1, lo, hi) = pts
+        .iter()
+        .fold((0f64, f64::MAX, f64::MIN), |(x, lo, hi), p| {
+            (x.max(p.0), lo.min(p.1), hi.max(p.1))
+        });
+    let root = SVGBackend::new(out, (900, 600)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption("sweep: perplexity against weight size", ("sans-serif", 20))
+        .margin(16)
+        .x_label_area_size(40)
+        .y_label_area_size(56)
+        .build_cartesian_2d(0f64..x1 * 1.15, (lo * 0.9)..(hi * 1.1))?;
+    chart
+        .configure_mesh()
+        .x_desc("weights on disk (MB)")
+        .y_desc("perplexity")
+        .draw()?;
+    let mut front: Vec<(f64, f64)> = pts
+        .iter()
+        .filter(|p| p.2.pareto == Some(true))
+        .map(|p| (p.0, p.1))
+        .collect();
+    front.sort_by(|a, b| a.0.total_cmp(&b.0));
+    chart.draw_series(LineSeries::new(front, RED.stroke_width(2)))?;
+    chart.draw_series(pts.iter().map(|&(x, y, r)| {
+        let color = if r.pareto == Some(true) { RED } else { BLUE };
+        let speed = r
+            .decode_tok_s
+            .map_or(String::new(), |s| format!(", {s:.0} tok/s"));
+        EmptyElement::at((x, y))
+            + Circle::new((0, 0), 4, color.filled())
+            + Text::new(format!("{}{speed}", r.label), (6, -12), ("sans-serif", 12))
+    }))?;
+    root.present()?;
+    println!("wrote {}", out.display());
+    Ok(())
+}

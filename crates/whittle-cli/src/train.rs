@@ -80,22 +80,62 @@ pub struct TrainArgs {
     bf16: bool,
 }
 
+/// `whittle init` arguments.
+#[derive(clap::Args)]
+pub struct InitArgs {
+    #[arg(long, value_enum)]
+    arch: ArchArg,
+    #[arg(long, value_enum, default_value = "small")]
+    size: SizeArg,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Positions the model is built for.
+    #[arg(long, default_value_t = 8192)]
+    context: usize,
+    #[arg(long)]
+    out: PathBuf,
+}
+
+/// The preset of an architecture and size (Hymba with its meta tokens and KV sharing unless
+/// ablated).
+fn preset(arch: ArchArg, size: SizeArg, meta_tokens: bool, kv_sharing: bool) -> Preset {
+    Preset {
+        arch: match arch {
+            ArchArg::Llama => Arch::Llama,
+            ArchArg::Mamba => Arch::Mamba,
+            ArchArg::Hymba => Arch::Hymba,
+        },
+        size: match size {
+            SizeArg::Tiny => Size::Tiny,
+            SizeArg::Small => Size::Small,
+        },
+        meta_tokens,
+        kv_sharing,
+    }
+}
+
+pub fn init(a: &InitArgs) -> Result<()> {
+    let path = ModelSpec::Default.resolve()?;
+    let tok = resolve::load_tokenizer(&path, &resolve::load_model(&path)?)?;
+    let model = preset(a.arch, a.size, true, true).build(VOCAB, a.context, a.seed)?;
+    whittle::io::safetensors::save(&model, Some(&tok), false, &a.out)?;
+    println!(
+        "wrote {} ({:.2} M parameters)",
+        a.out.display(),
+        model.n_params() as f64 / 1e6
+    );
+    Ok(())
+}
+
 impl TrainArgs {
     fn config(&self) -> TrainConfig {
         TrainConfig {
-            preset: Some(Preset {
-                arch: match self.arch {
-                    ArchArg::Llama => Arch::Llama,
-                    ArchArg::Mamba => Arch::Mamba,
-                    ArchArg::Hymba => Arch::Hymba,
-                },
-                size: match self.size {
-                    SizeArg::Tiny => Size::Tiny,
-                    SizeArg::Small => Size::Small,
-                },
-                meta_tokens: !self.no_meta_tokens,
-                kv_sharing: !self.no_kv_sharing,
-            }),
+            preset: Some(preset(
+                self.arch,
+                self.size,
+                !self.no_meta_tokens,
+                !self.no_kv_sharing,
+            )),
             steps: self.steps,
             batch: self.batch,
             seq_len: self.seq_len,
