@@ -19,6 +19,9 @@ pub fn init() -> Result<()> {
         if comm.rank() == 0 {
             eprintln!("distributed: {}", comm.describe());
         }
+        // Ranks running different builds would disagree in ways no later check names.
+        let exe = std::env::current_exe().and_then(std::fs::read)?;
+        dist::check_agreement(&*comm, &[("whittle binary", dist::digest(&exe))])?;
         *COMM.lock().expect("not poisoned") = Some(comm);
         Ok(())
     }

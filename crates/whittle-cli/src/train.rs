@@ -327,6 +327,14 @@ pub(crate) fn drive(
             r.loss, r.tokens_per_s
         ));
     })?;
+    let comm = trainer.collective();
+    if comm.size() > 1 && comm.rank() == 0 {
+        eprintln!(
+            "data-parallel over {}: {:.1} MB of gradients summed per step",
+            comm.describe(),
+            4.0 * trainer.reduced_per_step() as f64 / 1e6
+        );
+    }
     if trainer.step < c.steps {
         pb.abandon();
         eprintln!(
