@@ -34,8 +34,8 @@ struct Cli {
     window_rule: Option<WindowRuleArg>,
     /// Run as one rank of an MPI job (`mpirun -n N --bind-to none whittle ... --distributed`):
     /// train, distill and MaskLLM split every step's micro-batches (--accum counts all ranks'
-    /// together); sparsify, quantize, compensate and compress split the calibration windows
-    /// and sum each layer's statistics. Rank 0 writes the files.
+    /// together); sparsify, quantize, compensate, compress, prune and importance split the
+    /// calibration windows and sum their statistics. Rank 0 writes the files.
     #[arg(long, global = true)]
     distributed: bool,
     #[command(subcommand)]
@@ -329,6 +329,8 @@ fn main() {
             Command::Quantize(_) => "quantize",
             Command::Compensate { .. } => "compensate",
             Command::Compress { .. } => "compress",
+            Command::Prune { .. } => "prune",
+            Command::Importance { .. } => "importance",
             _ => "this command",
         };
         if let Err(e) = ranks::check_supported(name).and_then(|_| ranks::init()) {

@@ -42,8 +42,14 @@ pub fn importance(model: Option<&str>, args: &ImportanceArgs) -> Result<()> {
     whittle::io::atomic::parent_of(&args.out)?;
     let ids = crate::compress::calibration_ids(&tokenizer, &args.calib, true)?;
     let windows = crate::compress::calibration_windows(&ids, &args.calib)?;
-    let pb = progress(windows.len(), "importance");
-    let activation = activation_scores(&model, &windows, &mut advance(&pb))?;
+    let pb = match crate::ranks::is_root() {
+        true => progress(windows.len(), "importance"),
+        false => indicatif::ProgressBar::hidden(),
+    };
+    // With --distributed the ranks split the windows (Shapley, below, runs whole on each).
+    let activation = whittle::dist::scoped(crate::ranks::comm(), || {
+        activation_scores(&model, &windows, &mut advance(&pb))
+    })?;
     pb.finish_and_clear();
     let shapley = match args.shapley_samples {
         None => None,
@@ -86,6 +92,9 @@ pub fn importance(model: Option<&str>, args: &ImportanceArgs) -> Result<()> {
         activation,
         shapley,
     };
+    if !crate::ranks::is_root() {
+        return Ok(());
+    }
     print_depth(&scores);
     write_json(&args.out, &scores)
         .with_context(|| format!("writing the scores of {}", path.display()))

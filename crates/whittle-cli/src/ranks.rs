@@ -1,8 +1,8 @@
 //! `--distributed`: this process as one rank of an MPI job (`mpirun -n N --bind-to none whittle
 //! ... --distributed`), for the commands that train (`train`, `distill`, `sparsify --method
 //! maskllm`: each rank takes its share of every step's micro-batches) and the one-shot ones
-//! (`sparsify`, `quantize`, `compensate`, `compress`: each rank takes its share of the
-//! calibration windows). Rank 0 shows progress and writes every file.
+//! (`sparsify`, `quantize`, `compensate`, `compress`, `prune`, `importance`: each rank takes its
+//! share of the calibration windows). Rank 0 shows progress and writes every file.
 
 use anyhow::{bail, Result};
 use std::sync::{Arc, Mutex};
@@ -57,12 +57,11 @@ pub fn join(t: &mut Trainer, data: &TokenData) -> Result<()> {
 /// Fails unless `command` can run distributed.
 pub fn check_supported(command: &str) -> Result<()> {
     match command {
-        "train" | "distill" | "maskllm" | "sparsify" | "quantize" | "compensate" | "compress" => {
-            Ok(())
-        }
+        "train" | "distill" | "maskllm" | "sparsify" | "quantize" | "compensate" | "compress"
+        | "prune" | "importance" => Ok(()),
         _ => bail!(
-            "--distributed runs train, distill, sparsify, quantize, compensate and compress; \
-             {command} runs in one process"
+            "--distributed runs train, distill, sparsify, quantize, compensate, compress, prune \
+             and importance; {command} runs in one process"
         ),
     }
 }

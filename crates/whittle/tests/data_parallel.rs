@@ -250,3 +250,43 @@ fn weights(m: &Model) -> Vec<f32> {
         .flat_map(|(_, _, lin)| lin.dense_weight().into_owned())
         .collect()
 }
+
+/// Minitron's activation importance with the windows split over 2 and 3 ranks: the same scores
+/// as one process up to the order of the f64 sums.
+#[test]
+fn ranks_splitting_windows_score_importance_like_one_process() {
+    use whittle::prune::importance::activation_scores;
+    let ids = common::stream(7 * 32, 6);
+    let windows: Vec<&[u32]> = ids.chunks(32).collect();
+    let m = common::tiny_model(3);
+    let one = activation_scores(&m, &windows, &mut |_, _| {}).unwrap();
+    let flat = |s: &whittle::prune::importance::ActivationScores| -> Vec<f64> {
+        let (w, d) = (&s.width, &s.depth);
+        let depth = d.block.iter().chain(&d.attn).chain(&d.mlp);
+        w.channels
+            .iter()
+            .chain(w.neurons.iter().flatten())
+            .chain(w.heads.iter().flatten())
+            .copied()
+            .chain(depth.flat_map(|m| [m.cosine, m.angular, m.rel_l1, m.rel_l2]))
+            .collect()
+    };
+    for ranks in [2, 3] {
+        let runs = LocalGroup::run_ranks(ranks, |comm| {
+            whittle::dist::scoped(comm.handle(), || {
+                activation_scores(&m, &windows, &mut |_, _| {}).unwrap()
+            })
+        });
+        for s in runs {
+            assert_eq!((s.tokens, s.windows), (one.tokens, one.windows));
+            let (a, b) = (flat(&s), flat(&one));
+            assert_eq!(a.len(), b.len());
+            for (x, y) in a.iter().zip(&b) {
+                assert!(
+                    (x - y).abs() <= 1e-9 * y.abs().max(1e-12),
+                    "{ranks} ranks: {x} vs {y}"
+                );
+            }
+        }
+    }
+}

@@ -208,6 +208,48 @@ impl Collector {
         self.window_tokens = 0;
     }
 
+    /// Sums the window statistics over `comm`'s ranks (each collected its own windows); an
+    /// error on any rank becomes an error on every rank.
+    fn all_reduce(&mut self, comm: &dyn crate::dist::Collective) -> Result<()> {
+        if comm.size() == 1 {
+            return Ok(());
+        }
+        let mut failed = [self.error.is_some() as u8 as f64];
+        comm.sum_f64(&mut failed)?;
+        if failed[0] > 0.0 {
+            return Err(self.error.take().unwrap_or_else(|| {
+                Error::Invalid("the importance pass failed on another rank".into())
+            }));
+        }
+        let axes = || self.channels.iter().chain(&self.neurons).chain(&self.heads);
+        let shape: Vec<usize> = axes().map(|a| a.squares.len()).collect();
+        let shape_text = format!("{shape:?}").into_bytes();
+        crate::dist::check_agreement(comm, &[("importance statistics", shape_text)])?;
+        let mut flat: Vec<f64> = axes().flat_map(|a| a.squares.iter().copied()).collect();
+        for d in self.depth.iter().flatten() {
+            flat.extend([d.cosine, d.angular, d.rel_l1, d.rel_l2]);
+        }
+        flat.push(self.tokens as f64);
+        crate::dist::all_reduce_f64(comm, &mut flat)?;
+        let mut it = flat.into_iter();
+        let axes_mut = self
+            .channels
+            .iter_mut()
+            .chain(&mut self.neurons)
+            .chain(&mut self.heads);
+        for a in axes_mut {
+            a.squares
+                .iter_mut()
+                .for_each(|v| *v = it.next().expect("sized above"));
+        }
+        for d in self.depth.iter_mut().flatten() {
+            let mut next = || it.next().expect("sized above");
+            (d.cosine, d.angular, d.rel_l1, d.rel_l2) = (next(), next(), next(), next());
+        }
+        self.tokens = it.next().expect("sized above") as usize;
+        Ok(())
+    }
+
     fn finish(self, windows: usize) -> Result<ActivationScores> {
         if let Some(e) = self.error {
             return Err(e);
@@ -312,23 +354,29 @@ impl Observer for Collector {
 }
 
 /// The activation and static depth scores of `model` over calibration `windows`.
-/// `progress(done, total)` after each window.
+/// `progress(done, total)` after each window. Under [`crate::dist::scoped`], each rank scores
+/// its share of the windows and the sums are added over the ranks.
 pub fn activation_scores(
     model: &Model,
     windows: &[&[u32]],
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<ActivationScores> {
-    if windows.is_empty() {
-        return Err(Error::Invalid(
-            "importance needs at least one calibration window".into(),
-        ));
+    let comm = crate::dist::current();
+    if windows.len() < comm.size().max(1) {
+        return Err(Error::Invalid(format!(
+            "importance needs at least one calibration window per rank ({} windows, {} ranks)",
+            windows.len(),
+            comm.size()
+        )));
     }
+    let mine: Vec<usize> = crate::dist::shard(windows.len(), comm.rank(), comm.size()).collect();
     let mut c = Collector::new(model);
-    for (i, w) in windows.iter().enumerate() {
-        model.hidden_states(w, None, Some(&mut c))?;
+    for (done, &i) in mine.iter().enumerate() {
+        model.hidden_states(windows[i], None, Some(&mut c))?;
         c.end_window();
-        progress(i + 1, windows.len());
+        progress(done + 1, mine.len());
     }
+    c.all_reduce(&*comm)?;
     c.finish(windows.len())
 }
 
