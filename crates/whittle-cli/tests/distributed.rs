@@ -200,6 +200,43 @@ fn two_ranks_calibrate_sparsegpt_and_gptq_like_one_process() {
     }
 }
 
+/// Rank 1 given a data file it cannot read (an MPMD launch: other arguments per rank): its
+/// error ends the whole job, named with the rank, instead of leaving rank 0 waiting.
+#[test]
+fn a_rank_that_cannot_read_its_data_ends_the_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run").to_str().unwrap().to_string();
+    let gguf = ok(&["fetch"]).trim().to_string();
+    let valid = shared("wikitext2-valid.txt");
+    let missing = dir.path().join("missing.txt").to_str().unwrap().to_string();
+    let exe = env!("CARGO_BIN_EXE_whittle");
+    let rank = |data: &str| -> Vec<String> {
+        let mut a = vec![
+            "-n".to_string(),
+            "1".into(),
+            exe.into(),
+            "--threads".into(),
+            "1".into(),
+        ];
+        a.extend(args(&gguf, data, "768", &out).iter().map(|s| s.to_string()));
+        a.push("--distributed".into());
+        a
+    };
+    let mut cmd = Command::new("mpirun");
+    cmd.args(["--bind-to", "none", "--oversubscribe"])
+        .args(rank(&valid))
+        .arg(":")
+        .args(rank(&missing))
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("OMPI_MCA_btl", "self,vader,tcp");
+    let out = cmd.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("error on rank 1 of 2"), "{stderr}");
+    assert!(stderr.contains("missing.txt"), "{stderr}");
+}
+
 /// The process id of rank `rank` of the job writing into `out` (its environment names the rank).
 fn rank_pid(rank: usize, out: &str) -> Option<u32> {
     for entry in std::fs::read_dir("/proc").ok()?.flatten() {
