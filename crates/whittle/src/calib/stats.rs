@@ -222,20 +222,13 @@ impl LayerStats {
         }
     }
 
-    /// Ends a calibration pass: the first error met, else every matrix made symmetric.
     /// Sums these statistics over `comm`'s ranks (each accumulated its own windows), sites in
     /// a fixed order; an error on any rank becomes an error on every rank.
     pub fn all_reduce(&mut self, comm: &dyn crate::dist::Collective) -> Result<()> {
         if comm.size() == 1 {
             return Ok(());
         }
-        let mut failed = [self.error.is_some() as u8 as f64];
-        comm.sum_f64(&mut failed)?;
-        if failed[0] > 0.0 {
-            return Err(self.error.take().unwrap_or_else(|| {
-                Error::Invalid("calibration failed on another rank (see its message)".into())
-            }));
-        }
+        crate::dist::share_error(comm, &mut self.error, "calibration")?;
         let mut sites: Vec<Site> = self.sites.keys().copied().collect();
         sites.sort_by_key(|s| format!("{s:?}"));
         let names = format!("{sites:?}").into_bytes();
@@ -251,6 +244,7 @@ impl LayerStats {
         Ok(())
     }
 
+    /// Ends a calibration pass: the first error met, else every matrix made symmetric.
     pub fn finish(&mut self) -> Result<()> {
         if let Some(e) = self.error.take() {
             return Err(e);

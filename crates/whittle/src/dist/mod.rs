@@ -241,6 +241,20 @@ pub fn all_reduce_f64(comm: &dyn Collective, buf: &mut [f64]) -> Result<()> {
         .try_for_each(|chunk| comm.sum_f64(chunk))
 }
 
+/// Fails on every rank when `error` is set on any: a rank whose pass failed must not leave the
+/// others waiting in the next collective. Each rank returns its own error, or a pointer to the
+/// rank that has one.
+pub fn share_error(comm: &dyn Collective, error: &mut Option<Error>, what: &str) -> Result<()> {
+    let mut failed = [error.is_some() as u8 as f64];
+    comm.sum_f64(&mut failed)?;
+    if failed[0] == 0.0 {
+        return Ok(());
+    }
+    Err(error.take().unwrap_or_else(|| {
+        Error::Invalid(format!("{what} failed on another rank (see its message)"))
+    }))
+}
+
 /// SHA-256 of `bytes`.
 pub fn digest(bytes: &[u8]) -> Vec<u8> {
     use sha2::Digest;
@@ -309,6 +323,18 @@ mod tests {
                 "{err}"
             );
         }
+        // An error on rank 1 only is an error on every rank.
+        let errs = LocalGroup::run_ranks(3, |comm| {
+            let mut e = (comm.rank() == 1).then(|| Error::Invalid("NaN in rank 1".into()));
+            share_error(comm, &mut e, "calibration")
+                .unwrap_err()
+                .to_string()
+        });
+        assert!(errs[1].contains("NaN in rank 1"), "{errs:?}");
+        assert!(
+            errs[0].contains("calibration failed on another rank"),
+            "{errs:?}"
+        );
         let parts: Vec<Vec<usize>> = (0..3).map(|r| shard(10, r, 3).collect()).collect();
         assert_eq!(parts, vec![vec![0, 3, 6, 9], vec![1, 4, 7], vec![2, 5, 8]]);
     }

@@ -214,13 +214,7 @@ impl Collector {
         if comm.size() == 1 {
             return Ok(());
         }
-        let mut failed = [self.error.is_some() as u8 as f64];
-        comm.sum_f64(&mut failed)?;
-        if failed[0] > 0.0 {
-            return Err(self.error.take().unwrap_or_else(|| {
-                Error::Invalid("the importance pass failed on another rank".into())
-            }));
-        }
+        crate::dist::share_error(comm, &mut self.error, "the importance pass")?;
         let axes = || self.channels.iter().chain(&self.neurons).chain(&self.heads);
         let shape: Vec<usize> = axes().map(|a| a.squares.len()).collect();
         let shape_text = format!("{shape:?}").into_bytes();
