@@ -51,6 +51,15 @@ impl Mpi {
         }
         Ok(())
     }
+
+    /// Element-wise sum over the ranks, in place (MPI needs a separate send buffer).
+    fn sum<T: Equivalence + Copy>(&self, buf: &mut [T]) -> Result<()> {
+        self.count(buf.len())?;
+        let send = buf.to_vec();
+        self.world
+            .all_reduce_into(&send[..], buf, SystemOperation::sum());
+        Ok(())
+    }
 }
 
 impl Collective for Mpi {
@@ -61,18 +70,10 @@ impl Collective for Mpi {
         self.world.size() as usize
     }
     fn sum_f32(&self, buf: &mut [f32]) -> Result<()> {
-        self.count(buf.len())?;
-        let send = buf.to_vec();
-        self.world
-            .all_reduce_into(&send[..], buf, SystemOperation::sum());
-        Ok(())
+        self.sum(buf)
     }
     fn sum_f64(&self, buf: &mut [f64]) -> Result<()> {
-        self.count(buf.len())?;
-        let send = buf.to_vec();
-        self.world
-            .all_reduce_into(&send[..], buf, SystemOperation::sum());
-        Ok(())
+        self.sum(buf)
     }
     fn broadcast_bytes(&self, buf: &mut Vec<u8>) -> Result<()> {
         self.count(buf.len())?;
