@@ -159,6 +159,37 @@ fn a_resumed_mask_run_equals_an_uninterrupted_one() {
     assert_eq!(whole.learned_mask().unwrap(), rest.learned_mask().unwrap());
 }
 
+/// Two ranks (threads as ranks), one micro-batch each, learn the masks one process learns with
+/// both micro-batches: the same losses to the bit (the sums run in the same order) and the same
+/// masks; rank 1's own prior is replaced by rank 0's state when it joins.
+#[test]
+fn two_ranks_learn_the_masks_of_one_process() {
+    use whittle::dist::{local::LocalGroup, Collective};
+    let d = common::token_data();
+    let one = learn(6, false);
+    let key = |t: &Trainer| -> Vec<u64> { t.log.iter().map(|r| r.loss.to_bits()).collect() };
+    let runs = LocalGroup::run_ranks(2, |comm| {
+        let start = Start::Model(Box::new(dense()));
+        let mut t = Trainer::new(
+            config(6, false),
+            start,
+            Teacher::Live(Box::new(dense())),
+            &d,
+        )
+        .unwrap();
+        if comm.rank() == 0 {
+            t.set_prior(&magnitude_prior(&dense()), 3.0).unwrap();
+        }
+        t.join(comm.handle(), &d).unwrap();
+        t.run(&d, None, None, None, &mut |_| {}).unwrap();
+        (key(&t), t.learned_mask().unwrap())
+    });
+    for (losses, mask) in runs {
+        assert_eq!(losses, key(&one));
+        assert_eq!(mask, one.learned_mask().unwrap());
+    }
+}
+
 #[test]
 fn mask_files_round_trip_and_refuse_other_models() {
     let mask = magnitude_prior(&dense());
