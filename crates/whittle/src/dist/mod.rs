@@ -96,16 +96,13 @@ pub fn broadcast(comm: &dyn Collective, buf: &mut Vec<u8>) -> Result<()> {
         len.try_into()
             .map_err(|_| Error::Invalid("broadcast: rank 0 sent a malformed length".into()))?,
     ) as usize;
-    if comm.rank() != 0 {
-        buf.resize(len, 0);
-    }
-    let mut out = Vec::with_capacity(len);
+    buf.resize(len, 0);
     for start in (0..len).step_by(MAX_MESSAGE) {
-        let mut part = buf[start..(start + MAX_MESSAGE).min(len)].to_vec();
+        let range = start..(start + MAX_MESSAGE).min(len);
+        let mut part = buf[range.clone()].to_vec();
         comm.broadcast_bytes(&mut part)?;
-        out.extend_from_slice(&part);
+        buf[range].copy_from_slice(&part);
     }
-    *buf = out;
     Ok(())
 }
 
