@@ -22,6 +22,7 @@ pub mod recipe;
 pub mod sparsity;
 pub mod threads;
 pub mod train;
+pub mod vision;
 
 pub use error::{Error, Result};
 pub use model::Model;

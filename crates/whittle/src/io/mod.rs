@@ -9,6 +9,7 @@ pub mod gguf_provenance;
 pub mod hub;
 pub mod hymba;
 pub mod model_card;
+pub mod onnx;
 pub mod peft;
 pub mod resolve;
 pub mod safetensors;

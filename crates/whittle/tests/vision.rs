@@ -1,0 +1,66 @@
+//! The vision teachers' forward passes against onnxruntime's outputs on the same input (stored
+//! fixtures made by `tools/vision_fixture.py`), and the ONNX reader on the real files.
+
+use candle_core::{Device, Tensor};
+use whittle::io::fetch;
+use whittle::vision::dinov2;
+
+/// The fixture's input: x[c, h, w] = 2 sin(0.05 (h + 1)(c + 1) + 0.03 w) − 0.5 cos(0.11 w h / 7
+/// + c), in f64 rounded to f32 (as numpy computes it).
+fn formula_image(channels: usize, size: usize) -> Tensor {
+    let mut v = Vec::with_capacity(channels * size * size);
+    for c in 0..channels {
+        for h in 0..size {
+            for w in 0..size {
+                let (c, h, w) = (c as f64, h as f64, w as f64);
+                let x = 2.0 * (0.05 * (h + 1.0) * (c + 1.0) + 0.03 * w).sin()
+                    - 0.5 * (0.11 * w * h / 7.0 + c).cos();
+                v.push(x as f32);
+            }
+        }
+    }
+    Tensor::from_vec(v, (1, channels, size, size), &Device::Cpu).unwrap()
+}
+
+fn fixture(name: &str) -> serde_json::Value {
+    let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+#[test]
+fn dinov2_matches_onnxruntime() {
+    let path = fetch::cached(&fetch::DINOV2_SMALL).unwrap();
+    let vit = dinov2::from_onnx(&path).unwrap();
+    let c = &vit.config;
+    assert_eq!(
+        (c.width, c.layers, c.heads, c.patch, c.grid, c.mlp),
+        (384, 12, 6, 14, 37, 1536)
+    );
+    let want = fixture("dinov2-vits14.json");
+    let size = want["image_size"].as_u64().unwrap() as usize;
+    let got = vit
+        .forward(&formula_image(3, size))
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+    let shape: Vec<usize> = serde_json::from_value(want["shape"].clone()).unwrap();
+    assert_eq!(got.dims(), &shape[..]);
+    let rows: Vec<Vec<f32>> = got.to_vec2().unwrap();
+    let mut worst = 0f32;
+    for (r, values) in want["rows"].as_object().unwrap() {
+        let values: Vec<f32> = serde_json::from_value(values.clone()).unwrap();
+        let r: usize = r.parse().unwrap();
+        for (g, e) in rows[r].iter().zip(&values) {
+            worst = worst.max((g - e).abs());
+        }
+    }
+    let sum: f64 = rows.iter().flatten().map(|&v| v as f64).sum();
+    let abs_sum: f64 = rows.iter().flatten().map(|&v| v.abs() as f64).sum();
+    eprintln!(
+        "DINOv2 vs onnxruntime: max |diff| {worst:e}, sum {sum} vs {}",
+        want["sum"]
+    );
+    assert!(worst <= 1e-4, "max abs diff {worst}");
+    let close = |a: f64, b: &serde_json::Value| (a - b.as_f64().unwrap()).abs() <= 1e-6 * 198_166.0;
+    assert!(close(sum, &want["sum"]) && close(abs_sum, &want["abs_sum"]));
+}
