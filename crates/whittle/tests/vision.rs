@@ -64,3 +64,42 @@ fn dinov2_matches_onnxruntime() {
     let close = |a: f64, b: &serde_json::Value| (a - b.as_f64().unwrap()).abs() <= 1e-6 * 198_166.0;
     assert!(close(sum, &want["sum"]) && close(abs_sum, &want["abs_sum"]));
 }
+
+/// DINOv2's CLS features separate Fashion-MNIST classes far above chance with k-NN, on a small
+/// slice at 112 px (the real data path: IDX reading, resizing, ImageNet normalisation).
+#[test]
+fn dinov2_knn_on_fashion_mnist_slice() {
+    use whittle::data::images::{read_mnist, Preprocess};
+    let vit = dinov2::from_onnx(&fetch::cached(&fetch::DINOV2_SMALL).unwrap()).unwrap();
+    let dir = fetch::deb_data(&fetch::FASHION_MNIST).unwrap();
+    let dir = dir.as_path();
+    let (train, test) = (
+        read_mnist(dir, "train").unwrap(),
+        read_mnist(dir, "t10k").unwrap(),
+    );
+    assert_eq!((train.images.len(), test.images.len()), (60_000, 10_000));
+    let prep = Preprocess::imagenet(112);
+    let features = |images: &[whittle::data::images::Image]| -> Vec<f32> {
+        let mut out = Vec::new();
+        for chunk in images.chunks(50) {
+            let batch = prep.batch(&chunk.iter().collect::<Vec<_>>()).unwrap();
+            let cls = vit.forward(&batch).unwrap().narrow(1, 0, 1).unwrap();
+            out.extend(cls.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        }
+        out
+    };
+    let (n_train, n_test) = (500, 200);
+    let train_f = features(&train.images[..n_train]);
+    let test_f = features(&test.images[..n_test]);
+    let acc = whittle::eval::knn::knn_accuracy(
+        &train_f,
+        &train.labels[..n_train],
+        &test_f,
+        &test.labels[..n_test],
+        384,
+        20,
+    )
+    .unwrap();
+    eprintln!("DINOv2 ViT-S/14 k-NN on {n_train} / {n_test} Fashion-MNIST images at 112 px: {acc}");
+    assert!(acc > 0.6, "k-NN accuracy {acc}");
+}

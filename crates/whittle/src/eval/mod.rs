@@ -1,6 +1,7 @@
-//! Measuring a model: perplexity, downstream task accuracy, speed.
+//! Measuring a model: perplexity, downstream task accuracy, speed; k-NN accuracy of image features.
 
 pub mod kernel_speed;
+pub mod knn;
 pub mod perplexity;
 pub mod speed;
 pub mod tasks;

