@@ -2,6 +2,7 @@
 whittle's own forward passes).
 
     python tools/vision_fixture.py dinov2 PATH/vit_s_focus.onnx OUT.json
+    python tools/vision_fixture.py open_nsfw PATH/open_nsfw.onnx OUT.json
 
 The input image is a formula (both sides compute it in f64 and round to f32), so the fixture
 stores only outputs: a few whole token rows of the backbone's last hidden state (after its
@@ -54,6 +55,28 @@ def dinov2(path, out):
         json.dump(fixture, f)
 
 
+def open_nsfw(path, out):
+    """ResNet-50-thin of Yahoo's Open-NSFW: NHWC BGR input minus the VGG means (a pixel scale, so
+    the formula is multiplied by 50); the pooled 1024-d feature and the two-class softmax."""
+    size = 224
+    image = (50.0 * formula_image(3, size, size)).transpose(1, 2, 0)[None].copy()
+    pooled = run_with_output(path, "/ReduceMean_output_0", {"input_0": image})[0]
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    probs = session.run(None, {"input_0": image})[0][0]
+    fixture = {
+        "teacher": "open_nsfw",
+        "image_size": size,
+        "input_scale": 50.0,
+        "pooled": pooled.astype(float).tolist(),
+        "probabilities": probs.astype(float).tolist(),
+        "onnxruntime": ort.__version__,
+    }
+    with open(out, "w") as f:
+        json.dump(fixture, f)
+
+
 if __name__ == "__main__":
     teacher, path, out = sys.argv[1:4]
-    {"dinov2": dinov2}[teacher](path, out)
+    {"dinov2": dinov2, "open_nsfw": open_nsfw}[teacher](path, out)

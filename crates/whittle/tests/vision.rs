@@ -103,3 +103,40 @@ fn dinov2_knn_on_fashion_mnist_slice() {
     eprintln!("DINOv2 ViT-S/14 k-NN on {n_train} / {n_test} Fashion-MNIST images at 112 px: {acc}");
     assert!(acc > 0.6, "k-NN accuracy {acc}");
 }
+
+/// Open-NSFW's ResNet-50-thin run by whittle's ONNX executor: pooled feature and class
+/// probabilities against onnxruntime's.
+#[test]
+fn open_nsfw_graph_matches_onnxruntime() {
+    let graph =
+        whittle::vision::graph::Graph::load(&fetch::cached(&fetch::OPEN_NSFW).unwrap()).unwrap();
+    let want = fixture("open-nsfw.json");
+    let size = want["image_size"].as_u64().unwrap() as usize;
+    let scale = want["input_scale"].as_f64().unwrap();
+    // NCHW formula → NHWC, as the fixture feeds it.
+    let image = (formula_image(3, size) * scale)
+        .unwrap()
+        .permute((0, 2, 3, 1))
+        .unwrap();
+    let image = image.contiguous().unwrap();
+    let compare = |output: &str, key: &str| {
+        let got: Vec<f32> = graph
+            .run(&[("input_0", image.clone())], output)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let want: Vec<f32> = serde_json::from_value(want[key].clone()).unwrap();
+        assert_eq!(got.len(), want.len());
+        let worst = got
+            .iter()
+            .zip(&want)
+            .map(|(g, e)| (g - e).abs())
+            .fold(0f32, f32::max);
+        eprintln!("Open-NSFW {key} vs onnxruntime: max |diff| {worst:e}");
+        assert!(worst <= 1e-4, "{key}: max abs diff {worst}");
+    };
+    compare("/ReduceMean_output_0", "pooled");
+    compare("4195", "probabilities");
+}

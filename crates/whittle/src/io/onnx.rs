@@ -47,8 +47,30 @@ struct NodeProto {
     name: String,
     #[prost(string, tag = "4")]
     op_type: String,
+    #[prost(message, repeated, tag = "5")]
+    attribute: Vec<AttributeProto>,
     #[prost(string, tag = "7")]
     domain: String,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct AttributeProto {
+    #[prost(string, tag = "1")]
+    name: String,
+    #[prost(float, tag = "2")]
+    f: f32,
+    #[prost(int64, tag = "3")]
+    i: i64,
+    #[prost(bytes = "vec", tag = "4")]
+    s: Vec<u8>,
+    #[prost(message, optional, tag = "5")]
+    t: Option<TensorProto>,
+    #[prost(float, repeated, tag = "7")]
+    floats: Vec<f32>,
+    #[prost(int64, repeated, tag = "8")]
+    ints: Vec<i64>,
+    #[prost(int32, tag = "20")]
+    r#type: i32,
 }
 
 #[derive(Clone, PartialEq, Message)]
@@ -59,6 +81,10 @@ struct TensorProto {
     data_type: i32,
     #[prost(float, repeated, tag = "4")]
     float_data: Vec<f32>,
+    #[prost(int32, repeated, tag = "5")]
+    int32_data: Vec<i32>,
+    #[prost(int64, repeated, tag = "7")]
+    int64_data: Vec<i64>,
     #[prost(string, tag = "8")]
     name: String,
     #[prost(bytes = "vec", tag = "9")]
@@ -67,8 +93,10 @@ struct TensorProto {
     data_location: i32,
 }
 
-/// `TensorProto.DataType.FLOAT`.
+/// `TensorProto.DataType`: the element types whittle reads.
 const FLOAT: i32 = 1;
+const INT32: i32 = 6;
+const INT64: i32 = 7;
 /// `TensorProto.DataLocation.EXTERNAL`.
 const EXTERNAL: i32 = 1;
 
@@ -81,6 +109,42 @@ pub struct Node {
     pub domain: String,
     pub inputs: Vec<String>,
     pub outputs: Vec<String>,
+    pub attributes: Vec<(String, Attribute)>,
+}
+
+impl Node {
+    pub fn attribute(&self, name: &str) -> Option<&Attribute> {
+        self.attributes
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, a)| a)
+    }
+}
+
+/// A node attribute's value (graph-valued and string-list attributes are not read).
+#[derive(Debug, Clone)]
+pub enum Attribute {
+    Float(f32),
+    Int(i64),
+    Bytes(Vec<u8>),
+    Tensor(Constant),
+    Floats(Vec<f32>),
+    Ints(Vec<i64>),
+    Unsupported(i32),
+}
+
+/// A tensor stored in the file (an initializer or a `Constant`): dims and values.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Constant {
+    pub dims: Vec<usize>,
+    pub data: Data,
+}
+
+/// Element values: floats, or integers (int32 widened).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Data {
+    F32(Vec<f32>),
+    I64(Vec<i64>),
 }
 
 /// An ONNX file's graph and weights.
@@ -132,14 +196,25 @@ impl OnnxModel {
         let nodes = graph
             .node
             .into_iter()
-            .map(|n| Node {
-                name: n.name,
-                op_type: n.op_type,
-                domain: n.domain,
-                inputs: n.input,
-                outputs: n.output,
+            .map(|n| {
+                let attributes = n
+                    .attribute
+                    .into_iter()
+                    .map(|a| {
+                        let value = attribute(path, &n.name, a.clone())?;
+                        Ok((a.name, value))
+                    })
+                    .collect::<Result<_>>()?;
+                Ok(Node {
+                    name: n.name,
+                    op_type: n.op_type,
+                    domain: n.domain,
+                    inputs: n.input,
+                    outputs: n.output,
+                    attributes,
+                })
             })
-            .collect();
+            .collect::<Result<_>>()?;
         let initializers = graph
             .initializer
             .into_iter()
@@ -173,46 +248,26 @@ impl OnnxModel {
         all
     }
 
-    /// The f32 initializer `name`, checked: dtype, size against dims, no external data.
+    /// The f32 initializer `name`.
     pub fn initializer(&self, name: &str) -> Result<Initializer> {
+        match self.constant(name)? {
+            Constant {
+                dims,
+                data: Data::F32(values),
+            } => Ok(Initializer { dims, values }),
+            _ => Err(self.error(format!(
+                "initializer '{name}' holds integers (whittle reads float32 weights)"
+            ))),
+        }
+    }
+
+    /// The initializer `name`, of any element type whittle reads.
+    pub fn constant(&self, name: &str) -> Result<Constant> {
         let t = self
             .initializers
             .get(name)
             .ok_or_else(|| self.error(format!("no initializer '{name}'")))?;
-        if t.data_location == EXTERNAL {
-            return Err(self.error(format!(
-                "initializer '{name}' is stored outside the file (external data is not supported)"
-            )));
-        }
-        if t.data_type != FLOAT {
-            return Err(self.error(format!(
-                "initializer '{name}' has ONNX data type {} (whittle reads float32 weights)",
-                t.data_type
-            )));
-        }
-        let dims = dims_of(t);
-        let count: usize = dims.iter().product();
-        let values = if !t.raw_data.is_empty() {
-            if t.raw_data.len() != count * 4 {
-                return Err(self.error(format!(
-                    "initializer '{name}' of dims {dims:?} holds {} bytes, expected {}",
-                    t.raw_data.len(),
-                    count * 4
-                )));
-            }
-            t.raw_data
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect()
-        } else if t.float_data.len() == count {
-            t.float_data.clone()
-        } else {
-            return Err(self.error(format!(
-                "initializer '{name}' of dims {dims:?} holds {} values",
-                t.float_data.len()
-            )));
-        };
-        Ok(Initializer { dims, values })
+        tensor(&self.path, t)
     }
 
     /// The nodes that read the value `name`.
@@ -250,6 +305,88 @@ fn dims_of(t: &TensorProto) -> Vec<usize> {
     t.dims.iter().map(|&d| d.max(0) as usize).collect()
 }
 
+/// Decodes a stored tensor, checked: element type, size against dims, no external data.
+fn tensor(path: &Path, t: &TensorProto) -> Result<Constant> {
+    let name = &t.name;
+    let bad = |msg: String| Error::format(path, format!("tensor '{name}': {msg}"));
+    if t.data_location == EXTERNAL {
+        return Err(bad(
+            "stored outside the file (external data is not supported)".into(),
+        ));
+    }
+    let dims = dims_of(t);
+    let count: usize = dims.iter().product();
+    let width = match t.data_type {
+        FLOAT | INT32 => 4,
+        INT64 => 8,
+        other => {
+            return Err(bad(format!(
+                "ONNX element type {other} is not read (float32, int32, int64 are)"
+            )))
+        }
+    };
+    let raw = !t.raw_data.is_empty();
+    if raw && t.raw_data.len() != count * width {
+        return Err(bad(format!(
+            "dims {dims:?} need {} bytes, the file holds {}",
+            count * width,
+            t.raw_data.len()
+        )));
+    }
+    let words = |n: usize| t.raw_data.chunks_exact(n);
+    let data = match t.data_type {
+        FLOAT if raw => Data::F32(
+            words(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+        ),
+        FLOAT => Data::F32(t.float_data.clone()),
+        INT32 if raw => Data::I64(
+            words(4)
+                .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as i64)
+                .collect(),
+        ),
+        INT32 => Data::I64(t.int32_data.iter().map(|&v| v as i64).collect()),
+        _ if raw => Data::I64(
+            words(8)
+                .map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")))
+                .collect(),
+        ),
+        _ => Data::I64(t.int64_data.clone()),
+    };
+    let len = match &data {
+        Data::F32(v) => v.len(),
+        Data::I64(v) => v.len(),
+    };
+    if len != count {
+        return Err(bad(format!(
+            "dims {dims:?} need {count} values, the file holds {len}"
+        )));
+    }
+    Ok(Constant { dims, data })
+}
+
+/// `AttributeProto.AttributeType` → [`Attribute`].
+fn attribute(path: &Path, node: &str, a: AttributeProto) -> Result<Attribute> {
+    Ok(match a.r#type {
+        1 => Attribute::Float(a.f),
+        2 => Attribute::Int(a.i),
+        3 => Attribute::Bytes(a.s),
+        4 => match &a.t {
+            Some(t) => Attribute::Tensor(tensor(path, t).map_err(|e| {
+                Error::format(
+                    path,
+                    format!("attribute '{}' of node '{node}': {e}", a.name),
+                )
+            })?),
+            None => Attribute::Unsupported(4),
+        },
+        6 => Attribute::Floats(a.floats),
+        7 => Attribute::Ints(a.ints),
+        other => Attribute::Unsupported(other),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -261,6 +398,12 @@ mod tests {
             output: vec![o.into()],
             name: name.into(),
             op_type: op.into(),
+            attribute: vec![AttributeProto {
+                name: "axis".into(),
+                i: -1,
+                r#type: 2,
+                ..Default::default()
+            }],
             domain: String::new(),
         };
         let raw: Vec<u8> = [1.0f32, -2.0, 3.5, 0.25, 5.0, 6.0]
@@ -304,6 +447,10 @@ mod tests {
         let m = OnnxModel::decode(Path::new("tiny.onnx"), &tiny()).unwrap();
         assert_eq!(m.opset, 14);
         assert_eq!(m.nodes.len(), 2);
+        assert!(matches!(
+            m.nodes[1].attribute("axis"),
+            Some(Attribute::Int(-1))
+        ));
         let w = m.initializer("w").unwrap();
         assert_eq!(w.dims, vec![2, 3]);
         assert_eq!(w.values, vec![1.0, -2.0, 3.5, 0.25, 5.0, 6.0]);
