@@ -13,6 +13,7 @@ mod ranks;
 mod report;
 mod tasks;
 mod train;
+mod vision;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -206,6 +207,9 @@ enum Command {
     Distill(distill::DistillArgs),
     /// Run a teacher once over training windows and store its top-k logits for `distill`.
     TeacherCache(distill::TeacherCacheArgs),
+    /// Vision encoders: teachers' features and their evaluation.
+    #[command(subcommand)]
+    Vision(vision::VisionCommand),
     /// Plot training curves (loss and validation perplexity) of runs to an SVG file.
     Plot {
         /// Run folders written by `whittle train`, `distill` or `sparsify --method maskllm`.
@@ -439,6 +443,7 @@ fn main() {
         Command::Init(args) => train::init(&args),
         Command::Distill(args) => distill::distill(&args),
         Command::TeacherCache(args) => distill::teacher_cache(&args),
+        Command::Vision(cmd) => vision::run(&cmd),
         Command::Plot {
             runs,
             pareto,

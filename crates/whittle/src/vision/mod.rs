@@ -4,6 +4,7 @@
 pub mod dinov2;
 pub mod graph;
 pub mod resize;
+pub mod teachers;
 pub mod vit;
 
 pub use vit::{Vit, VitConfig};
