@@ -14,6 +14,23 @@ pub enum VisionCommand {
     /// k-NN accuracy (k = 20, cosine, DINO's weighted vote) of the teachers' summary features on
     /// Fashion-MNIST, and their forward speed.
     Eval(EvalArgs),
+    /// Forward speed of the teachers (images/s, best of --reps batches; features only, after
+    /// preprocessing), to set beside `tools/ort_speed.py` on the same CPU and threads.
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    #[arg(long, value_delimiter = ',', required = true)]
+    teachers: Vec<String>,
+    #[arg(long)]
+    teacher_file: Vec<String>,
+    #[arg(long, default_value_t = 32)]
+    batch: usize,
+    #[arg(long)]
+    size: Option<usize>,
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
 }
 
 #[derive(clap::Args)]
@@ -56,7 +73,57 @@ struct EvalRow {
 pub fn run(cmd: &VisionCommand) -> Result<()> {
     match cmd {
         VisionCommand::Eval(args) => eval(args),
+        VisionCommand::Bench(args) => bench(args),
     }
+}
+
+fn load(spec: &str, files: &[String], size: Option<usize>) -> Result<Teacher> {
+    let kind = TeacherKind::parse(spec)?;
+    let mut teacher = Teacher::load(kind, teacher_path(files, kind)?.as_deref())?;
+    if let Some(s) = size {
+        teacher.size = s;
+    }
+    Ok(teacher)
+}
+
+fn bench(args: &BenchArgs) -> Result<()> {
+    if args.batch == 0 || args.reps == 0 {
+        bail!("--batch and --reps must be at least 1");
+    }
+    println!("threads: {}", whittle::threads::threads());
+    let mut rows = Vec::new();
+    for spec in &args.teachers {
+        let teacher = load(spec, &args.teacher_file, args.size)?;
+        // Images at the input size already, so the resize is an identity and costs nothing.
+        let s = teacher.size;
+        let image = Image {
+            height: s,
+            width: s,
+            rgb: (0..3 * s * s)
+                .map(|i| ((i * 7919) % 256) as f32 / 255.0)
+                .collect(),
+        };
+        let batch: Vec<&Image> = vec![&image; args.batch];
+        let prep = whittle::data::images::Preprocess {
+            size: s,
+            ..teacher.kind.preprocess()
+        };
+        let mut best = f64::INFINITY;
+        for _ in 0..=args.reps {
+            let pixels = prep.batch(&batch)?;
+            let start = Instant::now();
+            teacher.features_of(&pixels)?;
+            best = best.min(start.elapsed().as_secs_f64());
+        }
+        rows.push(vec![
+            teacher.kind.name().to_string(),
+            s.to_string(),
+            args.batch.to_string(),
+            format!("{:.1}", args.batch as f64 / best),
+        ]);
+    }
+    table(&["teacher", "size", "batch", "images/s"], &rows);
+    Ok(())
 }
 
 fn teacher_path(files: &[String], kind: TeacherKind) -> Result<Option<PathBuf>> {
@@ -121,10 +188,7 @@ fn eval(args: &EvalArgs) -> Result<()> {
     );
     let mut rows = Vec::new();
     for kind in kinds {
-        let mut teacher = Teacher::load(kind, teacher_path(&args.teacher_file, kind)?.as_deref())?;
-        if let Some(s) = args.size {
-            teacher.size = s;
-        }
+        let teacher = load(kind.name(), &args.teacher_file, args.size)?;
         let (train_f, dim, t1) = summaries(
             &teacher,
             train_images,

@@ -8,6 +8,7 @@ pub mod loss_op;
 pub mod objective;
 pub mod ops;
 pub mod optim;
+pub mod params_file;
 pub mod presets;
 pub mod scan_op;
 pub mod trainer;

@@ -928,24 +928,8 @@ impl Trainer {
     }
 
     fn write_checkpoint(&self, tmp: &Path) -> Result<()> {
-        let mut tensors: Vec<(String, Tensor)> = Vec::new();
-        for name in &self.params.names {
-            let var = &self.params.vars[name];
-            tensors.push((format!("param/{name}"), var.as_tensor().clone()));
-            if let Some(m) = self.moments.get(name) {
-                let shape = var.dims().to_vec();
-                tensors.push((
-                    format!("m/{name}"),
-                    Tensor::from_slice(&m.m, shape.clone(), &Device::Cpu)?,
-                ));
-                tensors.push((
-                    format!("v/{name}"),
-                    Tensor::from_slice(&m.v, shape, &Device::Cpu)?,
-                ));
-            }
-        }
         let st = tmp.join("params.safetensors");
-        candle_core::safetensors::save(&tensors.into_iter().collect::<HashMap<_, _>>(), &st)?;
+        super::params_file::save(&st, &self.params.names, &self.params.vars, &self.moments)?;
         let state = serde_json::json!({
             "config": self.config, "step": self.step, "tokens": self.tokens_seen, "log": self.log,
             "start": self.start,
@@ -981,48 +965,7 @@ impl Trainer {
         t.saved = Some(t.step);
         t.log = serde_json::from_value(state["log"].clone()).map_err(|e| Error::format(&sj, e))?;
         let st = ck.join("params.safetensors");
-        let saved =
-            candle_core::safetensors::load(&st, &Device::Cpu).map_err(|e| Error::format(&st, e))?;
-        for name in &t.params.names {
-            let var = &t.params.vars[name];
-            let p = saved
-                .get(&format!("param/{name}"))
-                .ok_or_else(|| Error::format(&st, format!("parameter {name} missing")))?;
-            if p.dims() != var.dims() {
-                return Err(Error::format(
-                    &st,
-                    format!(
-                        "parameter {name}: shape {:?}, model has {:?}",
-                        p.dims(),
-                        var.dims()
-                    ),
-                ));
-            }
-            var.set(p)?;
-            if let (Some(m), Some(v)) = (
-                saved.get(&format!("m/{name}")),
-                saved.get(&format!("v/{name}")),
-            ) {
-                if m.dims() != var.dims() || v.dims() != var.dims() {
-                    return Err(Error::format(
-                        &st,
-                        format!("optimizer moments of {name} do not match its shape"),
-                    ));
-                }
-                let flat = |t: &Tensor| -> Result<Vec<f32>> {
-                    Ok(t.flatten_all()?
-                        .to_dtype(candle_core::DType::F32)?
-                        .to_vec1()?)
-                };
-                t.moments.insert(
-                    name.clone(),
-                    Moments {
-                        m: flat(m)?,
-                        v: flat(v)?,
-                    },
-                );
-            }
-        }
+        super::params_file::load(&st, &t.params.names, &t.params.vars, &mut t.moments)?;
         t.params.write_back(&mut t.model)?;
         Ok(t)
     }

@@ -220,7 +220,7 @@ fn apply(node: &Node, args: &[Option<Tensor>]) -> OpResult {
                     .collect::<std::result::Result<_, _>>()?,
                 None => (0..t.rank()).rev().collect(),
             };
-            c(t.permute(perm).and_then(|t| t.contiguous()))
+            c(t.permute(perm))
         }
         "Concat" => {
             let parts: Vec<&Tensor> = args.iter().flatten().collect();

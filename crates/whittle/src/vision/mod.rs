@@ -2,6 +2,7 @@
 //! and the image geometry they need (bicubic resizing).
 
 pub mod dinov2;
+pub mod distill;
 pub mod graph;
 pub mod resize;
 pub mod teachers;

@@ -117,10 +117,14 @@ impl Teacher {
             size: self.size,
             ..self.kind.preprocess()
         };
-        let batch = prep.batch(images)?;
+        self.features_of(&prep.batch(images)?)
+    }
+
+    /// Features of a batch already preprocessed (`[batch, 3, size, size]`, RGB).
+    pub fn features_of(&self, batch: &Tensor) -> Result<Features> {
         match &self.net {
             Network::Vit(vit) => {
-                let tokens = vit.forward(&batch)?;
+                let tokens = vit.forward(batch)?;
                 let n = tokens.dim(1)?;
                 Ok(Features {
                     summary: tokens.narrow(1, 0, 1)?.squeeze(1)?,
