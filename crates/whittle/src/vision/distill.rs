@@ -73,7 +73,7 @@ pub struct TeacherTargets {
 impl TeacherTargets {
     /// Fits `kind` to `features` (`rows × dim`).
     pub fn new(name: &str, dim: usize, features: Vec<f32>, kind: NormKind) -> Result<Self> {
-        if dim == 0 || features.len() % dim != 0 {
+        if dim == 0 || !features.len().is_multiple_of(dim) {
             return Err(Error::Invalid(format!(
                 "teacher {name}: {} feature values are not rows of {dim}",
                 features.len()
@@ -152,7 +152,7 @@ impl Distiller {
                 "vision distillation needs at least one teacher".into(),
             ));
         }
-        if config.batch == 0 || config.steps == 0 || config.size % config.student.patch != 0 {
+        if config.batch == 0 || config.steps == 0 || !config.size.is_multiple_of(config.student.patch) {
             return Err(Error::Invalid(format!(
                 "batch {} / steps {} / size {} (a multiple of the {}-pixel patch) are not a run",
                 config.batch, config.steps, config.size, config.student.patch
