@@ -14,6 +14,7 @@ mod report;
 mod tasks;
 mod train;
 mod vision;
+mod vision_distill;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;

@@ -17,6 +17,10 @@ pub enum VisionCommand {
     /// Forward speed of the teachers (images/s, best of --reps batches; features only, after
     /// preprocessing), to set beside `tools/ort_speed.py` on the same CPU and threads.
     Bench(BenchArgs),
+    /// Distil the teachers' summary features into a student ViT (one head per teacher, the
+    /// targets standardised by --norm); resumable from OUT/checkpoint; ends with the student's
+    /// k-NN accuracy on Fashion-MNIST and its fidelity to each teacher.
+    Distill(crate::vision_distill::DistillArgs),
 }
 
 #[derive(clap::Args)]
@@ -74,10 +78,11 @@ pub fn run(cmd: &VisionCommand) -> Result<()> {
     match cmd {
         VisionCommand::Eval(args) => eval(args),
         VisionCommand::Bench(args) => bench(args),
+        VisionCommand::Distill(args) => crate::vision_distill::run(args),
     }
 }
 
-fn load(spec: &str, files: &[String], size: Option<usize>) -> Result<Teacher> {
+pub fn load(spec: &str, files: &[String], size: Option<usize>) -> Result<Teacher> {
     let kind = TeacherKind::parse(spec)?;
     let mut teacher = Teacher::load(kind, teacher_path(files, kind)?.as_deref())?;
     if let Some(s) = size {
@@ -126,7 +131,7 @@ fn bench(args: &BenchArgs) -> Result<()> {
     Ok(())
 }
 
-fn teacher_path(files: &[String], kind: TeacherKind) -> Result<Option<PathBuf>> {
+pub fn teacher_path(files: &[String], kind: TeacherKind) -> Result<Option<PathBuf>> {
     for spec in files {
         let Some((name, path)) = spec.split_once('=') else {
             bail!("--teacher-file {spec}: expected NAME=PATH");
@@ -139,7 +144,7 @@ fn teacher_path(files: &[String], kind: TeacherKind) -> Result<Option<PathBuf>> 
 }
 
 /// Summary features of `images`, batch by batch, with a progress bar; also the seconds taken.
-fn summaries(
+pub fn summaries(
     teacher: &Teacher,
     images: &[Image],
     batch: usize,

@@ -111,3 +111,86 @@ fn eval_refuses_bad_teachers_and_files() {
         assert!(!err.contains("panicked"), "{args:?}: {err}");
     }
 }
+
+/// A short distillation from both teachers: a bad PNG is skipped and counted, the time budget
+/// stops the run with a checkpoint, the same command resumes it to the end, and the summary
+/// holds the measures.
+#[test]
+fn distill_runs_resumes_and_reports() {
+    let dir = tempfile::tempdir().unwrap();
+    let pngs = dir.path().join("pngs");
+    std::fs::create_dir_all(&pngs).unwrap();
+    std::fs::write(pngs.join("broken.png"), b"\x89PNG\r\n\x1a\nbroken").unwrap();
+    let out = dir.path().join("run");
+    let args = |minutes: &str| -> Vec<String> {
+        [
+            "vision",
+            "distill",
+            "--teachers",
+            "dinov2,open_nsfw",
+            "--images",
+            pngs.to_str().unwrap(),
+            "--mnist-train",
+            "48",
+            "--norm",
+            "phis",
+            "--size",
+            "32",
+            "--steps",
+            "6",
+            "--batch",
+            "8",
+            "--ckpt-every",
+            "2",
+            "--eval-train",
+            "64",
+            "--eval-test",
+            "32",
+            "--max-minutes",
+            minutes,
+            "--out",
+            out.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let run = |a: Vec<String>| whittle(&a.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+    let (code, stdout, err) = run(args("0"));
+    assert_eq!(code, 0, "{stdout}\n{err}");
+    assert!(stdout.contains("time budget spent at step 0"), "{stdout}");
+    assert!(err.contains("skipped 1 unreadable images"), "{err}");
+    assert!(out.join("checkpoint/state.json").is_file());
+    let (code, stdout, err) = run(args("60"));
+    assert_eq!(code, 0, "{stdout}\n{err}");
+    assert!(err.contains("resuming at step 0"), "{err}");
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["steps"], 6);
+    assert_eq!(summary["log"].as_array().unwrap().len(), 6);
+    for t in summary["teachers"].as_array().unwrap() {
+        assert!(
+            t["loss"].as_f64().unwrap().is_finite() && t["cosine"].as_f64().unwrap() > -1.0,
+            "{t}"
+        );
+    }
+    // The teachers' features were cached by the first run and reused by the second.
+    assert!(
+        out.join("teachers/dinov2.json").is_file() && !err.contains("dinov2: "),
+        "{err}"
+    );
+    // Settings that are not a run.
+    for (flag, value, needle) in [
+        ("--norm", "bogus", "unknown feature normaliser"),
+        ("--size", "40", "size 40"),
+    ] {
+        let mut a = args("60");
+        let i = a.iter().position(|s| s == flag).unwrap();
+        a[i + 1] = value.into();
+        let pos = a.iter().position(|s| s == "--out").unwrap();
+        a[pos + 1] = dir.path().join("other").display().to_string();
+        let (code, _, err) = run(a);
+        assert_eq!(code, 1, "{flag} {value}: {err}");
+        assert!(err.contains(needle), "{flag} {value}: {err}");
+    }
+}

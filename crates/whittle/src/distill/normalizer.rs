@@ -35,10 +35,10 @@ impl NormKind {
         Ok(match s {
             "none" => NormKind::None,
             "global" => NormKind::Global,
-            "per-channel" => NormKind::PerChannel,
-            "pca" => NormKind::Pca,
+            "per-channel" | "channel" => NormKind::PerChannel,
+            "pca" | "pca-white" => NormKind::Pca,
             "zca" => NormKind::Zca,
-            "hadamard-whitening" => NormKind::HadamardWhitening,
+            "hadamard-whitening" | "hca" => NormKind::HadamardWhitening,
             "phis" | "phi-s" => NormKind::Phis,
             other => {
                 return Err(Error::Invalid(format!(

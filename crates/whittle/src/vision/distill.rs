@@ -152,7 +152,10 @@ impl Distiller {
                 "vision distillation needs at least one teacher".into(),
             ));
         }
-        if config.batch == 0 || config.steps == 0 || !config.size.is_multiple_of(config.student.patch) {
+        if config.batch == 0
+            || config.steps == 0
+            || !config.size.is_multiple_of(config.student.patch)
+        {
             return Err(Error::Invalid(format!(
                 "batch {} / steps {} / size {} (a multiple of the {}-pixel patch) are not a run",
                 config.batch, config.steps, config.size, config.student.patch

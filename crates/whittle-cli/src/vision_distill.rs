@@ -1,0 +1,400 @@
+//! `whittle vision distill`: the multi-teacher distillation run (data, teacher-feature cache,
+//! training loop with checkpoints, final evaluation). The algorithm is in
+//! `whittle::vision::distill`; this file parses, reports and writes files.
+
+use crate::report::{progress, table, write_json};
+use crate::vision::{load, summaries};
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use whittle::data::images::{png_files, read_mnist, read_png, Image, Labelled, Preprocess};
+use whittle::distill::normalizer::NormKind;
+use whittle::eval::knn::knn_accuracy;
+use whittle::io::fetch;
+use whittle::train::optim::AdamWConfig;
+use whittle::vision::distill::{fidelity, vit_tiny, DistillConfig, Distiller, TeacherTargets};
+use whittle::vision::teachers::Teacher;
+
+#[derive(clap::Args)]
+pub struct DistillArgs {
+    /// Teachers, comma-separated: dinov2, open_nsfw.
+    #[arg(long, value_delimiter = ',', required = true)]
+    teachers: Vec<String>,
+    /// A teacher's file instead of the fetched one, as NAME=PATH (repeatable).
+    #[arg(long)]
+    teacher_file: Vec<String>,
+    /// Training images: PNG files or folders searched recursively (unreadable files are skipped
+    /// and counted).
+    #[arg(long)]
+    images: Vec<PathBuf>,
+    /// Also train on the first N Fashion-MNIST training images.
+    #[arg(long, default_value_t = 0)]
+    mnist_train: usize,
+    /// Fashion-MNIST folder (default: the Debian package's, else fetched).
+    #[arg(long)]
+    mnist: Option<PathBuf>,
+    /// The student: vit-tiny (ViT-Tiny/16).
+    #[arg(long, default_value = "vit-tiny")]
+    student: String,
+    /// The student's input side in pixels (a multiple of 16); teachers see their own size.
+    #[arg(long, default_value_t = 112)]
+    size: usize,
+    /// Target standardisation: phis, none, global, channel, pca-white, zca, hca.
+    #[arg(long, default_value = "phis")]
+    norm: String,
+    #[arg(long)]
+    steps: u64,
+    #[arg(long, default_value_t = 32)]
+    batch: usize,
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    #[arg(long, default_value_t = 0.05)]
+    weight_decay: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Checkpoint every N steps (and at the end or when the time budget is spent).
+    #[arg(long, default_value_t = 100)]
+    ckpt_every: u64,
+    /// Stop with a checkpoint after this many minutes; the same command resumes.
+    #[arg(long)]
+    max_minutes: Option<f64>,
+    /// Final k-NN evaluation: the first N Fashion-MNIST training images are the memory...
+    #[arg(long, default_value_t = 2000)]
+    eval_train: usize,
+    /// ...and the first N test images are classified (also the held-out images of fidelity).
+    #[arg(long, default_value_t = 1000)]
+    eval_test: usize,
+    /// Folder of the teachers' cached features (default OUT/teachers): runs that differ only
+    /// in student settings (e.g. --norm) share one.
+    #[arg(long)]
+    teacher_cache: Option<PathBuf>,
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+/// Where a training image comes from (kept so teachers can re-read it at their own size).
+#[derive(Clone)]
+enum Source {
+    Png(PathBuf),
+    Mnist(usize),
+}
+
+impl Source {
+    fn key(&self) -> String {
+        match self {
+            Source::Png(p) => p.display().to_string(),
+            Source::Mnist(i) => format!("fashion-mnist:train:{i}"),
+        }
+    }
+
+    fn read(&self, mnist: Option<&Labelled>) -> whittle::Result<Image> {
+        match (self, mnist) {
+            (Source::Png(p), _) => read_png(p),
+            (Source::Mnist(i), Some(m)) => Ok(m.images[*i].clone()),
+            (Source::Mnist(_), None) => {
+                Err(whittle::Error::Invalid("Fashion-MNIST not loaded".into()))
+            }
+        }
+    }
+}
+
+fn resized(img: &Image, size: usize) -> Image {
+    Image {
+        height: size,
+        width: size,
+        rgb: whittle::vision::resize::resize_cubic(&img.rgb, 3, img.height, img.width, size, size)
+            .into_iter()
+            .map(|v| v.clamp(0.0, 1.0))
+            .collect(),
+    }
+}
+
+/// A teacher's summary features of `sources`, from `dir`/NAME.* when they were computed for the
+/// same images at the same size, else computed (progress with images/s) and stored there.
+fn teacher_features(
+    teacher: &Teacher,
+    sources: &[Source],
+    mnist: Option<&Labelled>,
+    dir: &Path,
+) -> Result<(Vec<f32>, usize)> {
+    let name = teacher.kind.name();
+    let (st, meta) = (
+        dir.join(format!("{name}.safetensors")),
+        dir.join(format!("{name}.json")),
+    );
+    let keys: Vec<String> = sources.iter().map(Source::key).collect();
+    let digest: String = whittle::dist::digest(keys.join("\n").as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let want = serde_json::json!({ "teacher": name, "size": teacher.size, "images": sources.len(), "digest": digest });
+    if let Ok(text) = std::fs::read_to_string(&meta) {
+        if serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .as_ref()
+            == Some(&want)
+        {
+            let t = candle_core::safetensors::load(&st, &Device::Cpu)?;
+            let f = t.get("features").context("cached teacher features")?;
+            return Ok((f.flatten_all()?.to_vec1()?, f.dim(1)?));
+        }
+    }
+    let pb = progress(sources.len(), &format!("{name} features"));
+    let start = Instant::now();
+    let (mut all, mut dim) = (Vec::new(), 0);
+    for chunk in sources.chunks(16) {
+        let images = chunk
+            .iter()
+            .map(|s| s.read(mnist))
+            .collect::<whittle::Result<Vec<_>>>()?;
+        let summary = teacher
+            .features(&images.iter().collect::<Vec<_>>())?
+            .summary;
+        dim = summary.dim(1)?;
+        all.extend(summary.flatten_all()?.to_vec1::<f32>()?);
+        pb.inc(chunk.len() as u64);
+    }
+    pb.finish_and_clear();
+    eprintln!(
+        "{name}: {} images in {:.0} s ({:.1} images/s)",
+        sources.len(),
+        start.elapsed().as_secs_f64(),
+        sources.len() as f64 / start.elapsed().as_secs_f64()
+    );
+    std::fs::create_dir_all(dir)?;
+    let tensor = Tensor::from_vec(all.clone(), (sources.len(), dim), &Device::Cpu)?;
+    whittle::io::atomic::write_file(&st, |tmp| {
+        candle_core::safetensors::save(
+            &std::collections::HashMap::from([("features".to_string(), tensor)]),
+            tmp,
+        )
+        .map_err(whittle::Error::from)
+    })?;
+    whittle::io::atomic::write_bytes(&meta, serde_json::to_string(&want)?.as_bytes())?;
+    Ok((all, dim))
+}
+
+pub fn run(a: &DistillArgs) -> Result<()> {
+    if a.student != "vit-tiny" {
+        bail!("--student {}: whittle has vit-tiny", a.student);
+    }
+    let norm = NormKind::parse(&a.norm)?;
+    let mnist_dir = match &a.mnist {
+        Some(d) => d.clone(),
+        None => fetch::deb_data(&fetch::FASHION_MNIST)?,
+    };
+    let (mnist_train, mnist_test) = (
+        read_mnist(&mnist_dir, "train")?,
+        read_mnist(&mnist_dir, "t10k")?,
+    );
+    if a.mnist_train > mnist_train.images.len()
+        || a.eval_train > mnist_train.images.len()
+        || a.eval_test > mnist_test.images.len()
+    {
+        bail!("--mnist-train / --eval-train / --eval-test exceed Fashion-MNIST's 60000 / 10000 images");
+    }
+    // Training images: read once (unreadable ones skipped and counted), kept at the student's size.
+    let mut sources: Vec<Source> = png_files(&a.images)?.into_iter().map(Source::Png).collect();
+    sources.extend((0..a.mnist_train).map(Source::Mnist));
+    let pb = progress(sources.len(), "reading images");
+    let (mut kept, mut student_images, mut skipped) = (Vec::new(), Vec::new(), Vec::new());
+    for s in sources {
+        match s.read(Some(&mnist_train)) {
+            Ok(img) => {
+                student_images.push(resized(&img, a.size));
+                kept.push(s);
+            }
+            Err(e) => skipped.push(e.to_string()),
+        }
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    if !skipped.is_empty() {
+        eprintln!(
+            "skipped {} unreadable images; the first: {}",
+            skipped.len(),
+            skipped[0]
+        );
+    }
+    if kept.len() < a.batch {
+        bail!(
+            "{} training images for batches of {}: add --images or --mnist-train",
+            kept.len(),
+            a.batch
+        );
+    }
+    eprintln!(
+        "training images: {} ({} skipped)",
+        kept.len(),
+        skipped.len()
+    );
+    // Teachers' features (cached), then their normalisers.
+    let mut teachers = Vec::new();
+    let mut targets = Vec::new();
+    for name in &a.teachers {
+        let teacher = load(name, &a.teacher_file, None)?;
+        let cache = a
+            .teacher_cache
+            .clone()
+            .unwrap_or_else(|| a.out.join("teachers"));
+        let (features, dim) = teacher_features(&teacher, &kept, Some(&mnist_train), &cache)?;
+        targets.push(TeacherTargets::new(
+            teacher.kind.name(),
+            dim,
+            features,
+            norm,
+        )?);
+        teachers.push(teacher);
+    }
+    let config = DistillConfig {
+        student: vit_tiny(a.size),
+        size: a.size,
+        norm,
+        steps: a.steps,
+        batch: a.batch,
+        lr: a.lr,
+        min_lr: a.lr / 100.0,
+        warmup: (a.steps / 20).max(1),
+        adamw: AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: a.weight_decay,
+        },
+        clip: 1.0,
+        seed: a.seed,
+        ckpt_every: a.ckpt_every,
+        teachers: targets.iter().map(|t| t.name.clone()).collect(),
+    };
+    let dims: Vec<usize> = targets.iter().map(|t| t.dim).collect();
+    let mut d = if Distiller::has_checkpoint(&a.out) {
+        let d = Distiller::resume(&a.out, config, &dims)?;
+        eprintln!("resuming at step {} of {}", d.step, a.steps);
+        d
+    } else {
+        Distiller::new(config, &dims)?
+    };
+    let prep = Preprocess::imagenet(a.size);
+    let started = Instant::now();
+    let pb = progress(a.steps as usize, "distill");
+    pb.set_position(d.step);
+    while d.step < a.steps {
+        if a.max_minutes
+            .is_some_and(|m| started.elapsed().as_secs_f64() > 60.0 * m)
+        {
+            d.save(&a.out)?;
+            pb.finish_and_clear();
+            println!(
+                "time budget spent at step {}; run the same command again to resume",
+                d.step
+            );
+            return Ok(());
+        }
+        let rows = d.batch_indices(d.step, student_images.len());
+        let pixels = prep.batch(&rows.iter().map(|&r| &student_images[r]).collect::<Vec<_>>())?;
+        let row = d.train_step(&pixels, &rows, &targets)?;
+        pb.set_position(d.step);
+        pb.set_message(format!(
+            "distill loss {:.4} {:.1} img/s",
+            row.loss, row.images_per_s
+        ));
+        if d.config.ckpt_every > 0 && d.step % d.config.ckpt_every == 0 {
+            d.save(&a.out)?;
+        }
+    }
+    pb.finish_and_clear();
+    d.save(&a.out)?;
+    report(a, &d, &teachers, &targets, &mnist_train, &mnist_test)
+}
+
+/// The run's final measures: loss shares, the student's k-NN accuracy, per-teacher fidelity.
+fn report(
+    a: &DistillArgs,
+    d: &Distiller,
+    teachers: &[Teacher],
+    targets: &[TeacherTargets],
+    train: &Labelled,
+    test: &Labelled,
+) -> Result<()> {
+    // Loss shares over the last tenth of the run.
+    let tail = &d.log[d.log.len() - (d.log.len() / 10).max(1)..];
+    let mean_loss: Vec<f64> = (0..targets.len())
+        .map(|t| tail.iter().map(|r| r.teacher_loss[t]).sum::<f64>() / tail.len() as f64)
+        .collect();
+    let total: f64 = mean_loss.iter().sum();
+    // Student features: k-NN, and predictions on the held-out test images.
+    let prep = Preprocess::imagenet(a.size);
+    let student_summary = |images: &[Image]| -> Result<(Vec<f32>, Vec<Vec<f32>>)> {
+        let (mut summary, mut preds) = (Vec::new(), vec![Vec::new(); targets.len()]);
+        for chunk in images.chunks(64) {
+            let pixels = prep.batch(&chunk.iter().collect::<Vec<_>>())?;
+            let tokens = d.student.forward(&pixels)?;
+            summary.extend(tokens.narrow(1, 0, 1)?.flatten_all()?.to_vec1::<f32>()?);
+            for (p, t) in d.predict(&pixels)?.into_iter().zip(preds.iter_mut()) {
+                t.extend(p.flatten_all()?.to_vec1::<f32>()?);
+            }
+        }
+        Ok((summary, preds))
+    };
+    let (train_f, _) = student_summary(&train.images[..a.eval_train])?;
+    let (test_f, preds) = student_summary(&test.images[..a.eval_test])?;
+    let width = d.config.student.width;
+    let knn = knn_accuracy(
+        &train_f,
+        &train.labels[..a.eval_train],
+        &test_f,
+        &test.labels[..a.eval_test],
+        width,
+        20,
+    )?;
+    let mut rows = Vec::new();
+    let mut per_teacher = Vec::new();
+    for (((teacher, t), pred), loss) in teachers.iter().zip(targets).zip(&preds).zip(&mean_loss) {
+        let (raw, _, _) = summaries(
+            teacher,
+            &test.images[..a.eval_test],
+            32,
+            &format!("{} held-out", t.name),
+        )?;
+        let (cos, nmse) = fidelity(pred, t, &raw);
+        rows.push(vec![
+            t.name.clone(),
+            format!("{loss:.4}"),
+            format!("{:.1}", 100.0 * loss / total),
+            format!("{cos:.4}"),
+            format!("{nmse:.4}"),
+        ]);
+        per_teacher.push(serde_json::json!({ "teacher": t.name, "loss": loss, "loss_share": loss / total, "cosine": cos, "normalised_mse": nmse }));
+    }
+    println!(
+        "student vit-tiny at {} px, --norm {}, {} steps of {}:",
+        a.size, a.norm, d.step, a.batch
+    );
+    table(
+        &[
+            "teacher",
+            "loss (last 10 %)",
+            "share %",
+            "fidelity cos",
+            "fidelity nMSE",
+        ],
+        &rows,
+    );
+    println!(
+        "student k-NN (k = 20) on Fashion-MNIST, {} / {} images: {:.2} %",
+        a.eval_train,
+        a.eval_test,
+        100.0 * knn
+    );
+    let summary = serde_json::json!({
+        "config": d.config, "steps": d.step, "knn_accuracy": knn, "teachers": per_teacher, "log": d.log,
+    });
+    write_json(&a.out.join("summary.json"), &summary)?;
+    if let Some(p) = &a.json {
+        write_json(p, &summary)?;
+    }
+    Ok(())
+}
