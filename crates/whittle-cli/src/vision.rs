@@ -6,13 +6,14 @@ use std::path::PathBuf;
 use std::time::Instant;
 use whittle::data::images::{read_mnist, Image};
 use whittle::eval::knn::knn_accuracy;
+use whittle::eval::probe::{probe_accuracy, ProbeConfig};
 use whittle::io::fetch;
 use whittle::vision::teachers::{Teacher, TeacherKind};
 
 #[derive(clap::Subcommand)]
 pub enum VisionCommand {
-    /// k-NN accuracy (k = 20, cosine, DINO's weighted vote) of the teachers' summary features on
-    /// Fashion-MNIST, and their forward speed.
+    /// k-NN (k = 20, cosine, DINO's weighted vote) and linear-probe accuracy of the teachers'
+    /// summary features on Fashion-MNIST, and their forward speed.
     Eval(EvalArgs),
     /// Forward speed of the teachers (images/s, best of --reps batches; features only, after
     /// preprocessing), to set beside `tools/ort_speed.py` on the same CPU and threads.
@@ -71,6 +72,7 @@ struct EvalRow {
     size: usize,
     dim: usize,
     knn_accuracy: f64,
+    probe_accuracy: f64,
     images_per_s: f64,
 }
 
@@ -214,8 +216,17 @@ fn eval(args: &EvalArgs) -> Result<()> {
             dim,
             args.k,
         )?;
+        let probe = probe_accuracy(
+            &train_f,
+            &train.labels[..args.train_images],
+            &test_f,
+            &test.labels[..args.test_images],
+            dim,
+            ProbeConfig::default(),
+        )?;
         rows.push(EvalRow {
             teacher: kind.name(),
+            probe_accuracy: probe,
             size: teacher.size,
             dim,
             knn_accuracy: acc,
@@ -227,7 +238,14 @@ fn eval(args: &EvalArgs) -> Result<()> {
         args.k, args.train_images, args.test_images
     );
     table(
-        &["teacher", "size", "dim", "k-NN acc %", "images/s"],
+        &[
+            "teacher",
+            "size",
+            "dim",
+            "k-NN acc %",
+            "probe acc %",
+            "images/s",
+        ],
         &rows
             .iter()
             .map(|r| {
@@ -236,6 +254,7 @@ fn eval(args: &EvalArgs) -> Result<()> {
                     r.size.to_string(),
                     r.dim.to_string(),
                     format!("{:.2}", 100.0 * r.knn_accuracy),
+                    format!("{:.2}", 100.0 * r.probe_accuracy),
                     format!("{:.1}", r.images_per_s),
                 ]
             })

@@ -11,6 +11,7 @@ use std::time::Instant;
 use whittle::data::images::{png_files, read_mnist, read_png, Image, Labelled, Preprocess};
 use whittle::distill::normalizer::NormKind;
 use whittle::eval::knn::knn_accuracy;
+use whittle::eval::probe::{probe_accuracy, ProbeConfig};
 use whittle::io::fetch;
 use whittle::train::optim::AdamWConfig;
 use whittle::vision::distill::{
@@ -414,6 +415,14 @@ fn report(
         d.config.student.width,
         20,
     )?;
+    let probe = probe_accuracy(
+        &train_f,
+        &mnist.train.labels[..a.eval_train],
+        &test_f,
+        &mnist.test.labels[..a.eval_test],
+        d.config.student.width,
+        ProbeConfig::default(),
+    )?;
     // The teachers' own features of the held-out images (cached beside the training ones).
     let heldout: Vec<Source> = (0..a.eval_test).map(Source::MnistTest).collect();
     let mut raw = std::collections::HashMap::new();
@@ -456,13 +465,14 @@ fn report(
         &rows,
     );
     println!(
-        "student k-NN (k = 20) on Fashion-MNIST, {} / {} images: {:.2} %",
+        "student on Fashion-MNIST, {} / {} images: k-NN (k = 20) {:.2} %, linear probe {:.2} %",
         a.eval_train,
         a.eval_test,
-        100.0 * knn
+        100.0 * knn,
+        100.0 * probe
     );
     let summary = serde_json::json!({
-        "config": d.config, "steps": d.step, "knn_accuracy": knn, "teachers": per_target, "log": d.log,
+        "config": d.config, "steps": d.step, "knn_accuracy": knn, "probe_accuracy": probe, "teachers": per_target, "log": d.log,
     });
     write_json(&a.out.join("summary.json"), &summary)?;
     if let Some(p) = &a.json {

@@ -40,8 +40,10 @@ fn eval_reports_knn_accuracy_of_both_teachers() {
     for (row, dim) in rows.iter().zip([384, 1024]) {
         assert_eq!(row["dim"], dim);
         // Ten classes: chance is 0.1.
-        let acc = row["knn_accuracy"].as_f64().unwrap();
-        assert!(acc > 0.4, "{row}");
+        for key in ["knn_accuracy", "probe_accuracy"] {
+            let acc = row[key].as_f64().unwrap();
+            assert!(acc > 0.4, "{key}: {row}");
+        }
     }
     assert!(out.contains("open_nsfw"), "{out}");
 }
@@ -168,6 +170,7 @@ fn distill_runs_resumes_and_reports() {
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
     assert_eq!(summary["steps"], 6);
+    assert!(summary["probe_accuracy"].as_f64().unwrap() >= 0.0);
     assert_eq!(summary["log"].as_array().unwrap().len(), 6);
     let names: Vec<&str> = summary["teachers"]
         .as_array()

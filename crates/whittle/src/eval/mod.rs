@@ -3,5 +3,6 @@
 pub mod kernel_speed;
 pub mod knn;
 pub mod perplexity;
+pub mod probe;
 pub mod speed;
 pub mod tasks;
