@@ -213,7 +213,8 @@ enum Command {
     Vision(vision::VisionCommand),
     /// Plot training curves (loss and validation perplexity) of runs to an SVG file.
     Plot {
-        /// Run folders written by `whittle train`, `distill` or `sparsify --method maskllm`.
+        /// Run folders written by `whittle train`, `distill` or `sparsify --method maskllm`, or
+        /// by `whittle vision distill` (then one panel per teacher target).
         #[arg(long = "run", required_unless_present = "pareto")]
         runs: Vec<PathBuf>,
         /// Instead: the Pareto plot (perplexity against size) of a sweep's results.json

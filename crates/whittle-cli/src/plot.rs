@@ -1,11 +1,20 @@
 //! `whittle plot`: training curves of `whittle train`, `distill` and `sparsify --method maskllm`
 //! runs (loss and validation perplexity against tokens seen), one line per run, as SVG, with
-//! reference perplexities as horizontal lines (e.g. the one-shot method a run should beat).
+//! reference perplexities as horizontal lines (e.g. the one-shot method a run should beat); and
+//! of `vision distill` runs (each target's loss against the step, one line per run).
 
 use anyhow::{Context, Result};
 use plotters::prelude::*;
 use std::path::{Path, PathBuf};
 use whittle::train::trainer::LogRow;
+
+/// Whether `dir` holds a `whittle vision distill` run (its settings name a student ViT).
+fn is_vision_run(dir: &Path) -> bool {
+    std::fs::read_to_string(dir.join("checkpoint/state.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .is_some_and(|s| s["config"]["student"].is_object())
+}
 
 /// A run's name (its folder), log, and validation perplexity before its first step when the run
 /// recorded one (`start.json`: a MaskLLM run's seeded mask).
@@ -49,6 +58,9 @@ fn smooth(v: &[(f64, f64)], alpha: f64) -> Vec<(f64, f64)> {
 }
 
 pub fn curves(runs: &[PathBuf], references: &[String], out: &Path) -> Result<()> {
+    if runs.iter().any(|r| is_vision_run(r)) {
+        return vision_curves(runs, out);
+    }
     let logs: Vec<(String, Vec<LogRow>, Option<f64>)> =
         runs.iter().map(|r| read_log(r)).collect::<Result<_>>()?;
     let references: Vec<(String, f64)> = references
@@ -90,32 +102,99 @@ pub fn curves(runs: &[PathBuf], references: &[String], out: &Path) -> Result<()>
         ("training loss (EMA 0.05)", &loss),
         ("validation log-perplexity", &ppl),
     ]) {
-        let pts = data.iter().flat_map(|(_, p)| p.iter());
-        let (x1, lo, hi) = pts.fold((0f64, f64::MAX, f64::MIN), |(x, lo, hi), &(a, b)| {
-            (x.max(a), lo.min(b), hi.max(b))
-        });
-        if lo > hi {
-            continue;
-        }
-        let mut chart = ChartBuilder::on(area)
-            .caption(title, ("sans-serif", 20))
-            .margin(12)
-            .x_label_area_size(36)
-            .y_label_area_size(48)
-            .build_cartesian_2d(0f64..x1.max(1e-3), lo * 0.98..hi * 1.02)?;
-        chart.configure_mesh().x_desc("million tokens").draw()?;
-        for (i, (name, p)) in data.iter().enumerate() {
-            let color = Palette99::pick(i).to_rgba();
-            chart
-                .draw_series(LineSeries::new(p.iter().copied(), color.stroke_width(2)))?
-                .label(name.clone())
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color));
-        }
+        panel(area, title, "million tokens", data)?;
+    }
+    root.present()?;
+    println!("wrote {}", out.display());
+    Ok(())
+}
+
+type Series = Vec<(String, Vec<(f64, f64)>)>;
+
+/// One chart: a line per series, a legend; nothing when there are no points.
+fn panel(
+    area: &DrawingArea<SVGBackend, plotters::coord::Shift>,
+    title: &str,
+    x_desc: &str,
+    data: &Series,
+) -> Result<()> {
+    let pts = data.iter().flat_map(|(_, p)| p.iter());
+    let (x1, lo, hi) = pts.fold((0f64, f64::MAX, f64::MIN), |(x, lo, hi), &(a, b)| {
+        (x.max(a), lo.min(b), hi.max(b))
+    });
+    if lo > hi {
+        return Ok(());
+    }
+    let pad = 0.02 * (hi - lo).abs().max(1e-3);
+    let mut chart = ChartBuilder::on(area)
+        .caption(title, ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(48)
+        .build_cartesian_2d(0f64..x1.max(1e-3), lo - pad..hi + pad)?;
+    chart.configure_mesh().x_desc(x_desc).draw()?;
+    for (i, (name, p)) in data.iter().enumerate() {
+        let color = Palette99::pick(i).to_rgba();
         chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()?;
+            .draw_series(LineSeries::new(p.iter().copied(), color.stroke_width(2)))?
+            .label(name.clone())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color));
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()?;
+    Ok(())
+}
+
+/// Vision distillation runs (`whittle vision distill`): one panel per target (a teacher's
+/// summary or per-patch features), a line per run (e.g. one per normaliser), log10 of the
+/// target's loss (EMA 0.05) against the step.
+pub fn vision_curves(runs: &[PathBuf], out: &Path) -> Result<()> {
+    let mut per_target: Vec<(String, Series)> = Vec::new();
+    for dir in runs {
+        let path = dir.join("checkpoint/state.json");
+        let state: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(&path)
+                .with_context(|| format!("reading {}", path.display()))?,
+        )?;
+        let targets: Vec<String> = serde_json::from_value(state["config"]["teachers"].clone())?;
+        let log: Vec<whittle::vision::distill::StepLog> =
+            serde_json::from_value(state["log"].clone())?;
+        let run = dir.file_name().map_or_else(
+            || dir.display().to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        );
+        for (t, target) in targets.iter().enumerate() {
+            let pts: Vec<(f64, f64)> = log
+                .iter()
+                .filter_map(|r| {
+                    r.teacher_loss
+                        .get(t)
+                        .map(|l| (r.step as f64, l.max(1e-12).log10()))
+                })
+                .collect();
+            let curve = (run.clone(), smooth(&pts, 0.05));
+            match per_target.iter_mut().find(|(n, _)| n == target) {
+                Some((_, series)) => series.push(curve),
+                None => per_target.push((target.clone(), vec![curve])),
+            }
+        }
+    }
+    if per_target.is_empty() {
+        anyhow::bail!("no vision distillation run among the given folders");
+    }
+    let root = SVGBackend::new(out, (520 * per_target.len() as u32, 440)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let panels = root.split_evenly((1, per_target.len()));
+    for (area, (target, series)) in panels.iter().zip(&per_target) {
+        panel(
+            area,
+            &format!("{target}: log10 loss (EMA 0.05)"),
+            "step",
+            series,
+        )?;
     }
     root.present()?;
     println!("wrote {}", out.display());

@@ -190,6 +190,22 @@ fn distill_runs_resumes_and_reports() {
         out.join("teachers/dinov2.json").is_file() && !err.contains("dinov2: 48 images"),
         "{err}"
     );
+    // The per-target loss curves.
+    let svg = dir.path().join("curves.svg");
+    let (code, _, err) = whittle(&[
+        "plot",
+        "--run",
+        out.to_str().unwrap(),
+        "--out",
+        svg.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let text = std::fs::read_to_string(&svg).unwrap();
+    assert!(
+        text.contains("dinov2.dense: log10 loss") && text.contains("open_nsfw"),
+        "{}",
+        &text[..200.min(text.len())]
+    );
     // Settings that are not a run.
     for (flag, value, needle) in [
         ("--norm", "bogus", "unknown feature normaliser"),
