@@ -1,24 +1,14 @@
 //! `whittle vision eval` on real teachers and Fashion-MNIST (a small slice), and its refusals.
 
-use std::process::Command;
+mod common;
 
-fn whittle(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_whittle"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use common::{fails_cleanly, whittle};
 
 #[test]
 fn eval_reports_knn_accuracy_of_both_teachers() {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("eval.json");
-    let (code, out, err) = whittle(&[
+    let (success, out, err) = whittle(&[
         "vision",
         "eval",
         "--teachers",
@@ -32,7 +22,7 @@ fn eval_reports_knn_accuracy_of_both_teachers() {
         "--json",
         json.to_str().unwrap(),
     ]);
-    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(success, "{out}\n{err}");
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let rows = report["rows"].as_array().unwrap();
@@ -107,10 +97,7 @@ fn eval_refuses_bad_teachers_and_files() {
         ),
     ];
     for (args, needle) in cases {
-        let (code, out, err) = whittle(&args);
-        assert_eq!(code, 1, "{args:?}: {out}\n{err}");
-        assert!(err.contains(needle), "{args:?}: {err}");
-        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        fails_cleanly(&args, needle);
     }
 }
 
@@ -159,13 +146,13 @@ fn distill_runs_resumes_and_reports() {
         .collect()
     };
     let run = |a: Vec<String>| whittle(&a.iter().map(|s| s.as_str()).collect::<Vec<_>>());
-    let (code, stdout, err) = run(args("0"));
-    assert_eq!(code, 0, "{stdout}\n{err}");
+    let (success, stdout, err) = run(args("0"));
+    assert!(success, "{stdout}\n{err}");
     assert!(stdout.contains("time budget spent at step 0"), "{stdout}");
     assert!(err.contains("skipped 1 unreadable images"), "{err}");
     assert!(out.join("checkpoint/state.json").is_file());
-    let (code, stdout, err) = run(args("60"));
-    assert_eq!(code, 0, "{stdout}\n{err}");
+    let (success, stdout, err) = run(args("60"));
+    assert!(success, "{stdout}\n{err}");
     assert!(err.contains("resuming at step 0"), "{err}");
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
@@ -192,14 +179,14 @@ fn distill_runs_resumes_and_reports() {
     );
     // The per-target loss curves.
     let svg = dir.path().join("curves.svg");
-    let (code, _, err) = whittle(&[
+    let (success, _, err) = whittle(&[
         "plot",
         "--run",
         out.to_str().unwrap(),
         "--out",
         svg.to_str().unwrap(),
     ]);
-    assert_eq!(code, 0, "{err}");
+    assert!(success, "{err}");
     let text = std::fs::read_to_string(&svg).unwrap();
     assert!(
         text.contains("dinov2.dense: log10 loss") && text.contains("open_nsfw"),
@@ -216,8 +203,6 @@ fn distill_runs_resumes_and_reports() {
         a[i + 1] = value.into();
         let pos = a.iter().position(|s| s == "--out").unwrap();
         a[pos + 1] = dir.path().join("other").display().to_string();
-        let (code, _, err) = run(a);
-        assert_eq!(code, 1, "{flag} {value}: {err}");
-        assert!(err.contains(needle), "{flag} {value}: {err}");
+        fails_cleanly(&a.iter().map(|s| s.as_str()).collect::<Vec<_>>(), needle);
     }
 }

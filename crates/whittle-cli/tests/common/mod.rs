@@ -37,3 +37,11 @@ pub fn shared(f: &str) -> String {
         env!("CARGO_MANIFEST_DIR")
     )
 }
+
+/// Runs `whittle ARGS`, which must fail with a message containing `needle` and no panic.
+pub fn fails_cleanly(args: &[&str], needle: &str) {
+    let (success, out, err) = whittle(args);
+    assert!(!success, "{args:?} should fail: {out}");
+    assert!(err.contains(needle), "{args:?}: {err}");
+    assert!(!err.contains("panicked"), "{args:?}: {err}");
+}
