@@ -21,7 +21,7 @@ use whittle::vision::teachers::Teacher;
 
 #[derive(clap::Args)]
 pub struct DistillArgs {
-    /// Teachers, comma-separated: dinov2, open_nsfw.
+    /// Teachers, comma-separated: dinov2, open_nsfw, effnet_lite0.
     #[arg(long, value_delimiter = ',', required = true)]
     teachers: Vec<String>,
     /// A teacher's file instead of the fetched one, as NAME=PATH (repeatable).

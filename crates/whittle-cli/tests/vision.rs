@@ -12,7 +12,7 @@ fn eval_reports_knn_accuracy_of_both_teachers() {
         "vision",
         "eval",
         "--teachers",
-        "dinov2,open_nsfw",
+        "dinov2,open_nsfw,effnet_lite0",
         "--train-images",
         "300",
         "--test-images",
@@ -26,8 +26,8 @@ fn eval_reports_knn_accuracy_of_both_teachers() {
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let rows = report["rows"].as_array().unwrap();
-    assert_eq!(rows.len(), 2);
-    for (row, dim) in rows.iter().zip([384, 1024]) {
+    assert_eq!(rows.len(), 3);
+    for (row, dim) in rows.iter().zip([384, 1024, 1280]) {
         assert_eq!(row["dim"], dim);
         // Ten classes: chance is 0.1.
         for key in ["knn_accuracy", "probe_accuracy"] {

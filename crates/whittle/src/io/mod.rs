@@ -14,5 +14,6 @@ pub mod peft;
 pub mod resolve;
 pub mod safetensors;
 pub mod tokenizer;
+pub mod torch_pickle;
 
 pub(crate) use atomic::temp_sibling;

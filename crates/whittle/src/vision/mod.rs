@@ -3,6 +3,7 @@
 
 pub mod dinov2;
 pub mod distill;
+pub mod efficientnet;
 pub mod graph;
 pub mod resize;
 pub mod teachers;

@@ -2,6 +2,7 @@
 //! outputs are the features a student learns (a summary vector per image, and for ViTs a
 //! feature per patch).
 
+use super::efficientnet::EfficientNetLite;
 use super::graph::Graph;
 use super::vit::Vit;
 use crate::data::images::{Image, Preprocess};
@@ -17,15 +18,22 @@ pub enum TeacherKind {
     Dinov2,
     /// Yahoo's Open-NSFW ResNet-50-thin: the 1024-d globally pooled feature (summary only).
     OpenNsfw,
+    /// EfficientNet-Lite0: the 1280-d globally pooled feature (summary only).
+    EffnetLite0,
 }
 
 impl TeacherKind {
-    pub const ALL: [TeacherKind; 2] = [TeacherKind::Dinov2, TeacherKind::OpenNsfw];
+    pub const ALL: [TeacherKind; 3] = [
+        TeacherKind::Dinov2,
+        TeacherKind::OpenNsfw,
+        TeacherKind::EffnetLite0,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             TeacherKind::Dinov2 => "dinov2",
             TeacherKind::OpenNsfw => "open_nsfw",
+            TeacherKind::EffnetLite0 => "effnet_lite0",
         }
     }
 
@@ -51,13 +59,16 @@ impl TeacherKind {
         match self {
             TeacherKind::Dinov2 => &fetch::DINOV2_SMALL,
             TeacherKind::OpenNsfw => &fetch::OPEN_NSFW,
+            TeacherKind::EffnetLite0 => &fetch::EFFNET_LITE0,
         }
     }
 
     /// The input side the teacher was trained at, and its normalisation (in [0, 1] units).
     pub fn preprocess(self) -> Preprocess {
         match self {
-            TeacherKind::Dinov2 => Preprocess::imagenet(224),
+            // The EfficientNet port's ImageNet statistics (its shirts and coats on Fashion-MNIST
+            // land on ImageNet's jersey / sweatshirt / trench coat with them).
+            TeacherKind::Dinov2 | TeacherKind::EffnetLite0 => Preprocess::imagenet(224),
             // Caffe's pipeline: pixels 0–255 minus the VGG channel means (given here in RGB
             // order; the teacher swaps to BGR itself).
             TeacherKind::OpenNsfw => Preprocess {
@@ -72,6 +83,7 @@ impl TeacherKind {
 enum Network {
     Vit(Vit),
     Graph(Graph),
+    EfficientNet(EfficientNetLite),
 }
 
 /// A loaded teacher.
@@ -108,6 +120,7 @@ impl Teacher {
         let net = match kind {
             TeacherKind::Dinov2 => Network::Vit(super::dinov2::from_onnx(path)?),
             TeacherKind::OpenNsfw => Network::Graph(Graph::load(path)?),
+            TeacherKind::EffnetLite0 => Network::EfficientNet(EfficientNetLite::load(path)?),
         };
         Ok(Teacher {
             kind,
@@ -149,6 +162,10 @@ impl Teacher {
                     dense: None,
                 })
             }
+            Network::EfficientNet(net) => Ok(Features {
+                summary: net.forward(batch)?,
+                dense: None,
+            }),
         }
     }
 }
