@@ -108,10 +108,15 @@ fn python() -> String {
 
 fn run(cmd: &mut Command, what: &str) -> Result<()> {
     let out = cmd.output().map_err(|e| {
+        let program = cmd.get_program().to_string_lossy().into_owned();
+        let needs = if program == python() {
+            "Python 3 with pip (set WHITTLE_PYTHON to choose the interpreter)".to_string()
+        } else {
+            format!("'{program}'")
+        };
         Error::Fetch(format!(
-            "cannot run '{}' ({e}); {what} needs it (Python 3 with pip: set WHITTLE_PYTHON to \
-             choose the interpreter), or place the files in {} yourself",
-            cmd.get_program().to_string_lossy(),
+            "cannot run '{program}' ({e}); {what} needs {needs}, or place the files in {} \
+             yourself",
             whittle_home().display()
         ))
     })?;
