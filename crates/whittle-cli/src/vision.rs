@@ -5,8 +5,7 @@ use anyhow::{bail, Result};
 use std::path::PathBuf;
 use std::time::Instant;
 use whittle::data::images::{read_mnist, Image};
-use whittle::eval::knn::knn_accuracy;
-use whittle::eval::probe::{probe_accuracy, ProbeConfig};
+use whittle::eval::probe::feature_accuracies;
 use whittle::io::fetch;
 use whittle::vision::teachers::{Teacher, TeacherKind};
 
@@ -208,21 +207,13 @@ fn eval(args: &EvalArgs) -> Result<()> {
             args.batch,
             &format!("{} test", kind.name()),
         )?;
-        let acc = knn_accuracy(
+        let (acc, probe) = feature_accuracies(
             &train_f,
             &train.labels[..args.train_images],
             &test_f,
             &test.labels[..args.test_images],
             dim,
             args.k,
-        )?;
-        let probe = probe_accuracy(
-            &train_f,
-            &train.labels[..args.train_images],
-            &test_f,
-            &test.labels[..args.test_images],
-            dim,
-            ProbeConfig::default(),
         )?;
         rows.push(EvalRow {
             teacher: kind.name(),

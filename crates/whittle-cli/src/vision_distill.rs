@@ -10,8 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 use whittle::data::images::{png_files, read_mnist, read_png, Image, Labelled, Preprocess};
 use whittle::distill::normalizer::NormKind;
-use whittle::eval::knn::knn_accuracy;
-use whittle::eval::probe::{probe_accuracy, ProbeConfig};
+use whittle::eval::probe::feature_accuracies;
 use whittle::io::fetch;
 use whittle::train::optim::AdamWConfig;
 use whittle::vision::distill::{
@@ -407,21 +406,13 @@ fn report(
     };
     let (train_f, _) = student(&mnist.train.images[..a.eval_train])?;
     let (test_f, preds) = student(&mnist.test.images[..a.eval_test])?;
-    let knn = knn_accuracy(
+    let (knn, probe) = feature_accuracies(
         &train_f,
         &mnist.train.labels[..a.eval_train],
         &test_f,
         &mnist.test.labels[..a.eval_test],
         d.config.student.width,
         20,
-    )?;
-    let probe = probe_accuracy(
-        &train_f,
-        &mnist.train.labels[..a.eval_train],
-        &test_f,
-        &mnist.test.labels[..a.eval_test],
-        d.config.student.width,
-        ProbeConfig::default(),
     )?;
     // The teachers' own features of the held-out images (cached beside the training ones).
     let heldout: Vec<Source> = (0..a.eval_test).map(Source::MnistTest).collect();

@@ -22,6 +22,15 @@ fn formula_image(channels: usize, size: usize) -> Tensor {
     Tensor::from_vec(v, (1, channels, size, size), &Device::Cpu).unwrap()
 }
 
+/// The largest |got − want| of two equally long vectors.
+fn max_abs_diff(got: &[f32], want: &[f32]) -> f32 {
+    assert_eq!(got.len(), want.len());
+    got.iter()
+        .zip(want)
+        .map(|(g, e)| (g - e).abs())
+        .fold(0f32, f32::max)
+}
+
 fn fixture(name: &str) -> serde_json::Value {
     let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
@@ -128,12 +137,7 @@ fn open_nsfw_graph_matches_onnxruntime() {
             .to_vec1()
             .unwrap();
         let want: Vec<f32> = serde_json::from_value(want[key].clone()).unwrap();
-        assert_eq!(got.len(), want.len());
-        let worst = got
-            .iter()
-            .zip(&want)
-            .map(|(g, e)| (g - e).abs())
-            .fold(0f32, f32::max);
+        let worst = max_abs_diff(&got, &want);
         eprintln!("Open-NSFW {key} vs onnxruntime: max |diff| {worst:e}");
         assert!(worst <= 1e-4, "{key}: max abs diff {worst}");
     };
@@ -159,12 +163,7 @@ fn effnet_lite0_matches_the_numpy_reference() {
         .to_vec1()
         .unwrap();
     let pooled: Vec<f32> = serde_json::from_value(want["pooled"].clone()).unwrap();
-    assert_eq!(got.len(), pooled.len());
-    let worst = got
-        .iter()
-        .zip(&pooled)
-        .map(|(g, e)| (g - e).abs())
-        .fold(0f32, f32::max);
+    let worst = max_abs_diff(&got, &pooled);
     eprintln!("EfficientNet-Lite0 vs numpy: max |diff| {worst:e}");
     assert!(worst <= 1e-4, "max abs diff {worst}");
 }

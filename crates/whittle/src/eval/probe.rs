@@ -94,6 +94,28 @@ pub fn probe_accuracy(
     Ok(correct as f64 / m.max(1) as f64)
 }
 
+/// k-NN (k = `k`) and linear-probe accuracy of the same features: how every encoder is
+/// reported (teachers and students alike).
+pub fn feature_accuracies(
+    train: &[f32],
+    train_labels: &[u8],
+    test: &[f32],
+    test_labels: &[u8],
+    dim: usize,
+    k: usize,
+) -> Result<(f64, f64)> {
+    let knn = super::knn::knn_accuracy(train, train_labels, test, test_labels, dim, k)?;
+    let probe = probe_accuracy(
+        train,
+        train_labels,
+        test,
+        test_labels,
+        dim,
+        ProbeConfig::default(),
+    )?;
+    Ok((knn, probe))
+}
+
 fn softmax_rows(x: &Tensor) -> Result<Tensor> {
     let e = x.broadcast_sub(&x.max_keepdim(D::Minus1)?)?.exp()?;
     Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)

@@ -59,16 +59,25 @@ pub fn from_onnx(path: &Path) -> Result<Vit> {
     let bad = |msg: String| Error::format(path, msg);
     let mut values: HashMap<String, Vec<f32>> = HashMap::new();
     let mut anonymous = Vec::new();
-    for (name, dims) in onnx.initializer_dims() {
+    let listing = onnx.initializer_dims();
+    let dims_of = |name: String| -> Result<Vec<usize>> {
+        listing
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, d)| d.clone())
+            .ok_or_else(|| bad(format!("no initializer '{name}'")))
+    };
+    for (name, dims) in &listing {
+        let (name, dims) = (*name, dims.clone());
         if let Some(short) = name.strip_prefix(PREFIX) {
             values.insert(short.to_string(), onnx.initializer(name)?.values);
         } else if name.starts_with("onnx::") {
             anonymous.push((name.to_string(), dims));
         }
     }
-    let cls = dims_of(&onnx, &format!("{PREFIX}{}", names::CLS))?;
+    let cls = dims_of(format!("{PREFIX}{}", names::CLS))?;
     let width = *cls.last().unwrap_or(&0);
-    let patch = dims_of(&onnx, &format!("{PREFIX}{}", names::PATCH_WEIGHT))?;
+    let patch = dims_of(format!("{PREFIX}{}", names::PATCH_WEIGHT))?;
     if cls != [1, 1, width] || patch.len() != 4 || patch[0] != width {
         return Err(bad(format!(
             "unexpected DINOv2 embedding shapes: cls token {cls:?}, patch kernel {patch:?}"
@@ -161,8 +170,4 @@ pub fn from_onnx(path: &Path) -> Result<Vit> {
         channels: patch[1],
     };
     Vit::from_values(config, values)
-}
-
-fn dims_of(onnx: &OnnxModel, name: &str) -> Result<Vec<usize>> {
-    Ok(onnx.initializer(name)?.dims)
 }
