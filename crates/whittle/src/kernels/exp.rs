@@ -125,11 +125,12 @@ simd_dispatch! {
 }
 
 simd_dispatch! {
-    /// `row = e^{scale·(row − max)}` in place, returning the sum: softmax without its division,
-    /// for a caller that divides a narrower result instead (attention's output rows).
-    pub fn exp_shifted(row: &mut [f32], scale: f32) -> f32 {
+    /// `row = e^{scale·(row − max)}` in place, returning the sum and `max`: softmax without its
+    /// division, for a caller that divides a narrower result instead (attention's output rows)
+    /// or merges it with the softmax of other keys (a decode step split by keys).
+    pub fn exp_shifted(row: &mut [f32], scale: f32) -> (f32, f32) {
         let max = max_of(row);
-        exp_sum::<FMA>(row, scale, max)
+        (exp_sum::<FMA>(row, scale, max), max)
     }
 }
 
