@@ -21,12 +21,13 @@ cargo build --release -q
 W=${W:-target/release/whittle}
 # Peak RSS from GNU time when it is installed (Debian package `time`).
 TIME=(); [ -x /usr/bin/time ] && TIME=(/usr/bin/time -v)
+IMAGE_ARGS=()
+for d in $IMAGES; do IMAGE_ARGS+=(--images "$d"); done
 for n in ${NORMS:-phis none global channel pca-white zca hca}; do
   [ -f "$OUT/$n/summary.json" ] && continue
   echo "== --norm $n" >&2
-  # shellcheck disable=SC2086  # IMAGES is a list of folders
   "${TIME[@]}" "$W" --threads "${THREADS:-2}" vision distill \
-    --teachers "${TEACHERS:-dinov2,open_nsfw,effnet_lite0}" --images $IMAGES \
+    --teachers "${TEACHERS:-dinov2,open_nsfw,effnet_lite0}" "${IMAGE_ARGS[@]}" \
     --mnist-train "${MNIST_TRAIN:-3000}" --size "${SIZE:-112}" --norm "$n" \
     --steps "${STEPS:-600}" --batch "${BATCH:-32}" --lr 1e-3 ${DENSE:+--dense} \
     --teacher-cache "$OUT/teachers" --out "$OUT/$n" ${MINUTES:+--max-minutes "$MINUTES"} \
