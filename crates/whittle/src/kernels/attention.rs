@@ -230,7 +230,8 @@ fn single_query(
             stride: (kvd, vd),
             dims: (d, dv),
         };
-        let keys = part * part_keys..((part + 1) * part_keys).min(s);
+        // The last ranges may be short or empty (`s` not a multiple of `parts`).
+        let keys = (part * part_keys).min(s)..((part + 1) * part_keys).min(s);
         one_kv_head(&heads, scale, hidden.clone(), keys, o, stats);
     };
     if parts == 1 {
