@@ -189,6 +189,12 @@ mod x86 {
     /// Rows `first..first + N` against `x`: each block's activations are loaded once for all
     /// rows, and the rows' sums are independent chains. `SYM`: every row's mins are
     /// `−zero·scale`, so the mins' term is `−zero · Σ_b s_b·Σx_b` and the mins are not read.
+    ///
+    /// With one scale per block (GGUF's Q4_0/Q4_1/Q8_0) blocks go eight at a time: the eight
+    /// `s_b·d_b` products and the mins' term are one vector operation each, and a block's
+    /// product is then a broadcast from memory (a load, no ALU work) — the scalar multiply,
+    /// broadcast and mins' multiply-add per row and block were a third of the operations of
+    /// an 8-bit block. Prefetches go once per cache line instead of once per block.
     #[inline(always)]
     unsafe fn dot<const N: usize, const SYM: bool>(
         rows: &QRows,
@@ -196,12 +202,44 @@ mod x86 {
         x: &QActs,
         per_group: usize,
     ) -> [f32; N] {
+        const CHUNK: usize = 8;
         let bits = rows.bits;
         let bb = super::block_bytes(bits);
         let ptrs: [_; N] = std::array::from_fn(|r| rows.ptrs(first + r));
         let mut acc = [_mm256_setzero_ps(); N];
+        let mut vmins = [_mm256_setzero_ps(); N];
         let mut mins = [0f32; N];
-        for b in 0..x.blocks() {
+        let mut b = 0;
+        if per_group == 1 {
+            let mut sd = [[0f32; CHUNK]; N];
+            while b + CHUNK <= x.blocks() {
+                let d = _mm256_loadu_ps(x.d.as_ptr().add(b));
+                let sum = _mm256_loadu_ps(x.sum.as_ptr().add(b));
+                for r in 0..N {
+                    let (pd, ps, pm) = ptrs[r];
+                    let s = _mm256_loadu_ps(ps.add(b));
+                    _mm256_storeu_ps(sd[r].as_mut_ptr(), _mm256_mul_ps(s, d));
+                    let m = if SYM { s } else { _mm256_loadu_ps(pm.add(b)) };
+                    vmins[r] = _mm256_fmadd_ps(m, sum, vmins[r]);
+                    for line in (0..CHUNK * bb).step_by(64) {
+                        let ahead = pd.wrapping_add(b * bb + line + PREFETCH_AHEAD);
+                        _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
+                    }
+                }
+                for (j, b) in (b..b + CHUNK).enumerate() {
+                    let px = x.q.as_ptr().add(b * BLOCK);
+                    let x0 = _mm256_loadu_si256(px as *const __m256i);
+                    let x1 = _mm256_loadu_si256(px.add(16) as *const __m256i);
+                    for r in 0..N {
+                        let sums = block_sums(bits, ptrs[r].0, b, x0, x1);
+                        let sd = _mm256_broadcast_ss(&sd[r][j]);
+                        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), sd, acc[r]);
+                    }
+                }
+                b += CHUNK;
+            }
+        }
+        for b in b..x.blocks() {
             let px = x.q.as_ptr().add(b * BLOCK);
             let x0 = _mm256_loadu_si256(px as *const __m256i);
             let x1 = _mm256_loadu_si256(px.add(16) as *const __m256i);
@@ -210,15 +248,24 @@ mod x86 {
             for r in 0..N {
                 let (pd, ps, pm) = ptrs[r];
                 _mm_prefetch::<_MM_HINT_T0>(pd.wrapping_add(b * bb + PREFETCH_AHEAD) as *const i8);
-                let (q0, q1) = codes(bits, pd, b);
-                let sums = _mm256_add_epi32(_mm256_madd_epi16(q0, x0), _mm256_madd_epi16(q1, x1));
+                let sums = block_sums(bits, pd, b, x0, x1);
                 let s = *ps.add(g);
                 acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(s * d), acc[r]);
                 mins[r] += if SYM { s } else { *pm.add(g) } * sum;
             }
         }
         let zero = rows.zero.unwrap_or(0.0);
-        std::array::from_fn(|r| hsum256(acc[r]) + if SYM { -zero * mins[r] } else { mins[r] })
+        std::array::from_fn(|r| {
+            let m = hsum256(vmins[r]) + mins[r];
+            hsum256(acc[r]) + if SYM { -zero * m } else { m }
+        })
+    }
+
+    /// Block `b`'s codes against the activations `(x0, x1)`: eight i32 partial sums.
+    #[inline(always)]
+    unsafe fn block_sums(bits: u8, pd: *const u8, b: usize, x0: __m256i, x1: __m256i) -> __m256i {
+        let (q0, q1) = codes(bits, pd, b);
+        _mm256_add_epi32(_mm256_madd_epi16(q0, x0), _mm256_madd_epi16(q1, x1))
     }
 }
 
@@ -340,17 +387,21 @@ mod tests {
         }
     }
 
-    /// A matrix walked four rows at a time (plus a remainder) gives each row's own dot.
+    /// A matrix walked four rows at a time (plus a remainder) gives each row's own dot; with
+    /// one scale per block (group 32: ten blocks, one chunk of eight and two single ones) and
+    /// with longer groups.
     #[test]
     fn rows_of_a_matrix_match_their_single_row_dots() {
-        let (rows, n) = (7, 192);
-        for bits in [4u8, 8] {
+        let (rows, n) = (7, 320);
+        for (bits, group) in [4u8, 8].into_iter().flat_map(|b| [(b, 32), (b, 64)]) {
             let data: Vec<u8> = (0..rows * n * bits as usize / 8)
                 .map(|i| (i * 53 % 241) as u8)
                 .collect();
-            let scales: Vec<f32> = (0..rows * n / 64).map(|g| 0.02 + g as f32 * 1e-3).collect();
+            let scales: Vec<f32> = (0..rows * n / group)
+                .map(|g| 0.02 + g as f32 * 1e-3)
+                .collect();
             let mins: Vec<f32> = scales.iter().map(|s| -s * 3.0).collect();
-            let m = QRows::new(bits, 64, None, (&data, &scales, &mins), n);
+            let m = QRows::new(bits, group, None, (&data, &scales, &mins), n);
             let x: Vec<f32> = (0..n).map(|i| ((i * 7 % 23) as f32 - 11.0) * 0.3).collect();
             let xa = QActs::quantize(&x);
             for level in Level::supported().into_iter().filter(|l| takes(*l, bits)) {
