@@ -230,7 +230,7 @@ fn llama_cpp(tools: &Tools, run: &Run) -> Result<Figures> {
     Ok(Figures {
         name: "llama.cpp".into(),
         note: format!(
-            "llama-bench {version}, {build} build {}, same file (pp = prefill, tg128 @ d128 = decode after 128 tokens)",
+            "llama-bench {version}, {build} build {}, same file (pp = prefill, tg128 @ d128 = decode after 128 tokens; K/V cache f16, its default)",
             bin.display()
         ),
         raw,

@@ -68,6 +68,9 @@ pub fn run(
         eprintln!("measuring decode, {label} ({reps} runs + warm-up) ...");
         let mut row = speed::decode(model, &ids, 128, 128, reps)?.0;
         row.what += &format!(", {label}");
+        if model.config.kv_cache == whittle::model::KvDtype::F16 {
+            row.what += ", f16 cache";
+        }
         lines.push(Line { row, key });
         Ok(())
     };

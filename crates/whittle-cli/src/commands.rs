@@ -12,18 +12,30 @@ use whittle::io::resolve::{self, Loaded, ModelSpec};
 use whittle::model::sampling::{Sampler, SamplingConfig};
 use whittle::model::KvCache;
 
-static WINDOW_RULE: std::sync::OnceLock<whittle::model::WindowRule> = std::sync::OnceLock::new();
-
-/// The global `--window-rule`, applied to every model the commands load.
-pub fn set_window_rule(rule: whittle::model::WindowRule) {
-    let _ = WINDOW_RULE.set(rule);
+/// The global options that change how a loaded model runs, not what it is.
+#[derive(Default)]
+pub struct LoadOptions {
+    pub window_rule: Option<whittle::model::WindowRule>,
+    pub kv_cache: Option<whittle::model::KvDtype>,
 }
 
-/// Loads a model from a resolved path, with the global `--window-rule` applied.
+static LOAD_OPTIONS: std::sync::OnceLock<LoadOptions> = std::sync::OnceLock::new();
+
+/// Sets the global `--window-rule` and `--kv-cache`, applied to every model the commands load.
+pub fn set_load_options(options: LoadOptions) {
+    let _ = LOAD_OPTIONS.set(options);
+}
+
+/// Loads a model from a resolved path, with the global load options applied.
 pub fn load_model(path: &Path) -> Result<whittle::Model> {
     let mut model = resolve::load_model(path)?;
-    if let Some(rule) = WINDOW_RULE.get() {
-        model.config.window_rule = *rule;
+    if let Some(o) = LOAD_OPTIONS.get() {
+        if let Some(rule) = o.window_rule {
+            model.config.window_rule = rule;
+        }
+        if let Some(dtype) = o.kv_cache {
+            model.config.kv_cache = dtype;
+        }
     }
     Ok(model)
 }

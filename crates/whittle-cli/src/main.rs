@@ -34,6 +34,10 @@ struct Cli {
     /// forward pass.
     #[arg(long, global = true, value_enum)]
     window_rule: Option<WindowRuleArg>,
+    /// Element type of the decode cache's keys and values (default f32): f16 halves the cache
+    /// (llama.cpp's default), moving the logits by ~1e-3 of their range.
+    #[arg(long, global = true, value_enum)]
+    kv_cache: Option<whittle::model::KvDtype>,
     /// Run as one rank of an MPI job (`mpirun -n N --bind-to none whittle ... --distributed`):
     /// train, distill and MaskLLM split every step's micro-batches (--accum counts all ranks'
     /// together); sparsify, quantize, compensate, compress, prune and importance split the
@@ -320,12 +324,13 @@ fn main() {
         cli.threads
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
     );
-    if let Some(rule) = cli.window_rule {
-        commands::set_window_rule(match rule {
+    commands::set_load_options(commands::LoadOptions {
+        window_rule: cli.window_rule.map(|rule| match rule {
             WindowRuleArg::Upstream => whittle::model::WindowRule::Upstream,
             WindowRuleArg::Consistent => whittle::model::WindowRule::Consistent,
-        });
-    }
+        }),
+        kv_cache: cli.kv_cache,
+    });
     if cli.distributed {
         let name = match &cli.command {
             Command::Train(_) => "train",

@@ -1,7 +1,10 @@
 //! Output helpers: aligned tables on stdout, JSON files written atomically.
 
 use anyhow::Result;
+use std::io::IsTerminal;
 use std::path::Path;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 /// Prints rows as a left-aligned text table with a header rule.
 pub fn table(header: &[&str], rows: &[Vec<String>]) {
@@ -57,7 +60,80 @@ pub fn progress(total: usize, what: &str) -> indicatif::ProgressBar {
         .progress_chars("=> "),
     );
     pb.set_message(what.to_string());
+    if !std::io::stderr().is_terminal() {
+        let log = LogLines::default();
+        pb.set_draw_target(indicatif::ProgressDrawTarget::term_like_with_hz(
+            Box::new(log),
+            1,
+        ));
+    }
     pb
+}
+
+/// Fewest seconds between two progress lines in a log.
+const LOG_EVERY: Duration = Duration::from_secs(30);
+
+/// Where a progress bar draws when stderr is a file or a pipe: indicatif hides its bar there,
+/// so a run under `nohup` or `tee` showed no progress and no ETA for hours. Each drawing of
+/// the bar becomes one plain line, at most every [`LOG_EVERY`] (the first drawing at once).
+#[derive(Debug, Default)]
+struct LogLines {
+    /// The drawing in progress (indicatif writes it in pieces, then flushes).
+    text: Mutex<String>,
+    last: Mutex<Option<Instant>>,
+}
+
+impl LogLines {
+    /// The line a drawing becomes, if one is due `now`: cursor moves, padding and empty
+    /// drawings dropped.
+    fn line_due(&self, now: Instant) -> Option<String> {
+        let text = std::mem::take(&mut *self.text.lock().unwrap_or_else(|e| e.into_inner()));
+        let line = text.replace('\r', "").trim().to_string();
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let due = last.is_none_or(|t| now.duration_since(t) >= LOG_EVERY);
+        (due && !line.is_empty()).then(|| {
+            *last = Some(now);
+            line
+        })
+    }
+}
+
+impl indicatif::TermLike for LogLines {
+    fn width(&self) -> u16 {
+        120
+    }
+    fn move_cursor_up(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn move_cursor_down(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn move_cursor_right(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn move_cursor_left(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn write_line(&self, s: &str) -> std::io::Result<()> {
+        self.write_str(s)?;
+        self.write_str(" ")
+    }
+    fn write_str(&self, s: &str) -> std::io::Result<()> {
+        self.text
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push_str(s);
+        Ok(())
+    }
+    fn clear_line(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        if let Some(line) = self.line_due(Instant::now()) {
+            eprintln!("{line}");
+        }
+        Ok(())
+    }
 }
 
 /// The `(done, total)` callback that library functions report progress through, moving `pb`.
@@ -70,6 +146,30 @@ pub fn advance(pb: &indicatif::ProgressBar) -> impl FnMut(usize, usize) + '_ {
 
 #[cfg(test)]
 mod tests {
+    use indicatif::TermLike;
+
+    /// A log gets the first drawing at once, nothing more within [`super::LOG_EVERY`], and the
+    /// drawing of the moment after it; cursor returns and padding are dropped.
+    #[test]
+    fn log_lines_are_spaced_and_plain() {
+        let log = super::LogLines::default();
+        let t0 = std::time::Instant::now();
+        let draw = |s: &str| {
+            log.write_str("\r").unwrap();
+            log.write_str(s).unwrap();
+            log.write_str("    ").unwrap();
+        };
+        draw("step 1/10");
+        assert_eq!(log.line_due(t0).as_deref(), Some("step 1/10"));
+        draw("step 2/10");
+        assert_eq!(log.line_due(t0 + super::LOG_EVERY / 2), None);
+        draw("step 7/10");
+        let later = t0 + super::LOG_EVERY;
+        assert_eq!(log.line_due(later).as_deref(), Some("step 7/10"));
+        // Nothing drawn since: nothing to print.
+        assert_eq!(log.line_due(later + super::LOG_EVERY), None);
+    }
+
     #[test]
     fn every_cell_is_shown_and_aligned() {
         let t = super::render(&["a", "bb"], &[vec!["1".into(), "22".into(), "333".into()]]);

@@ -162,6 +162,25 @@ fn hybrid_checkpoint_inspects_and_benches_without_a_tokenizer() {
     assert!(out.contains("KV shared 2←1, 5←4, 6←4"), "{out}");
     // 3 global layers × (2·16 + 2·32) floats per position.
     assert!(out.contains("1152 bytes/token"), "{out}");
+    // An f16 cache holds half, and decodes (rings, shared K/V, meta tokens) from it.
+    let (code, out, err) = whittle(&["--kv-cache", "f16", "inspect", "--model", &hymba]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("576 bytes/token"), "{out}");
+    let (code, out, err) = whittle(&[
+        "--kv-cache",
+        "f16",
+        "bench",
+        "--model",
+        &hymba,
+        "--contexts",
+        "512",
+        "--steps",
+        "4",
+        "--reps",
+        "1",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("decode tok/s") && out.contains("512"), "{out}");
     let (code, out, err) = whittle(&[
         "bench",
         "--model",

@@ -4,11 +4,11 @@
 
 mod common;
 
-use common::{load_default, reference};
+use common::{load_default, max_abs_diff, reference};
 use serde_json::Value;
 use std::sync::OnceLock;
 use whittle::io::resolve::Loaded;
-use whittle::model::{sampling::argmax, KvCache, Logits};
+use whittle::model::{sampling::argmax, KvCache, KvDtype, Logits};
 
 fn model() -> &'static Loaded {
     static M: OnceLock<Loaded> = OnceLock::new();
@@ -129,6 +129,37 @@ fn perplexity_matches_reference_slices() {
         );
         assert!(rel < 0.002, "seq {seq}: {} vs {want}", r.ppl);
     }
+}
+
+/// Decoding with the cache in f16 moves the logits by a small fraction of their range and
+/// keeps every greedy choice of the f32 cache, on text the model reads (teacher-forced).
+#[test]
+fn f16_cache_decode_stays_close_to_f32_cache() {
+    let m = &model().model;
+    let ids = split_ids("valid");
+    let (prompt, fed) = (&ids[..96], &ids[96..128]);
+    let steps = |dtype| {
+        let mut cache = KvCache::with_dtype(m, 128, dtype).unwrap();
+        let mut rows = vec![m
+            .forward(prompt, Some(&mut cache), Logits::Last, None)
+            .unwrap()];
+        for &t in fed {
+            rows.push(
+                m.forward(&[t], Some(&mut cache), Logits::Last, None)
+                    .unwrap(),
+            );
+        }
+        rows
+    };
+    let (a, b) = (steps(KvDtype::F32), steps(KvDtype::F16));
+    let mut worst = 0f32;
+    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+        let range = x.iter().fold(0f32, |r, v| r.max(v.abs()));
+        worst = worst.max(max_abs_diff(x, y) / range);
+        assert_eq!(argmax(x), argmax(y), "step {i}");
+    }
+    eprintln!("f16 cache: largest logit difference {worst:.2e} of the logits' range");
+    assert!(worst < 1e-2, "{worst}");
 }
 
 #[test]

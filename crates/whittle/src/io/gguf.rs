@@ -170,6 +170,7 @@ impl GgufFile {
             eos_token_id: self.uint("tokenizer.ggml.eos_token_id")?.map(|x| x as u32),
             memory_tokens: 0,
             window_rule: Default::default(),
+            kv_cache: Default::default(),
         })
     }
 

@@ -130,6 +130,7 @@ fn parse(cfg: &Value, path: &Path) -> Result<(ModelConfig, HymbaConfig)> {
         eos_token_id: id("eos_token_id"),
         memory_tokens: opt("num_memory_tokens", 0).max(0) as usize,
         window_rule: Default::default(),
+        kv_cache: Default::default(),
     };
     let hy = HymbaConfig {
         hidden,

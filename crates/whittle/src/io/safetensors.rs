@@ -311,6 +311,7 @@ fn load_weights(dir: &Path) -> Result<Model> {
         eos_token_id: id("eos_token_id"),
         memory_tokens: 0,
         window_rule: Default::default(),
+        kv_cache: Default::default(),
     };
     let n_layers = num("num_hidden_layers")?;
     ModelConfig::check_layer_count(n_layers).map_err(|e| Error::format(&cfg_path, e))?;

@@ -6,7 +6,9 @@
 use super::amx;
 use super::dot::dot_portable;
 use super::exp::{exp_approx, exp_shifted};
+use super::f16;
 use super::matmul::gemm;
+use super::scratch;
 use crate::model::AttnShape;
 use faer::{Accum, MatMut, MatRef, Par};
 use rayon::prelude::*;
@@ -14,6 +16,8 @@ use rayon::prelude::*;
 thread_local! {
     /// Score rows of a task, reused by the next task on the same thread.
     static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// A decode task's f16 key and value rows, widened.
+    static WIDE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Query rows per task: small enough to balance 2+ threads and to keep a task's score rows
@@ -89,7 +93,7 @@ pub fn causal_attention(
     assert!(k.len() >= s * kvd && v.len() >= s * vd);
     assert_eq!(out.len(), t * od);
     if t == 1 && s >= SINGLE_QUERY_MIN_KEYS {
-        return single_query(q, k, v, s, shape, mask, out);
+        return single_query(q, Stored::F32(k), Stored::F32(v), s, shape, mask, out);
     }
     let past = s - t;
     let group = n_heads / n_kv_heads;
@@ -185,6 +189,41 @@ pub fn causal_attention(
     }
 }
 
+/// [`causal_attention`] over K/V rows kept as f16 bits (a decode cache in f16): a decode step
+/// reads them as stored, each task widening its own rows into a scratch (half the bytes from
+/// memory, the f32 body on L2-resident rows); several queries at once widen the whole history
+/// first and take the f32 path.
+#[allow(clippy::too_many_arguments)]
+pub fn causal_attention_f16(
+    q: &[f32],
+    k: &[u16],
+    v: &[u16],
+    t: usize,
+    s: usize,
+    shape: AttnShape,
+    mask: Mask,
+    out: &mut [f32],
+) {
+    let (kvd, vd) = (shape.kv_dim(), shape.v_dim());
+    assert!(k.len() >= s * kvd && v.len() >= s * vd);
+    if t == 1 && s >= SINGLE_QUERY_MIN_KEYS {
+        return single_query(q, Stored::F16(k), Stored::F16(v), s, shape, mask, out);
+    }
+    let level = super::simd::level();
+    let (mut kw, mut vw) = (vec![0f32; s * kvd], vec![0f32; s * vd]);
+    f16::widen_at(level, &k[..s * kvd], &mut kw);
+    f16::widen_at(level, &v[..s * vd], &mut vw);
+    causal_attention(q, &kw, &vw, t, s, shape, mask, out)
+}
+
+/// Key or value rows as attention reads them.
+#[derive(Clone, Copy)]
+enum Stored<'a> {
+    F32(&'a [f32]),
+    /// f16 bits.
+    F16(&'a [u16]),
+}
+
 /// From this many keys on, a decode step takes the matrix-vector path below instead of GEMMs
 /// (a GEMM with one query row spends its time packing the keys).
 const SINGLE_QUERY_MIN_KEYS: usize = 64;
@@ -198,8 +237,8 @@ const SINGLE_QUERY_MIN_KEYS: usize = 64;
 /// 2-thread decode at 128–384 tokens on a Zen 2 EPYC, with the other thread spinning idle.
 fn single_query(
     q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    k: Stored,
+    v: Stored,
     s: usize,
     shape: AttnShape,
     mask: Mask,
@@ -221,18 +260,49 @@ fn single_query(
     };
     let part_keys = s.div_ceil(parts);
     // Task (KV head, key range): its group's unnormalised outputs and (shift, sum) per head.
+    let level = super::simd::level();
     let task = |i: usize, o: &mut [f32], stats: &mut [Partial]| {
         let (kvh, part) = (i / parts, i % parts);
-        let heads = KvHead {
-            q: &q[kvh * group * d..(kvh + 1) * group * d],
-            k: &k[kvh * d..],
-            v: &v[kvh * dv..],
-            stride: (kvd, vd),
-            dims: (d, dv),
-        };
+        let q = &q[kvh * group * d..(kvh + 1) * group * d];
         // The last ranges may be short or empty (`s` not a multiple of `parts`).
         let keys = (part * part_keys).min(s)..((part + 1) * part_keys).min(s);
-        one_kv_head(&heads, scale, hidden.clone(), keys, o, stats);
+        match (k, v) {
+            (Stored::F32(k), Stored::F32(v)) => {
+                let heads = KvHead {
+                    q,
+                    k: &k[kvh * d..],
+                    v: &v[kvh * dv..],
+                    stride: (kvd, vd),
+                    dims: (d, dv),
+                };
+                one_kv_head_at(level, &heads, scale, hidden.clone(), keys, o, stats);
+            }
+            (Stored::F16(k), Stored::F16(v)) => WIDE.with_borrow_mut(|wide| {
+                // This range's rows of this KV head, widened: then the f32 body on them.
+                let n = keys.len();
+                let (kw, vw) = scratch(wide, n * (d + dv)).split_at_mut(n * d);
+                if n > 0 {
+                    let rows = |src: &[u16], stride: usize, width: usize, dst: &mut [f32]| {
+                        let first = keys.start * stride + kvh * width;
+                        let end = first + (n - 1) * stride + width;
+                        f16::widen_rows_at(level, &src[first..end], stride, width, dst)
+                    };
+                    rows(k, kvd, d, kw);
+                    rows(v, vd, dv, vw);
+                }
+                let heads = KvHead {
+                    q,
+                    k: kw,
+                    v: vw,
+                    stride: (d, dv),
+                    dims: (d, dv),
+                };
+                let hidden =
+                    hidden.start.saturating_sub(keys.start)..hidden.end.saturating_sub(keys.start);
+                one_kv_head_at(level, &heads, scale, hidden, 0..n, o, stats);
+            }),
+            _ => unreachable!("keys and values are stored alike"),
+        }
     };
     if parts == 1 {
         let mut stats = vec![Partial::EMPTY; group];
@@ -311,7 +381,7 @@ struct KvHead<'a> {
     dims: (usize, usize),
 }
 
-/// Rows ahead that [`one_kv_head`] asks the memory system for: cache rows are strided (all KV
+/// Rows ahead that [`one_kv_head_at`] asks the memory system for: cache rows are strided (all KV
 /// heads of a position are adjacent), which the hardware prefetcher follows poorly.
 const PREFETCH_ROWS: usize = 8;
 
@@ -334,7 +404,7 @@ simd_dispatch! {
     /// `keys` (`hidden` ones excluded), with the inner loops inlined into one vectorised body (a
     /// call per key was most of the time at long context). Leaves the outputs unnormalised, with
     /// each head's shift and sum in `stats`.
-    fn one_kv_head(
+    fn _, one_kv_head_at(
         h: &KvHead,
         scale: f32,
         hidden: std::ops::Range<usize>,
@@ -527,6 +597,52 @@ mod tests {
                         "one thread: {one}: {a} vs {b}"
                     );
                 }
+            }
+        }
+    }
+
+    /// Attention over f16 rows equals attention over their f32 values exactly: decode steps
+    /// split between two threads (windowed, with hidden ranges) and on one thread at every
+    /// level, and several queries at once (widened first).
+    #[test]
+    fn f16_rows_attend_as_their_f32_values() {
+        crate::threads::set_threads(2);
+        let window = Mask {
+            window: Some(100),
+            sink: 4,
+        };
+        let f = |n: usize, m: usize| -> Vec<f32> {
+            (0..n)
+                .map(|i| ((i * m % 89) as f32 / 89.0 - 0.5) * 3.0)
+                .collect()
+        };
+        let half = |x: &[f32]| -> Vec<u16> {
+            x.iter()
+                .map(|v| ::half::f16::from_f32(*v).to_bits())
+                .collect()
+        };
+        let wide = |h: &[u16]| -> Vec<f32> {
+            h.iter()
+                .map(|b| ::half::f16::from_bits(*b).to_f32())
+                .collect()
+        };
+        for (sh, mask) in [
+            (AttnShape::new(9, 3, 64), Mask::CAUSAL),
+            (AttnShape::new(4, 1, 64), window),
+        ] {
+            for (t, s) in [(1, 300), (1, 70), (1, 9), (5, 300)] {
+                let q = f(t * sh.q_dim(), 31);
+                let (k16, v16) = (half(&f(s * sh.kv_dim(), 17)), half(&f(s * sh.v_dim(), 29)));
+                let (k, v) = (wide(&k16), wide(&v16));
+                let check = |what: &str| {
+                    let mut want = vec![f32::NAN; t * sh.out_dim()];
+                    causal_attention(&q, &k, &v, t, s, sh, mask, &mut want);
+                    let mut got = vec![f32::NAN; t * sh.out_dim()];
+                    causal_attention_f16(&q, &k16, &v16, t, s, sh, mask, &mut got);
+                    assert_eq!(got, want, "{what}, t={t} s={s}, {mask:?}");
+                };
+                crate::threads::install(|| check("two threads"));
+                crate::kernels::simd::for_each_level(|l| check(l.name()));
             }
         }
     }

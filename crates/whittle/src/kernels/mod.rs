@@ -100,6 +100,7 @@ pub mod amx;
 pub mod attention;
 pub mod dot;
 pub mod exp;
+pub mod f16;
 pub mod gumbel;
 pub mod matmul;
 pub mod matmul_small;

@@ -120,6 +120,31 @@ pub struct ModelConfig {
     /// How sliding-window layers count their window during cached decoding.
     #[serde(default)]
     pub window_rule: WindowRule,
+    /// What the decode cache stores its K/V rows in.
+    #[serde(default)]
+    pub kv_cache: KvDtype,
+}
+
+/// Element type of the decode cache's K/V rows. `F32` keeps decode equal to a full forward
+/// pass; `F16` halves the cache (llama.cpp's default), moving SmolLM2's decode logits by
+/// 7.5e-4 of their range (keys and values rounded to 11 significant bits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
+#[serde(rename_all = "lowercase")]
+pub enum KvDtype {
+    #[default]
+    F32,
+    F16,
+}
+
+impl KvDtype {
+    /// Bytes per stored value.
+    pub fn bytes(self) -> usize {
+        match self {
+            KvDtype::F32 => 4,
+            KvDtype::F16 => 2,
+        }
+    }
 }
 
 /// Sliding-window semantics. A windowed layer with window `W` lets position `i` see key `j` when

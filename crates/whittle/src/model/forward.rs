@@ -1,11 +1,11 @@
 //! The forward pass. One code path serves prefill (many tokens), cached decode (one token) and
 //! calibration (an [`Observer`] sees the input of every linear).
 
-use super::kv_cache::{KvCache, LayerCache};
+use super::kv_cache::{KvCache, KvView, LayerCache};
 use super::ssm::SsmState;
 use super::{Attention, KvSource, Layer, Linear, Model};
 use crate::kernels::activation::{add_in_place, swiglu_in_place};
-use crate::kernels::attention::{causal_attention, Mask};
+use crate::kernels::attention::{causal_attention, causal_attention_f16, Mask};
 use crate::kernels::norm::rms_norm;
 use crate::{Error, Result};
 
@@ -408,14 +408,23 @@ impl Model {
                 .kv
                 .as_ref()
                 .expect("producers store K/V");
-            let (k, v) = rows.view();
+            let q = &s.q[..t * sh.q_dim()];
             // A ring holds exactly the visible keys (in slot order); a full history is causal.
-            let keys = if rows.is_ring() {
-                k.len() / sh.kv_dim()
-            } else {
-                start + t
+            let keys = |stored: usize| {
+                if rows.is_ring() {
+                    stored / sh.kv_dim()
+                } else {
+                    start + t
+                }
             };
-            causal_attention(&s.q[..t * sh.q_dim()], k, v, t, keys, sh, Mask::CAUSAL, out);
+            match rows.view() {
+                KvView::F32 { k, v } => {
+                    causal_attention(q, k, v, t, keys(k.len()), sh, Mask::CAUSAL, out)
+                }
+                KvView::F16 { k, v } => {
+                    causal_attention_f16(q, k, v, t, keys(k.len()), sh, Mask::CAUSAL, out)
+                }
+            }
         }
     }
 

@@ -5,16 +5,55 @@
 //! plus a ring of the last `W` (or `W+1`, see [`WindowRule`]) positions: attention is invariant
 //! to the order of its keys once RoPE is applied, so the ring is never rotated. A layer that
 //! shares another layer's K/V stores nothing. Hence only global layers grow with the length.
+//! Rows are kept in f32 or, to halve the cache and what decode reads, in f16 ([`KvDtype`]).
 
 use super::ssm::SsmState;
-use super::{KvSource, Model};
+use super::{KvDtype, KvSource, Model};
 use crate::{Error, Result};
+
+/// Stored K or V rows, in the cache's element type.
+#[derive(Clone)]
+enum Rows {
+    F32(Vec<f32>),
+    /// f16 bits ([`crate::kernels::f16`]).
+    F16(Vec<u16>),
+}
+
+impl Rows {
+    fn new(dtype: KvDtype, len: usize) -> Self {
+        match dtype {
+            KvDtype::F32 => Rows::F32(vec![0.0; len]),
+            KvDtype::F16 => Rows::F16(vec![0; len]),
+        }
+    }
+
+    /// Writes `src` at element `at`.
+    fn write(&mut self, at: usize, src: &[f32]) {
+        match self {
+            Rows::F32(r) => r[at..at + src.len()].copy_from_slice(src),
+            Rows::F16(r) => crate::kernels::f16::narrow(src, &mut r[at..at + src.len()]),
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            Rows::F32(r) => r.len() * 4,
+            Rows::F16(r) => r.len() * 2,
+        }
+    }
+}
+
+/// The stored K and V rows of a layer, as attention reads them.
+pub(crate) enum KvView<'a> {
+    F32 { k: &'a [f32], v: &'a [f32] },
+    F16 { k: &'a [u16], v: &'a [u16] },
+}
 
 /// K/V rows of one layer.
 #[derive(Clone)]
 pub(crate) struct KvRows {
-    k: Vec<f32>,
-    v: Vec<f32>,
+    k: Rows,
+    v: Rows,
     k_dim: usize,
     v_dim: usize,
     /// `(sink, ring)`: rows `0..sink` are kept (meta tokens); later positions cycle through
@@ -25,10 +64,15 @@ pub(crate) struct KvRows {
 }
 
 impl KvRows {
-    fn new(k_dim: usize, v_dim: usize, rows: usize, ring: Option<(usize, usize)>) -> Self {
+    fn new(
+        (k_dim, v_dim): (usize, usize),
+        rows: usize,
+        ring: Option<(usize, usize)>,
+        dtype: KvDtype,
+    ) -> Self {
         KvRows {
-            k: vec![0.0; rows * k_dim],
-            v: vec![0.0; rows * v_dim],
+            k: Rows::new(dtype, rows * k_dim),
+            v: Rows::new(dtype, rows * v_dim),
             k_dim,
             v_dim,
             ring,
@@ -49,8 +93,8 @@ impl KvRows {
         for r in 0..t {
             let s = self.slot(at + r);
             let (kd, vd) = (self.k_dim, self.v_dim);
-            self.k[s * kd..(s + 1) * kd].copy_from_slice(&k[r * kd..(r + 1) * kd]);
-            self.v[s * vd..(s + 1) * vd].copy_from_slice(&v[r * vd..(r + 1) * vd]);
+            self.k.write(s * kd, &k[r * kd..(r + 1) * kd]);
+            self.v.write(s * vd, &v[r * vd..(r + 1) * vd]);
         }
         let end = at + t;
         self.rows = match self.ring {
@@ -60,11 +104,19 @@ impl KvRows {
     }
 
     /// The stored K and V rows (for a ring: in slot order, not position order).
-    pub(crate) fn view(&self) -> (&[f32], &[f32]) {
-        (
-            &self.k[..self.rows * self.k_dim],
-            &self.v[..self.rows * self.v_dim],
-        )
+    pub(crate) fn view(&self) -> KvView<'_> {
+        let (k, v) = (self.rows * self.k_dim, self.rows * self.v_dim);
+        match (&self.k, &self.v) {
+            (Rows::F32(kr), Rows::F32(vr)) => KvView::F32 {
+                k: &kr[..k],
+                v: &vr[..v],
+            },
+            (Rows::F16(kr), Rows::F16(vr)) => KvView::F16 {
+                k: &kr[..k],
+                v: &vr[..v],
+            },
+            _ => unreachable!("K and V rows are made with one element type"),
+        }
     }
 
     pub(crate) fn is_ring(&self) -> bool {
@@ -72,7 +124,7 @@ impl KvRows {
     }
 
     fn bytes(&self) -> usize {
-        (self.k.len() + self.v.len()) * 4
+        self.k.bytes() + self.v.bytes()
     }
 }
 
@@ -114,8 +166,14 @@ fn kv_rows(
 }
 
 impl KvCache {
-    /// A cache for up to `tokens` tokens (plus the model's meta tokens, which take positions too).
+    /// A cache for up to `tokens` tokens (plus the model's meta tokens, which take positions
+    /// too), its K/V rows in the model's `config.kv_cache` type.
     pub fn new(model: &Model, tokens: usize) -> Result<Self> {
+        Self::with_dtype(model, tokens, model.config.kv_cache)
+    }
+
+    /// [`KvCache::new`] with K/V rows in `dtype`.
+    pub fn with_dtype(model: &Model, tokens: usize, dtype: KvDtype) -> Result<Self> {
         let capacity = tokens + model.config.memory_tokens;
         if capacity > model.config.context_length {
             return Err(Error::Invalid(format!(
@@ -129,7 +187,8 @@ impl KvCache {
                 LayerCache {
                     kv: kv_rows(model, i, capacity).map(|(rows, ring)| {
                         let a = shape.attn.expect("kv rows imply attention");
-                        KvRows::new(a.kv_dim(), a.v_dim(), rows, ring)
+                        let dims = (a.kv_dim(), a.v_dim());
+                        KvRows::new(dims, rows, ring, dtype)
                     }),
                     ssm: shape.ssm.map(SsmState::new),
                 }
@@ -151,7 +210,7 @@ impl KvCache {
                 let shape = model.layers[i].shape();
                 let kv = kv_rows(model, i, positions).map_or(0, |(rows, _)| {
                     let a = shape.attn.expect("kv rows imply attention");
-                    rows * (a.kv_dim() + a.v_dim()) * 4
+                    rows * (a.kv_dim() + a.v_dim()) * model.config.kv_cache.bytes()
                 });
                 let ssm = shape.ssm.map_or(0, |s| SsmState::new(s).bytes());
                 kv + ssm

@@ -18,7 +18,7 @@ pub mod sampling;
 pub mod sparse;
 pub mod ssm;
 
-pub use config::{Arch, AttnShape, LayerShape, ModelConfig, SsmShape, WindowRule};
+pub use config::{Arch, AttnShape, KvDtype, LayerShape, ModelConfig, SsmShape, WindowRule};
 pub use emulated::{Emulated, Emulation};
 pub use fingerprint::Fingerprint;
 pub use forward::{Logits, Observer, Site};

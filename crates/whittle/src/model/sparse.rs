@@ -115,6 +115,7 @@ mod tests {
             eos_token_id: None,
             memory_tokens: 0,
             window_rule: Default::default(),
+            kv_cache: Default::default(),
         };
         let shape = LayerShape {
             attn: Some(AttnShape::new(4, 2, 8)),

@@ -94,6 +94,7 @@ impl Preset {
             eos_token_id: None,
             memory_tokens: memory,
             window_rule: Default::default(),
+            kv_cache: Default::default(),
         };
         let (n, shape) = match self.arch {
             Arch::Llama => (

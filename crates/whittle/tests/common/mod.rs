@@ -20,6 +20,7 @@ pub fn tiny_config(tied: bool) -> ModelConfig {
         eos_token_id: Some(257),
         memory_tokens: 0,
         window_rule: Default::default(),
+        kv_cache: Default::default(),
     }
 }
 
