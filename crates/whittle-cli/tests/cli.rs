@@ -157,43 +157,19 @@ fn shared(rel: &str) -> String {
 #[test]
 fn hybrid_checkpoint_inspects_and_benches_without_a_tokenizer() {
     let hymba = shared("fixtures/hymba-tiny");
-    let (code, out, err) = whittle(&["inspect", "--model", &hymba]);
-    assert_eq!(code, 0, "{err}");
-    assert!(out.contains("KV shared 2←1, 5←4, 6←4"), "{out}");
-    // 3 global layers × (2·16 + 2·32) floats per position.
-    assert!(out.contains("1152 bytes/token"), "{out}");
-    // An f16 cache holds half, and decodes (rings, shared K/V, meta tokens) from it.
-    let (code, out, err) = whittle(&["--kv-cache", "f16", "inspect", "--model", &hymba]);
-    assert_eq!(code, 0, "{err}");
-    assert!(out.contains("576 bytes/token"), "{out}");
-    let (code, out, err) = whittle(&[
-        "--kv-cache",
-        "f16",
-        "bench",
-        "--model",
-        &hymba,
-        "--contexts",
-        "512",
-        "--steps",
-        "4",
-        "--reps",
-        "1",
-    ]);
-    assert_eq!(code, 0, "{err}");
-    assert!(out.contains("decode tok/s") && out.contains("512"), "{out}");
-    let (code, out, err) = whittle(&[
-        "bench",
-        "--model",
-        &hymba,
-        "--contexts",
-        "64,512",
-        "--steps",
-        "4",
-        "--reps",
-        "1",
-    ]);
-    assert_eq!(code, 0, "{err}");
-    assert!(out.contains("decode tok/s") && out.contains("512"), "{out}");
+    // 3 global layers × (2·16 + 2·32) values per position, 4 bytes each, or 2 in an f16 cache,
+    // which decodes (rings, shared K/V, meta tokens) from its own rows.
+    for (cache, bytes) in [("f32", "1152"), ("f16", "576")] {
+        let run = |args: &[&str]| whittle(&[&["--kv-cache", cache], args].concat());
+        let (code, out, err) = run(&["inspect", "--model", &hymba]);
+        assert_eq!(code, 0, "{err}");
+        assert!(out.contains("KV shared 2←1, 5←4, 6←4"), "{out}");
+        assert!(out.contains(&format!("{bytes} bytes/token")), "{out}");
+        let bench = ["bench", "--model", &hymba, "--contexts", "64,512"];
+        let (code, out, err) = run(&[&bench[..], &["--steps", "4", "--reps", "1"]].concat());
+        assert_eq!(code, 0, "{err}");
+        assert!(out.contains("decode tok/s") && out.contains("512"), "{out}");
+    }
     let (code, out, err) = whittle(&["bench", "--scan", "--reps", "1"]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("speed-up"), "{out}");
