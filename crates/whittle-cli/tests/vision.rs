@@ -154,6 +154,9 @@ fn distill_runs_resumes_and_reports() {
     let (success, stdout, err) = run(args("60"));
     assert!(success, "{stdout}\n{err}");
     assert!(err.contains("resuming at step 0"), "{err}");
+    // The images at the student's size came from the first run's cache, skips included.
+    assert!(out.join("teachers/student-32.json").is_file());
+    assert!(err.contains("skipped 1 unreadable images"), "{err}");
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
     assert_eq!(summary["steps"], 6);
