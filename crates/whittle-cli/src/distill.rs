@@ -101,6 +101,9 @@ pub struct DistillArgs {
     /// Stop (with a checkpoint) after this many minutes; the same command resumes.
     #[arg(long)]
     max_minutes: Option<f64>,
+    /// Downstream tasks scored on the trained student (and recorded in its provenance).
+    #[command(flatten)]
+    tasks: crate::tasks::TaskArgs,
     #[arg(long)]
     out: PathBuf,
 }
@@ -262,6 +265,8 @@ pub fn distill(a: &DistillArgs) -> Result<()> {
     keep_freed_memory();
     let objective = a.objective()?;
     let needs_teacher = whittle::train::objective::Objective::parse(&objective)?.needs_teacher();
+    // Task names are checked now, not after hours of training.
+    a.tasks.parsed()?;
     std::fs::create_dir_all(&a.out)?;
     let (student, tok) = load(Some(&a.student))?;
     let cache = match &a.teacher_cache {
@@ -323,7 +328,7 @@ pub fn distill(a: &DistillArgs) -> Result<()> {
     if !drive(&mut t, &data, &a.out, a.max_minutes)? {
         return Ok(());
     }
-    finish(&mut t, &tok, &data, &a.out)
+    finish(&mut t, &tok, &data, &a.tasks, &a.out)
 }
 
 /// Minitron's teacher correction: a cross-entropy fine-tune of the teacher on the training data,
@@ -350,17 +355,25 @@ fn correct_teacher(
     Ok(t.model)
 }
 
-/// Final validation, the student written as a whittle HF folder (`OUT/model`), the feature heads
-/// and a summary.
-fn finish(t: &mut Trainer, tok: &Tokenizer, data: &TokenData, out: &Path) -> Result<()> {
+/// Final validation and downstream tasks, the student written as a whittle HF folder
+/// (`OUT/model`), the feature heads and a summary.
+fn finish(
+    t: &mut Trainer,
+    tok: &Tokenizer,
+    data: &TokenData,
+    tasks: &crate::tasks::TaskArgs,
+    out: &Path,
+) -> Result<()> {
     let ppl = t.validate(data)?;
     if !crate::ranks::is_root() {
         return Ok(());
     }
+    let task_reports = crate::tasks::evaluate(&t.model, tok, tasks, "student")?;
     let last = t.log.last().cloned();
     let model_dir = out.join("model");
     let mut model = t.model.clone();
-    model.provenance.record_run(t.config.to_toml()?, Vec::new());
+    let figures = task_reports.iter().flat_map(|r| r.figures()).collect();
+    model.provenance.record_run(t.config.to_toml()?, figures);
     if model_dir.exists() {
         std::fs::remove_dir_all(&model_dir)?;
     }
@@ -381,12 +394,16 @@ fn finish(t: &mut Trainer, tok: &Tokenizer, data: &TokenData, out: &Path) -> Res
         vec!["validation perplexity".into(), format!("{ppl:.3}")],
     ];
     table(&["measure", "value"], &rows);
+    if !task_reports.is_empty() {
+        crate::tasks::print(&task_reports);
+    }
     eprintln!("wrote {}", model_dir.display());
     write_json(
         &out.join("summary.json"),
         &json!({
             "config": t.config, "steps": t.step, "val_ppl": ppl, "last": last,
             "model": model_dir, "feature_heads": wrote_heads.then_some(heads),
+            "tasks": task_reports,
         }),
     )
 }

@@ -65,12 +65,25 @@ fn cached_and_live_distillation_on_the_default_model() {
         &cache,
         "--loss",
         "kd",
+        "--tasks",
+        "piqa",
+        "--limit",
+        "4",
         "--out",
         &run,
     ];
     args.extend(small);
     let out = ok(&args);
     assert!(out.contains("validation perplexity"), "{out}");
+    // The student's downstream score, printed and in the summary.
+    assert!(out.contains("piqa") && out.contains("acc_norm"), "{out}");
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(p("cached/summary.json")).unwrap()).unwrap();
+    assert_eq!(
+        summary["tasks"].as_array().map(Vec::len),
+        Some(1),
+        "{summary}"
+    );
     let state: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(p("cached/checkpoint/state.json")).unwrap())
             .unwrap();
