@@ -78,18 +78,18 @@ const LOG_EVERY: Duration = Duration::from_secs(30);
 /// the bar becomes one plain line, at most every [`LOG_EVERY`] (the first drawing at once).
 #[derive(Debug, Default)]
 struct LogLines {
-    /// The drawing in progress (indicatif writes it in pieces, then flushes).
-    text: Mutex<String>,
-    last: Mutex<Option<Instant>>,
+    /// The drawing in progress (indicatif writes it in pieces, then flushes), and when the
+    /// last line was printed.
+    state: Mutex<(String, Option<Instant>)>,
 }
 
 impl LogLines {
     /// The line a drawing becomes, if one is due `now`: cursor moves, padding and empty
     /// drawings dropped.
     fn line_due(&self, now: Instant) -> Option<String> {
-        let text = std::mem::take(&mut *self.text.lock().unwrap_or_else(|e| e.into_inner()));
-        let line = text.replace('\r', "").trim().to_string();
-        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let (text, last) = &mut *state;
+        let line = std::mem::take(text).replace('\r', "").trim().to_string();
         let due = last.is_none_or(|t| now.duration_since(t) >= LOG_EVERY);
         (due && !line.is_empty()).then(|| {
             *last = Some(now);
@@ -119,10 +119,8 @@ impl indicatif::TermLike for LogLines {
         self.write_str(" ")
     }
     fn write_str(&self, s: &str) -> std::io::Result<()> {
-        self.text
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push_str(s);
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.0.push_str(s);
         Ok(())
     }
     fn clear_line(&self) -> std::io::Result<()> {

@@ -147,6 +147,8 @@ fn student_images(
         dir.join(format!("student-{size}.json")),
     );
     let digest = sources_digest(&sources);
+    let kept_sources =
+        |kept: &[usize]| -> Vec<Source> { kept.iter().map(|&i| sources[i].clone()).collect() };
     let cached = std::fs::read_to_string(&meta)
         .ok()
         .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
@@ -169,11 +171,7 @@ fn student_images(
                 rgb: rgb.to_vec(),
             })
             .collect();
-        return Ok((
-            kept.iter().map(|&i| sources[i].clone()).collect(),
-            images,
-            skipped,
-        ));
+        return Ok((kept_sources(&kept), images, skipped));
     }
     let pb = progress(sources.len(), "reading images");
     let (mut kept, mut images, mut skipped) = (Vec::new(), Vec::new(), Vec::new());
@@ -202,11 +200,7 @@ fn student_images(
     })?;
     let m = serde_json::json!({ "size": size, "digest": digest, "kept": kept, "skipped": skipped });
     whittle::io::atomic::write_bytes(&meta, serde_json::to_string(&m)?.as_bytes())?;
-    Ok((
-        kept.iter().map(|&i| sources[i].clone()).collect(),
-        images,
-        skipped,
-    ))
+    Ok((kept_sources(&kept), images, skipped))
 }
 
 /// One target's raw features: name, `images × tokens × dim` values, dim, tokens.

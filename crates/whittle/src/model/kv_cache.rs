@@ -11,34 +11,53 @@ use super::ssm::SsmState;
 use super::{KvDtype, KvSource, Model};
 use crate::{Error, Result};
 
-/// Stored K or V rows, in the cache's element type.
+/// A layer's K and V rows, both in the cache's element type.
 #[derive(Clone)]
 enum Rows {
-    F32(Vec<f32>),
+    F32 {
+        k: Vec<f32>,
+        v: Vec<f32>,
+    },
     /// f16 bits ([`crate::kernels::f16`]).
-    F16(Vec<u16>),
+    F16 {
+        k: Vec<u16>,
+        v: Vec<u16>,
+    },
 }
 
 impl Rows {
-    fn new(dtype: KvDtype, len: usize) -> Self {
+    fn new(dtype: KvDtype, k_len: usize, v_len: usize) -> Self {
         match dtype {
-            KvDtype::F32 => Rows::F32(vec![0.0; len]),
-            KvDtype::F16 => Rows::F16(vec![0; len]),
+            KvDtype::F32 => Rows::F32 {
+                k: vec![0.0; k_len],
+                v: vec![0.0; v_len],
+            },
+            KvDtype::F16 => Rows::F16 {
+                k: vec![0; k_len],
+                v: vec![0; v_len],
+            },
         }
     }
 
-    /// Writes `src` at element `at`.
-    fn write(&mut self, at: usize, src: &[f32]) {
+    /// Writes one position's K row at element `ka` and V row at element `va`.
+    fn write(&mut self, (ka, k): (usize, &[f32]), (va, v): (usize, &[f32])) {
+        use crate::kernels::f16::narrow;
         match self {
-            Rows::F32(r) => r[at..at + src.len()].copy_from_slice(src),
-            Rows::F16(r) => crate::kernels::f16::narrow(src, &mut r[at..at + src.len()]),
+            Rows::F32 { k: kr, v: vr } => {
+                kr[ka..ka + k.len()].copy_from_slice(k);
+                vr[va..va + v.len()].copy_from_slice(v);
+            }
+            Rows::F16 { k: kr, v: vr } => {
+                narrow(k, &mut kr[ka..ka + k.len()]);
+                narrow(v, &mut vr[va..va + v.len()]);
+            }
         }
     }
 
     fn bytes(&self) -> usize {
         match self {
-            Rows::F32(r) => r.len() * 4,
-            Rows::F16(r) => r.len() * 2,
+            Rows::F32 { k, v } => (k.len() + v.len()) * 4,
+            Rows::F16 { k, v } => (k.len() + v.len()) * 2,
         }
     }
 }
@@ -52,8 +71,7 @@ pub(crate) enum KvView<'a> {
 /// K/V rows of one layer.
 #[derive(Clone)]
 pub(crate) struct KvRows {
-    k: Rows,
-    v: Rows,
+    kv: Rows,
     k_dim: usize,
     v_dim: usize,
     /// `(sink, ring)`: rows `0..sink` are kept (meta tokens); later positions cycle through
@@ -71,8 +89,7 @@ impl KvRows {
         dtype: KvDtype,
     ) -> Self {
         KvRows {
-            k: Rows::new(dtype, rows * k_dim),
-            v: Rows::new(dtype, rows * v_dim),
+            kv: Rows::new(dtype, rows * k_dim, rows * v_dim),
             k_dim,
             v_dim,
             ring,
@@ -93,8 +110,8 @@ impl KvRows {
         for r in 0..t {
             let s = self.slot(at + r);
             let (kd, vd) = (self.k_dim, self.v_dim);
-            self.k.write(s * kd, &k[r * kd..(r + 1) * kd]);
-            self.v.write(s * vd, &v[r * vd..(r + 1) * vd]);
+            let (kr, vr) = (&k[r * kd..(r + 1) * kd], &v[r * vd..(r + 1) * vd]);
+            self.kv.write((s * kd, kr), (s * vd, vr));
         }
         let end = at + t;
         self.rows = match self.ring {
@@ -105,17 +122,16 @@ impl KvRows {
 
     /// The stored K and V rows (for a ring: in slot order, not position order).
     pub(crate) fn view(&self) -> KvView<'_> {
-        let (k, v) = (self.rows * self.k_dim, self.rows * self.v_dim);
-        match (&self.k, &self.v) {
-            (Rows::F32(kr), Rows::F32(vr)) => KvView::F32 {
-                k: &kr[..k],
-                v: &vr[..v],
+        let (kn, vn) = (self.rows * self.k_dim, self.rows * self.v_dim);
+        match &self.kv {
+            Rows::F32 { k, v } => KvView::F32 {
+                k: &k[..kn],
+                v: &v[..vn],
             },
-            (Rows::F16(kr), Rows::F16(vr)) => KvView::F16 {
-                k: &kr[..k],
-                v: &vr[..v],
+            Rows::F16 { k, v } => KvView::F16 {
+                k: &k[..kn],
+                v: &v[..vn],
             },
-            _ => unreachable!("K and V rows are made with one element type"),
         }
     }
 
@@ -124,7 +140,7 @@ impl KvRows {
     }
 
     fn bytes(&self) -> usize {
-        self.k.bytes() + self.v.bytes()
+        self.kv.bytes()
     }
 }
 
