@@ -20,35 +20,21 @@ cd "$(dirname "$0")/.."
 OUT=${1:-target/compare-llamacpp}
 THREADS=${THREADS:-2}
 VENV=${VENV:-/work/venv}
-VERSION=0.3.36
 mkdir -p "$OUT" target/llama.cpp
 cargo build --release -q
 W=target/release/whittle
 
 # --- llama.cpp ---------------------------------------------------------------------------------
-SRC=target/llama.cpp/llama_cpp_python-$VERSION/vendor/llama.cpp
-if [ ! -d "$SRC" ]; then
-  dl=$(mktemp -d)
-  python3 -m pip download --no-deps --no-binary llama-cpp-python "llama-cpp-python==$VERSION" -d "$dl" >&2
-  tar xzf "$dl"/llama_cpp_python-"$VERSION".tar.gz -C target/llama.cpp
-  rm -rf "$dl"
-fi
-command -v cmake >/dev/null || python3 -m pip install -q cmake
-build() { # name, cmake flags...
-  local name=$1; shift
-  local dir=target/llama.cpp/build-$name
-  [ -x "$dir/bin/llama-bench" ] && return
-  cmake -S "$SRC" -B "$dir" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DLLAMA_CURL=OFF \
-    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DGGML_OPENMP=ON "$@" >&2
-  cmake --build "$dir" --target llama-bench -j "$(nproc)" >&2
-}
+# shellcheck source=benches/llamacpp_build.sh
+source benches/llamacpp_build.sh
 if [ "$(uname -m)" = x86_64 ]; then
-  X86="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON"
-  build avx2 $X86 -DGGML_AVX512=OFF -DGGML_AVX_VNNI=OFF
-  grep -q avx512bw /proc/cpuinfo && build avx512 $X86 -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON \
-    -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON
+  # shellcheck disable=SC2086
+  llamacpp_build avx2 llama-bench $llamacpp_x86_flags -DGGML_AVX512=OFF -DGGML_AVX_VNNI=OFF
+  # shellcheck disable=SC2086
+  grep -q avx512bw /proc/cpuinfo && llamacpp_build avx512 llama-bench $llamacpp_x86_flags \
+    -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON
 else
-  build native -DGGML_NATIVE=ON
+  llamacpp_build native llama-bench -DGGML_NATIVE=ON
 fi
 
 # --- the same GGUF files for both --------------------------------------------------------------

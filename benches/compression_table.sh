@@ -6,8 +6,9 @@
 # weight space instead of on calibration inputs). FULL=1 then evaluates every
 # output (and the dense model) on the whole test split at seq 2048 (`OUT/NAME.full.json`).
 # W=path runs that whittle binary instead of building target/release/whittle (so that a long run
-# is not switched to a binary rebuilt while it goes on).
-#   [SAMPLES=128] [FULL=1] [W=bin] bash benches/compression_table.sh [OUT_DIR]
+# is not switched to a binary rebuilt while it goes on). ONLY="name ..." builds only those rows
+# (a compensated row needs its base named too).
+#   [SAMPLES=128] [FULL=1] [W=bin] [ONLY="..."] bash benches/compression_table.sh [OUT_DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-target/compression}
@@ -20,6 +21,7 @@ read -ra CAL <<< "$(calib "$SAMPLES")"
 run() { # name, command...
   local name=$1; shift
   [ -f "$OUT/$name.json" ] && return 0
+  [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]] && return 0
   rm -rf "$OUT/$name"
   /usr/bin/time -v "$W" "$@" "${EVAL[@]}" --out "$OUT/$name" --json "$OUT/$name.json" \
     > "$OUT/$name.log" 2>&1 || { echo "$name failed, see $OUT/$name.log"; return 1; }

@@ -227,6 +227,7 @@ impl SamplesFile {
                 "loglik": s.scores.iter().map(|c| c.loglik).collect::<Vec<_>>(),
                 "greedy": s.scores.iter().map(|c| c.greedy).collect::<Vec<_>>(),
                 "truncated": s.truncated,
+                "hits": s.hits.iter().copied().collect::<std::collections::BTreeMap<_, _>>(),
             });
             writeln!(self.out, "{line}")?;
         }

@@ -138,6 +138,20 @@ fn importance_then_width_and_depth_pruning_on_the_default_model() {
     ok(&["convert", "--model", &plain, "--out", &gguf]);
     assert_eq!(ppl_of(&plain), ppl_of(&gguf));
 
+    // Attention sublayers removed without stand-ins: written as llama.cpp's per-layer `deci`.
+    let (no_attn, deci) = (p("no-attn"), p("no-attn.gguf"));
+    ok(&[
+        "prune",
+        "--scores",
+        &scores,
+        "--drop-attn",
+        "3",
+        "--out",
+        &no_attn,
+    ]);
+    ok(&["convert", "--model", &no_attn, "--out", &deci]);
+    assert_eq!(ppl_of(&no_attn), ppl_of(&deci));
+
     // Scores of another model, and pruning more than exists, are clear errors.
     let (success, _, err) = whittle(&[
         "prune",

@@ -302,7 +302,7 @@ fn depth_pruning_removes_the_lowest_ranked_units_and_exports_honestly() {
     )
     .unwrap_err()
     .to_string();
-    assert!(err.contains("plain Llama"), "{err}");
+    assert!(err.contains("emulated update"), "{err}");
     // whittle's own folder keeps it, marked so that transformers refuses it by name.
     let hf = dir.path().join("hf");
     whittle::io::safetensors::save(&m, None, false, &hf).unwrap();
@@ -310,6 +310,56 @@ fn depth_pruning_removes_the_lowest_ranked_units_and_exports_honestly() {
     assert!(cfg.contains("whittle_llama"));
     let back = whittle::io::safetensors::load(&hf).unwrap();
     assert_eq!(logits(&back, toks), logits(&m, toks));
+}
+
+/// Per-layer widths and attention-free layers are written as llama.cpp's `deci` (head and FFN
+/// counts per layer, 0 for a missing attention) and read back as the same Llama; a layer with
+/// attention and no MLP is refused, because llama.cpp's `deci` graph drops its attention
+/// (measured: logits off by 11.5 on the real model, `benches/gguf_parity.py`).
+#[test]
+fn per_layer_widths_export_as_deci_gguf() {
+    use whittle::io::gguf::{load, save, GgufType};
+    use whittle::model::{random::random_model, AttnShape, LayerShape};
+    let layer = |attn: Option<(usize, usize)>, mlp| LayerShape {
+        attn: attn.map(|(q, kv)| AttnShape::new(q, kv, 8)),
+        ssm: None,
+        mlp,
+    };
+    let shapes = [
+        layer(Some((4, 2)), Some(48)),
+        layer(None, Some(40)),
+        layer(Some((2, 1)), Some(24)),
+        layer(Some((4, 2)), Some(48)),
+    ];
+    let m = random_model(common::tiny_config(true), &shapes, 3).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let g = dir.path().join("deci.gguf");
+    save(&m, None, GgufType::F32, &g).unwrap();
+    let (back, file) = load(&g).unwrap();
+    let meta = file.metadata();
+    assert_eq!(meta["general.architecture"].to_string().unwrap(), "deci");
+    let counts = |key: &str| -> Vec<u32> {
+        let v = meta[key].to_vec().unwrap();
+        v.iter().map(|x| x.to_u32().unwrap()).collect()
+    };
+    assert_eq!(counts("deci.attention.head_count"), [4, 0, 2, 4]);
+    assert_eq!(counts("deci.attention.head_count_kv"), [2, 0, 1, 2]);
+    assert_eq!(counts("deci.feed_forward_length"), [48, 40, 24, 48]);
+    // No norm of the missing attention: llama.cpp refuses tensors it does not create.
+    assert!(!file.has_tensor("blk.1.attn_norm.weight"));
+    let shapes_back: Vec<_> = back.layers.iter().map(|l| l.shape()).collect();
+    assert_eq!(shapes_back, shapes);
+    let toks = &windows()[0];
+    assert!(max_abs_diff(&logits(&back, toks), &logits(&m, toks)) < 1e-5);
+
+    let mut no_mlp = shapes.to_vec();
+    no_mlp[2].mlp = None;
+    let m = random_model(common::tiny_config(true), &no_mlp, 3).unwrap();
+    let err = save(&m, None, GgufType::F32, &dir.path().join("x.gguf"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("layer 2 has attention but no MLP"), "{err}");
+    assert!(!dir.path().join("x.gguf").exists());
 }
 
 /// Emulated updates fitted on exactly affine updates recover them; on a real block they lower

@@ -7,7 +7,7 @@ mod common;
 use common::*;
 use whittle::data::tasks::{Example, Request, Task};
 use whittle::eval::tasks::{
-    encode_pair, metrics, score_examples, score_shared_context, Prefix, Sample, Scored,
+    encode_pair, hits, metrics, score_examples, score_shared_context, Prefix, Sample, Scored,
 };
 use whittle::io::tokenizer::Tokenizer;
 use whittle::model::Logits;
@@ -146,6 +146,7 @@ fn metrics_follow_lm_eval() {
             })
             .collect(),
         truncated: false,
+        hits: Vec::new(),
     };
     // acc: choice 0 (right), choice 0 (wrong), a tie → the first (right): 2/3.
     // acc_norm: -2/1 < -5/10 → 1 (wrong); -2/10 > -5/1 → 0 (wrong); a tie → 0 (right): 1/3.
@@ -158,6 +159,10 @@ fn metrics_follow_lm_eval() {
     assert_eq!((m[0].name, m[1].name), ("acc", "acc_norm"));
     assert!((m[0].value - 2.0 / 3.0).abs() < 1e-12);
     assert!((m[1].value - 1.0 / 3.0).abs() < 1e-12);
+    // The same per example, as the samples file records them for paired comparisons.
+    let h = |i: usize| hits(Task::Hellaswag, &examples[i], &samples[i]);
+    assert_eq!(h(0), [("acc", true), ("acc_norm", false)]);
+    assert_eq!(h(2), [("acc", true), ("acc_norm", true)]);
     // Standard error of the mean of (1, 0, 1): sample sd / √n.
     let sd = ((2.0 * (1.0f64 / 3.0).powi(2) + (2.0f64 / 3.0).powi(2)) / 2.0).sqrt();
     assert!((m[0].stderr - sd / 3f64.sqrt()).abs() < 1e-12);

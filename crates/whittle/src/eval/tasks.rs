@@ -211,6 +211,10 @@ pub struct Sample {
     pub gold: usize,
     pub scores: Vec<Scored>,
     pub truncated: bool,
+    /// Whether the example counts as right under each of its task's metrics (filled by
+    /// [`run_task`]), so that two models scored on the same examples can be compared example
+    /// by example: a paired difference has a far smaller error than two separate accuracies.
+    pub hits: Vec<(&'static str, bool)>,
 }
 
 /// An example in tokens: its requests grouped by context (all choices of a multiple-choice
@@ -329,6 +333,7 @@ pub fn score_examples(
                     gold: examples[index].gold,
                     scores,
                     truncated,
+                    hits: Vec::new(),
                 });
             }
             progress(samples.len(), examples.len());
@@ -369,60 +374,60 @@ fn first_max(v: impl Iterator<Item = f64>) -> usize {
     best.0
 }
 
-/// lm-eval's metrics of a task from its samples: `acc` (and `acc_norm`, each log-likelihood
-/// divided by its choice's length in characters) for choices; `acc` (greedy last word) and
-/// `perplexity` (exp of minus the mean log-likelihood; its error by the delta method, where
-/// lm-eval bootstraps) for LAMBADA.
-pub fn metrics(task: Task, examples: &[Example], samples: &[Sample]) -> Vec<Metric> {
-    if samples.is_empty() {
-        return Vec::new();
-    }
+/// Whether one example is right under each accuracy metric of its task: `acc` (the choice of
+/// highest log-likelihood is the gold one; the first on ties, as numpy's argmax) and, where
+/// lm-eval reports it, `acc_norm` (each log-likelihood divided by its choice's length in
+/// characters); for LAMBADA `acc` is the greedy last word.
+pub fn hits(task: Task, example: &Example, sample: &Sample) -> Vec<(&'static str, bool)> {
     match task.scoring() {
         Scoring::Choice { norm } => {
-            let hit = |f: &dyn Fn(&Sample) -> usize| -> Vec<f64> {
-                samples
-                    .iter()
-                    .map(|s| f64::from(u8::from(f(s) == s.gold)))
-                    .collect()
-            };
-            let mut out = vec![mean_stderr(
-                "acc",
-                &hit(&|s| first_max(s.scores.iter().map(|c| c.loglik))),
-            )];
+            let acc = first_max(sample.scores.iter().map(|c| c.loglik)) == sample.gold;
+            let mut out = vec![("acc", acc)];
             if norm {
-                out.push(mean_stderr(
-                    "acc_norm",
-                    &hit(&|s| {
-                        let chars = &examples[s.index].choice_chars;
-                        first_max(
-                            s.scores
-                                .iter()
-                                .zip(chars)
-                                .map(|(c, n)| c.loglik / (*n).max(1) as f64),
-                        )
-                    }),
-                ));
+                let normed = sample
+                    .scores
+                    .iter()
+                    .zip(&example.choice_chars)
+                    .map(|(c, n)| c.loglik / (*n).max(1) as f64);
+                out.push(("acc_norm", first_max(normed) == sample.gold));
             }
             out
         }
-        Scoring::LastWord => {
-            let greedy: Vec<f64> = samples
-                .iter()
-                .map(|s| f64::from(u8::from(s.scores[0].greedy)))
-                .collect();
-            let ll: Vec<f64> = samples.iter().map(|s| s.scores[0].loglik).collect();
-            let m = mean_stderr("loglik", &ll);
-            let ppl = (-m.value).exp();
-            vec![
-                mean_stderr("acc", &greedy),
-                Metric {
-                    name: "perplexity",
-                    value: ppl,
-                    stderr: ppl * m.stderr,
-                },
-            ]
-        }
+        Scoring::LastWord => vec![("acc", sample.scores[0].greedy)],
     }
+}
+
+/// lm-eval's metrics of a task from its samples: the accuracies of [`hits`], and for LAMBADA
+/// also `perplexity` (exp of minus the mean log-likelihood; its error by the delta method,
+/// where lm-eval bootstraps).
+pub fn metrics(task: Task, examples: &[Example], samples: &[Sample]) -> Vec<Metric> {
+    let Some(first) = samples.first() else {
+        return Vec::new();
+    };
+    let per_example: Vec<_> = samples
+        .iter()
+        .map(|s| hits(task, &examples[s.index], s))
+        .collect();
+    let mut out: Vec<Metric> = (0..hits(task, &examples[first.index], first).len())
+        .map(|m| {
+            let xs: Vec<f64> = per_example
+                .iter()
+                .map(|h| f64::from(u8::from(h[m].1)))
+                .collect();
+            mean_stderr(per_example[0][m].0, &xs)
+        })
+        .collect();
+    if task.scoring() == Scoring::LastWord {
+        let ll: Vec<f64> = samples.iter().map(|s| s.scores[0].loglik).collect();
+        let m = mean_stderr("loglik", &ll);
+        let ppl = (-m.value).exp();
+        out.push(Metric {
+            name: "perplexity",
+            value: ppl,
+            stderr: ppl * m.stderr,
+        });
+    }
+    out
 }
 
 /// Accuracy per MMLU subject: (correct, examples).
@@ -510,6 +515,7 @@ pub fn run_task(
         subjects: per_subject(&examples, &samples),
     };
     for s in &mut samples {
+        s.hits = hits(task, &examples[s.index], s);
         s.index = kept[s.index];
     }
     Ok((report, samples))

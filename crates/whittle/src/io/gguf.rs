@@ -5,7 +5,8 @@
 use super::tokenizer::TokenizerSpec;
 use crate::model::names::{llama, TensorName};
 use crate::model::{
-    Arch, Attention, AttnShape, KvSource, Layer, Linear, Mlp, Model, ModelConfig, Packed, Weight,
+    Arch, Attention, AttnShape, KvSource, Layer, LayerShape, Linear, Mlp, Model, ModelConfig,
+    Packed, Weight,
 };
 use crate::{Error, Result};
 use candle_core::quantized::gguf_file::{Content, Value};
@@ -14,6 +15,11 @@ use candle_core::Device;
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::BufReader;
+
+/// llama.cpp's name for Llama models whose layers differ (NVIDIA's NAS-pruned Nemotron-51B,
+/// DeciLM): head and FFN counts per layer, zero for a missing sublayer. whittle writes pruned
+/// models with per-layer widths or missing sublayers under it and reads it back as Llama.
+const DECI: &str = "deci";
 use std::path::{Path, PathBuf};
 
 /// An opened GGUF file: parsed header, tensors still on disk.
@@ -87,6 +93,24 @@ impl GgufFile {
             .transpose()
     }
 
+    /// An integer, or the largest of a per-layer array of them (`deci` files give head counts
+    /// per layer; only the head width is derived from it, and the widths are read off the
+    /// tensors).
+    fn uint_or_largest(&self, key: &str) -> Result<usize> {
+        match self.get(key) {
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|x| {
+                    x.to_u32()
+                        .map(|x| x as usize)
+                        .or_else(|_| x.to_i32().map(|x| x.max(0) as usize))
+                })
+                .try_fold(0, |m, x| x.map(|x| m.max(x)))
+                .map_err(|_| self.err(format!("metadata '{key}' is not an integer array"))),
+            _ => self.req_uint(key),
+        }
+    }
+
     fn req_uint(&self, key: &str) -> Result<usize> {
         self.uint(key)?
             .ok_or_else(|| self.err(format!("metadata '{key}' missing")))
@@ -147,7 +171,11 @@ impl GgufFile {
     /// Model configuration from `general.architecture` and `<arch>.*` keys.
     pub fn config(&self) -> Result<ModelConfig> {
         let arch_name = self.string("general.architecture")?;
-        let arch = Arch::parse(&arch_name)?;
+        let arch = if arch_name == DECI {
+            Arch::Llama
+        } else {
+            Arch::parse(&arch_name)?
+        };
         let a = |k: &str| format!("{arch_name}.{k}");
         let vocab_size = match self.uint(&a("vocab_size"))? {
             Some(v) => v,
@@ -218,10 +246,11 @@ impl GgufFile {
     /// Loads the whole model (all tensors dequantized to f32).
     pub fn load_model(&mut self) -> Result<Model> {
         let config = self.config()?;
-        let arch = config.arch.name();
+        // The file's own name: `deci` files use `deci.*` keys.
+        let arch = self.string("general.architecture")?;
         let n_layers = self.req_uint(&format!("{arch}.block_count"))?;
         ModelConfig::check_layer_count(n_layers).map_err(|e| self.err(e))?;
-        let n_heads = self.req_uint(&format!("{arch}.attention.head_count"))?;
+        let n_heads = self.uint_or_largest(&format!("{arch}.attention.head_count"))?;
         let head_dim = match self.uint(&format!("{arch}.attention.key_length"))? {
             Some(d) => d,
             None => self
@@ -499,35 +528,68 @@ fn write_gguf(
             c.arch.name()
         )));
     }
-    if let Some(why) = model.irregularity() {
+    if let Some(i) = model.layers.iter().position(|l| !l.emulated.is_empty()) {
         return Err(Error::Invalid(format!(
-            "GGUF export writes plain Llama models (one width for every layer, every sublayer \
-             present) and this one is not: {why}. Keep it as a whittle HF folder instead"
+            "GGUF export writes plain or per-layer-width Llama models and this one is not: \
+             layer {i} has an emulated update (a stand-in map llama.cpp has no tensor for). \
+             Keep it as a whittle HF folder instead"
         )));
     }
-    let arch = c.arch.name();
-    let first_attn = model
-        .layers
+    let shapes: Vec<_> = model.layers.iter().map(|l| l.shape()).collect();
+    if let Some(i) = shapes
         .iter()
-        .find_map(|l| l.attn.as_ref().map(|a| a.shape));
-    let first_mlp = model.layers.iter().find_map(|l| l.shape().mlp).unwrap_or(0);
+        .position(|s| s.attn.is_some() && s.mlp.is_none())
+    {
+        // llama.cpp's `deci` graph skips the rest of a layer without FFN before adding its
+        // attention to the residual stream, so such a file would load and compute wrongly.
+        return Err(Error::Invalid(format!(
+            "layer {i} has attention but no MLP, which llama.cpp's per-layer (`deci`) graph \
+             drops the attention of; keep the model as a whittle HF folder, or prune \
+             attention sublayers instead (--drop-attn)"
+        )));
+    }
+    let per_layer = model.irregularity().is_some();
+    let arch = if per_layer { DECI } else { c.arch.name() };
+    let first_attn = shapes.iter().find_map(|s| s.attn);
+    let first_mlp = shapes.iter().find_map(|s| s.mlp).unwrap_or(0);
     let k = |s: &str| format!("{arch}.{s}");
     let mut meta = super::gguf_provenance::write(model, dtype);
+    if per_layer {
+        for (key, v) in &mut meta {
+            if key == "general.architecture" {
+                *v = Value::String(DECI.into());
+            }
+        }
+    }
+    // One count, or one per layer for `deci`.
+    let count = |f: &dyn Fn(&LayerShape) -> usize, first: usize| {
+        if per_layer {
+            Value::Array(shapes.iter().map(|s| Value::U32(f(s) as u32)).collect())
+        } else {
+            Value::U32(first as u32)
+        }
+    };
     meta.extend([
         (k("block_count"), Value::U32(model.layers.len() as u32)),
         (k("context_length"), Value::U32(c.context_length as u32)),
         (k("embedding_length"), Value::U32(c.hidden as u32)),
-        (k("feed_forward_length"), Value::U32(first_mlp as u32)),
+        (
+            k("feed_forward_length"),
+            count(&|s| s.mlp.unwrap_or(0), first_mlp),
+        ),
         (k("vocab_size"), Value::U32(c.vocab_size as u32)),
         (k("rope.freq_base"), Value::F32(c.rope_theta)),
         (k("attention.layer_norm_rms_epsilon"), Value::F32(c.rms_eps)),
     ]);
     if let Some(a) = first_attn {
         meta.extend([
-            (k("attention.head_count"), Value::U32(a.n_heads as u32)),
+            (
+                k("attention.head_count"),
+                count(&|s| s.attn.map_or(0, |a| a.n_heads), a.n_heads),
+            ),
             (
                 k("attention.head_count_kv"),
-                Value::U32(a.n_kv_heads as u32),
+                count(&|s| s.attn.map_or(0, |a| a.n_kv_heads), a.n_kv_heads),
             ),
             (k("attention.key_length"), Value::U32(a.head_dim as u32)),
             (k("rope.dimension_count"), Value::U32(a.head_dim as u32)),
@@ -567,8 +629,14 @@ fn write_gguf(
     }
     for (i, l) in model.layers.iter().enumerate() {
         let p = |t: TensorName| format!("blk.{i}.{}.weight", t.gguf);
-        tensors.push(tensor(&p(llama::ATTN_NORM), &l.attn_norm, &[h])?);
-        tensors.push(tensor(&p(llama::MLP_NORM), &l.mlp_norm, &[h])?);
+        // A missing sublayer's norm is not written: llama.cpp refuses a file with tensors it
+        // does not create.
+        if l.attn.is_some() {
+            tensors.push(tensor(&p(llama::ATTN_NORM), &l.attn_norm, &[h])?);
+        }
+        if l.mlp.is_some() {
+            tensors.push(tensor(&p(llama::MLP_NORM), &l.mlp_norm, &[h])?);
+        }
         let lin = |name: TensorName, x: &Linear, rows: Option<Vec<f32>>| {
             let dense = x.dense_weight();
             let w = rows.as_deref().unwrap_or(&dense);
