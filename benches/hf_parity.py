@@ -29,6 +29,9 @@ def main() -> int:
     ap.add_argument("--data", default="../shared/reference/wikitext2-test.txt")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--tolerance", type=float, default=1e-3)
+    ap.add_argument("--rel-tolerance", type=float, default=1.0,
+                    help="also bound the difference by this share of the largest |logit| "
+                         "(a random model's logits are small, so an absolute bound alone is weak)")
     a = ap.parse_args()
     torch.set_num_threads(2)
     bad = 0
@@ -53,7 +56,7 @@ def main() -> int:
             t = model(torch.tensor([w["ids"]])).logits[0]
         diff = (t - torch.tensor(w["logits"])).abs().max().item()
         scale = t.abs().max().item()
-        ok = diff <= a.tolerance
+        ok = diff <= a.tolerance and diff <= a.rel_tolerance * scale
         bad += not ok
         print(f"{folder}: layers {cfg['num_hidden_layers']}, hidden {cfg['hidden_size']}, "
               f"ffn {cfg['intermediate_size']}, heads {cfg['num_attention_heads']}/"
