@@ -188,7 +188,7 @@ impl Linear {
             Weight::Packed(p) => dequant_row(p.row(r, inp), out),
             Weight::Sparse24(s) => {
                 let (v, i) = s.row(r, inp);
-                crate::kernels::sparse24::unpack_row(v, i, out);
+                crate::kernels::sparse24::unpack_row_at(simd::level(), v, i, out);
             }
         }
     }

@@ -3,7 +3,7 @@
 //! (SparseGPT, Wanda, MaskLLM) holds its zeros explicitly in dense form; packed, it reads 2.25
 //! bytes a weight per decoded token instead of 4.
 
-use crate::kernels::sparse24::{pack_row, unpack_row};
+use crate::kernels::sparse24::{pack_row, unpack_row_at};
 use crate::model::Model;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -45,13 +45,14 @@ impl Sparse24 {
     /// packed matrix before its product, and on one thread that cost 12 % of a 512-token prefill.
     pub fn unpack_into(&self, inp: usize, w: &mut [f32]) {
         use rayon::prelude::*;
+        let level = crate::kernels::simd::level();
         crate::threads::install(|| {
             w.par_chunks_exact_mut(inp)
                 .enumerate()
                 .with_min_len(64)
                 .for_each(|(r, dst)| {
                     let (v, i) = self.row(r, inp);
-                    unpack_row(v, i, dst);
+                    unpack_row_at(level, v, i, dst);
                 })
         });
     }
