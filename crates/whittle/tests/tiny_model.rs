@@ -150,8 +150,8 @@ fn heterogeneous_and_removed_sublayers_run_and_round_trip() {
             .unwrap(),
     );
     assert!(max_abs_diff(&full, &inc) < 1e-5);
-    // whittle's HF folder keeps per-layer shapes; GGUF (read by llama.cpp as a plain Llama)
-    // refuses instead of writing a file llama.cpp would misread.
+    // whittle's HF folder keeps per-layer shapes; GGUF (llama.cpp's per-layer `deci`) refuses
+    // the layer with attention and no MLP instead of writing a file llama.cpp would misread.
     let dir = tempfile::tempdir().unwrap();
     let st = dir.path().join("st");
     safetensors::save(&m, None, false, &st).unwrap();
@@ -159,7 +159,7 @@ fn heterogeneous_and_removed_sublayers_run_and_round_trip() {
     let g = dir.path().join("m.gguf");
     let err = gguf::save(&m, None, gguf::GgufType::F32, &g).unwrap_err();
     assert!(
-        err.to_string().contains("layer 1 has no attention"),
+        err.to_string().contains("layer 2 has attention but no MLP"),
         "{err}"
     );
     assert!(!g.exists());
