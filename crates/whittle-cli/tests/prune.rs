@@ -176,3 +176,64 @@ fn importance_then_width_and_depth_pruning_on_the_default_model() {
     ]);
     assert!(!success && err.contains("cannot remove 31"), "{err}");
 }
+
+/// A Hymba model (`init --arch hymba`) is scored and narrowed (hidden channels, MLP neurons)
+/// and written back as a Hymba folder that loads and evaluates; its query heads are refused.
+#[test]
+fn hymba_models_prune_in_width() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |s: &str| dir.path().join(s).to_str().unwrap().to_string();
+    let valid = format!(
+        "{}/../../../shared/reference/wikitext2-valid.txt",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let (init, scores, pruned) = (p("init"), p("scores.json"), p("pruned"));
+    ok(&["init", "--arch", "hymba", "--size", "tiny", "--out", &init]);
+    let calib = [
+        "--calib",
+        &valid,
+        "--calib-samples",
+        "2",
+        "--calib-len",
+        "64",
+    ];
+    let mut args = vec!["importance", "--model", &init, "--out", &scores];
+    args.extend(calib);
+    ok(&args);
+    let prune = |extra: &[&str], out: &str| {
+        let mut a = vec!["prune", "--model", &init, "--scores", &scores, "--out", out];
+        a.extend(extra);
+        whittle(&a)
+    };
+    let (success, _, err) = prune(&["--hidden", "24", "--ffn", "8"], &pruned);
+    assert!(success, "{err}");
+    let cfg = std::fs::read_to_string(format!("{pruned}/config.json")).unwrap();
+    assert!(
+        cfg.contains("\"hidden_size\": 24") && cfg.contains("whittle_hymba"),
+        "{cfg}"
+    );
+    let out = ok(&[
+        "eval",
+        "ppl",
+        "--model",
+        &pruned,
+        "--data",
+        &valid,
+        "--seq-len",
+        "64",
+        "--max-tokens",
+        "128",
+    ]);
+    let ppl: f64 = out
+        .lines()
+        .last()
+        .unwrap()
+        .split_whitespace()
+        .nth(4)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(ppl.is_finite(), "{out}");
+    let (success, _, err) = prune(&["--heads-per-group", "1"], &p("x"));
+    assert!(!success && err.contains("SSM channels"), "{err}");
+}

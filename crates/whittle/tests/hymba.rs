@@ -82,6 +82,53 @@ fn loads_the_hf_layout_with_its_structure() {
     assert!((m.config.rope_theta as f64 - want).abs() / want < 1e-6);
 }
 
+/// whittle writes the layout back: the official config's settings (its NTK base folded into a
+/// plain `rope_theta`), and a folder that loads into the same model.
+#[test]
+fn writes_the_hf_layout_back() {
+    let m = model();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("h");
+    whittle::io::safetensors::save(&m, None, false, &dir).unwrap();
+    let json = |p: std::path::PathBuf| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+    };
+    let (ours, official) = (
+        json(dir.join("config.json")),
+        json(common::hymba_fixture().join("config.json")),
+    );
+    for key in [
+        "architectures",
+        "model_type",
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "v_head_dim",
+        "mamba_expand",
+        "conv_dim",
+        "mamba_d_state",
+        "mamba_d_conv",
+        "mamba_dt_rank",
+        "mamba_inner_layernorms",
+        "layer_type",
+        "sliding_window",
+        "global_attn_idx",
+        "kv_reuse_group",
+        "num_memory_tokens",
+        "tie_word_embeddings",
+    ] {
+        assert_eq!(ours[key], official[key], "{key}");
+    }
+    let back = whittle::io::safetensors::load(&dir).unwrap();
+    assert_eq!(back.config.rope_theta, m.config.rope_theta);
+    let ids: Vec<u32> = (0..24).map(|i| (i * 37 % 200) as u32).collect();
+    let logits = |m: &Model| m.forward(&ids, None, Logits::All, None).unwrap();
+    assert_eq!(logits(&back), logits(&m));
+}
+
 #[test]
 fn logits_hidden_states_and_branches_match_the_reference() {
     let m = model();
@@ -206,12 +253,22 @@ fn cache_size_follows_the_config_formula() {
     assert_eq!(per_token, 3 * kv_row);
 }
 
+/// What the Hymba layout cannot hold (packed linears; layers of other widths) is a clear error
+/// that leaves no folder.
 #[test]
-fn hf_export_of_a_hybrid_model_is_a_clear_error() {
-    let m = model();
+fn hf_export_of_what_the_hymba_layout_cannot_hold_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
+    let e = whittle::io::safetensors::save(&model(), None, true, &out).unwrap_err();
+    assert!(e.to_string().contains("packed (quantized) Hymba"), "{e}");
+    let mut m = model();
+    let mlp = m.layers[3].mlp.as_mut().unwrap();
+    let keep: Vec<usize> = (0..100).collect();
+    mlp.gate = whittle::prune::width::slice_linear(&mlp.gate, Some(&keep), None).unwrap();
+    mlp.up = whittle::prune::width::slice_linear(&mlp.up, Some(&keep), None).unwrap();
+    mlp.down = whittle::prune::width::slice_linear(&mlp.down, None, Some(&keep)).unwrap();
+    m.revalidate().unwrap();
     let e = whittle::io::safetensors::save(&m, None, false, &out).unwrap_err();
-    assert!(e.to_string().contains("hymba"), "{e}");
+    assert!(e.to_string().contains("layer 3's widths"), "{e}");
     assert!(!out.exists());
 }

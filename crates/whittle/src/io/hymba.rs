@@ -2,7 +2,11 @@
 //! see `shared/fixtures/hymba-tiny/ARCHITECTURE.md`) read into the one model representation:
 //! `mamba.in_proj` is split into its row blocks `[q | k | v | x | z]` (`[q | x | z]` in a layer
 //! that reuses another layer's K/V), `moe.experts.0` becomes the layer's MLP, and the NTK RoPE base
-//! is folded into `rope_theta`.
+//! is folded into `rope_theta`. [`config_json`] and [`tensors`] write a model back in the same
+//! layout (the folded base as a plain `rope_theta`), so that a trained, distilled or pruned
+//! Hymba is a folder again. A hidden size that no longer divides the SSM width (width pruning)
+//! cannot be said with the official integer `mamba_expand`: such a folder is whittle's own
+//! (`whittle_hymba`, the width in `conv_dim`), which transformers refuses by name.
 
 use super::safetensors::Shards;
 use crate::model::names::llama;
@@ -10,7 +14,8 @@ use crate::model::{
     Arch, Attention, AttnShape, KvSource, Layer, Linear, Mlp, Model, ModelConfig, Ssm, SsmShape,
 };
 use crate::{Error, Result};
-use serde_json::Value;
+use serde_json::{json, Value};
+use std::borrow::Cow;
 use std::path::Path;
 
 /// Settings of the HF config that whittle reads, with the ones it does not implement rejected.
@@ -84,9 +89,14 @@ fn parse(cfg: &Value, path: &Path) -> Result<(ModelConfig, HymbaConfig)> {
         d if d > 0 => d as usize,
         _ => q_dim / n_heads,
     };
-    let inner = uint("mamba_expand")?
-        .checked_mul(hidden)
-        .ok_or_else(|| bad("mamba_expand × hidden_size overflows".into()))?;
+    // The per-layer conv widths state the SSM width outright (whittle's own folders rely on
+    // them); official configs list them too, equal to mamba_expand × hidden_size.
+    let inner = match cfg["conv_dim"]["0"].as_u64() {
+        Some(e) => e as usize,
+        None => uint("mamba_expand")?
+            .checked_mul(hidden)
+            .ok_or_else(|| bad("mamba_expand × hidden_size overflows".into()))?,
+    };
     let ssm = SsmShape {
         inner,
         d_state: uint("mamba_d_state")?,
@@ -274,4 +284,262 @@ pub fn load(dir: &Path, cfg: &Value, cfg_path: &Path) -> Result<Model> {
     Model::new(config, embed, layers, final_norm, lm_head)
         .and_then(|m| m.with_memory(memory))
         .map_err(|e| Error::format(dir, e))
+}
+
+/// The model's Hymba settings, which its layers must share (the HF config has one of each).
+struct Shared {
+    attn: AttnShape,
+    ssm: SsmShape,
+    mlp: usize,
+    window: usize,
+    inner_norms: bool,
+}
+
+fn shared(model: &Model) -> Result<Shared> {
+    let refuse = |why: String| Err(Error::Invalid(format!("Hymba export: {why}")));
+    let first = &model.layers[0];
+    let (Some(a), Some(m), Some(mlp)) = (&first.attn, &first.ssm, &first.mlp) else {
+        return refuse("layer 0 lacks attention, SSM or MLP".into());
+    };
+    let out = Shared {
+        attn: a.shape,
+        ssm: m.shape,
+        mlp: mlp.gate.out_features,
+        window: model
+            .layers
+            .iter()
+            .find_map(|l| l.attn.as_ref().and_then(|a| a.window))
+            .unwrap_or(model.config.context_length),
+        inner_norms: m.inner_norms.is_some(),
+    };
+    for (i, l) in model.layers.iter().enumerate() {
+        let s = l.shape();
+        if s.attn != Some(out.attn) || s.ssm != Some(out.ssm) || s.mlp != Some(out.mlp) {
+            return refuse(format!(
+                "layer {i}'s widths {s:?} differ from layer 0's (the HF config has one of each)"
+            ));
+        }
+        let a = l.attn.as_ref().expect("shape checked");
+        if a.window.is_some_and(|w| w != out.window) {
+            return refuse(format!("layer {i}'s window differs from the others'"));
+        }
+        if !l.emulated.is_empty() {
+            return refuse(format!("layer {i} has an emulated update"));
+        }
+        if l.linears().iter().any(|(_, _, lin)| lin.adapter.is_some()) {
+            return refuse(format!("layer {i} has adapters (merge or drop them first)"));
+        }
+        let ssm = l.ssm.as_ref().expect("shape checked");
+        if ssm.out.is_some() || l.fusion.is_none() || ssm.inner_norms.is_some() != out.inner_norms {
+            return refuse(format!(
+                "layer {i} is not a Hymba hybrid layer like layer 0"
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// `config.json` of a Hymba model: the fields [`parse`] reads plus the fixed settings of the
+/// published configs (hybrid layers only, one expert, one SSM per layer).
+pub(super) fn config_json(model: &Model, bos: Option<u32>, eos: Option<u32>) -> Result<Value> {
+    let c = &model.config;
+    let s = shared(model)?;
+    let n = model.layers.len();
+    let global: Vec<usize> = (0..n)
+        .filter(|&i| {
+            model.layers[i]
+                .attn
+                .as_ref()
+                .is_some_and(|a| a.window.is_none())
+        })
+        .collect();
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    for (i, l) in model.layers.iter().enumerate() {
+        if let Some(Attention {
+            kv: KvSource::Shared(src),
+            ..
+        }) = &l.attn
+        {
+            match groups.iter_mut().find(|g| g[0] == *src) {
+                Some(g) => g.push(i),
+                None => groups.push(vec![*src, i]),
+            }
+        }
+    }
+    let e = s.ssm.inner;
+    let integral = e.is_multiple_of(c.hidden);
+    let tok = |id: Option<u32>| id.map_or(Value::Null, |v| json!(v));
+    let mut v = json!({
+        "architectures": ["HymbaForCausalLM"],
+        "model_type": "hymba",
+        "auto_map": {
+            "AutoConfig": "configuration_hymba.HymbaConfig",
+            "AutoModelForCausalLM": "modeling_hymba.HymbaForCausalLM"
+        },
+        "vocab_size": c.vocab_size,
+        "hidden_size": c.hidden,
+        "intermediate_size": s.mlp,
+        "num_hidden_layers": n,
+        "num_attention_heads": s.attn.n_heads,
+        "num_key_value_heads": s.attn.n_kv_heads,
+        "attn_hidden_size": s.attn.q_dim(),
+        "kq_head_dim": s.attn.head_dim,
+        "v_head_dim": s.attn.v_head_dim,
+        "kq_norm": "none",
+        "max_position_embeddings": c.context_length,
+        "rms_norm_eps": c.rms_eps,
+        "tie_word_embeddings": c.tie_embeddings,
+        "bos_token_id": tok(c.bos_token_id.or(bos)),
+        "eos_token_id": tok(c.eos_token_id.or(eos)),
+        "torch_dtype": "float32",
+    });
+    let expand = if integral {
+        json!(e / c.hidden)
+    } else {
+        json!(e as f64 / c.hidden as f64)
+    };
+    let conv_dim: serde_json::Map<_, _> = (0..n).map(|i| (i.to_string(), json!(e))).collect();
+    for (key, value) in [
+        ("mamba_expand", expand),
+        ("conv_dim", Value::Object(conv_dim)),
+        ("mamba_d_state", json!(s.ssm.d_state)),
+        ("mamba_d_conv", json!(s.ssm.d_conv)),
+        ("mamba_dt_rank", json!(s.ssm.dt_rank)),
+        ("mamba_inner_layernorms", json!(s.inner_norms)),
+        ("mamba_conv_bias", json!(true)),
+        ("mamba_proj_bias", json!(false)),
+        ("num_mamba", json!(1)),
+        ("num_experts", json!(1)),
+        ("num_experts_per_tok", json!(1)),
+        ("layer_type", json!(vec!["h"; n])),
+        ("sliding_window", json!(s.window)),
+        ("global_attn_idx", json!(global)),
+        ("kv_reuse_group", json!(groups)),
+        ("kv_weight_reuse", json!(false)),
+        ("kv_reuse_every_i_layer", json!(-1)),
+        ("num_memory_tokens", json!(c.memory_tokens)),
+        ("memory_tokens_interspersed_every", json!(0)),
+        ("rope", json!(true)),
+        ("rope_type", json!("default")),
+        ("rope_theta", json!(c.rope_theta)),
+        ("hidden_act", json!("silu")),
+        ("mlp_hidden_act", json!("silu")),
+    ] {
+        v[key] = value;
+    }
+    if !integral {
+        v["architectures"] = json!(["WhittleHymbaForCausalLM"]);
+        v["model_type"] = json!("whittle_hymba");
+        v["whittle_irregular"] = json!(format!(
+            "SSM width {e} is not a multiple of the hidden size {}, so the official integer \
+             mamba_expand cannot state it",
+            c.hidden
+        ));
+    }
+    Ok(v)
+}
+
+/// The tensors of a Hymba model under the names [`load`] reads: `(name, values, shape)`.
+pub(super) fn tensors(model: &Model) -> Result<Vec<Named<'_>>> {
+    let c = &model.config;
+    let s = shared(model)?;
+    let (h, e, k) = (c.hidden, s.ssm.inner, s.ssm.d_conv);
+    let mut out = Vec::new();
+    push(
+        &mut out,
+        format!("{}.weight", llama::EMBED.hf),
+        dense(&model.embed),
+    );
+    if let Some(head) = &model.lm_head {
+        push(&mut out, "lm_head.weight".into(), dense(head));
+    }
+    push(
+        &mut out,
+        "model.final_layernorm.weight".into(),
+        (Cow::Borrowed(&model.final_norm[..]), vec![h]),
+    );
+    if c.memory_tokens > 0 {
+        push(
+            &mut out,
+            "model.memory_tokens".into(),
+            (Cow::Borrowed(&model.memory[..]), vec![c.memory_tokens, h]),
+        );
+    }
+    for (i, l) in model.layers.iter().enumerate() {
+        let p = |s: &str| format!("model.layers.{i}.{s}");
+        let m = |s: &str| p(&format!("mamba.{s}"));
+        let (a, ssm, mlp) = match (&l.attn, &l.ssm, &l.mlp) {
+            (Some(a), Some(ssm), Some(mlp)) => (a, ssm, mlp),
+            _ => unreachable!("checked by shared()"),
+        };
+        push(
+            &mut out,
+            p(&format!("{}.weight", llama::ATTN_NORM.hf)),
+            vec1(&l.attn_norm),
+        );
+        push(&mut out, p("pre_moe_layernorm.weight"), vec1(&l.mlp_norm));
+        // in_proj = [q | k | v | x | z] (no k, v where the layer reads another's K/V).
+        let mut parts = vec![&a.q];
+        if let KvSource::Own { k, v } = &a.kv {
+            parts.extend([k, v]);
+        }
+        parts.extend([&ssm.in_x, &ssm.in_z]);
+        let rows: usize = parts.iter().map(|l| l.out_features).sum();
+        let in_proj: Vec<f32> = parts
+            .iter()
+            .flat_map(|l| l.dense_weight().into_owned())
+            .collect();
+        push(
+            &mut out,
+            m("in_proj.weight"),
+            (Cow::Owned(in_proj), vec![rows, h]),
+        );
+        push(
+            &mut out,
+            m("conv1d.weight"),
+            (Cow::Borrowed(&ssm.conv_weight[..]), vec![e, 1, k]),
+        );
+        push(&mut out, m("conv1d.bias"), vec1(&ssm.conv_bias));
+        push(&mut out, m("x_proj.0.weight"), dense(&ssm.x_proj));
+        if let Some([dt, b, cn]) = &ssm.inner_norms {
+            push(&mut out, m("dt_layernorm.weight"), vec1(dt));
+            push(&mut out, m("B_layernorm.weight"), vec1(b));
+            push(&mut out, m("C_layernorm.weight"), vec1(cn));
+        }
+        push(&mut out, m("dt_proj.0.weight"), dense(&ssm.dt_proj));
+        push(&mut out, m("dt_proj.0.bias"), vec1(&ssm.dt_bias));
+        push(
+            &mut out,
+            m("A_log.0"),
+            (Cow::Borrowed(&ssm.a_log[..]), vec![e, s.ssm.d_state]),
+        );
+        push(&mut out, m("D.0"), vec1(&ssm.d));
+        push(&mut out, m("out_proj.weight"), dense(&a.o));
+        let [f1, f2] = l.fusion.as_ref().expect("checked by shared()");
+        push(&mut out, m("pre_avg_layernorm1.weight"), vec1(f1));
+        push(&mut out, m("pre_avg_layernorm2.weight"), vec1(f2));
+        let expert = |s: &str| p(&format!("moe.experts.0.{s}.weight"));
+        push(&mut out, expert("gate_proj"), dense(&mlp.gate));
+        push(&mut out, expert("up_proj"), dense(&mlp.up));
+        push(&mut out, expert("down_proj"), dense(&mlp.down));
+    }
+    Ok(out)
+}
+
+/// A tensor's values and shape.
+type Tensor<'a> = (Cow<'a, [f32]>, Vec<usize>);
+
+/// A tensor under its checkpoint name.
+pub(super) type Named<'a> = (String, Cow<'a, [f32]>, Vec<usize>);
+
+fn push<'a>(out: &mut Vec<Named<'a>>, name: String, (v, shape): Tensor<'a>) {
+    out.push((name, v, shape));
+}
+
+fn dense(l: &Linear) -> Tensor<'_> {
+    (l.dense_weight(), vec![l.out_features, l.in_features])
+}
+
+fn vec1(v: &[f32]) -> Tensor<'_> {
+    (Cow::Borrowed(v), vec![v.len()])
 }

@@ -480,12 +480,23 @@ fn transformers_refuses(model: &Model) -> Option<String> {
 /// Writes `model` (and `tokenizer`) as an HF folder at `dir`, atomically: everything goes to a
 /// sibling temporary folder first, renamed to `dir` when complete. `dir` must not exist yet.
 pub fn save(model: &Model, tokenizer: Option<&Tokenizer>, packed: bool, dir: &Path) -> Result<()> {
-    if model.config.arch != Arch::Llama {
-        return Err(Error::Invalid(format!(
-            "HF export writes Llama models; this one is {} (trained models are kept in their \
-             `whittle train` checkpoint)",
-            model.config.arch.name()
-        )));
+    match model.config.arch {
+        Arch::Llama => {}
+        Arch::Hymba if !packed => {}
+        Arch::Hymba => {
+            return Err(Error::Invalid(
+                "Hymba export writes f32 weights; packed (quantized) Hymba linears are not \
+                 exported yet"
+                    .into(),
+            ))
+        }
+        other => {
+            return Err(Error::Invalid(format!(
+                "HF export writes Llama and Hymba models; this one is {} (trained models are \
+                 kept in their `whittle train` checkpoint)",
+                other.name()
+            )))
+        }
     }
     super::atomic::write_dir(dir, super::atomic::Existing::Refuse, |tmp| {
         write_folder(model, tokenizer, packed, tmp)
@@ -502,7 +513,16 @@ fn write_folder(
         let p = dir.join(name);
         std::fs::write(&p, text).map_err(|e| Error::io(&p, e))
     };
-    let cfg = config_json(model, tokenizer);
+    let hymba = model.config.arch == Arch::Hymba;
+    let cfg = if hymba {
+        super::hymba::config_json(
+            model,
+            tokenizer.and_then(|t| t.bos),
+            tokenizer.and_then(|t| t.eos),
+        )?
+    } else {
+        config_json(model, tokenizer)
+    };
     write(
         "config.json",
         serde_json::to_string_pretty(&cfg).unwrap_or_default(),
@@ -522,8 +542,27 @@ fn write_folder(
             serde_json::to_string_pretty(&tc).unwrap_or_default(),
         )?;
     }
-    let h = model.config.hidden;
     let mut meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    super::model_card::write(model, packed, dir)?;
+    let path = dir.join("model.safetensors");
+    let views = if hymba {
+        super::hymba::tensors(model)?
+            .into_iter()
+            .map(|(name, v, shape)| (name, OutView::F32(v, shape)))
+            .collect()
+    } else {
+        llama_views(model, packed, &mut meta)
+    };
+    safetensors::serialize_to_file(views, Some(meta), &path).map_err(|e| Error::format(&path, e))
+}
+
+/// The tensors of a Llama model, in the layout described at the top of this module.
+fn llama_views<'a>(
+    model: &'a Model,
+    packed: bool,
+    meta: &mut HashMap<String, String>,
+) -> Vec<(String, OutView<'a>)> {
+    let h = model.config.hidden;
     // Embeddings and head are always f32, as transformers expects them.
     let mut views: Vec<(String, OutView)> = vec![
         dense_view(&format!("{}.weight", llama::EMBED.hf), &model.embed),
@@ -549,7 +588,7 @@ fn write_folder(
             vec![h],
         ));
         for (name, _, lin) in l.linears() {
-            linear_views(&p(name), lin, packed, &mut views, &mut meta);
+            linear_views(&p(name), lin, packed, &mut views, meta);
         }
         for (name, e) in l.emulated.named() {
             let p = |s: String| p(&format!("{EMULATED}.{name}.{s}"));
@@ -559,9 +598,7 @@ fn write_folder(
             views.push(view(&p("bias".into()), &e.bias, vec![h]));
         }
     }
-    super::model_card::write(model, packed, dir)?;
-    let path = dir.join("model.safetensors");
-    safetensors::serialize_to_file(views, Some(meta), &path).map_err(|e| Error::format(&path, e))
+    views
 }
 
 fn view<'a>(name: &str, data: &'a [f32], shape: Vec<usize>) -> (String, OutView<'a>) {

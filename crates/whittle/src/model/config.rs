@@ -32,7 +32,10 @@ impl Arch {
             "llama" | "LlamaForCausalLM" | "whittle_llama" | "WhittleLlamaForCausalLM" => {
                 Ok(Arch::Llama)
             }
-            "hymba" | "HymbaForCausalLM" => Ok(Arch::Hymba),
+            // whittle's name for a Hymba whose widths the official config cannot state.
+            "hymba" | "HymbaForCausalLM" | "whittle_hymba" | "WhittleHymbaForCausalLM" => {
+                Ok(Arch::Hymba)
+            }
             "mamba" | "MambaForCausalLM" => Ok(Arch::Mamba),
             other => Err(crate::Error::UnknownArchitecture(other.to_string())),
         }

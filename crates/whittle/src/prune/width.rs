@@ -7,7 +7,7 @@
 //! below `heads × head_dim` (the exported config states `head_dim`, as Minitron's do).
 
 use super::importance::WidthScores;
-use crate::model::{Linear, LowRank, Weight};
+use crate::model::{Linear, LowRank, Site, Weight};
 use crate::{Error, Model, Result};
 
 /// Target widths; `None` keeps an axis as it is.
@@ -82,10 +82,13 @@ fn pick(v: &[f32], keep: &[usize]) -> Vec<f32> {
 /// Prunes `model` to `target` by `scores` (from [`super::importance`] on this model).
 /// Inputs are checked before anything changes.
 pub fn prune_width(model: &mut Model, scores: &WidthScores, target: &WidthTarget) -> Result<()> {
-    if model.layers.iter().any(|l| l.ssm.is_some()) || model.config.memory_tokens > 0 {
+    if target.heads_per_group.is_some() && model.layers.iter().any(|l| l.ssm.is_some()) {
+        // A hybrid layer fuses its attention heads with its SSM channels position by position
+        // before one output projection, so a head cannot leave alone.
         return Err(Error::Invalid(
-            "width pruning handles attention + MLP layers (Llama); this model has SSM heads or \
-             meta tokens"
+            "query heads of a model with SSM layers (Hymba, Mamba) are not pruned: a hybrid \
+             layer's heads share its output projection with the SSM channels; prune --hidden \
+             and --ffn instead"
                 .into(),
         ));
     }
@@ -187,15 +190,27 @@ fn prune_hidden(model: &mut Model, channels: &[f64], h: usize) -> Result<()> {
         model.lm_head = Some(slice_linear(head, None, k)?);
     }
     model.final_norm = pick(&model.final_norm, &keep);
+    // Meta tokens are rows of the residual stream.
+    let m = model.config.memory_tokens;
+    model.memory = (0..m)
+        .flat_map(|t| {
+            pick(
+                &model.memory[t * model.config.hidden..(t + 1) * model.config.hidden],
+                &keep,
+            )
+        })
+        .collect();
     for l in &mut model.layers {
         l.attn_norm = pick(&l.attn_norm, &keep);
         l.mlp_norm = pick(&l.mlp_norm, &keep);
-        for (name, _, lin) in l.linears_mut() {
-            // o_proj and down_proj write the residual stream; the others read it.
-            *lin = if name.ends_with("o_proj") || name.ends_with("down_proj") {
-                slice_linear(lin, k, None)?
-            } else {
-                slice_linear(lin, None, k)?
+        for (_, site, lin) in l.linears_mut() {
+            *lin = match site {
+                // The mixer's and the MLP's output projections write the residual stream.
+                Site::AttnOut | Site::MlpDown => slice_linear(lin, k, None)?,
+                // q/k/v, the SSM's x and z projections, gate and up read it.
+                Site::AttnIn | Site::MlpIn => slice_linear(lin, None, k)?,
+                // x_proj and dt_proj stay inside the SSM branch.
+                _ => continue,
             };
         }
         for (_, e) in l.emulated.named_mut() {
