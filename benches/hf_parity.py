@@ -5,8 +5,9 @@
 
 For each folder: `whittle eval logits` on the first --tokens tokens of --data, then
 `AutoModelForCausalLM.from_pretrained(FOLDER)` (float32) on the same ids; prints the max absolute
-logit difference. A folder whittle marked as not a plain Llama (`model_type: whittle_llama`) must be
-refused by transformers; the script checks that it is. Needs torch and transformers (the
+logit difference. Llama and Mamba folders alike. A folder whittle marked as its own (`model_type: whittle_*`:
+not a plain Llama, or widths transformers' config cannot state) must be refused by
+transformers; the script checks that it is. Needs torch and transformers (the
 reference harness's venv).
 """
 
@@ -37,10 +38,10 @@ def main() -> int:
     bad = 0
     for folder in a.folders:
         cfg = json.load(open(f"{folder}/config.json"))
-        if cfg.get("model_type") == "whittle_llama":
+        if str(cfg.get("model_type", "")).startswith("whittle_"):
             try:
                 AutoModelForCausalLM.from_pretrained(folder)
-                print(f"{folder}: transformers loaded a folder marked whittle_llama (wrong)")
+                print(f"{folder}: transformers loaded a folder marked {cfg['model_type']} (wrong)")
                 bad += 1
             except Exception as e:  # noqa: BLE001 - any refusal is the expected outcome
                 print(f"{folder}: refused by transformers as expected ({type(e).__name__}): "
@@ -58,11 +59,12 @@ def main() -> int:
         scale = t.abs().max().item()
         ok = diff <= a.tolerance and diff <= a.rel_tolerance * scale
         bad += not ok
-        print(f"{folder}: layers {cfg['num_hidden_layers']}, hidden {cfg['hidden_size']}, "
-              f"ffn {cfg['intermediate_size']}, heads {cfg['num_attention_heads']}/"
-              f"{cfg['num_key_value_heads']}, head_dim {cfg['head_dim']}: "
-              f"max |logit diff| over {a.tokens} tokens {diff:.2e} (max |logit| {scale:.1f}) "
-              f"{'ok' if ok else 'TOO LARGE'}")
+        shape = ", ".join(f"{k} {cfg[k]}" for k in (
+            "model_type", "num_hidden_layers", "hidden_size", "intermediate_size",
+            "num_attention_heads", "num_key_value_heads", "head_dim", "state_size")
+            if k in cfg)
+        print(f"{folder}: {shape}: max |logit diff| over {a.tokens} tokens {diff:.2e} "
+              f"(max |logit| {scale:.1f}) {'ok' if ok else 'TOO LARGE'}")
     return 1 if bad else 0
 
 

@@ -260,7 +260,7 @@ fn hf_export_of_what_the_hymba_layout_cannot_hold_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
     let e = whittle::io::safetensors::save(&model(), None, true, &out).unwrap_err();
-    assert!(e.to_string().contains("packed (quantized) Hymba"), "{e}");
+    assert!(e.to_string().contains("packed (quantized) hymba"), "{e}");
     let mut m = model();
     let mlp = m.layers[3].mlp.as_mut().unwrap();
     let keep: Vec<usize> = (0..100).collect();

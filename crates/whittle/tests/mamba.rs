@@ -127,3 +127,29 @@ fn decode_with_ssm_state_equals_full_pass() {
     }
     assert!(common::max_abs_diff(&got, &full) < 1e-4);
 }
+
+/// A Mamba is written in transformers' `MambaForCausalLM` layout (`in_proj` = `[x | z]`,
+/// `expand` from the widths) and loads back into the same model; a layer with an MLP (not a
+/// Mamba block) is refused and leaves no folder.
+#[test]
+fn hf_layout_round_trips() {
+    // SSM width 64 = 2 × hidden 32: transformers' integer `expand` states it.
+    let m = common::tiny_mamba(3, 64, None, 8);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("m");
+    whittle::io::safetensors::save(&m, None, false, &dir).unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["model_type"], "mamba");
+    let inner = m.layers[0].ssm.as_ref().unwrap().shape.inner;
+    assert_eq!(cfg["expand"], inner / m.config.hidden);
+    let back = whittle::io::safetensors::load(&dir).unwrap();
+    let ids: Vec<u32> = (0..20).map(|i| (i * 13 % 200) as u32).collect();
+    let logits = |m: &Model| m.forward(&ids, None, Logits::All, None).unwrap();
+    assert_eq!(logits(&back), logits(&m));
+    let with_mlp = common::tiny_mamba(2, 64, Some(48), 1);
+    let out = tmp.path().join("x");
+    let e = whittle::io::safetensors::save(&with_mlp, None, false, &out).unwrap_err();
+    assert!(e.to_string().contains("not a plain Mamba block"), "{e}");
+    assert!(!out.exists());
+}

@@ -527,19 +527,19 @@ pub(super) fn tensors(model: &Model) -> Result<Vec<Named<'_>>> {
 }
 
 /// A tensor's values and shape.
-type Tensor<'a> = (Cow<'a, [f32]>, Vec<usize>);
+pub(super) type Tensor<'a> = (Cow<'a, [f32]>, Vec<usize>);
 
 /// A tensor under its checkpoint name.
 pub(super) type Named<'a> = (String, Cow<'a, [f32]>, Vec<usize>);
 
-fn push<'a>(out: &mut Vec<Named<'a>>, name: String, (v, shape): Tensor<'a>) {
+pub(super) fn push<'a>(out: &mut Vec<Named<'a>>, name: String, (v, shape): Tensor<'a>) {
     out.push((name, v, shape));
 }
 
-fn dense(l: &Linear) -> Tensor<'_> {
+pub(super) fn dense(l: &Linear) -> Tensor<'_> {
     (l.dense_weight(), vec![l.out_features, l.in_features])
 }
 
-fn vec1(v: &[f32]) -> Tensor<'_> {
+pub(super) fn vec1(v: &[f32]) -> Tensor<'_> {
     (Cow::Borrowed(v), vec![v.len()])
 }

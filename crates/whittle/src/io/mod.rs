@@ -8,6 +8,7 @@ mod gguf_check;
 pub mod gguf_provenance;
 pub mod hub;
 pub mod hymba;
+pub mod mamba;
 pub mod model_card;
 pub mod onnx;
 pub mod peft;

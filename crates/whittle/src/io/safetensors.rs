@@ -281,8 +281,10 @@ fn load_weights(dir: &Path) -> Result<Model> {
         .or(cfg["model_type"].as_str())
         .unwrap_or("<missing>");
     let arch = Arch::parse(arch_name)?;
-    if arch == Arch::Hymba {
-        return super::hymba::load(dir, &cfg, &cfg_path);
+    match arch {
+        Arch::Hymba => return super::hymba::load(dir, &cfg, &cfg_path),
+        Arch::Mamba => return super::mamba::load(dir, &cfg, &cfg_path),
+        Arch::Llama => {}
     }
     let num = |k: &str| -> Result<usize> {
         cfg[k]
@@ -480,23 +482,12 @@ fn transformers_refuses(model: &Model) -> Option<String> {
 /// Writes `model` (and `tokenizer`) as an HF folder at `dir`, atomically: everything goes to a
 /// sibling temporary folder first, renamed to `dir` when complete. `dir` must not exist yet.
 pub fn save(model: &Model, tokenizer: Option<&Tokenizer>, packed: bool, dir: &Path) -> Result<()> {
-    match model.config.arch {
-        Arch::Llama => {}
-        Arch::Hymba if !packed => {}
-        Arch::Hymba => {
-            return Err(Error::Invalid(
-                "Hymba export writes f32 weights; packed (quantized) Hymba linears are not \
-                 exported yet"
-                    .into(),
-            ))
-        }
-        other => {
-            return Err(Error::Invalid(format!(
-                "HF export writes Llama and Hymba models; this one is {} (trained models are \
-                 kept in their `whittle train` checkpoint)",
-                other.name()
-            )))
-        }
+    if packed && model.config.arch != Arch::Llama {
+        return Err(Error::Invalid(format!(
+            "{} export writes f32 weights; packed (quantized) {} linears are not exported yet",
+            model.config.arch.name(),
+            model.config.arch.name()
+        )));
     }
     super::atomic::write_dir(dir, super::atomic::Existing::Refuse, |tmp| {
         write_folder(model, tokenizer, packed, tmp)
@@ -513,15 +504,11 @@ fn write_folder(
         let p = dir.join(name);
         std::fs::write(&p, text).map_err(|e| Error::io(&p, e))
     };
-    let hymba = model.config.arch == Arch::Hymba;
-    let cfg = if hymba {
-        super::hymba::config_json(
-            model,
-            tokenizer.and_then(|t| t.bos),
-            tokenizer.and_then(|t| t.eos),
-        )?
-    } else {
-        config_json(model, tokenizer)
+    let (bos, eos) = (tokenizer.and_then(|t| t.bos), tokenizer.and_then(|t| t.eos));
+    let cfg = match model.config.arch {
+        Arch::Llama => config_json(model, tokenizer),
+        Arch::Hymba => super::hymba::config_json(model, bos, eos)?,
+        Arch::Mamba => super::mamba::config_json(model, bos, eos)?,
     };
     write(
         "config.json",
@@ -545,13 +532,17 @@ fn write_folder(
     let mut meta = HashMap::from([("format".to_string(), "pt".to_string())]);
     super::model_card::write(model, packed, dir)?;
     let path = dir.join("model.safetensors");
-    let views = if hymba {
-        super::hymba::tensors(model)?
+    let named = match model.config.arch {
+        Arch::Llama => None,
+        Arch::Hymba => Some(super::hymba::tensors(model)?),
+        Arch::Mamba => Some(super::mamba::tensors(model)?),
+    };
+    let views = match named {
+        Some(t) => t
             .into_iter()
             .map(|(name, v, shape)| (name, OutView::F32(v, shape)))
-            .collect()
-    } else {
-        llama_views(model, packed, &mut meta)
+            .collect(),
+        None => llama_views(model, packed, &mut meta),
     };
     safetensors::serialize_to_file(views, Some(meta), &path).map_err(|e| Error::format(&path, e))
 }

@@ -36,7 +36,9 @@ impl Arch {
             "hymba" | "HymbaForCausalLM" | "whittle_hymba" | "WhittleHymbaForCausalLM" => {
                 Ok(Arch::Hymba)
             }
-            "mamba" | "MambaForCausalLM" => Ok(Arch::Mamba),
+            "mamba" | "MambaForCausalLM" | "whittle_mamba" | "WhittleMambaForCausalLM" => {
+                Ok(Arch::Mamba)
+            }
             other => Err(crate::Error::UnknownArchitecture(other.to_string())),
         }
     }
