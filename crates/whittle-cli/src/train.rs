@@ -1,6 +1,6 @@
 //! `whittle train`: trains a Llama, Mamba or Hymba model from scratch on a text corpus, resuming
 //! from `OUT/checkpoint` when one exists, and finishes with a summary (validation perplexity,
-//! cache size, decode speed at long context) in `OUT/summary.json`.
+//! cache size, decode speed at long context) in `OUT/summary.json` and the model in `OUT/model`.
 
 use crate::report::{table, write_json};
 use anyhow::{bail, Context, Result};
@@ -114,9 +114,17 @@ fn preset(arch: ArchArg, size: SizeArg, meta_tokens: bool, kv_sharing: bool) -> 
     }
 }
 
-pub fn init(a: &InitArgs) -> Result<()> {
+/// The default model's tokenizer: the one the presets are built for (`VOCAB` ids).
+fn default_tokenizer() -> Result<whittle::io::tokenizer::Tokenizer> {
     let path = ModelSpec::Default.resolve()?;
-    let tok = resolve::load_tokenizer(&path, &resolve::load_model(&path)?)?;
+    Ok(resolve::load_tokenizer(
+        &path,
+        &resolve::load_model(&path)?,
+    )?)
+}
+
+pub fn init(a: &InitArgs) -> Result<()> {
+    let tok = default_tokenizer()?;
     let model = preset(a.arch, a.size, true, true).build(VOCAB, a.context, a.seed)?;
     whittle::io::safetensors::save(&model, Some(&tok), false, &a.out)?;
     println!(
@@ -387,5 +395,13 @@ fn summary(trainer: &mut Trainer, data: &TokenData, out: &Path) -> Result<()> {
             ],
         ],
     );
-    write_json(&out.join("summary.json"), &s)
+    write_json(&out.join("summary.json"), &s)?;
+    // The trained model as a folder every command (and transformers, for Llama and Mamba) loads.
+    let dir = out.join("model");
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir)?;
+    }
+    whittle::io::safetensors::save(model, Some(&default_tokenizer()?), false, &dir)?;
+    eprintln!("wrote {}", dir.display());
+    Ok(())
 }

@@ -230,6 +230,11 @@ fn train_stops_on_its_time_budget_resumes_and_plots() {
         serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
     assert_eq!(summary["steps"], 3);
     assert!(summary["val_ppl"].as_f64().unwrap().is_finite());
+    // The trained Hymba is a folder that loads again.
+    let model = out.join("model");
+    let (code, inspect, err) = whittle(&["inspect", "--model", model.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(inspect.contains("hymba"), "{inspect}");
     let svg = dir.path().join("curves.svg");
     let (code, _, err) = whittle(&["plot", "--run", out_s, "--out", svg.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
