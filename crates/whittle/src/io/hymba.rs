@@ -444,19 +444,10 @@ pub(super) fn tensors(model: &Model) -> Result<Vec<Named<'_>>> {
     let c = &model.config;
     let s = shared(model)?;
     let (h, e, k) = (c.hidden, s.ssm.inner, s.ssm.d_conv);
-    let mut out = Vec::new();
-    push(
-        &mut out,
-        format!("{}.weight", llama::EMBED.hf),
-        dense(&model.embed),
-    );
-    if let Some(head) = &model.lm_head {
-        push(&mut out, "lm_head.weight".into(), dense(head));
-    }
-    push(
-        &mut out,
-        "model.final_layernorm.weight".into(),
-        (Cow::Borrowed(&model.final_norm[..]), vec![h]),
+    let mut out = ends(
+        model,
+        &format!("{}.weight", llama::EMBED.hf),
+        "model.final_layernorm.weight",
     );
     if c.memory_tokens > 0 {
         push(
@@ -484,16 +475,7 @@ pub(super) fn tensors(model: &Model) -> Result<Vec<Named<'_>>> {
             parts.extend([k, v]);
         }
         parts.extend([&ssm.in_x, &ssm.in_z]);
-        let rows: usize = parts.iter().map(|l| l.out_features).sum();
-        let in_proj: Vec<f32> = parts
-            .iter()
-            .flat_map(|l| l.dense_weight().into_owned())
-            .collect();
-        push(
-            &mut out,
-            m("in_proj.weight"),
-            (Cow::Owned(in_proj), vec![rows, h]),
-        );
+        push(&mut out, m("in_proj.weight"), stacked(&parts));
         push(
             &mut out,
             m("conv1d.weight"),
@@ -528,6 +510,29 @@ pub(super) fn tensors(model: &Model) -> Result<Vec<Named<'_>>> {
 
 /// A tensor's values and shape.
 pub(super) type Tensor<'a> = (Cow<'a, [f32]>, Vec<usize>);
+
+/// The embedding, an untied head and the final norm, under a layout's names for the first and
+/// the last.
+pub(super) fn ends<'a>(model: &'a Model, embed: &str, final_norm: &str) -> Vec<Named<'a>> {
+    let mut out = Vec::new();
+    push(&mut out, embed.into(), dense(&model.embed));
+    if let Some(head) = &model.lm_head {
+        push(&mut out, "lm_head.weight".into(), dense(head));
+    }
+    push(&mut out, final_norm.into(), vec1(&model.final_norm));
+    out
+}
+
+/// Linears reading the same input stacked row-wise into one matrix (a fused `in_proj`).
+pub(super) fn stacked(parts: &[&Linear]) -> Tensor<'static> {
+    let rows = parts.iter().map(|l| l.out_features).sum();
+    let inp = parts.first().map_or(0, |l| l.in_features);
+    let w: Vec<f32> = parts
+        .iter()
+        .flat_map(|l| l.dense_weight().into_owned())
+        .collect();
+    (Cow::Owned(w), vec![rows, inp])
+}
 
 /// A tensor under its checkpoint name.
 pub(super) type Named<'a> = (String, Cow<'a, [f32]>, Vec<usize>);

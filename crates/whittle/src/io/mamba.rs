@@ -5,7 +5,7 @@
 //! divides the SSM width cannot be said with transformers' integer `expand`: such a folder is
 //! whittle's own (`whittle_mamba`, the width in `intermediate_size`), refused by name.
 
-use super::hymba::{dense, push, vec1, Named};
+use super::hymba::{dense, ends, push, stacked, vec1, Named};
 use super::safetensors::Shards;
 use crate::model::{Arch, Layer, Linear, Model, ModelConfig, Ssm, SsmShape};
 use crate::{Error, Result};
@@ -183,20 +183,11 @@ pub(super) fn config_json(model: &Model, bos: Option<u32>, eos: Option<u32>) -> 
 /// The tensors of a Mamba model under the names [`load`] reads.
 pub(super) fn tensors(model: &Model) -> Result<Vec<Named<'_>>> {
     let s = shared(model)?;
-    let (h, e) = (model.config.hidden, s.inner);
-    let mut out = Vec::new();
-    push(
-        &mut out,
-        "backbone.embeddings.weight".into(),
-        dense(&model.embed),
-    );
-    if let Some(head) = &model.lm_head {
-        push(&mut out, "lm_head.weight".into(), dense(head));
-    }
-    push(
-        &mut out,
-        "backbone.norm_f.weight".into(),
-        vec1(&model.final_norm),
+    let e = s.inner;
+    let mut out = ends(
+        model,
+        "backbone.embeddings.weight",
+        "backbone.norm_f.weight",
     );
     for (i, l) in model.layers.iter().enumerate() {
         let m = |p: &str| format!("backbone.layers.{i}.mixer.{p}");
@@ -207,14 +198,10 @@ pub(super) fn tensors(model: &Model) -> Result<Vec<Named<'_>>> {
             format!("backbone.layers.{i}.norm.weight"),
             vec1(&l.attn_norm),
         );
-        let in_proj: Vec<f32> = [&ssm.in_x, &ssm.in_z]
-            .iter()
-            .flat_map(|l| l.dense_weight().into_owned())
-            .collect();
         push(
             &mut out,
             m("in_proj.weight"),
-            (Cow::Owned(in_proj), vec![2 * e, h]),
+            stacked(&[&ssm.in_x, &ssm.in_z]),
         );
         push(
             &mut out,
