@@ -409,6 +409,17 @@ fn per_layer_widths_export_as_deci_gguf() {
     let toks = &windows()[0];
     assert!(max_abs_diff(&logits(&back, toks), &logits(&m, toks)) < 1e-5);
 
+    // A `deci` layer with heads but no query projection (Nemotron-51B's linear attention) is
+    // refused, not read as a layer without attention: rename layer 0's query tensor in place.
+    let mut bytes = std::fs::read(&g).unwrap();
+    let (from, to) = (b"blk.0.attn_q.weight", b"blk.0.attn_x.weight");
+    let at = bytes.windows(from.len()).position(|w| w == from).unwrap();
+    bytes[at..at + to.len()].copy_from_slice(to);
+    let linear = dir.path().join("linear.gguf");
+    std::fs::write(&linear, bytes).unwrap();
+    let err = load(&linear).err().unwrap().to_string();
+    assert!(err.contains("linear-attention layer"), "{err}");
+
     let mut no_mlp = shapes.to_vec();
     no_mlp[2].mlp = None;
     let m = random_model(common::tiny_config(true), &no_mlp, 3).unwrap();

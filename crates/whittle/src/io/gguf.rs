@@ -15,12 +15,12 @@ use candle_core::Device;
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::BufReader;
+use std::path::{Path, PathBuf};
 
 /// llama.cpp's name for Llama models whose layers differ (NVIDIA's NAS-pruned Nemotron-51B,
 /// DeciLM): head and FFN counts per layer, zero for a missing sublayer. whittle writes pruned
 /// models with per-layer widths or missing sublayers under it and reads it back as Llama.
 const DECI: &str = "deci";
-use std::path::{Path, PathBuf};
 
 /// An opened GGUF file: parsed header, tensors still on disk.
 pub struct GgufFile {
@@ -302,6 +302,13 @@ impl GgufFile {
                     o: self.linear(&p(llama::O), h, shape.q_dim())?,
                     window: None,
                 })
+            } else if self.has_tensor(&p(llama::O)) {
+                // Nemotron-51B's `deci` layers with heads but no K/V: one linear map in place of
+                // attention, which whittle does not represent.
+                return Err(self.err(format!(
+                    "layer {i} has an attention output but no query projection (a `deci` \
+                     linear-attention layer), which is not supported"
+                )));
             } else {
                 None
             };
