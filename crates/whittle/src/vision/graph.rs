@@ -57,14 +57,16 @@ fn tensor_of(c: &Constant) -> Result<Tensor> {
 }
 
 impl Graph {
-    /// Reads an ONNX file whose operators are all in [`OPERATORS`].
+    /// Reads an ONNX file whose operators are all in [`OPERATORS`], with convolutions' affine
+    /// chains and cancelling transposes folded away ([`super::fold`]).
     pub fn load(path: &Path) -> Result<Self> {
-        let onnx = OnnxModel::read(path)?;
+        let mut onnx = OnnxModel::read(path)?;
         onnx.check_operators("whittle's ONNX executor", OPERATORS)?;
         let mut weights = HashMap::new();
         for (name, _) in onnx.initializer_dims() {
             weights.insert(name.to_string(), tensor_of(&onnx.constant(name)?)?);
         }
+        super::fold::fold(&mut onnx.nodes, &mut weights)?;
         let mut last_use = HashMap::new();
         for (i, node) in onnx.nodes.iter().enumerate() {
             for input in &node.inputs {
@@ -131,7 +133,7 @@ impl Graph {
     }
 }
 
-type OpResult = std::result::Result<Vec<Tensor>, String>;
+pub(super) type OpResult = std::result::Result<Vec<Tensor>, String>;
 
 fn err<T>(msg: impl Into<String>) -> std::result::Result<T, String> {
     Err(msg.into())
@@ -174,7 +176,7 @@ fn arg(args: &[Option<Tensor>], i: usize) -> std::result::Result<&Tensor, String
         .ok_or_else(|| format!("input {i} is missing"))
 }
 
-fn apply(node: &Node, args: &[Option<Tensor>]) -> OpResult {
+pub(super) fn apply(node: &Node, args: &[Option<Tensor>]) -> OpResult {
     let c = |r: candle_core::Result<Tensor>| r.map(|t| vec![t]).map_err(|e| e.to_string());
     let x = || arg(args, 0);
     match node.op_type.as_str() {

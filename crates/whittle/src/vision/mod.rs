@@ -4,6 +4,7 @@
 pub mod dinov2;
 pub mod distill;
 pub mod efficientnet;
+mod fold;
 pub mod graph;
 pub mod resize;
 pub mod teachers;
