@@ -74,6 +74,10 @@ fn fold_conv(
         return Ok(Vec::new());
     };
     let name = conv.name.clone();
+    // A malformed node (no input or output) is left for the executor to report.
+    let (Some(x), Some(out)) = (conv.inputs.first().cloned(), conv.outputs.first().cloned()) else {
+        return Ok(Vec::new());
+    };
     let c = w.dims()[0];
     let bias = match conv.inputs.get(2).filter(|s| !s.is_empty()) {
         Some(b) => match weights.get(b) {
@@ -84,12 +88,15 @@ fn fold_conv(
     };
     // Walk the single-reader chain: at most one transpose first, no-op casts, then per-channel
     // Add / Sub / Mul by constants.
-    let (mut cur, mut axis, mut transpose) = (conv.outputs[0].clone(), 1, None);
+    let (mut cur, mut axis, mut transpose) = (out, 1, None);
     let (mut scale, mut shift) = (vec![1f32; c], vec![0f32; c]);
     let (mut chain, mut folded_to) = (Vec::new(), None::<(String, usize)>);
     while let Some(i) = only_reader(readers, &cur) {
         let n = &nodes[i];
-        if n.inputs[0] != cur {
+        let Some(next) = n.outputs.first().cloned() else {
+            break;
+        };
+        if n.inputs.first() != Some(&cur) {
             break;
         }
         match n.op_type.as_str() {
@@ -121,11 +128,11 @@ fn fold_conv(
                     }
                 }
                 chain.push(i);
-                folded_to = Some((n.outputs[0].clone(), chain.len()));
+                folded_to = Some((next.clone(), chain.len()));
             }
             _ => break,
         }
-        cur = nodes[i].outputs[0].clone();
+        cur = next;
     }
     let Some((last, len)) = folded_to else {
         return Ok(Vec::new());
@@ -139,7 +146,7 @@ fn fold_conv(
     weights.insert(wn.clone(), new_w);
     weights.insert(bn.clone(), Tensor::from_vec(new_b, c, &Device::Cpu)?);
     let conv = &mut nodes[ci];
-    conv.inputs = vec![conv.inputs[0].clone(), wn, bn];
+    conv.inputs = vec![x, wn, bn];
     match transpose {
         // The transpose now reads the folded convolution and writes the chain's last value.
         Some(t) => nodes[t].outputs = vec![last],
@@ -155,16 +162,23 @@ fn cancel_transposes(
     readers: &HashMap<String, Vec<usize>>,
     ti: usize,
 ) -> Vec<usize> {
-    let Some(p) = perm_of(&nodes[ti]) else {
+    let t = &nodes[ti];
+    let (Some(p), Some(input), Some(mut cur)) = (
+        perm_of(t),
+        t.inputs.first().cloned(),
+        t.outputs.first().cloned(),
+    ) else {
         return Vec::new();
     };
-    let (input, mut cur) = (nodes[ti].inputs[0].clone(), nodes[ti].outputs[0].clone());
     let mut between = Vec::new();
     while let Some(i) = only_reader(readers, &cur) {
         let n = &nodes[i];
+        let Some(next) = n.outputs.first().cloned() else {
+            return Vec::new();
+        };
         if n.op_type == "Relu" || is_float_cast(n) {
             between.push(i);
-            cur = n.outputs[0].clone();
+            cur = next;
             continue;
         }
         let inverse = n.op_type == "Transpose"
@@ -173,10 +187,9 @@ fn cancel_transposes(
             return Vec::new();
         }
         // The unary chain reads the first transpose's input and writes the second's output.
-        let out = n.outputs[0].clone();
         nodes[between[0]].inputs[0] = input;
         let last = *between.last().expect("not empty");
-        nodes[last].outputs = vec![out];
+        nodes[last].outputs = vec![next];
         return vec![ti, i];
     }
     Vec::new()
@@ -188,11 +201,15 @@ pub fn fold(nodes: &mut Vec<Node>, weights: &mut HashMap<String, Tensor>) -> Res
     let before = nodes.len();
     let mut aliases = Vec::new();
     nodes.retain(|n| {
-        let constant = n.op_type == "Identity" && weights.contains_key(&n.inputs[0]);
-        if constant {
-            aliases.push((n.outputs[0].clone(), n.inputs[0].clone()));
-        }
-        !constant
+        let constant = match (n.op_type.as_str(), n.inputs.first(), n.outputs.first()) {
+            ("Identity", Some(i), Some(o)) if weights.contains_key(i) => {
+                Some((o.clone(), i.clone()))
+            }
+            _ => None,
+        };
+        let keep = constant.is_none();
+        aliases.extend(constant);
+        keep
     });
     for (alias, of) in aliases {
         let t = weights[&of].clone();
