@@ -73,6 +73,9 @@ fn fold_conv(
     let Some(w) = conv.inputs.get(1).and_then(|n| weights.get(n)).cloned() else {
         return Ok(Vec::new());
     };
+    if w.rank() != 4 {
+        return Ok(Vec::new());
+    }
     let name = conv.name.clone();
     // A malformed node (no input or output) is left for the executor to report.
     let (Some(x), Some(out)) = (conv.inputs.first().cloned(), conv.outputs.first().cloned()) else {
