@@ -83,9 +83,13 @@ fn fold_conv(
     };
     let c = w.dims()[0];
     let bias = match conv.inputs.get(2).filter(|s| !s.is_empty()) {
-        Some(b) => match weights.get(b) {
-            Some(t) => t.flatten_all()?.to_vec1::<f32>()?,
-            None => return Ok(Vec::new()),
+        Some(b) => match weights
+            .get(b)
+            .and_then(|t| t.flatten_all().ok()?.to_vec1::<f32>().ok())
+        {
+            Some(v) if v.len() == c => v,
+            // A computed or ill-shaped bias: not folded (the executor reports what is wrong).
+            _ => return Ok(Vec::new()),
         },
         None => vec![0.0; c],
     };
