@@ -125,7 +125,8 @@ pub fn qdot_i16_rows_at(level: Level, rows: QRows, x: &QActs, out: &mut [f32]) {
     assert!(row.data.len() == blocks * block_bytes(rows.bits));
     assert!(row.scales.len() == blocks.div_ceil(per_group));
     // SAFETY: `takes` admits AVX2 and above on x86-64 and NEON on AArch64, and a level is only
-    // ever one the CPU runs (`avx512` and `amx` include AVX-512 F + BW); every row is as long as the first (`QRows`), checked above.
+    // ever one the CPU runs (`avx512` and `amx` include AVX-512 F + BW); every row is as long
+    // as the first (`QRows`), checked above.
     #[cfg(target_arch = "x86_64")]
     unsafe {
         match (level, rows.zero.is_some()) {
