@@ -8,7 +8,7 @@ use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use whittle::eval::speed;
-use whittle::io::resolve::{self, ModelSpec};
+use whittle::io::resolve::ModelSpec;
 use whittle::model::{Arch, KvCache};
 use whittle::train::optim::AdamWConfig;
 use whittle::train::presets::{Preset, Size};
@@ -114,13 +114,12 @@ fn preset(arch: ArchArg, size: SizeArg, meta_tokens: bool, kv_sharing: bool) -> 
     }
 }
 
-/// The default model's tokenizer: the one the presets are built for (`VOCAB` ids).
+/// The default model's tokenizer: the one the presets are built for (`VOCAB` ids). The default
+/// model is a GGUF file, whose header holds the tokenizer: its weights are not read.
 fn default_tokenizer() -> Result<whittle::io::tokenizer::Tokenizer> {
     let path = ModelSpec::Default.resolve()?;
-    Ok(resolve::load_tokenizer(
-        &path,
-        &resolve::load_model(&path)?,
-    )?)
+    let spec = whittle::io::gguf::GgufFile::open(&path)?.tokenizer_spec()?;
+    Ok(whittle::io::tokenizer::Tokenizer::from_spec(&spec)?)
 }
 
 pub fn init(a: &InitArgs) -> Result<()> {
@@ -184,10 +183,7 @@ pub(crate) fn split_files(dir: &Path, split: &str) -> Result<Vec<PathBuf>> {
 
 /// Token ids of `files` read by the default model's tokenizer (the study's), cached in `cache`.
 fn tokens(files: &[PathBuf], cache: &Path) -> Result<Vec<u32>> {
-    let path = ModelSpec::Default.resolve()?;
-    let model = resolve::load_model(&path)?;
-    let tok = resolve::load_tokenizer(&path, &model)?;
-    tokens_with(&tok, files, cache)
+    tokens_with(&default_tokenizer()?, files, cache)
 }
 
 /// Token ids of `files`, books joined by the end-of-text token; cached in `cache` (u32 LE).

@@ -129,15 +129,9 @@ pub fn qdot_i16_rows_at(level: Level, rows: QRows, x: &QActs, out: &mut [f32]) {
     // as the first (`QRows`), checked above.
     #[cfg(target_arch = "x86_64")]
     unsafe {
-        match (level, rows.zero.is_some()) {
-            (Level::Avx512 | Level::Amx, true) => {
-                x86::dot_rows_avx512::<true>(rows, x, per_group, out)
-            }
-            (Level::Avx512 | Level::Amx, false) => {
-                x86::dot_rows_avx512::<false>(rows, x, per_group, out)
-            }
-            (_, true) => x86::dot_rows_avx2::<true>(rows, x, per_group, out),
-            (_, false) => x86::dot_rows_avx2::<false>(rows, x, per_group, out),
+        match level {
+            Level::Avx512 | Level::Amx => x86::dot_rows_avx512(rows, x, per_group, out),
+            _ => x86::dot_rows_avx2(rows, x, per_group, out),
         }
     }
     #[cfg(target_arch = "aarch64")]
@@ -273,28 +267,29 @@ mod x86 {
 
     /// Every row of `rows` against `x`, four at a time, blocks as two 16-lane halves.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot_rows_avx2<const SYM: bool>(
-        rows: QRows,
-        x: &QActs,
-        per_group: usize,
-        out: &mut [f32],
-    ) {
-        dot_rows::<Avx2, SYM>(rows, x, per_group, out)
+    pub unsafe fn dot_rows_avx2(rows: QRows, x: &QActs, per_group: usize, out: &mut [f32]) {
+        dot_rows::<Avx2>(rows, x, per_group, out)
     }
 
     /// Every row of `rows` against `x`, four at a time, whole blocks in 32 lanes.
     #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
-    pub unsafe fn dot_rows_avx512<const SYM: bool>(
-        rows: QRows,
-        x: &QActs,
-        per_group: usize,
-        out: &mut [f32],
-    ) {
-        dot_rows::<Avx512, SYM>(rows, x, per_group, out)
+    pub unsafe fn dot_rows_avx512(rows: QRows, x: &QActs, per_group: usize, out: &mut [f32]) {
+        dot_rows::<Avx512>(rows, x, per_group, out)
+    }
+
+    /// Symmetric rows (a zero point, no mins to read) and rows with mins each get their own
+    /// body.
+    #[inline(always)]
+    unsafe fn dot_rows<W: Width>(rows: QRows, x: &QActs, per_group: usize, out: &mut [f32]) {
+        if rows.zero.is_some() {
+            rows_of::<W, true>(rows, x, per_group, out)
+        } else {
+            rows_of::<W, false>(rows, x, per_group, out)
+        }
     }
 
     #[inline(always)]
-    unsafe fn dot_rows<W: Width, const SYM: bool>(
+    unsafe fn rows_of<W: Width, const SYM: bool>(
         rows: QRows,
         x: &QActs,
         per_group: usize,

@@ -191,14 +191,10 @@ fn prune_hidden(model: &mut Model, channels: &[f64], h: usize) -> Result<()> {
     }
     model.final_norm = pick(&model.final_norm, &keep);
     // Meta tokens are rows of the residual stream.
-    let m = model.config.memory_tokens;
-    model.memory = (0..m)
-        .flat_map(|t| {
-            pick(
-                &model.memory[t * model.config.hidden..(t + 1) * model.config.hidden],
-                &keep,
-            )
-        })
+    model.memory = model
+        .memory
+        .chunks_exact(model.config.hidden)
+        .flat_map(|row| pick(row, &keep))
         .collect();
     for l in &mut model.layers {
         l.attn_norm = pick(&l.attn_norm, &keep);
