@@ -54,10 +54,14 @@ pub fn run(
             row: speed::prefill(&expanded, &ids, t, reps)?,
             key: baselines::Measure::Prefill(t),
         });
-        // A 2:4 model's own prefill (packed weights expanded per product or tiled once).
-        if sparse {
+        // A packed or 2:4 model's own prefill (weights expanded per product or tiled once).
+        if sparse || packed {
             let mut row = speed::prefill(&loaded.model, &ids, t, reps)?;
-            row.what += ", 2:4 packed";
+            row.what += if sparse {
+                ", 2:4 packed"
+            } else {
+                ", weights as stored"
+            };
             lines.push(Line {
                 row,
                 key: baselines::Measure::PrefillStored(t),

@@ -139,3 +139,64 @@ fn calibrated_methods_beat_their_baselines() {
     eprintln!("int4 first window: RTN {rtn_ppl:.3}, GPTQ {gptq_ppl:.3}, +SVD r16 {svd:.3}, +EoRA r16 {eora:.3}");
     assert!(eora < svd && svd < rtn_ppl);
 }
+
+/// The "2:4 + int4" chain (magnitude 2:4, then RTN int4 on a symmetric grid, group 128) stored
+/// as 2:4 codes where the level has their kernel: every linear packs, perplexity is that of
+/// the dense blocks (prefill expands both to the same weights), and greedy decode through the
+/// 2:4 integer dot picks the same tokens with logits within 1e-3 of their range.
+#[test]
+fn two_four_int4_codes_decode_like_their_dense_blocks() {
+    use whittle::kernels::simd::{with_level, Level};
+    use whittle::kernels::sparse24_int;
+    use whittle::model::{sampling::argmax, KvCache, Logits};
+    let mut blocks = load_default().model;
+    let nm = Pattern::NM { n: 2, m: 4 };
+    sparsify_model(
+        &mut blocks,
+        &[],
+        SparsityMethod::Magnitude,
+        nm,
+        &[],
+        &mut |_, _| {},
+    )
+    .unwrap();
+    let sym = QuantConfig { sym: true, ..INT4 };
+    quantize_model(&mut blocks, &[], QuantMethod::Rtn, sym, &[], &mut |_, _| {}).unwrap();
+    let decode = |m: &Model| {
+        let prompt = &ids("valid")[..64];
+        let mut cache = KvCache::new(m, 96).unwrap();
+        let mut rows = vec![m
+            .forward(prompt, Some(&mut cache), Logits::Last, None)
+            .unwrap()];
+        for _ in 0..16 {
+            let next = argmax(rows.last().unwrap());
+            rows.push(
+                m.forward(&[next], Some(&mut cache), Logits::Last, None)
+                    .unwrap(),
+            );
+        }
+        rows
+    };
+    for level in Level::supported()
+        .into_iter()
+        .filter(|l| sparse24_int::takes(*l, 4))
+    {
+        with_level(level, || {
+            let mut codes = blocks.clone();
+            assert_eq!(codes.pack_sparse24(), 30 * 7, "{level}");
+            assert_eq!(ppl(&codes, 2048), ppl(&blocks, 2048), "{level}");
+            for (i, (a, b)) in decode(&blocks).iter().zip(decode(&codes)).enumerate() {
+                assert_eq!(argmax(a), argmax(&b), "step {i} at {level}");
+                let range = a.iter().fold(0f32, |r, v| r.max(v.abs()));
+                let diff = a
+                    .iter()
+                    .zip(&b)
+                    .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+                assert!(
+                    diff < 1e-3 * range,
+                    "step {i} at {level}: {diff} of {range}"
+                );
+            }
+        });
+    }
+}

@@ -4,6 +4,7 @@
 
 use crate::kernels::simd::{for_each_level, Level};
 use crate::kernels::{activation, attention, exp, matmul, norm, qdot, rope, sparse24, ssm};
+use crate::kernels::{qdot_i16, sparse24_int};
 use crate::model::AttnShape;
 use serde::Serialize;
 use std::time::Instant;
@@ -65,6 +66,31 @@ pub fn run(reps: usize) -> Vec<KernelTime> {
         .collect();
     let packed24 =
         crate::model::sparse::Sparse24::pack(&half, ffn, hidden).expect("a 2:4 matrix packs");
+    // A symmetric 4-bit matrix 2:4-sparse (the same codes, the last two of every four at the
+    // zero point 8), as 2:4 codes.
+    let steps = hidden / sparse24_int::STEP;
+    let mut codes24 = vec![0u8; ffn * steps * sparse24_int::step_bytes(4)];
+    let mut index24 = vec![0u64; ffn * steps];
+    let mut row_q = vec![0u8; hidden];
+    for (r, (c, i)) in codes24
+        .chunks_exact_mut(steps * sparse24_int::step_bytes(4))
+        .zip(index24.chunks_exact_mut(steps))
+        .enumerate()
+    {
+        sparse24_int::row_codes(4, row(r).data, &mut row_q);
+        for g in row_q.chunks_exact_mut(4) {
+            g[2..].fill(8);
+        }
+        assert!(sparse24_int::pack_codes(4, 8, &row_q, c, i));
+    }
+    let matrix24 = sparse24_int::Rows24 {
+        bits: 4,
+        group: 32,
+        inp: hidden,
+        codes: &codes24,
+        index: &index24,
+        scales: &scales,
+    };
     let table = rope::RopeTable::new(64, 10000.0, tokens);
     let norm_w = wave(hidden, 29);
     let scan = ssm::ScanData::synthetic(64, 512, 16);
@@ -108,12 +134,21 @@ pub fn run(reps: usize) -> Vec<KernelTime> {
                 }
             }),
         );
-        if crate::kernels::qdot_i16::takes(level, 4) {
+        if qdot_i16::takes(level, 4) {
             push(
                 "gemv Q4×int16 576→1536",
                 time(reps, || {
-                    let xq = crate::kernels::qdot_i16::QActs::quantize(&x[..hidden]);
-                    crate::kernels::qdot_i16::qdot_i16_rows_at(level, matrix, &xq, &mut y[..ffn]);
+                    let xq = qdot_i16::QActs::quantize(&x[..hidden]);
+                    qdot_i16::qdot_i16_rows_at(level, matrix, &xq, &mut y[..ffn]);
+                }),
+            );
+        }
+        if sparse24_int::takes(level, 4) {
+            push(
+                "gemv 2:4 Q4×int16 576→1536",
+                time(reps, || {
+                    let xq = qdot_i16::QActs::quantize(&x[..hidden]);
+                    sparse24_int::dot_rows_at(level, matrix24, &xq, &mut y[..ffn]);
                 }),
             );
         }
@@ -123,6 +158,14 @@ pub fn run(reps: usize) -> Vec<KernelTime> {
             time(reps, || {
                 for (r, yr) in expanded.chunks_exact_mut(hidden).enumerate() {
                     qdot::dequant_row(row(r), yr);
+                }
+            }),
+        );
+        push(
+            "expand 2:4 Q4 1536×576",
+            time(reps, || {
+                for (r, yr) in expanded.chunks_exact_mut(hidden).enumerate() {
+                    matrix24.range(r..r + 1).unpack_row_at(level, yr);
                 }
             }),
         );

@@ -479,6 +479,13 @@ fn unpermute_rows(lin: &mut Linear, n_heads: usize, head_dim: usize) {
             s.values = un(&s.values, inp / 2);
             s.index = permuted_rows(&s.index, inp.div_ceil(8), n_heads, head_dim, false);
         }
+        Weight::Sparse24Int(s) => {
+            let steps = inp / crate::kernels::sparse24_int::STEP;
+            let row_bytes = steps * crate::kernels::sparse24_int::step_bytes(s.bits);
+            s.codes = permuted_rows(&s.codes, row_bytes, n_heads, head_dim, false);
+            s.index = permuted_rows(&s.index, steps, n_heads, head_dim, false);
+            s.scales = un(&s.scales, inp.div_ceil(s.group));
+        }
     }
 }
 

@@ -395,7 +395,7 @@ fn load_weights(dir: &Path) -> Result<Model> {
 /// A tensor for the safetensors writer; f32 bytes are produced per tensor while writing.
 enum OutView<'a> {
     F32(Cow<'a, [f32]>, Vec<usize>),
-    U8(&'a [u8], Vec<usize>),
+    U8(Cow<'a, [u8]>, Vec<usize>),
 }
 
 impl View for OutView<'_> {
@@ -413,7 +413,7 @@ impl View for OutView<'_> {
     fn data(&self) -> Cow<'_, [u8]> {
         match self {
             OutView::F32(d, _) => Cow::Owned(d.iter().flat_map(|v| v.to_le_bytes()).collect()),
-            OutView::U8(d, _) => Cow::Borrowed(d),
+            OutView::U8(d, _) => Cow::Borrowed(d.as_ref()),
         }
     }
     fn data_len(&self) -> usize {
@@ -611,25 +611,37 @@ fn linear_views<'a>(
     meta: &mut HashMap<String, String>,
 ) {
     let out = l.out_features;
-    match l.weight() {
-        Weight::Packed(p) if packed => {
+    match l.packed_weight().filter(|_| packed) {
+        Some(p) => {
             let groups = p.scales.len() / out;
+            let (bits, group) = (p.bits, p.group);
+            let (data, scales, mins) = match p {
+                Cow::Borrowed(p) => (
+                    Cow::Borrowed(&p.data[..]),
+                    Cow::Borrowed(&p.scales[..]),
+                    Cow::Borrowed(&p.mins[..]),
+                ),
+                Cow::Owned(p) => (Cow::Owned(p.data), Cow::Owned(p.scales), Cow::Owned(p.mins)),
+            };
+            let row_bytes = data.len() / out;
             views.push((
                 format!("{prefix}.qweight"),
-                OutView::U8(&p.data, vec![out, p.data.len() / out]),
+                OutView::U8(data, vec![out, row_bytes]),
             ));
-            views.push(view(
-                &format!("{prefix}.scales"),
-                &p.scales,
-                vec![out, groups],
+            views.push((
+                format!("{prefix}.scales"),
+                OutView::F32(scales, vec![out, groups]),
             ));
-            views.push(view(&format!("{prefix}.mins"), &p.mins, vec![out, groups]));
+            views.push((
+                format!("{prefix}.mins"),
+                OutView::F32(mins, vec![out, groups]),
+            ));
             meta.insert(
                 format!("{prefix}.qweight"),
-                format!("{{\"bits\":{},\"group_size\":{}}}", p.bits, p.group),
+                format!("{{\"bits\":{bits},\"group_size\":{group}}}"),
             );
         }
-        _ => views.push(dense_view(&format!("{prefix}.weight"), l)),
+        None => views.push(dense_view(&format!("{prefix}.weight"), l)),
     }
     if let Some(a) = &l.adapter {
         let (r, inp) = (a.rank, l.in_features);

@@ -110,6 +110,7 @@ pub mod qdot_i16;
 pub mod rope;
 pub mod simd;
 pub mod sparse24;
+pub mod sparse24_int;
 pub mod ssm;
 
 #[cfg(test)]

@@ -61,8 +61,18 @@ impl QActs {
         qa
     }
 
-    fn blocks(&self) -> usize {
+    pub(super) fn blocks(&self) -> usize {
         self.d.len()
+    }
+
+    /// The int16 codes, one per input.
+    pub(super) fn codes(&self) -> &[i16] {
+        &self.q
+    }
+
+    /// The scale of each 32-value block.
+    pub(super) fn scales(&self) -> &[f32] {
+        &self.d
     }
 }
 

@@ -5,7 +5,7 @@
 //! rewrite goes through a method that also drops what was derived from it (the tile packing).
 
 use super::packed::Packed;
-use super::sparse::Sparse24;
+use super::sparse::{Sparse24, Sparse24Int};
 use crate::kernels::amx;
 use crate::kernels::dot::dot_at;
 use crate::kernels::matmul::{matmul_t, matvec_chunks, GEMV_CHUNK, GEMV_MAX_ROWS};
@@ -14,6 +14,7 @@ use crate::kernels::qdot::{dequant_row, qdot_at};
 use crate::kernels::qdot_i16::{self, QActs};
 use crate::kernels::simd::{self, Level};
 use crate::kernels::sparse24::dot24_at;
+use crate::kernels::sparse24_int;
 use crate::{Error, Result};
 use std::borrow::Cow;
 use std::cell::RefCell;
@@ -33,6 +34,8 @@ pub enum Weight {
     Packed(Packed),
     /// 2:4 sparse f32: two kept values and their positions per group of four inputs.
     Sparse24(Sparse24),
+    /// 2:4 sparse codes of a symmetric 4- or 8-bit packed weight (decode at AVX-512).
+    Sparse24Int(Sparse24Int),
 }
 
 /// `ΔW ≈ B·A` with `A: rank × in`, `B: out × rank`, both row-major.
@@ -127,23 +130,41 @@ impl Linear {
                 s.unpack_into(self.in_features, &mut w);
                 Cow::Owned(w)
             }
+            Weight::Sparse24Int(s) => {
+                let mut w = vec![0f32; self.out_features * self.in_features];
+                s.unpack_into(self.in_features, &mut w);
+                Cow::Owned(w)
+            }
         }
     }
 
-    /// Stores a dense 2:4 weight packed (kept values and positions); returns whether it did
-    /// (not for packed-quantized weights, nor when some group keeps more than two inputs).
-    pub fn pack_sparse24(&mut self) -> bool {
-        let Weight::Dense(w) = &self.weight else {
-            return false;
-        };
-        match Sparse24::pack(w, self.out_features, self.in_features) {
-            Some(s) => {
-                // The same values: a tile packing derived from them stays valid.
-                self.weight = Weight::Sparse24(s);
-                true
+    /// The weight as group-quantized blocks, when it is stored quantized (2:4 codes are
+    /// expanded back to their dense blocks): what exports of packed models write.
+    pub fn packed_weight(&self) -> Option<Cow<'_, Packed>> {
+        match &self.weight {
+            Weight::Packed(p) => Some(Cow::Borrowed(p)),
+            Weight::Sparse24Int(s) => {
+                let p = s.to_packed(self.out_features, self.in_features);
+                Some(Cow::Owned(p.expect("2:4 codes describe their own matrix")))
             }
-            None => false,
+            _ => None,
         }
+    }
+
+    /// Stores a 2:4 weight packed (kept values or codes and their positions); returns whether
+    /// it did: dense weights, and symmetric 4/8-bit blocks where the level has their 2:4 kernel
+    /// ([`Sparse24Int::is_faster`]); not when some group keeps more than two inputs.
+    pub fn pack_sparse24(&mut self) -> bool {
+        let (out, inp) = (self.out_features, self.in_features);
+        let packed = match &self.weight {
+            Weight::Dense(w) => Sparse24::pack(w, out, inp).map(Weight::Sparse24),
+            Weight::Packed(p) if Sparse24Int::is_faster(simd::level(), p.bits) => {
+                Sparse24Int::pack(p, out, inp).map(Weight::Sparse24Int)
+            }
+            _ => None,
+        };
+        // The same values: a tile packing derived from them stays valid.
+        packed.map(|w| self.weight = w).is_some()
     }
 
     /// The dense weight for in-place rewriting (packed storage is expanded first).
@@ -169,6 +190,7 @@ impl Linear {
             Weight::Dense(w) => 4 * w.len(),
             Weight::Packed(p) => p.bytes(),
             Weight::Sparse24(s) => s.bytes(),
+            Weight::Sparse24Int(s) => s.bytes(),
         };
         w + self
             .adapter
@@ -177,7 +199,7 @@ impl Linear {
     }
 
     pub fn is_packed(&self) -> bool {
-        matches!(self.weight, Weight::Packed(_))
+        matches!(self.weight, Weight::Packed(_) | Weight::Sparse24Int(_))
     }
 
     /// Copies row `r` of the weight (as f32) into `out`: an embedding lookup.
@@ -190,6 +212,10 @@ impl Linear {
                 let (v, i) = s.row(r, inp);
                 crate::kernels::sparse24::unpack_row_at(simd::level(), v, i, out);
             }
+            Weight::Sparse24Int(s) => s
+                .rows(inp)
+                .range(r..r + 1)
+                .unpack_row_at(simd::level(), out),
         }
     }
 
@@ -202,6 +228,9 @@ impl Linear {
                 crate::error::check_finite(&format!("{name} (mins)"), &p.mins)?;
             }
             Weight::Sparse24(s) => crate::error::check_finite(name, &s.values)?,
+            Weight::Sparse24Int(s) => {
+                crate::error::check_finite(&format!("{name} (scales)"), &s.scales)?
+            }
         }
         if let Some(a) = &self.adapter {
             crate::error::check_finite(&format!("{name} (adapter A)"), &a.a)?;
@@ -248,6 +277,7 @@ impl Linear {
                     match packed {
                         Weight::Packed(p) => p.dequantize_into(inp, &mut w),
                         Weight::Sparse24(s) => s.unpack_into(inp, &mut w),
+                        Weight::Sparse24Int(s) => s.unpack_into(inp, &mut w),
                         Weight::Dense(_) => unreachable!("dense weights take the arm above"),
                     }
                     matmul_t(x, &w, rows, inp, out, y);
@@ -303,8 +333,12 @@ impl Linear {
     }
 
     fn takes_int16(&self, level: Level) -> bool {
-        matches!(&self.weight, Weight::Packed(p) if qdot_i16::takes(level, p.bits))
-            && !qdot_i16::f32_activations()
+        let takes = match &self.weight {
+            Weight::Packed(p) => qdot_i16::takes(level, p.bits),
+            Weight::Sparse24Int(s) => sparse24_int::takes(level, s.bits),
+            _ => false,
+        };
+        takes && !qdot_i16::f32_activations()
     }
 
     /// `y[i] = W[start + i] · x`, dequantizing packed rows on the fly (or, given `xq`,
@@ -332,6 +366,17 @@ impl Linear {
                 for (j, yj) in rows.zip(y) {
                     let (v, i) = s.row(j, inp);
                     *yj = dot24_at(level, v, i, x);
+                }
+            }
+            (Weight::Sparse24Int(s), Some(xq)) => {
+                sparse24_int::dot_rows_at(level, s.rows(inp).range(rows), xq, y);
+            }
+            // f32 activations (scoring): each row expanded, then the exact dot product.
+            (Weight::Sparse24Int(s), None) => {
+                let (m, mut w) = (s.rows(inp), vec![0f32; inp]);
+                for (j, yj) in rows.zip(y) {
+                    m.range(j..j + 1).unpack_row_at(level, &mut w);
+                    *yj = dot_at(level, &w, x);
                 }
             }
         }

@@ -79,6 +79,11 @@ impl Packed {
         )
     }
 
+    /// The code of 0 when the grid is symmetric (every min is `−zero·scale`).
+    pub fn zero(&self) -> Option<f32> {
+        self.zero
+    }
+
     /// Writes the f32 matrix (`out × inp`) into `w`.
     pub fn dequantize_into(&self, inp: usize, w: &mut [f32]) {
         for (r, dst) in w.chunks_exact_mut(inp).enumerate() {
