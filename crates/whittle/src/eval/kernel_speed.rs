@@ -66,6 +66,13 @@ pub fn run(reps: usize) -> Vec<KernelTime> {
         .collect();
     let packed24 =
         crate::model::sparse::Sparse24::pack(&half, ffn, hidden).expect("a 2:4 matrix packs");
+    // The same with its values cut to bf16: kept as bf16 bits.
+    let half16: Vec<f32> = half
+        .iter()
+        .map(|v| f32::from_bits(v.to_bits() & 0xffff_0000))
+        .collect();
+    let packed24_bf16 =
+        crate::model::sparse::Sparse24::pack(&half16, ffn, hidden).expect("a 2:4 matrix packs");
     // A symmetric 4-bit matrix 2:4-sparse (the same codes, the last two of every four at the
     // zero point 8), as 2:4 codes.
     let steps = hidden / sparse24_int::STEP;
@@ -122,6 +129,15 @@ pub fn run(reps: usize) -> Vec<KernelTime> {
             time(reps, || {
                 for (r, yr) in y[..ffn].iter_mut().enumerate() {
                     let (v, i) = packed24.row(r, hidden);
+                    *yr = sparse24::dot24_at(level, v, i, &x[..hidden]);
+                }
+            }),
+        );
+        push(
+            "gemv 2:4 bf16 576→1536",
+            time(reps, || {
+                for (r, yr) in y[..ffn].iter_mut().enumerate() {
+                    let (v, i) = packed24_bf16.row(r, hidden);
                     *yr = sparse24::dot24_at(level, v, i, &x[..hidden]);
                 }
             }),

@@ -476,7 +476,12 @@ fn unpermute_rows(lin: &mut Linear, n_heads: usize, head_dim: usize) {
             .expect("a row permutation keeps the packed shape valid");
         }
         Weight::Sparse24(s) => {
-            s.values = un(&s.values, inp / 2);
+            match &mut s.values {
+                crate::model::sparse::KeptValues::F32(v) => *v = un(v, inp / 2),
+                crate::model::sparse::KeptValues::Bf16(v) => {
+                    *v = permuted_rows(v, inp / 2, n_heads, head_dim, false)
+                }
+            }
             s.index = permuted_rows(&s.index, inp.div_ceil(8), n_heads, head_dim, false);
         }
         Weight::Sparse24Int(s) => {

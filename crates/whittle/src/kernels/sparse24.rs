@@ -3,8 +3,52 @@
 //! byte (the lower group in the low nibble). Decode streams the weights once per token, so the
 //! packed form (2.25 bytes a weight instead of 4) is what makes a 2:4 model decode faster; the
 //! kept values pick their inputs with one in-register permute per two groups on AVX2.
+//!
+//! Kept values are f32, or bf16 when every one of them is exactly a bf16 (a model read from
+//! bf16 weights, the usual dtype of published 2:4 checkpoints): the same values in 1.25 bytes a
+//! weight, widened by a shift in the register.
 
 use super::simd::{self, Level};
+
+/// A kept value as stored.
+pub trait Kept: Copy + Default + Send + Sync + 'static {
+    fn get(self) -> f32;
+}
+
+impl Kept for f32 {
+    #[inline(always)]
+    fn get(self) -> f32 {
+        self
+    }
+}
+
+/// A bf16 value (its f32 bits' upper half).
+impl Kept for u16 {
+    #[inline(always)]
+    fn get(self) -> f32 {
+        f32::from_bits((self as u32) << 16)
+    }
+}
+
+/// One packed row's kept values.
+#[derive(Clone, Copy)]
+pub enum KeptRow<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [u16]),
+}
+
+impl KeptRow<'_> {
+    pub fn len(&self) -> usize {
+        match self {
+            KeptRow::F32(v) => v.len(),
+            KeptRow::Bf16(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
 
 /// The two kept positions of a nibble.
 #[inline(always)]
@@ -50,7 +94,14 @@ pub fn pack_row(row: &[f32], values: &mut [f32], index: &mut [u8]) -> bool {
 /// before its product, so this is on the prefill path: at the x86 vector levels one permute
 /// and one store per eight outputs (the portable loop made a 2:4 model prefill ~8 % slower
 /// than its dense twin).
-pub fn unpack_row_at(level: Level, values: &[f32], index: &[u8], row: &mut [f32]) {
+pub fn unpack_row_at(level: Level, values: KeptRow, index: &[u8], row: &mut [f32]) {
+    match values {
+        KeptRow::F32(v) => unpack_row_of(level, v, index, row),
+        KeptRow::Bf16(v) => unpack_row_of(level, v, index, row),
+    }
+}
+
+fn unpack_row_of<V: lanes::Lanes>(level: Level, values: &[V], index: &[u8], row: &mut [f32]) {
     assert!(row.len().is_multiple_of(4) && values.len() * 2 == row.len());
     assert!(index.len() * 8 >= row.len());
     match level {
@@ -63,7 +114,7 @@ pub fn unpack_row_at(level: Level, values: &[f32], index: &[u8], row: &mut [f32]
 
 /// [`unpack_row_at`] from the pair of groups `first / 2` on (`first` even): two groups per
 /// index byte through [`PAIRS`], then a last odd group alone.
-fn unpack_portable(values: &[f32], index: &[u8], row: &mut [f32], first: usize) {
+fn unpack_portable<V: Kept>(values: &[V], index: &[u8], row: &mut [f32], first: usize) {
     let groups = row.len() / 4;
     let pairs = row[4 * first..]
         .chunks_exact_mut(8)
@@ -73,7 +124,7 @@ fn unpack_portable(values: &[f32], index: &[u8], row: &mut [f32], first: usize) 
         let t = PAIRS[*byte as usize];
         out.fill(0.0);
         for l in 0..4 {
-            out[(t[l] & 7) as usize] = v[l];
+            out[(t[l] & 7) as usize] = v[l].get();
         }
     }
     if groups % 2 == 1 && groups > first {
@@ -81,8 +132,8 @@ fn unpack_portable(values: &[f32], index: &[u8], row: &mut [f32], first: usize) 
         let (a, b) = positions(index[g / 2] & 15);
         let out = &mut row[4 * g..4 * g + 4];
         out.fill(0.0);
-        out[a] = values[2 * g];
-        out[b] = values[2 * g + 1];
+        out[a] = values[2 * g].get();
+        out[b] = values[2 * g + 1].get();
     }
 }
 
@@ -94,13 +145,21 @@ pub fn packed_is_faster(level: Level) -> bool {
 }
 
 /// `Σ_g v[2g]·x[4g + a_g] + v[2g+1]·x[4g + b_g]` for one packed row of `x.len()` inputs.
-pub fn dot24(values: &[f32], index: &[u8], x: &[f32]) -> f32 {
+pub fn dot24(values: KeptRow, index: &[u8], x: &[f32]) -> f32 {
     dot24_at(simd::level(), values, index, x)
 }
 
 /// [`dot24`] at a level resolved by the caller.
 #[inline]
-pub fn dot24_at(level: Level, values: &[f32], index: &[u8], x: &[f32]) -> f32 {
+pub fn dot24_at(level: Level, values: KeptRow, index: &[u8], x: &[f32]) -> f32 {
+    match values {
+        KeptRow::F32(v) => dot24_of(level, v, index, x),
+        KeptRow::Bf16(v) => dot24_of(level, v, index, x),
+    }
+}
+
+#[inline]
+fn dot24_of<V: lanes::Lanes>(level: Level, values: &[V], index: &[u8], x: &[f32]) -> f32 {
     assert!(x.len().is_multiple_of(4) && values.len() * 2 == x.len());
     assert!(index.len() * 8 >= x.len());
     match level {
@@ -129,7 +188,7 @@ const PAIRS: [[u8; 4]; 256] = {
 /// through [`PAIRS`] into four accumulators (no bounds checks: positions are masked to the
 /// eight-input chunk), then a last odd group alone.
 #[inline(always)]
-fn dot24_portable(values: &[f32], index: &[u8], x: &[f32], first: usize) -> f32 {
+fn dot24_portable<V: Kept>(values: &[V], index: &[u8], x: &[f32], first: usize) -> f32 {
     let mut acc = [0f32; 4];
     let pairs = x[4 * first..]
         .chunks_exact(8)
@@ -138,7 +197,7 @@ fn dot24_portable(values: &[f32], index: &[u8], x: &[f32], first: usize) -> f32 
     for ((xc, v), byte) in pairs {
         let t = PAIRS[*byte as usize];
         for l in 0..4 {
-            acc[l] += v[l] * xc[(t[l] & 7) as usize];
+            acc[l] += v[l].get() * xc[(t[l] & 7) as usize];
         }
     }
     let mut total = (acc[0] + acc[1]) + (acc[2] + acc[3]);
@@ -146,13 +205,56 @@ fn dot24_portable(values: &[f32], index: &[u8], x: &[f32], first: usize) -> f32 
     if groups % 2 == 1 && groups > first {
         let g = groups - 1;
         let (a, b) = positions(index[g / 2] & 15);
-        total += values[2 * g] * x[4 * g + a] + values[2 * g + 1] * x[4 * g + b];
+        total += values[2 * g].get() * x[4 * g + a] + values[2 * g + 1].get() * x[4 * g + b];
     }
     total
 }
 
+/// How the x86 kernels load kept values: four or eight at a time, widened to f32 lanes.
+/// Elsewhere the bound is [`Kept`] alone.
+#[cfg(target_arch = "x86_64")]
+mod lanes {
+    use std::arch::x86_64::*;
+
+    pub trait Lanes: super::Kept {
+        unsafe fn load4(p: *const Self) -> __m128;
+        unsafe fn load8(p: *const Self) -> __m256;
+    }
+
+    impl Lanes for f32 {
+        #[inline(always)]
+        unsafe fn load4(p: *const f32) -> __m128 {
+            _mm_loadu_ps(p)
+        }
+        #[inline(always)]
+        unsafe fn load8(p: *const f32) -> __m256 {
+            _mm256_loadu_ps(p)
+        }
+    }
+
+    impl Lanes for u16 {
+        #[inline(always)]
+        unsafe fn load4(p: *const u16) -> __m128 {
+            let v = _mm_cvtepu16_epi32(_mm_loadl_epi64(p as *const __m128i));
+            _mm_castsi128_ps(_mm_slli_epi32::<16>(v))
+        }
+        #[inline(always)]
+        unsafe fn load8(p: *const u16) -> __m256 {
+            let v = _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i));
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(v))
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+mod lanes {
+    pub trait Lanes: super::Kept {}
+    impl<T: super::Kept> Lanes for T {}
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
+    use super::lanes::Lanes;
     use std::arch::x86_64::*;
 
     /// For each index byte (two groups), the `permutevar8x32` lanes that bring the four kept
@@ -194,35 +296,36 @@ mod x86 {
     /// Eight outputs per index byte: the four kept values in the low half of a register whose
     /// upper half is zero, one permute to their places, one store.
     #[target_feature(enable = "avx2")]
-    pub unsafe fn unpack_avx2(values: &[f32], index: &[u8], row: &mut [f32]) {
+    pub unsafe fn unpack_avx2<V: Lanes>(values: &[V], index: &[u8], row: &mut [f32]) {
         let n = row.len() / 8 * 8;
         let (pv, pr) = (values.as_ptr(), row.as_mut_ptr());
         for (k, byte) in index.iter().take(n / 8).enumerate() {
-            let v = _mm256_zextps128_ps256(_mm_loadu_ps(pv.add(4 * k)));
+            let v = _mm256_zextps128_ps256(V::load4(pv.add(4 * k)));
             let to = _mm256_loadu_si256(SCATTER[*byte as usize].as_ptr().cast());
             _mm256_storeu_ps(pr.add(8 * k), _mm256_permutevar8x32_ps(v, to));
         }
         super::unpack_portable(values, index, row, n / 4);
     }
 
-    /// Kept values prefetched ahead of the current position (8 KiB, as the dense dot product:
+    /// Kept values prefetched 8 KiB ahead of the current position (as the dense dot product:
     /// decode streams the weights from memory, and without it the packed rows decoded barely
-    /// faster than dense ones), and index bytes ahead of theirs by the same number of groups.
-    const AHEAD: usize = 2048;
+    /// faster than dense ones), and index bytes 512 ahead (f32 values: the same groups).
+    const AHEAD_BYTES: usize = 8192;
 
     /// Sixteen inputs (four groups, eight kept values, two index bytes) per step: two permutes
     /// select the kept inputs of each half, a blend joins them, one FMA with the values.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot24_avx2(values: &[f32], index: &[u8], x: &[f32]) -> f32 {
+    pub unsafe fn dot24_avx2<V: Lanes>(values: &[V], index: &[u8], x: &[f32]) -> f32 {
         let n = x.len();
         let (pv, px, pi) = (values.as_ptr(), x.as_ptr(), index.as_ptr());
         let mut acc = [_mm256_setzero_ps(); 2];
         let mut i = 0;
         while i + 32 <= n {
             // One cache line of values (16) per 32 inputs; index bytes cover 64 lines per line.
-            _mm_prefetch::<_MM_HINT_T0>(pv.wrapping_add(i / 2 + AHEAD) as *const i8);
+            let ahead = pv.wrapping_add(i / 2 + AHEAD_BYTES / std::mem::size_of::<V>());
+            _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
             if i % 512 == 0 {
-                _mm_prefetch::<_MM_HINT_T0>(pi.wrapping_add(i / 8 + AHEAD / 4) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(pi.wrapping_add(i / 8 + AHEAD_BYTES / 16) as *const i8);
             }
             for (k, acc) in acc.iter_mut().enumerate() {
                 let at = i + 16 * k;
@@ -231,7 +334,7 @@ mod x86 {
                 let p0 = _mm256_permutevar8x32_ps(_mm256_loadu_ps(px.add(at)), l0);
                 let p1 = _mm256_permutevar8x32_ps(_mm256_loadu_ps(px.add(at + 8)), l1);
                 let sel = _mm256_blend_ps::<0xF0>(p0, p1);
-                *acc = _mm256_fmadd_ps(sel, _mm256_loadu_ps(pv.add(at / 2)), *acc);
+                *acc = _mm256_fmadd_ps(sel, V::load8(pv.add(at / 2)), *acc);
             }
             i += 32;
         }
@@ -247,8 +350,9 @@ mod tests {
     use super::*;
 
     /// A 2:4 row (some groups with fewer than two nonzeros) packs, unpacks to itself at every
-    /// level, and its dot product matches the dense f64 one at every level, for widths with tails of every
-    /// length; a row with three nonzeros in a group is refused.
+    /// level, and its dot product matches the dense f64 one at every level, for widths with
+    /// tails of every length, with f32 and with bf16 kept values; a row with three nonzeros in a
+    /// group is refused.
     #[test]
     fn packed_rows_round_trip_and_dot_at_every_level() {
         for n in [4usize, 8, 12, 28, 32, 36, 64, 100, 576, 1536] {
@@ -273,18 +377,27 @@ mod tests {
             let mut values = vec![0f32; n / 2];
             let mut index = vec![0u8; n.div_ceil(8)];
             assert!(pack_row(&row, &mut values, &mut index));
-            for level in Level::supported() {
-                let mut back = vec![1f32; n];
-                unpack_row_at(level, &values, &index, &mut back);
-                assert_eq!(back, row, "n={n} {level}");
-            }
-            let exact: f64 = row.iter().zip(&x).map(|(a, b)| *a as f64 * *b as f64).sum();
-            for level in Level::supported() {
-                let got = dot24_at(level, &values, &index, &x);
-                assert!(
-                    (got as f64 - exact).abs() < 1e-4 * (1.0 + exact.abs()),
-                    "{n} {level}"
-                );
+            // The same row with its values cut to bf16, kept as bf16 bits.
+            let cut = |v: &f32| f32::from_bits(v.to_bits() & 0xffff_0000);
+            let row16: Vec<f32> = row.iter().map(cut).collect();
+            let bits: Vec<u16> = values.iter().map(|v| (v.to_bits() >> 16) as u16).collect();
+            for (kept, row) in [
+                (KeptRow::F32(&values), &row),
+                (KeptRow::Bf16(&bits), &row16),
+            ] {
+                for level in Level::supported() {
+                    let mut back = vec![1f32; n];
+                    unpack_row_at(level, kept, &index, &mut back);
+                    assert_eq!(&back, row, "n={n} {level}");
+                }
+                let exact: f64 = row.iter().zip(&x).map(|(a, b)| *a as f64 * *b as f64).sum();
+                for level in Level::supported() {
+                    let got = dot24_at(level, kept, &index, &x);
+                    assert!(
+                        (got as f64 - exact).abs() < 1e-4 * (1.0 + exact.abs()),
+                        "{n} {level}"
+                    );
+                }
             }
         }
         let mut values = [0f32; 2];

@@ -227,7 +227,7 @@ impl Linear {
                 crate::error::check_finite(&format!("{name} (scales)"), &p.scales)?;
                 crate::error::check_finite(&format!("{name} (mins)"), &p.mins)?;
             }
-            Weight::Sparse24(s) => crate::error::check_finite(name, &s.values)?,
+            Weight::Sparse24(s) => s.values.check_finite(name)?,
             Weight::Sparse24Int(s) => {
                 crate::error::check_finite(&format!("{name} (scales)"), &s.scales)?
             }

@@ -4,7 +4,7 @@
 //! bytes a weight per decoded token instead of 4.
 
 use crate::kernels::qdot::{block_bytes, pack_block, BLOCK};
-use crate::kernels::sparse24::{pack_row, unpack_row_at};
+use crate::kernels::sparse24::{pack_row, unpack_row_at, KeptRow};
 use crate::kernels::sparse24_int::{self, pack_codes, row_codes, step_bytes, Rows24, STEP};
 use crate::model::{Model, Packed};
 use crate::Result;
@@ -12,9 +12,56 @@ use crate::Result;
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sparse24 {
     /// `out × in/2` kept values, row-major.
-    pub values: Vec<f32>,
+    pub values: KeptValues,
     /// `out × ceil(in/8)` bytes of positions.
     pub index: Vec<u8>,
+}
+
+/// Kept values: f32, or bf16 bits when every value is exactly a bf16 (half the bytes).
+#[derive(Debug, Clone, PartialEq)]
+pub enum KeptValues {
+    F32(Vec<f32>),
+    Bf16(Vec<u16>),
+}
+
+impl KeptValues {
+    /// The same values as bf16 bits where each is exactly a bf16 (its low 16 bits zero).
+    fn narrowed(values: Vec<f32>) -> Self {
+        if values.iter().all(|v| v.to_bits() & 0xffff == 0) {
+            KeptValues::Bf16(values.iter().map(|v| (v.to_bits() >> 16) as u16).collect())
+        } else {
+            KeptValues::F32(values)
+        }
+    }
+
+    /// Values `range`.
+    pub fn slice(&self, range: std::ops::Range<usize>) -> KeptRow<'_> {
+        match self {
+            KeptValues::F32(v) => KeptRow::F32(&v[range]),
+            KeptValues::Bf16(v) => KeptRow::Bf16(&v[range]),
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            KeptValues::F32(v) => 4 * v.len(),
+            KeptValues::Bf16(v) => 2 * v.len(),
+        }
+    }
+
+    /// Fails on NaN or Inf.
+    pub fn check_finite(&self, name: &str) -> crate::Result<()> {
+        match self {
+            KeptValues::F32(v) => crate::error::check_finite(name, v),
+            KeptValues::Bf16(v) => {
+                let wide: Vec<f32> = v
+                    .iter()
+                    .map(|b| f32::from_bits((*b as u32) << 16))
+                    .collect();
+                crate::error::check_finite(name, &wide)
+            }
+        }
+    }
 }
 
 impl Sparse24 {
@@ -32,14 +79,17 @@ impl Sparse24 {
             .zip(values.chunks_exact_mut(inp / 2))
             .zip(index.chunks_exact_mut(ib))
             .all(|((row, v), i)| pack_row(row, v, i));
-        fits.then_some(Sparse24 { values, index })
+        fits.then(|| Sparse24 {
+            values: KeptValues::narrowed(values),
+            index,
+        })
     }
 
     /// Row `r`'s values and positions for a matrix `inp` wide.
-    pub fn row(&self, r: usize, inp: usize) -> (&[f32], &[u8]) {
+    pub fn row(&self, r: usize, inp: usize) -> (KeptRow<'_>, &[u8]) {
         let ib = inp.div_ceil(8);
         (
-            &self.values[r * inp / 2..(r + 1) * inp / 2],
+            self.values.slice(r * inp / 2..(r + 1) * inp / 2),
             &self.index[r * ib..(r + 1) * ib],
         )
     }
@@ -61,7 +111,7 @@ impl Sparse24 {
     }
 
     pub fn bytes(&self) -> usize {
-        4 * self.values.len() + self.index.len()
+        self.values.bytes() + self.index.len()
     }
 }
 
@@ -213,12 +263,13 @@ fn sparse_enough(lin: &crate::model::Linear) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use super::{KeptValues, Sparse24};
     use crate::model::{random::random_model, AttnShape, LayerShape, Logits, ModelConfig};
     use crate::sparsity::{sparsify_model, Pattern, SparsityMethod};
 
     /// A magnitude-2:4 model packs every linear, computes the same logits packed as dense (one
-    /// row: the packed dot product; many rows: the expanded GEMM), holds fewer bytes, and
-    /// rewriting a packed weight expands it again.
+    /// row: the packed dot product; many rows: the expanded GEMM), holds fewer bytes (fewer
+    /// still with bf16-exact weights), and rewriting a packed weight expands it again.
     #[test]
     fn packed_two_four_model_matches_dense() {
         let config = ModelConfig {
@@ -274,6 +325,44 @@ mod tests {
                 .zip(&b)
                 .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
             assert!(diff < 1e-4, "{n} rows: {diff}");
+        }
+        // Cut to bf16 (a model read from bf16 weights), the kept values pack as bf16 bits: 1.25
+        // bytes a weight, the same logits as the dense bf16 model.
+        let mut dense16 = dense.clone();
+        for l in &mut dense16.layers {
+            for (_, _, lin) in l.linears_mut() {
+                let w = lin.dense_weight_mut();
+                w.iter_mut()
+                    .for_each(|v| *v = f32::from_bits(v.to_bits() & 0xffff_0000));
+            }
+        }
+        let mut packed16 = dense16.clone();
+        assert_eq!(packed16.pack_sparse24(), 14);
+        assert!(packed16
+            .layers
+            .iter()
+            .flat_map(|l| l.linears())
+            .all(|(_, _, l)| matches!(
+                l.weight(),
+                crate::model::Weight::Sparse24(Sparse24 {
+                    values: KeptValues::Bf16(_),
+                    ..
+                })
+            )));
+        assert!(
+            bytes(&packed16) * 16 <= bytes(&dense) * 5,
+            "1.25 bytes a weight"
+        );
+        for n in [1, ids.len()] {
+            let a = dense16.forward(&ids[..n], None, Logits::All, None).unwrap();
+            let b = packed16
+                .forward(&ids[..n], None, Logits::All, None)
+                .unwrap();
+            let diff = a
+                .iter()
+                .zip(&b)
+                .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            assert!(diff < 1e-4, "bf16, {n} rows: {diff}");
         }
         let lin = &mut packed.layers[0].linears_mut()[0].2;
         lin.dense_weight_mut()[0] += 1.0;
