@@ -200,3 +200,81 @@ fn two_four_int4_codes_decode_like_their_dense_blocks() {
         });
     }
 }
+
+/// SmolLM2 read as bf16 (every weight cut to bf16), magnitude 2:4: the linears pack with bf16
+/// kept values where the level packs 2:4 at all, and decode through them picks the tokens of
+/// the dense bf16 model, logits within 1e-4 of their range (the same values, other sums).
+#[test]
+fn two_four_bf16_model_decodes_like_its_dense_twin() {
+    use whittle::kernels::simd::{with_level, Level};
+    use whittle::kernels::sparse24::packed_is_faster;
+    use whittle::model::sparse::{KeptValues, Sparse24};
+    use whittle::model::{sampling::argmax, KvCache, Logits, Weight};
+    let mut dense = load_default().model;
+    dense.densify();
+    let layers = dense.layers.iter_mut().flat_map(|l| l.linears_mut());
+    for (_, _, lin) in layers {
+        let w = lin.dense_weight_mut();
+        w.iter_mut()
+            .for_each(|v| *v = f32::from_bits(v.to_bits() & 0xffff_0000));
+    }
+    let nm = Pattern::NM { n: 2, m: 4 };
+    sparsify_model(
+        &mut dense,
+        &[],
+        SparsityMethod::Magnitude,
+        nm,
+        &[],
+        &mut |_, _| {},
+    )
+    .unwrap();
+    let decode = |m: &Model| {
+        let prompt = &ids("valid")[..64];
+        let mut cache = KvCache::new(m, 96).unwrap();
+        let mut rows = vec![m
+            .forward(prompt, Some(&mut cache), Logits::Last, None)
+            .unwrap()];
+        for _ in 0..8 {
+            let next = argmax(rows.last().unwrap());
+            rows.push(
+                m.forward(&[next], Some(&mut cache), Logits::Last, None)
+                    .unwrap(),
+            );
+        }
+        rows
+    };
+    for level in Level::supported()
+        .into_iter()
+        .filter(|l| packed_is_faster(*l))
+    {
+        with_level(level, || {
+            let mut packed = dense.clone();
+            assert_eq!(packed.pack_sparse24(), 30 * 7, "{level}");
+            let bf16 = |l: &whittle::model::Linear| {
+                matches!(
+                    l.weight(),
+                    Weight::Sparse24(Sparse24 {
+                        values: KeptValues::Bf16(_),
+                        ..
+                    })
+                )
+            };
+            assert!(packed
+                .layers
+                .iter()
+                .all(|l| l.linears().iter().all(|(_, _, x)| bf16(x))));
+            for (i, (a, b)) in decode(&dense).iter().zip(decode(&packed)).enumerate() {
+                assert_eq!(argmax(a), argmax(&b), "step {i} at {level}");
+                let range = a.iter().fold(0f32, |r, v| r.max(v.abs()));
+                let diff = a
+                    .iter()
+                    .zip(&b)
+                    .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+                assert!(
+                    diff < 1e-4 * range,
+                    "step {i} at {level}: {diff} of {range}"
+                );
+            }
+        });
+    }
+}
