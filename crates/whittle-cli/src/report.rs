@@ -54,9 +54,10 @@ pub fn progress(total: usize, what: &str) -> indicatif::ProgressBar {
     let pb = indicatif::ProgressBar::new(total as u64);
     pb.set_style(
         indicatif::ProgressStyle::with_template(
-            "{msg} [{bar:30}] {pos}/{len} {elapsed_precise} ETA {eta}",
+            "{msg} [{bar:30}] {pos}/{len} {elapsed_precise} ETA {average_eta}",
         )
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .with_key("average_eta", AverageEta::default())
         .progress_chars("=> "),
     );
     pb.set_message(what.to_string());
@@ -68,6 +69,59 @@ pub fn progress(total: usize, what: &str) -> indicatif::ProgressBar {
         ));
     }
     pb
+}
+
+/// The ETA at the average rate since the position first moved in this process. indicatif's
+/// own `{eta}` follows the last few steps, so a stall (a paused job, a busy machine) showed
+/// "ETA 584942417355y" for hours of a training log; and a resumed run's first move is the jump
+/// to its checkpoint's step, which is no rate at all, so the average starts after it.
+#[derive(Clone, Default)]
+struct AverageEta {
+    /// Position and time of the first move, and of the latest tick.
+    since: Option<(u64, Instant)>,
+    latest: Option<(u64, Instant)>,
+    start: Option<u64>,
+}
+
+impl indicatif::style::ProgressTracker for AverageEta {
+    fn clone_box(&self) -> Box<dyn indicatif::style::ProgressTracker> {
+        Box::new(self.clone())
+    }
+
+    fn tick(&mut self, state: &indicatif::ProgressState, now: Instant) {
+        let pos = state.pos();
+        let start = *self.start.get_or_insert(pos);
+        if self.since.is_none() && pos != start {
+            self.since = Some((pos, now));
+        }
+        self.latest = Some((pos, now));
+    }
+
+    fn reset(&mut self, _: &indicatif::ProgressState, _: Instant) {
+        *self = AverageEta::default();
+    }
+
+    fn write(&self, state: &indicatif::ProgressState, w: &mut dyn std::fmt::Write) {
+        let eta = self
+            .since
+            .zip(self.latest)
+            .zip(state.len())
+            .and_then(|((since, latest), len)| average_eta(since, latest, len));
+        let _ = match eta {
+            Some(d) => write!(w, "{:#}", indicatif::HumanDuration(d)),
+            None => w.write_str("?"),
+        };
+    }
+}
+
+/// Time left for `len − pos` more steps at the rate from `since` to `now`; `None` before a
+/// step has been timed.
+fn average_eta(since: (u64, Instant), (pos, now): (u64, Instant), len: u64) -> Option<Duration> {
+    let steps = pos.checked_sub(since.0).filter(|s| *s > 0)?;
+    let per_step = now.duration_since(since.1).as_secs_f64() / steps as f64;
+    Some(Duration::from_secs_f64(
+        per_step * len.saturating_sub(pos) as f64,
+    ))
 }
 
 /// Fewest seconds between two progress lines in a log.
@@ -145,6 +199,22 @@ pub fn advance(pb: &indicatif::ProgressBar) -> impl FnMut(usize, usize) + '_ {
 #[cfg(test)]
 mod tests {
     use indicatif::TermLike;
+    use std::time::Duration;
+
+    /// The ETA is the average rate since the first move: steady steps give the plain product,
+    /// a long stall raises it by its share instead of blowing it up, a resumed run (first move
+    /// at step 120) counts only the steps it timed.
+    #[test]
+    fn eta_is_the_average_since_the_first_move() {
+        let t = std::time::Instant::now();
+        let at = |s: u64| t + Duration::from_secs(s);
+        let eta = |since, now, len| super::average_eta(since, now, len).map(|d| d.as_secs());
+        assert_eq!(eta((1, at(10)), (1, at(10)), 100), None);
+        assert_eq!(eta((1, at(10)), (11, at(110)), 100), Some(890));
+        // Ten 10-second steps, then a 600-second pause, then one step.
+        assert_eq!(eta((1, at(10)), (12, at(720)), 100), Some(5680));
+        assert_eq!(eta((120, at(1)), (122, at(61)), 244), Some(3660));
+    }
 
     /// A log gets the first drawing at once, nothing more within [`super::LOG_EVERY`], and the
     /// drawing of the moment after it; cursor returns and padding are dropped.
