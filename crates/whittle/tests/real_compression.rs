@@ -140,6 +140,36 @@ fn calibrated_methods_beat_their_baselines() {
     assert!(eora < svd && svd < rtn_ppl);
 }
 
+/// Logits of a 64-token WikiText-2 validation prompt and of `steps` greedy tokens after it.
+fn greedy_logits(m: &Model, steps: usize) -> Vec<Vec<f32>> {
+    use whittle::model::{sampling::argmax, KvCache, Logits};
+    let prompt = &ids("valid")[..64];
+    let mut cache = KvCache::new(m, 64 + steps).unwrap();
+    let mut rows = vec![m
+        .forward(prompt, Some(&mut cache), Logits::Last, None)
+        .unwrap()];
+    for _ in 0..steps {
+        let next = argmax(rows.last().unwrap());
+        rows.push(
+            m.forward(&[next], Some(&mut cache), Logits::Last, None)
+                .unwrap(),
+        );
+    }
+    rows
+}
+
+/// `b` decodes `steps` greedy tokens as `a` does, logits within `tol` of their range.
+fn decodes_alike(a: &Model, b: &Model, steps: usize, tol: f32, what: &str) {
+    let (a, b) = (greedy_logits(a, steps), greedy_logits(b, steps));
+    for (i, (a, b)) in a.iter().zip(&b).enumerate() {
+        let argmax = whittle::model::sampling::argmax;
+        assert_eq!(argmax(a), argmax(b), "step {i}, {what}");
+        let range = a.iter().fold(0f32, |r, v| r.max(v.abs()));
+        let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(diff < tol * range, "step {i}, {what}: {diff} of {range}");
+    }
+}
+
 /// The "2:4 + int4" chain (magnitude 2:4, then RTN int4 on a symmetric grid, group 128) stored
 /// as 2:4 codes where the level has their kernel: every linear packs, perplexity is that of
 /// the dense blocks (prefill expands both to the same weights), and greedy decode through the
@@ -148,7 +178,6 @@ fn calibrated_methods_beat_their_baselines() {
 fn two_four_int4_codes_decode_like_their_dense_blocks() {
     use whittle::kernels::simd::{with_level, Level};
     use whittle::kernels::sparse24_int;
-    use whittle::model::{sampling::argmax, KvCache, Logits};
     let mut blocks = load_default().model;
     let nm = Pattern::NM { n: 2, m: 4 };
     sparsify_model(
@@ -162,21 +191,6 @@ fn two_four_int4_codes_decode_like_their_dense_blocks() {
     .unwrap();
     let sym = QuantConfig { sym: true, ..INT4 };
     quantize_model(&mut blocks, &[], QuantMethod::Rtn, sym, &[], &mut |_, _| {}).unwrap();
-    let decode = |m: &Model| {
-        let prompt = &ids("valid")[..64];
-        let mut cache = KvCache::new(m, 96).unwrap();
-        let mut rows = vec![m
-            .forward(prompt, Some(&mut cache), Logits::Last, None)
-            .unwrap()];
-        for _ in 0..16 {
-            let next = argmax(rows.last().unwrap());
-            rows.push(
-                m.forward(&[next], Some(&mut cache), Logits::Last, None)
-                    .unwrap(),
-            );
-        }
-        rows
-    };
     for level in Level::supported()
         .into_iter()
         .filter(|l| sparse24_int::takes(*l, 4))
@@ -185,18 +199,7 @@ fn two_four_int4_codes_decode_like_their_dense_blocks() {
             let mut codes = blocks.clone();
             assert_eq!(codes.pack_sparse24(), 30 * 7, "{level}");
             assert_eq!(ppl(&codes, 2048), ppl(&blocks, 2048), "{level}");
-            for (i, (a, b)) in decode(&blocks).iter().zip(decode(&codes)).enumerate() {
-                assert_eq!(argmax(a), argmax(&b), "step {i} at {level}");
-                let range = a.iter().fold(0f32, |r, v| r.max(v.abs()));
-                let diff = a
-                    .iter()
-                    .zip(&b)
-                    .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-                assert!(
-                    diff < 1e-3 * range,
-                    "step {i} at {level}: {diff} of {range}"
-                );
-            }
+            decodes_alike(&blocks, &codes, 16, 1e-3, level.name());
         });
     }
 }
@@ -209,7 +212,7 @@ fn two_four_bf16_model_decodes_like_its_dense_twin() {
     use whittle::kernels::simd::{with_level, Level};
     use whittle::kernels::sparse24::packed_is_faster;
     use whittle::model::sparse::{KeptValues, Sparse24};
-    use whittle::model::{sampling::argmax, KvCache, Logits, Weight};
+    use whittle::model::Weight;
     let mut dense = load_default().model;
     dense.densify();
     let layers = dense.layers.iter_mut().flat_map(|l| l.linears_mut());
@@ -228,21 +231,6 @@ fn two_four_bf16_model_decodes_like_its_dense_twin() {
         &mut |_, _| {},
     )
     .unwrap();
-    let decode = |m: &Model| {
-        let prompt = &ids("valid")[..64];
-        let mut cache = KvCache::new(m, 96).unwrap();
-        let mut rows = vec![m
-            .forward(prompt, Some(&mut cache), Logits::Last, None)
-            .unwrap()];
-        for _ in 0..8 {
-            let next = argmax(rows.last().unwrap());
-            rows.push(
-                m.forward(&[next], Some(&mut cache), Logits::Last, None)
-                    .unwrap(),
-            );
-        }
-        rows
-    };
     for level in Level::supported()
         .into_iter()
         .filter(|l| packed_is_faster(*l))
@@ -263,18 +251,7 @@ fn two_four_bf16_model_decodes_like_its_dense_twin() {
                 .layers
                 .iter()
                 .all(|l| l.linears().iter().all(|(_, _, x)| bf16(x))));
-            for (i, (a, b)) in decode(&dense).iter().zip(decode(&packed)).enumerate() {
-                assert_eq!(argmax(a), argmax(&b), "step {i} at {level}");
-                let range = a.iter().fold(0f32, |r, v| r.max(v.abs()));
-                let diff = a
-                    .iter()
-                    .zip(&b)
-                    .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-                assert!(
-                    diff < 1e-4 * range,
-                    "step {i} at {level}: {diff} of {range}"
-                );
-            }
+            decodes_alike(&dense, &packed, 8, 1e-4, level.name());
         });
     }
 }

@@ -56,6 +56,30 @@ fn positions(nibble: u8) -> (usize, usize) {
     ((nibble & 3) as usize, (nibble >> 2 & 3) as usize)
 }
 
+/// The two kept positions of a group of four (`first < second`), given which inputs are
+/// nonzero; a group with fewer than two nonzeros keeps some of its zero positions (their
+/// values are zero). `None` when more than two are nonzero.
+pub fn kept_pair(nonzero: [bool; 4]) -> Option<[usize; 2]> {
+    let mut kept = [0usize; 2];
+    let mut n = 0;
+    for (j, _) in nonzero.iter().enumerate().filter(|(_, nz)| **nz) {
+        if n == 2 {
+            return None;
+        }
+        kept[n] = j;
+        n += 1;
+    }
+    if n < 2 {
+        let taken = kept;
+        let free = (0..4).filter(|j| !taken[..n].contains(j));
+        for (slot, j) in (n..2).zip(free) {
+            kept[slot] = j;
+        }
+        kept.sort_unstable();
+    }
+    Some(kept)
+}
+
 /// Packs a 2:4 row (every group of four holds at most two nonzeros) into `values` (two per
 /// group) and `index` (a nibble per group, `ceil(groups / 2)` bytes). A group with fewer than
 /// two nonzeros keeps zeros at unused positions. Returns false (and leaves the outputs
@@ -63,26 +87,9 @@ fn positions(nibble: u8) -> (usize, usize) {
 pub fn pack_row(row: &[f32], values: &mut [f32], index: &mut [u8]) -> bool {
     index.fill(0);
     for (g, grp) in row.chunks_exact(4).enumerate() {
-        let mut kept = [0usize; 2];
-        let mut n = 0;
-        for (j, v) in grp.iter().enumerate() {
-            if *v != 0.0 {
-                if n == 2 {
-                    return false;
-                }
-                kept[n] = j;
-                n += 1;
-            }
-        }
-        // Fill unused slots with other positions (their values are zero), keeping first < second.
-        if n < 2 {
-            let taken = kept;
-            let free = (0..4).filter(|j| !taken[..n].contains(j));
-            for (slot, j) in (n..2).zip(free) {
-                kept[slot] = j;
-            }
-            kept.sort_unstable();
-        }
+        let Some(kept) = kept_pair([0, 1, 2, 3].map(|j| grp[j] != 0.0)) else {
+            return false;
+        };
         values[2 * g] = grp[kept[0]];
         values[2 * g + 1] = grp[kept[1]];
         index[g / 2] |= ((kept[0] | kept[1] << 2) as u8) << (4 * (g % 2));

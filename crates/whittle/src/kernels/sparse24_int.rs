@@ -167,26 +167,10 @@ pub fn pack_codes(bits: u8, zero: u8, q: &[u8], codes: &mut [u8], index: &mut [u
         *word = 0;
         let step = &mut codes[k * step_bytes(bits)..(k + 1) * step_bytes(bits)];
         for (g, grp) in qs.chunks_exact(4).enumerate() {
-            let mut kept = [0usize; 2];
-            let mut n = 0;
-            for (j, c) in grp.iter().enumerate() {
-                if *c != zero {
-                    if n == 2 {
-                        return false;
-                    }
-                    kept[n] = j;
-                    n += 1;
-                }
-            }
-            // Unused slots take other positions (their codes are the zero point's).
-            if n < 2 {
-                let taken = kept;
-                let free = (0..4).filter(|j| !taken[..n].contains(j));
-                for (slot, j) in (n..2).zip(free) {
-                    kept[slot] = j;
-                }
-                kept.sort_unstable();
-            }
+            let nonzero = [0, 1, 2, 3].map(|j| grp[j] != zero);
+            let Some(kept) = super::sparse24::kept_pair(nonzero) else {
+                return false;
+            };
             for (slot, &j) in kept.iter().enumerate() {
                 let c = grp[j] as i16 - zero as i16;
                 if !(-half..half).contains(&c) {

@@ -264,18 +264,16 @@ fn sparse_enough(lin: &crate::model::Linear) -> bool {
 #[cfg(test)]
 mod tests {
     use super::{KeptValues, Sparse24};
-    use crate::model::{random::random_model, AttnShape, LayerShape, Logits, ModelConfig};
+    use crate::model::{random::random_model, AttnShape, LayerShape, Logits, ModelConfig, Weight};
     use crate::sparsity::{sparsify_model, Pattern, SparsityMethod};
+    use crate::Model;
 
-    /// A magnitude-2:4 model packs every linear, computes the same logits packed as dense (one
-    /// row: the packed dot product; many rows: the expanded GEMM), holds fewer bytes (fewer
-    /// still with bf16-exact weights), and rewriting a packed weight expands it again.
-    #[test]
-    fn packed_two_four_model_matches_dense() {
+    /// A random two-layer Llama `hidden` wide (4 query heads, 2 KV heads), dense.
+    fn random(hidden: usize, mlp: usize, layers: usize, seed: u64) -> Model {
         let config = ModelConfig {
             arch: crate::model::Arch::Llama,
             vocab_size: 64,
-            hidden: 32,
+            hidden,
             rope_theta: 10000.0,
             rms_eps: 1e-5,
             context_length: 64,
@@ -287,14 +285,19 @@ mod tests {
             kv_cache: Default::default(),
         };
         let shape = LayerShape {
-            attn: Some(AttnShape::new(4, 2, 8)),
+            attn: Some(AttnShape::new(4, 2, hidden / 4)),
             ssm: None,
-            mlp: Some(48),
+            mlp: Some(mlp),
         };
-        let mut dense = random_model(config.clone(), &[shape, shape], 3).unwrap();
+        random_model(config, &vec![shape; layers], seed).unwrap()
+    }
+
+    /// [`random`] with two layers, pruned to magnitude 2:4.
+    fn two_four(hidden: usize, mlp: usize, seed: u64) -> Model {
+        let mut m = random(hidden, mlp, 2, seed);
         let nm = Pattern::NM { n: 2, m: 4 };
         sparsify_model(
-            &mut dense,
+            &mut m,
             &[],
             SparsityMethod::Magnitude,
             nm,
@@ -302,29 +305,53 @@ mod tests {
             &mut |_, _| {},
         )
         .unwrap();
+        m
+    }
+
+    /// Bytes of the layers' linears.
+    fn bytes(m: &Model) -> usize {
+        m.layers
+            .iter()
+            .flat_map(|l| l.linears())
+            .map(|(_, _, l)| l.storage_bytes())
+            .sum()
+    }
+
+    fn all_linears(m: &Model, f: impl Fn(&Weight) -> bool) -> bool {
+        m.layers
+            .iter()
+            .flat_map(|l| l.linears())
+            .all(|(_, _, l)| f(l.weight()))
+    }
+
+    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+        a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()))
+    }
+
+    const IDS: [u32; 20] = [
+        0, 7, 14, 21, 28, 35, 42, 49, 56, 63, 6, 13, 20, 27, 34, 41, 48, 55, 62, 5,
+    ];
+
+    /// Logits of the first token alone (decode's product) and of all of [`IDS`] (prefill's).
+    fn logits(m: &Model) -> [Vec<f32>; 2] {
+        [1, IDS.len()].map(|n| m.forward(&IDS[..n], None, Logits::All, None).unwrap())
+    }
+
+    /// A magnitude-2:4 model packs every linear, computes the same logits packed as dense (one
+    /// row: the packed dot product; many rows: the expanded GEMM), holds fewer bytes (fewer
+    /// still with bf16-exact weights), and rewriting a packed weight expands it again.
+    #[test]
+    fn packed_two_four_model_matches_dense() {
+        let dense = two_four(32, 48, 3);
         let mut packed = dense.clone();
         assert_eq!(packed.pack_sparse24(), 14);
         assert!(packed.has_sparse24() && !dense.has_sparse24());
-        let bytes = |m: &crate::Model| -> usize {
-            m.layers
-                .iter()
-                .flat_map(|l| l.linears())
-                .map(|(_, _, l)| l.storage_bytes())
-                .sum()
-        };
         assert!(
             bytes(&packed) * 16 <= bytes(&dense) * 9,
             "2.25 bytes a weight"
         );
-        let ids: Vec<u32> = (0..20).map(|i| (i * 7 % 64) as u32).collect();
-        for n in [1, ids.len()] {
-            let a = dense.forward(&ids[..n], None, Logits::All, None).unwrap();
-            let b = packed.forward(&ids[..n], None, Logits::All, None).unwrap();
-            let diff = a
-                .iter()
-                .zip(&b)
-                .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-            assert!(diff < 1e-4, "{n} rows: {diff}");
+        for (a, b) in logits(&dense).iter().zip(logits(&packed)) {
+            assert!(max_diff(a, &b) < 1e-4);
         }
         // Cut to bf16 (a model read from bf16 weights), the kept values pack as bf16 bits: 1.25
         // bytes a weight, the same logits as the dense bf16 model.
@@ -338,38 +365,25 @@ mod tests {
         }
         let mut packed16 = dense16.clone();
         assert_eq!(packed16.pack_sparse24(), 14);
-        assert!(packed16
-            .layers
-            .iter()
-            .flat_map(|l| l.linears())
-            .all(|(_, _, l)| matches!(
-                l.weight(),
-                crate::model::Weight::Sparse24(Sparse24 {
-                    values: KeptValues::Bf16(_),
-                    ..
-                })
-            )));
+        assert!(all_linears(&packed16, |w| matches!(
+            w,
+            Weight::Sparse24(Sparse24 {
+                values: KeptValues::Bf16(_),
+                ..
+            })
+        )));
         assert!(
             bytes(&packed16) * 16 <= bytes(&dense) * 5,
             "1.25 bytes a weight"
         );
-        for n in [1, ids.len()] {
-            let a = dense16.forward(&ids[..n], None, Logits::All, None).unwrap();
-            let b = packed16
-                .forward(&ids[..n], None, Logits::All, None)
-                .unwrap();
-            let diff = a
-                .iter()
-                .zip(&b)
-                .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-            assert!(diff < 1e-4, "bf16, {n} rows: {diff}");
+        for (a, b) in logits(&dense16).iter().zip(logits(&packed16)) {
+            assert!(max_diff(a, &b) < 1e-4, "bf16");
         }
         let lin = &mut packed.layers[0].linears_mut()[0].2;
         lin.dense_weight_mut()[0] += 1.0;
-        assert!(matches!(lin.weight(), crate::model::Weight::Dense(_)));
+        assert!(matches!(lin.weight(), Weight::Dense(_)));
         // A dense model has nothing to pack.
-        let mut other = random_model(config, &[shape], 1).unwrap();
-        assert_eq!(other.pack_sparse24(), 0);
+        assert_eq!(random(32, 48, 1, 1).pack_sparse24(), 0);
     }
 
     /// A 2:4 model converted to Q8_0 / Q4_0 blocks packs every linear as 2:4 codes at the
@@ -379,50 +393,11 @@ mod tests {
     #[test]
     fn two_four_blocks_pack_as_codes() {
         use crate::io::gguf::{self, GgufType};
+        use crate::kernels::qdot_i16::with_f32_activations as exact;
         use crate::kernels::simd::{with_level, Level};
         use crate::kernels::sparse24_int;
-        use crate::model::Weight;
-        let config = ModelConfig {
-            arch: crate::model::Arch::Llama,
-            vocab_size: 64,
-            hidden: 64,
-            rope_theta: 10000.0,
-            rms_eps: 1e-5,
-            context_length: 64,
-            tie_embeddings: true,
-            bos_token_id: None,
-            eos_token_id: None,
-            memory_tokens: 0,
-            window_rule: Default::default(),
-            kv_cache: Default::default(),
-        };
-        let shape = LayerShape {
-            attn: Some(AttnShape::new(4, 2, 16)),
-            ssm: None,
-            mlp: Some(128),
-        };
-        let mut dense = random_model(config, &[shape, shape], 5).unwrap();
-        let nm = Pattern::NM { n: 2, m: 4 };
-        sparsify_model(
-            &mut dense,
-            &[],
-            SparsityMethod::Magnitude,
-            nm,
-            &[],
-            &mut |_, _| {},
-        )
-        .unwrap();
+        let dense = two_four(64, 128, 5);
         let dir = tempfile::tempdir().unwrap();
-        let bytes = |m: &crate::Model| -> usize {
-            m.layers
-                .iter()
-                .flat_map(|l| l.linears())
-                .map(|(_, _, l)| l.storage_bytes())
-                .sum()
-        };
-        let ids: Vec<u32> = (0..20).map(|i| (i * 7 % 64) as u32).collect();
-        let max_diff =
-            |a: &[f32], b: &[f32]| a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
         for ty in [GgufType::Q8_0, GgufType::Q4_0] {
             let path = dir.path().join(format!("{ty:?}.gguf"));
             gguf::save(&dense, None, ty, &path).unwrap();
@@ -437,36 +412,28 @@ mod tests {
                             return;
                         }
                         assert_eq!(n, 14, "{ty:?} at {level}");
-                        assert!(packed
-                            .layers
-                            .iter()
-                            .flat_map(|l| l.linears())
-                            .all(|(_, _, l)| matches!(l.weight(), Weight::Sparse24Int(_))));
+                        assert!(all_linears(&packed, |w| matches!(
+                            w,
+                            Weight::Sparse24Int(_)
+                        )));
                         assert!(bytes(&packed) * 10 <= bytes(&blocks) * 7, "{ty:?}");
-                        let all =
-                            |m: &crate::Model| m.forward(&ids, None, Logits::All, None).unwrap();
-                        let (a, b) = (all(&blocks), all(&packed));
+                        let ([a1, a], [b1, b]) = (logits(&blocks), logits(&packed));
                         assert!(max_diff(&a, &b) < 1e-4, "{ty:?} prefill at {level}");
-                        let one = |m: &crate::Model| {
-                            m.forward(&ids[..1], None, Logits::All, None).unwrap()
-                        };
-                        let (a, b) = (one(&blocks), one(&packed));
-                        let range = a.iter().fold(0f32, |m, v| m.max(v.abs()));
-                        assert!(max_diff(&a, &b) < 1e-3 * range, "{ty:?} decode at {level}");
+                        let range = a1.iter().fold(0f32, |m, v| m.max(v.abs()));
+                        assert!(
+                            max_diff(&a1, &b1) < 1e-3 * range,
+                            "{ty:?} decode at {level}"
+                        );
                         // Scoring's exact path: both against f32 activations.
-                        use crate::kernels::qdot_i16::with_f32_activations as exact;
-                        let (a, b) = (exact(|| one(&blocks)), exact(|| one(&packed)));
-                        assert!(max_diff(&a, &b) < 1e-5 * range, "{ty:?} f32 at {level}");
+                        let ([a1, _], [b1, _]) =
+                            (exact(|| logits(&blocks)), exact(|| logits(&packed)));
+                        assert!(max_diff(&a1, &b1) < 1e-5 * range, "{ty:?} f32 at {level}");
                         // Written as a packed folder, read back as the same blocks.
                         let out = dir.path().join(format!("{ty:?}-{level}"));
                         crate::io::safetensors::save(&packed, None, true, &out).unwrap();
                         let back = crate::io::safetensors::load(&out).unwrap();
-                        for l in [0, 1] {
-                            for ((_, _, x), (_, _, y)) in blocks.layers[l]
-                                .linears()
-                                .into_iter()
-                                .zip(back.layers[l].linears())
-                            {
+                        for (x, y) in blocks.layers.iter().zip(&back.layers) {
+                            for ((_, _, x), (_, _, y)) in x.linears().into_iter().zip(y.linears()) {
                                 assert_eq!(x.weight(), y.weight(), "{ty:?}");
                             }
                         }
