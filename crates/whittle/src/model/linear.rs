@@ -152,13 +152,13 @@ impl Linear {
     }
 
     /// Stores a 2:4 weight packed (kept values or codes and their positions); returns whether
-    /// it did: dense weights, and symmetric 4/8-bit blocks where the level has their 2:4 kernel
+    /// it did: dense weights, and symmetric 4/8-bit blocks where `level` has their 2:4 kernel
     /// ([`Sparse24Int::is_faster`]); not when some group keeps more than two inputs.
-    pub fn pack_sparse24(&mut self) -> bool {
+    pub fn pack_sparse24_at(&mut self, level: Level) -> bool {
         let (out, inp) = (self.out_features, self.in_features);
         let packed = match &self.weight {
             Weight::Dense(w) => Sparse24::pack(w, out, inp).map(Weight::Sparse24),
-            Weight::Packed(p) if Sparse24Int::is_faster(simd::level(), p.bits) => {
+            Weight::Packed(p) if Sparse24Int::is_faster(level, p.bits) => {
                 Sparse24Int::pack(p, out, inp).map(Weight::Sparse24Int)
             }
             _ => None,
