@@ -48,24 +48,27 @@ pub fn run(
     let packed = loaded.model.has_packed();
     let mut lines = Vec::new();
     let sparse = loaded.model.has_sparse24();
+    // A packed or 2:4 model's own prefill (weights expanded per product or tiled once) is timed
+    // in turn with the f32 copy's.
+    let mut models = vec![&expanded];
+    if sparse || packed {
+        models.push(&loaded.model);
+    }
     for &t in &opts.prefill {
         eprintln!("measuring prefill {t} ({reps} runs + warm-up) ...");
-        lines.push(Line {
-            row: speed::prefill(&expanded, &ids, t, reps)?,
-            key: baselines::Measure::Prefill(t),
-        });
-        // A packed or 2:4 model's own prefill (weights expanded per product or tiled once).
-        if sparse || packed {
-            let mut row = speed::prefill(&loaded.model, &ids, t, reps)?;
-            row.what += if sparse {
-                ", 2:4 packed"
+        let rows = speed::prefill(&models, &ids, t, reps)?;
+        for (i, mut row) in rows.into_iter().enumerate() {
+            let key = if i == 0 {
+                baselines::Measure::Prefill(t)
             } else {
-                ", weights as stored"
+                row.what += if sparse {
+                    ", 2:4 packed"
+                } else {
+                    ", weights as stored"
+                };
+                baselines::Measure::PrefillStored(t)
             };
-            lines.push(Line {
-                row,
-                key: baselines::Measure::PrefillStored(t),
-            });
+            lines.push(Line { row, key });
         }
     }
     let mut decode = |model: &whittle::Model, label: &str, key| -> Result<()> {

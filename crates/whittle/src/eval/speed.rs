@@ -39,21 +39,28 @@ fn row(what: &str, tokens: usize, runs: Vec<f64>) -> SpeedRow {
     }
 }
 
-/// Prefill throughput over the first `t` tokens of `ids`.
-pub fn prefill(model: &Model, ids: &[u32], t: usize, reps: usize) -> Result<SpeedRow> {
+/// Prefill throughput over the first `t` tokens of `ids`, one row per model. The models are
+/// timed in turn within each repetition (after one warm-up each), so that a drift of the host
+/// during the measurement (±10 % within minutes on the development VMs) reaches all alike.
+pub fn prefill(models: &[&Model], ids: &[u32], t: usize, reps: usize) -> Result<Vec<SpeedRow>> {
     let x = ids.get(..t).ok_or_else(|| {
         Error::Invalid(format!("bench needs {t} tokens of text, has {}", ids.len()))
     })?;
-    let mut runs = Vec::with_capacity(reps);
+    let mut runs = vec![Vec::with_capacity(reps); models.len()];
     for i in 0..=reps {
-        let s = Instant::now();
-        let l = model.forward(x, None, Logits::Last, None)?;
-        std::hint::black_box(argmax(&l));
-        if i > 0 {
-            runs.push(s.elapsed().as_secs_f64());
+        for (model, runs) in models.iter().zip(&mut runs) {
+            let s = Instant::now();
+            let l = model.forward(x, None, Logits::Last, None)?;
+            std::hint::black_box(argmax(&l));
+            if i > 0 {
+                runs.push(s.elapsed().as_secs_f64());
+            }
         }
     }
-    Ok(row(&format!("prefill {t}"), t, runs))
+    Ok(runs
+        .into_iter()
+        .map(|r| row(&format!("prefill {t}"), t, r))
+        .collect())
 }
 
 /// Greedy decode throughput: `new` tokens after a `prompt_len`-token prompt, timing the
