@@ -37,19 +37,6 @@ pub enum KeptRow<'a> {
     Bf16(&'a [u16]),
 }
 
-impl KeptRow<'_> {
-    pub fn len(&self) -> usize {
-        match self {
-            KeptRow::F32(v) => v.len(),
-            KeptRow::Bf16(v) => v.len(),
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
 /// The two kept positions of a nibble.
 #[inline(always)]
 fn positions(nibble: u8) -> (usize, usize) {

@@ -2,8 +2,8 @@
 //! the kept codes of every group of four inputs and their 2-bit positions, dotted against
 //! int16 activations ([`QActs`]). A 2:4 model quantized with a symmetric grid (GGUF's Q4_0 and
 //! Q8_0, whittle's `--sym`, NVIDIA's sparse int4) keeps its zeros as the zero point's code;
-//! stored this way it reads half the codes per decoded token plus a quarter byte of positions
-//! per kept pair.
+//! stored this way it reads half the codes per decoded token plus 4 bits of positions per group
+//! of four inputs.
 //!
 //! Why AVX-512 only: the kept inputs are picked per row, and `vpermt2w` selects 32 int16 lanes
 //! out of 64 in one instruction, so a 64-input step costs about as many operations as the dense
