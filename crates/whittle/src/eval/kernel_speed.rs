@@ -177,14 +177,17 @@ pub fn run(reps: usize) -> Vec<KernelTime> {
                 }
             }),
         );
-        push(
-            "expand 2:4 Q4 1536×576",
-            time(reps, || {
-                for (r, yr) in expanded.chunks_exact_mut(hidden).enumerate() {
-                    matrix24.range(r..r + 1).unpack_row_at(level, yr);
-                }
-            }),
-        );
+        // Only the levels that store 2:4 codes expand them.
+        if sparse24_int::takes(level, 4) {
+            push(
+                "expand 2:4 Q4 1536×576",
+                time(reps, || {
+                    for (r, yr) in expanded.chunks_exact_mut(hidden).enumerate() {
+                        matrix24.range(r..r + 1).unpack_row_at(level, yr);
+                    }
+                }),
+            );
+        }
         let mut o = vec![0f32; tokens * shape.out_dim()];
         push(
             "attention prefill 512",
