@@ -45,15 +45,7 @@ fn close(got: f64, want: f64, rel: f64) -> bool {
 fn data_free_methods_match_the_reference_exactly() {
     // Reference table (first 4 windows): magnitude 2:4 1935.06, RTN int4 g128 asym 33.8704.
     let mut m = load_default().model;
-    sparsify_model(
-        &mut m,
-        &[],
-        SparsityMethod::Magnitude,
-        Pattern::NM { n: 2, m: 4 },
-        &[],
-        &mut |_, _| {},
-    )
-    .unwrap();
+    magnitude_24(&mut m);
     let p = ppl(&m, 8192);
     assert!(close(p, 1935.06, 0.002), "magnitude 2:4: {p}");
     let mut m = load_default().model;
@@ -140,6 +132,12 @@ fn calibrated_methods_beat_their_baselines() {
     assert!(eora < svd && svd < rtn_ppl);
 }
 
+/// Magnitude 2:4 on all seven linears of every layer (data-free).
+fn magnitude_24(m: &mut Model) {
+    let nm = Pattern::NM { n: 2, m: 4 };
+    sparsify_model(m, &[], SparsityMethod::Magnitude, nm, &[], &mut |_, _| {}).unwrap();
+}
+
 /// Logits of a 64-token WikiText-2 validation prompt and of `steps` greedy tokens after it.
 fn greedy_logits(m: &Model, steps: usize) -> Vec<Vec<f32>> {
     use whittle::model::{sampling::argmax, KvCache, Logits};
@@ -179,16 +177,7 @@ fn two_four_int4_codes_decode_like_their_dense_blocks() {
     use whittle::kernels::simd::{with_level, Level};
     use whittle::kernels::sparse24_int;
     let mut blocks = load_default().model;
-    let nm = Pattern::NM { n: 2, m: 4 };
-    sparsify_model(
-        &mut blocks,
-        &[],
-        SparsityMethod::Magnitude,
-        nm,
-        &[],
-        &mut |_, _| {},
-    )
-    .unwrap();
+    magnitude_24(&mut blocks);
     let sym = QuantConfig { sym: true, ..INT4 };
     quantize_model(&mut blocks, &[], QuantMethod::Rtn, sym, &[], &mut |_, _| {}).unwrap();
     for level in Level::supported()
@@ -219,18 +208,9 @@ fn two_four_bf16_model_decodes_like_its_dense_twin() {
     for (_, _, lin) in layers {
         let w = lin.dense_weight_mut();
         w.iter_mut()
-            .for_each(|v| *v = f32::from_bits(v.to_bits() & 0xffff_0000));
+            .for_each(|v| *v = half::bf16::from_f32(*v).to_f32());
     }
-    let nm = Pattern::NM { n: 2, m: 4 };
-    sparsify_model(
-        &mut dense,
-        &[],
-        SparsityMethod::Magnitude,
-        nm,
-        &[],
-        &mut |_, _| {},
-    )
-    .unwrap();
+    magnitude_24(&mut dense);
     for level in Level::supported()
         .into_iter()
         .filter(|l| packed_is_faster(*l))

@@ -69,7 +69,7 @@ pub fn run(reps: usize) -> Vec<KernelTime> {
     // The same with its values cut to bf16: kept as bf16 bits.
     let half16: Vec<f32> = half
         .iter()
-        .map(|v| f32::from_bits(v.to_bits() & 0xffff_0000))
+        .map(|v| half::bf16::from_f32(*v).to_f32())
         .collect();
     let packed24_bf16 =
         crate::model::sparse::Sparse24::pack(&half16, ffn, hidden).expect("a 2:4 matrix packs");

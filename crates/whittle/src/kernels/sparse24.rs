@@ -22,7 +22,8 @@ impl Kept for f32 {
     }
 }
 
-/// A bf16 value (its f32 bits' upper half).
+/// A bf16 value (its f32 bits' upper half). The shift by hand: `half`'s conversion, which also
+/// quiets NaNs, made the portable 2:4 dot 1.7x slower (237 against 144 µs, one 1536 × 576 row set).
 impl Kept for u16 {
     #[inline(always)]
     fn get(self) -> f32 {
@@ -372,9 +373,9 @@ mod tests {
             let mut index = vec![0u8; n.div_ceil(8)];
             assert!(pack_row(&row, &mut values, &mut index));
             // The same row with its values cut to bf16, kept as bf16 bits.
-            let cut = |v: &f32| f32::from_bits(v.to_bits() & 0xffff_0000);
-            let row16: Vec<f32> = row.iter().map(cut).collect();
-            let bits: Vec<u16> = values.iter().map(|v| (v.to_bits() >> 16) as u16).collect();
+            let bf16 = |v: &f32| half::bf16::from_f32(*v);
+            let row16: Vec<f32> = row.iter().map(|v| bf16(v).to_f32()).collect();
+            let bits: Vec<u16> = values.iter().map(|v| bf16(v).to_bits()).collect();
             for (kept, row) in [
                 (KeptRow::F32(&values), &row),
                 (KeptRow::Bf16(&bits), &row16),

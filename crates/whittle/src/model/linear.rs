@@ -153,12 +153,12 @@ impl Linear {
 
     /// Stores a 2:4 weight packed (kept values or codes and their positions); returns whether
     /// it did: dense weights, and symmetric 4/8-bit blocks where `level` has their 2:4 kernel
-    /// ([`Sparse24Int::is_faster`]); not when some group keeps more than two inputs.
+    /// ([`sparse24_int::takes`]); not when some group keeps more than two inputs.
     pub fn pack_sparse24_at(&mut self, level: Level) -> bool {
         let (out, inp) = (self.out_features, self.in_features);
         let packed = match &self.weight {
             Weight::Dense(w) => Sparse24::pack(w, out, inp).map(Weight::Sparse24),
-            Weight::Packed(p) if Sparse24Int::is_faster(level, p.bits) => {
+            Weight::Packed(p) if sparse24_int::takes(level, p.bits) => {
                 Sparse24Int::pack(p, out, inp).map(Weight::Sparse24Int)
             }
             _ => None,

@@ -5,7 +5,7 @@
 
 use crate::kernels::qdot::{block_bytes, pack_block, BLOCK};
 use crate::kernels::sparse24::{pack_row, unpack_row_at, KeptRow};
-use crate::kernels::sparse24_int::{self, pack_codes, row_codes, step_bytes, Rows24, STEP};
+use crate::kernels::sparse24_int::{pack_codes, row_codes, step_bytes, Rows24, STEP};
 use crate::model::{Model, Packed};
 use crate::Result;
 
@@ -27,8 +27,9 @@ pub enum KeptValues {
 impl KeptValues {
     /// The same values as bf16 bits where each is exactly a bf16 (its low 16 bits zero).
     fn narrowed(values: Vec<f32>) -> Self {
-        if values.iter().all(|v| v.to_bits() & 0xffff == 0) {
-            KeptValues::Bf16(values.iter().map(|v| (v.to_bits() >> 16) as u16).collect())
+        let bf16 = |v: &f32| half::bf16::from_f32(*v);
+        if values.iter().all(|v| bf16(v).to_f32() == *v) {
+            KeptValues::Bf16(values.iter().map(|v| bf16(v).to_bits()).collect())
         } else {
             KeptValues::F32(values)
         }
@@ -56,7 +57,7 @@ impl KeptValues {
             KeptValues::Bf16(v) => {
                 let wide: Vec<f32> = v
                     .iter()
-                    .map(|b| f32::from_bits((*b as u32) << 16))
+                    .map(|b| half::bf16::from_bits(*b).to_f32())
                     .collect();
                 crate::error::check_finite(name, &wide)
             }
@@ -219,11 +220,6 @@ impl Sparse24Int {
     pub fn bytes(&self) -> usize {
         self.codes.len() + 8 * self.index.len() + 4 * self.scales.len()
     }
-
-    /// Whether this storage decodes faster than the dense blocks at `level`.
-    pub fn is_faster(level: crate::kernels::simd::Level, bits: u8) -> bool {
-        sparse24_int::takes(level, bits)
-    }
 }
 
 impl Model {
@@ -371,7 +367,7 @@ mod tests {
             for (_, _, lin) in l.linears_mut() {
                 let w = lin.dense_weight_mut();
                 w.iter_mut()
-                    .for_each(|v| *v = f32::from_bits(v.to_bits() & 0xffff_0000));
+                    .for_each(|v| *v = half::bf16::from_f32(*v).to_f32());
             }
         }
         let mut packed16 = dense16.clone();
