@@ -8,22 +8,19 @@ use super::packed::Packed;
 use super::sparse::{Sparse24, Sparse24Int};
 use crate::kernels::amx;
 use crate::kernels::dot::dot_at;
-use crate::kernels::matmul::{matmul_t, matvec_chunks, GEMV_CHUNK, GEMV_MAX_ROWS};
+use crate::kernels::matmul::{
+    matmul_t, matmul_t_expanding, matvec_chunks, GEMV_CHUNK, GEMV_MAX_ROWS,
+};
 use crate::kernels::matmul_small;
-use crate::kernels::qdot::{dequant_row, qdot_at};
+use crate::kernels::qdot::{dequant_row, dequant_row_at, qdot_at};
 use crate::kernels::qdot_i16::{self, QActs};
 use crate::kernels::simd::{self, Level};
-use crate::kernels::sparse24::dot24_at;
+use crate::kernels::sparse24::{dot24_at, unpack_row_at};
 use crate::kernels::sparse24_int;
 use crate::{Error, Result};
 use std::borrow::Cow;
-use std::cell::RefCell;
+use std::ops::Range;
 use std::sync::{Arc, OnceLock};
-
-thread_local! {
-    /// Reused buffer for packed weights expanded to f32 before a GEMM.
-    static DEQUANTIZED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-}
 
 /// How a weight matrix `[out, in]` is stored.
 #[derive(Debug, Clone, PartialEq)]
@@ -36,6 +33,31 @@ pub enum Weight {
     Sparse24(Sparse24),
     /// 2:4 sparse codes of a symmetric 4- or 8-bit packed weight (decode at AVX-512).
     Sparse24Int(Sparse24Int),
+}
+
+impl Weight {
+    /// Rows `rows` of the matrix (`inp` wide) as f32 into `dst`, at `level`: what prefill's
+    /// GEMM and exports read from the stored forms.
+    pub fn expand_rows_at(&self, level: Level, inp: usize, rows: Range<usize>, dst: &mut [f32]) {
+        assert_eq!(dst.len(), rows.len() * inp);
+        let mut each = |f: &mut dyn FnMut(usize, &mut [f32])| {
+            for (r, d) in rows.clone().zip(dst.chunks_exact_mut(inp)) {
+                f(r, d)
+            }
+        };
+        match self {
+            Weight::Dense(w) => dst.copy_from_slice(&w[rows.start * inp..rows.end * inp]),
+            Weight::Packed(p) => each(&mut |r, d| dequant_row_at(level, p.row(r, inp), d)),
+            Weight::Sparse24(s) => each(&mut |r, d| {
+                let (values, index) = s.row(r, inp);
+                unpack_row_at(level, values, index, d)
+            }),
+            Weight::Sparse24Int(s) => {
+                let m = s.rows(inp);
+                each(&mut |r, d| m.range(r..r + 1).unpack_row_at(level, d))
+            }
+        }
+    }
 }
 
 /// `ΔW ≈ B·A` with `A: rank × in`, `B: out × rank`, both row-major.
@@ -118,24 +140,19 @@ impl Linear {
 
     /// The weight as dense f32 (what export and analysis read; expanded for packed weights).
     pub fn dense_weight(&self) -> Cow<'_, [f32]> {
-        match &self.weight {
-            Weight::Dense(w) => Cow::Borrowed(w),
-            Weight::Packed(p) => {
-                let mut w = vec![0f32; self.out_features * self.in_features];
-                p.dequantize_into(self.in_features, &mut w);
-                Cow::Owned(w)
-            }
-            Weight::Sparse24(s) => {
-                let mut w = vec![0f32; self.out_features * self.in_features];
-                s.unpack_into(self.in_features, &mut w);
-                Cow::Owned(w)
-            }
-            Weight::Sparse24Int(s) => {
-                let mut w = vec![0f32; self.out_features * self.in_features];
-                s.unpack_into(self.in_features, &mut w);
-                Cow::Owned(w)
-            }
+        use rayon::prelude::*;
+        if let Weight::Dense(w) = &self.weight {
+            return Cow::Borrowed(w);
         }
+        let (inp, level) = (self.in_features, simd::level());
+        let mut w = vec![0f32; self.out_features * inp];
+        crate::threads::install(|| {
+            w.par_chunks_mut(64 * inp).enumerate().for_each(|(c, w)| {
+                let rows = 64 * c..64 * c + w.len() / inp;
+                self.weight.expand_rows_at(level, inp, rows, w)
+            })
+        });
+        Cow::Owned(w)
     }
 
     /// The weight as group-quantized blocks, when it is stored quantized (2:4 codes are
@@ -267,21 +284,14 @@ impl Linear {
                     let w = matmul_small::WeightRows::Packed(p.rows(inp));
                     matmul_small::matmul_t(simd::level(), x, w, (rows, inp, out), y);
                 }
-                // Expanding costs ~1/(2·rows) of the GEMM's time; keeping the expansion would
-                // cost the memory of an f32 model.
+                // Expanded chunk by chunk inside the product: keeping an f32 copy would cost
+                // the memory of an f32 model.
                 packed => {
-                    // Taken out of the thread-local (not borrowed) while the GEMM runs: a worker
-                    // waiting inside it may pick up another forward pass that needs a buffer.
-                    let mut w = DEQUANTIZED.with_borrow_mut(std::mem::take);
-                    w.resize(out * inp, 0.0);
-                    match packed {
-                        Weight::Packed(p) => p.dequantize_into(inp, &mut w),
-                        Weight::Sparse24(s) => s.unpack_into(inp, &mut w),
-                        Weight::Sparse24Int(s) => s.unpack_into(inp, &mut w),
-                        Weight::Dense(_) => unreachable!("dense weights take the arm above"),
-                    }
-                    matmul_t(x, &w, rows, inp, out, y);
-                    DEQUANTIZED.with_borrow_mut(|b| *b = w);
+                    let level = simd::level();
+                    let expand = |rows: Range<usize>, w: &mut [f32]| {
+                        packed.expand_rows_at(level, inp, rows, w)
+                    };
+                    matmul_t_expanding(x, (rows, inp, out), y, &expand);
                 }
             }
         }

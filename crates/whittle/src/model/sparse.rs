@@ -4,7 +4,7 @@
 //! bytes a weight per decoded token instead of 4.
 
 use crate::kernels::qdot::{block_bytes, pack_block, BLOCK};
-use crate::kernels::sparse24::{pack_row, unpack_row_at, KeptRow};
+use crate::kernels::sparse24::{pack_row, KeptRow};
 use crate::kernels::sparse24_int::{pack_codes, row_codes, step_bytes, Rows24, STEP};
 use crate::model::{Model, Packed};
 use crate::Result;
@@ -93,22 +93,6 @@ impl Sparse24 {
             self.values.slice(r * inp / 2..(r + 1) * inp / 2),
             &self.index[r * ib..(r + 1) * ib],
         )
-    }
-
-    /// Writes the dense matrix (`out × inp`) into `w`, rows in parallel: prefill expands every
-    /// packed matrix before its product, and on one thread that cost 12 % of a 512-token prefill.
-    pub fn unpack_into(&self, inp: usize, w: &mut [f32]) {
-        use rayon::prelude::*;
-        let level = crate::kernels::simd::level();
-        crate::threads::install(|| {
-            w.par_chunks_exact_mut(inp)
-                .enumerate()
-                .with_min_len(64)
-                .for_each(|(r, dst)| {
-                    let (v, i) = self.row(r, inp);
-                    unpack_row_at(level, v, i, dst);
-                })
-        });
     }
 
     pub fn bytes(&self) -> usize {
@@ -202,19 +186,6 @@ impl Sparse24Int {
             self.scales.clone(),
             mins,
         )
-    }
-
-    /// Writes the dense matrix (`out × inp`) into `w`, rows in parallel (prefill expands the
-    /// weight before its product, as for every packed form).
-    pub fn unpack_into(&self, inp: usize, w: &mut [f32]) {
-        use rayon::prelude::*;
-        let (rows, level) = (self.rows(inp), crate::kernels::simd::level());
-        crate::threads::install(|| {
-            w.par_chunks_exact_mut(inp)
-                .enumerate()
-                .with_min_len(64)
-                .for_each(|(r, dst)| rows.range(r..r + 1).unpack_row_at(level, dst))
-        });
     }
 
     pub fn bytes(&self) -> usize {
