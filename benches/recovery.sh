@@ -7,7 +7,13 @@
 # same command, repeated across sessions, finishes the table.
 #   [RUNS="d-cos-6:kd:1M d-cos-6:ce:1M ..."] [MINUTES=60] bash benches/recovery.sh [OUT_DIR]
 # Objectives: ce (fine-tune), kd (Minitron: forward KL, T = 1), kdfeat (kd + PHI-S feature
-# distillation of four blocks), feat-NORM (kd + feature distillation with normaliser NORM).
+# distillation of four blocks), feat-NORM (kd + feature distillation with normaliser NORM),
+# kd-adapters (kd into the low-rank adapters alone, the rest frozen).
+# A student is a name in target/prune or a path to any model: a one-shot 2:4 model keeps its
+# zeros while it trains (e.g. target/maskllm/sparsegpt-oneshot from benches/maskllm.sh), and an
+# int4 model with EoRA adapters trains its adapters by KD, against EoRA alone (the student
+# untrained): target/compression/rtn-int4-eora-r64 from
+# `ONLY="rtn-int4 rtn-int4-eora-r64" bash benches/compression_table.sh`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-target/recover}
@@ -31,11 +37,13 @@ for run in $RUNS; do
     kd) loss=(--loss kd) ;;
     kdfeat) loss=(--loss kd --features 5,11,17,23:phis) ;;
     feat-*) loss=(--loss kd --features "5,11,17,23:${objective#feat-}") ;;
+    kd-adapters) loss=(--loss kd --adapters-only) ;;
     *) echo "unknown objective $objective"; exit 2 ;;
   esac
-  name=$student-$objective-$budget
+  case $student in */*) src=$student ;; *) src=$PRUNED/$student ;; esac
+  name=$(basename "$student")-$objective-$budget
   if [ ! -f "$OUT/$name/summary.json" ]; then
-    nice "$W" distill --teacher "$M" --student "$PRUNED/$student" "${DATA[@]}" --tokens "$tokens" \
+    nice "$W" distill --teacher "$M" --student "$src" "${DATA[@]}" --tokens "$tokens" \
       "${loss[@]}" "${COMMON[@]}" --max-minutes "$MINUTES" --out "$OUT/$name" >> "$OUT/$name.log" 2>&1
   fi
   [ -f "$OUT/$name/summary.json" ] || { echo "$name: unfinished (run again)"; continue; }
