@@ -86,7 +86,7 @@ thread_local! {
 /// [`EXPAND_ROWS`] rows of `W` at a time and multiplies them at once, while they are in its
 /// cache. Expanding the whole matrix before one GEMM wrote and re-read an f32 copy through
 /// memory and made 2:4 and 4-bit products 5–10 % slower than the same product on a dense f32
-/// weight; expanded in chunks, they run level with it (`examples/expanding_gemm.rs`). With
+/// weight; expanded in chunks, they run level with it (`examples/gemm_paths.rs`). With
 /// enough rows each thread takes its share of the rows and expands every chunk itself (the
 /// expansion is ~3 % of its product); with few rows the threads share out the chunks instead.
 pub fn matmul_t_expanding(
