@@ -124,8 +124,14 @@ fn pytorch(tools: &Tools, run: &Run) -> Result<Figures> {
     )?;
     let out = tempfile::NamedTempFile::new()?;
     let model = std::fs::canonicalize(run.model)?;
+    // The harness runs in its own folder: a relative `--python` path (a venv's `bin/python`)
+    // is made absolute first, not canonicalized (that would leave the venv for its base python).
+    let python = match tools.python.components().count() {
+        1 => tools.python.clone(),
+        _ => std::path::absolute(&tools.python)?,
+    };
     output(
-        Command::new(&tools.python)
+        Command::new(&python)
             .current_dir(&tools.harness)
             .args(["bench.py", "--no-hf", "--threads", &run.threads.to_string()])
             .args(["--reps", &run.reps.to_string(), "--out"])
