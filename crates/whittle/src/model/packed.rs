@@ -85,8 +85,8 @@ impl Packed {
     }
 
     /// Writes the f32 matrix (`out × inp`) into `w`, rows in parallel at the calling thread's
-    /// level: prefill expands every packed matrix before its GEMM, and on one thread that
-    /// left the other idle for ~7 % of a 512-token prefill.
+    /// level: the quantizers read back each whole matrix they wrote (prefill expands 64 rows
+    /// at a time inside its product instead, `kernels::matmul::matmul_t_expanding`).
     pub fn dequantize_into(&self, inp: usize, w: &mut [f32]) {
         use rayon::prelude::*;
         let level = crate::kernels::simd::level();
