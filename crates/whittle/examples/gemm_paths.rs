@@ -131,12 +131,7 @@ fn stored_weights() {
             let mut buf = vec![0f32; n * k];
             let level = whittle::kernels::simd::level();
             let whole = median_seconds(&mut || {
-                whittle::threads::install(|| {
-                    buf.par_chunks_mut(64 * k).enumerate().for_each(|(c, w)| {
-                        let rows = 64 * c..64 * c + w.len() / k;
-                        l.weight().expand_rows_at(level, k, rows, w)
-                    })
-                });
+                l.weight().expand_all_at(level, k, &mut buf);
                 matmul_t(&x, &buf, r, k, n, &mut y)
             });
             println!(

@@ -101,12 +101,6 @@ pub fn matmul_t_expanding(
         return;
     }
     let level = simd::level();
-    let threads = crate::threads::threads();
-    let (row_parts, col_parts) = if threads > 1 && rows >= ROW_SPLIT_MIN {
-        (threads, 1)
-    } else {
-        (1, threads.min(out.div_ceil(EXPAND_ROWS)))
-    };
     let task = |x: &[f32], mut y: MatMut<f32>, cols: std::ops::Range<usize>| {
         // Taken out of the thread-local while the task runs: nothing it calls may find it
         // borrowed.
@@ -128,36 +122,31 @@ pub fn matmul_t_expanding(
         }
         EXPANDED.with_borrow_mut(|b| *b = w);
     };
-    let y = MatMut::from_row_major_slice_mut(y, rows, out);
-    if row_parts == 1 && col_parts == 1 {
-        return task(x, y, 0..out);
+    let threads = crate::threads::threads();
+    if threads == 1 {
+        return task(x, MatMut::from_row_major_slice_mut(y, rows, out), 0..out);
     }
-    let mut tasks = Vec::with_capacity(row_parts * col_parts);
-    let (row_chunk, col_chunk) = (
-        rows.div_ceil(row_parts),
-        out.div_ceil(col_parts).next_multiple_of(EXPAND_ROWS),
-    );
-    let (mut y_rest, mut x_rest) = (y, x);
-    while y_rest.nrows() > 0 {
-        let n = row_chunk.min(y_rest.nrows());
-        let (y_rows, below) = y_rest.split_at_row_mut(n);
-        let (x_rows, x_below) = x_rest.split_at(n * inp);
-        let mut y_cols = y_rows;
-        let mut at = 0;
-        while y_cols.ncols() > 0 {
-            let c = col_chunk.min(y_cols.ncols());
-            let (left, right) = y_cols.split_at_col_mut(c);
-            tasks.push((x_rows, left, at..at + c));
-            y_cols = right;
-            at += c;
-        }
-        (y_rest, x_rest) = (below, x_below);
+    if rows >= ROW_SPLIT_MIN {
+        let chunk = rows.div_ceil(threads);
+        return crate::threads::install(|| {
+            x.par_chunks(chunk * inp)
+                .zip(y.par_chunks_mut(chunk * out))
+                .for_each(|(x, y)| {
+                    let y = MatMut::from_row_major_slice_mut(y, x.len() / inp, out);
+                    task(x, y, 0..out)
+                })
+        });
     }
-    crate::threads::install(|| {
-        tasks
-            .into_par_iter()
-            .for_each(|(x, y, cols)| task(x, y, cols))
-    });
+    // Few rows: each thread its share of the chunks, all rows.
+    let width = out.div_ceil(threads).next_multiple_of(EXPAND_ROWS);
+    let mut parts = Vec::with_capacity(threads);
+    let mut rest = MatMut::from_row_major_slice_mut(y, rows, out);
+    for at in (0..out).step_by(width) {
+        let (part, right) = rest.split_at_col_mut(width.min(out - at));
+        parts.push((at..at + part.ncols(), part));
+        rest = right;
+    }
+    crate::threads::install(|| parts.into_par_iter().for_each(|(cols, y)| task(x, y, cols)));
 }
 
 /// `dst = lhs · rhs` with the rows of `dst` (and `lhs`) split across the threads, each block a

@@ -12,7 +12,7 @@ use crate::kernels::matmul::{
     matmul_t, matmul_t_expanding, matvec_chunks, GEMV_CHUNK, GEMV_MAX_ROWS,
 };
 use crate::kernels::matmul_small;
-use crate::kernels::qdot::{dequant_row, dequant_row_at, qdot_at};
+use crate::kernels::qdot::{dequant_row_at, qdot_at};
 use crate::kernels::qdot_i16::{self, QActs};
 use crate::kernels::simd::{self, Level};
 use crate::kernels::sparse24::{dot24_at, unpack_row_at};
@@ -57,6 +57,17 @@ impl Weight {
                 each(&mut |r, d| m.range(r..r + 1).unpack_row_at(level, d))
             }
         }
+    }
+
+    /// The whole matrix (`inp` wide) as f32 into `w`, 64 rows per parallel task.
+    pub fn expand_all_at(&self, level: Level, inp: usize, w: &mut [f32]) {
+        use rayon::prelude::*;
+        crate::threads::install(|| {
+            w.par_chunks_mut(64 * inp).enumerate().for_each(|(c, w)| {
+                let rows = 64 * c..64 * c + w.len() / inp;
+                self.expand_rows_at(level, inp, rows, w)
+            })
+        });
     }
 }
 
@@ -140,18 +151,12 @@ impl Linear {
 
     /// The weight as dense f32 (what export and analysis read; expanded for packed weights).
     pub fn dense_weight(&self) -> Cow<'_, [f32]> {
-        use rayon::prelude::*;
         if let Weight::Dense(w) = &self.weight {
             return Cow::Borrowed(w);
         }
-        let (inp, level) = (self.in_features, simd::level());
-        let mut w = vec![0f32; self.out_features * inp];
-        crate::threads::install(|| {
-            w.par_chunks_mut(64 * inp).enumerate().for_each(|(c, w)| {
-                let rows = 64 * c..64 * c + w.len() / inp;
-                self.weight.expand_rows_at(level, inp, rows, w)
-            })
-        });
+        let mut w = vec![0f32; self.out_features * self.in_features];
+        self.weight
+            .expand_all_at(simd::level(), self.in_features, &mut w);
         Cow::Owned(w)
     }
 
@@ -221,19 +226,8 @@ impl Linear {
 
     /// Copies row `r` of the weight (as f32) into `out`: an embedding lookup.
     pub fn row_into(&self, r: usize, out: &mut [f32]) {
-        let inp = self.in_features;
-        match &self.weight {
-            Weight::Dense(w) => out.copy_from_slice(&w[r * inp..(r + 1) * inp]),
-            Weight::Packed(p) => dequant_row(p.row(r, inp), out),
-            Weight::Sparse24(s) => {
-                let (v, i) = s.row(r, inp);
-                crate::kernels::sparse24::unpack_row_at(simd::level(), v, i, out);
-            }
-            Weight::Sparse24Int(s) => s
-                .rows(inp)
-                .range(r..r + 1)
-                .unpack_row_at(simd::level(), out),
-        }
+        self.weight
+            .expand_rows_at(simd::level(), self.in_features, r..r + 1, out)
     }
 
     /// Fails if the weight (or adapter) holds NaN or Inf.
