@@ -65,12 +65,14 @@ impl QActs {
         self.d.len()
     }
 
-    /// The int16 codes, one per input.
+    /// The int16 codes, one per input (read by the x86 2:4 integer kernels).
+    #[cfg(target_arch = "x86_64")]
     pub(super) fn codes(&self) -> &[i16] {
         &self.q
     }
 
-    /// The scale of each 32-value block.
+    /// The scale of each 32-value block (read by the x86 2:4 integer kernels and a test).
+    #[cfg(any(target_arch = "x86_64", test))]
     pub(super) fn scales(&self) -> &[f32] {
         &self.d
     }
