@@ -5,8 +5,8 @@
 # not only on the x86 machines that build whittle. The kernel tests run each kernel at every
 # level the emulated CPU has (scalar, neon); the tiny-model, Hymba, Mamba, training-graph,
 # distillation and MaskLLM suites run at the default level (neon); tests/levels.rs runs the real
-# model at both levels (the same logits; decode from blocks keeps pace with f32 decode). Speed
-# under emulation means nothing: ARM speed is not measured here.
+# model at both levels (the same logits). Speed under emulation means nothing: ARM speed is not
+# measured or asserted here.
 #   bash tools/test_aarch64.sh          (installs the target, a cross gcc and qemu-user if missing)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,4 +24,9 @@ export AR_aarch64_unknown_linux_gnu=aarch64-linux-gnu-ar
 cargo clippy --release --target "$T" -p whittle --all-targets -- -D warnings
 cargo test --release --target "$T" -p whittle --lib
 cargo test --release --target "$T" -p whittle --test tiny_model --test hymba --test mamba \
-  --test train_graph --test distill --test maskllm --test levels
+  --test train_graph --test distill --test maskllm
+# The real model's logits at each level; its speed test is left out (emulated time is not
+# an ARM CPU's: scalar decode from Q4_1 blocks took 3x the f32 decode's time under qemu,
+# while on x86 CPUs it is the faster of the two; BENCHMARKS "Speed").
+cargo test --release --target "$T" -p whittle --test levels -- \
+  --skip decode_from_blocks_keeps_pace_with_f32_decode_at_every_level
