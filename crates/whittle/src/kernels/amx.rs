@@ -100,17 +100,94 @@ mod simd {
             a
         };
         let idx = _mm512_loadu_si512(ODD.as_ptr().cast());
-        let mask = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
-        let halves = |v: __m512| {
-            let p0 = _mm512_and_si512(_mm512_castps_si512(v), mask);
-            let r1 = _mm512_sub_ps(v, _mm512_castsi512_ps(p0));
-            let p1 = _mm512_and_si512(_mm512_castps_si512(r1), mask);
-            let r2 = _mm512_sub_ps(r1, _mm512_castsi512_ps(p1));
-            [p0, p1, _mm512_and_si512(_mm512_castps_si512(r2), mask)]
-        };
-        let lo = halves(_mm512_loadu_ps(src.as_ptr()));
-        let hi = halves(_mm512_loadu_ps(src.as_ptr().add(16)));
+        let lo = pieces16(_mm512_loadu_ps(src.as_ptr()));
+        let hi = pieces16(_mm512_loadu_ps(src.as_ptr().add(16)));
         [0, 1, 2].map(|p| _mm512_permutex2var_epi16(lo[p], idx, hi[p]))
+    }
+
+    /// The three pieces of 16 values, each piece in the high half of its value's u32 lane
+    /// (the low half zero).
+    #[inline(always)]
+    unsafe fn pieces16(v: __m512) -> [__m512i; PIECES] {
+        let mask = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
+        let p0 = _mm512_and_si512(_mm512_castps_si512(v), mask);
+        let r1 = _mm512_sub_ps(v, _mm512_castsi512_ps(p0));
+        let p1 = _mm512_and_si512(_mm512_castps_si512(r1), mask);
+        let r2 = _mm512_sub_ps(r1, _mm512_castsi512_ps(p1));
+        [p0, p1, _mm512_and_si512(_mm512_castps_si512(r2), mask)]
+    }
+
+    /// Depth rows `2i` and `2i + 1` of k block `kb` of a k-major source (`src`: `depth` rows of
+    /// `ld` floats), columns `c0..c0 + n` (`n ≤ 16`; zeros past them and past `depth`), as u32
+    /// lanes over the columns: lane `c` of piece `p` holds piece `p` of row `2i`'s value in its
+    /// low half and of row `2i + 1`'s in its high half — one pair of AMX's pair layout.
+    #[inline(always)]
+    unsafe fn pair_rows(
+        src: &[f32],
+        (ld, depth): (usize, usize),
+        (kb, i): (usize, usize),
+        (c0, n): (usize, usize),
+    ) -> [__m512i; PIECES] {
+        let row = |d: usize| {
+            if d >= depth || n == 0 {
+                return _mm512_setzero_ps();
+            }
+            let mask: __mmask16 = if n >= TILE { !0 } else { (1 << n) - 1 };
+            _mm512_maskz_loadu_ps(mask, src[d * ld + c0..].as_ptr())
+        };
+        let d = kb * KB + 2 * i;
+        let (lo, hi) = (pieces16(row(d)), pieces16(row(d + 1)));
+        [0, 1, 2].map(|p| _mm512_or_si512(_mm512_srli_epi32::<16>(lo[p]), hi[p]))
+    }
+
+    /// Columns `c0..c0 + n` (`n ≤ 16`) of a k-major source — `Wᵀ`, `depth` rows of `ld` —
+    /// into B tiles of `pieces` pieces, as [`pack_pairs`] lays out the rows of `W`: the k pairs
+    /// are two source rows, so no transpose is needed.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub unsafe fn pack_pairs_k_major(
+        src: &[f32],
+        (ld, depth): (usize, usize),
+        (c0, n): (usize, usize),
+        pieces: usize,
+        out: &mut [u32],
+    ) {
+        for (kb, tiles) in out.chunks_exact_mut(pieces * B_TILE).enumerate() {
+            for i in 0..TILE {
+                let v = pair_rows(src, (ld, depth), (kb, i), (c0, n));
+                for (p, v) in v.into_iter().take(pieces).enumerate() {
+                    let at = p * B_TILE + i * TILE;
+                    _mm512_storeu_si512(tiles[at..at + TILE].as_mut_ptr().cast(), v);
+                }
+            }
+        }
+    }
+
+    /// Columns `c0..c0 + n` (`n ≤ 16`) of a k-major source — `xᵀ`, `depth` rows of `ld` —
+    /// as one block of A tiles, as [`pack_row`] lays out 16 rows of `x`: the pairs of two
+    /// source rows, transposed 16 × 16 into token rows.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub unsafe fn pack_tokens_k_major(
+        src: &[f32],
+        (ld, depth): (usize, usize),
+        (c0, n): (usize, usize),
+        out: &mut [u16],
+    ) {
+        for (kb, tiles) in out.chunks_exact_mut(PIECES * A_TILE).enumerate() {
+            let mut m = [[_mm512_setzero_si512(); TILE]; PIECES];
+            for i in 0..TILE {
+                let v = pair_rows(src, (ld, depth), (kb, i), (c0, n));
+                for (piece, v) in m.iter_mut().zip(v) {
+                    piece[i] = v;
+                }
+            }
+            for (p, rows) in m.iter_mut().enumerate() {
+                transpose16(rows);
+                for (t, row) in rows.iter().enumerate() {
+                    let at = p * A_TILE + t * KB;
+                    _mm512_storeu_si512(tiles[at..at + KB].as_mut_ptr().cast(), *row);
+                }
+            }
+        }
     }
 
     /// How many pieces `v` needs: 1 when every later piece is zero (bf16 values), 2 when only
@@ -238,6 +315,28 @@ impl Acts {
         acts
     }
 
+    /// Packs the activations `x = srcᵀ[cols]`: `src` is k-major (`depth` rows of `ld` floats)
+    /// and each column in `cols` is one row of `x`, `depth` deep. The left operand of a weight
+    /// gradient `dyᵀ · x` is the transpose of a row-major `dy`; this reads it without a copy.
+    fn pack_k_major(src: &[f32], depth: usize, ld: usize, cols: std::ops::Range<usize>) -> Acts {
+        assert!(cols.end <= ld && src.len() >= depth * ld);
+        let rows = cols.len();
+        let mut acts = Acts::with_shape(rows, depth);
+        let per_block = acts.per_block();
+        let chunks: Vec<_> = acts.data[..2 * acts.token_pairs * per_block]
+            .chunks_mut(per_block.max(1))
+            .enumerate()
+            .collect();
+        each_chunk(chunks, |(tb, out)| {
+            let t0 = (tb * TILE).min(rows);
+            let n = TILE.min(rows - t0);
+            // SAFETY: `os_grants_tiles()` (asserted by `with_shape`) implies AVX512-BW; the
+            // columns `cols.start + t0 ..+ n` lie inside `ld` (asserted above).
+            unsafe { simd::pack_tokens_k_major(src, (ld, depth), (cols.start + t0, n), out) }
+        });
+        acts
+    }
+
     /// Tiles for `rows × inp` values whose rows are packed one by one with [`Acts::set_row`]
     /// (rows never set hold whatever the reused buffer held).
     pub fn with_shape(rows: usize, inp: usize) -> Acts {
@@ -301,14 +400,42 @@ impl WeightTiles {
         Self::pack_into(w, out, inp, Vec::new())
     }
 
-    fn pack_into(w: &[f32], out: usize, inp: usize, mut data: Vec<u32>) -> WeightTiles {
+    fn pack_into(w: &[f32], out: usize, inp: usize, data: Vec<u32>) -> WeightTiles {
+        assert_eq!(w.len(), out * inp);
+        Self::pack_blocks(w, (out, inp), data, &|fb, pieces, dst| {
+            let (r0, r1) = ((fb * TILE).min(out), ((fb + 1) * TILE).min(out));
+            // SAFETY: `pack_blocks` runs this only where `os_grants_tiles()`, which implies
+            // AVX512-BW.
+            unsafe { simd::pack_pairs(&w[r0 * inp..r1 * inp], inp, pieces, dst) }
+        })
+    }
+
+    /// Packs `W` (`out × inp`) given as `src = Wᵀ` (`inp × out`, row-major): the right operand
+    /// of a weight gradient `dyᵀ · x`, whose weight is `xᵀ`, read without a transpose.
+    fn pack_k_major(src: &[f32], out: usize, inp: usize, data: Vec<u32>) -> WeightTiles {
+        assert_eq!(src.len(), out * inp);
+        Self::pack_blocks(src, (out, inp), data, &|fb, pieces, dst| {
+            let c0 = (fb * TILE).min(out);
+            let n = TILE.min(out - c0);
+            // SAFETY: as in `pack_into`; the columns `c0 ..+ n` lie inside the `out` columns.
+            unsafe { simd::pack_pairs_k_major(src, (out, inp), (c0, n), pieces, dst) }
+        })
+    }
+
+    /// The tiles of `out × inp` values, all of which are in `values`, each block of 16
+    /// features written by `block(feature_block, pieces, tiles)`.
+    fn pack_blocks(
+        values: &[f32],
+        (out, inp): (usize, usize),
+        mut data: Vec<u32>,
+        block: &(dyn Fn(usize, usize, &mut [u32]) + Sync),
+    ) -> WeightTiles {
         assert!(
             os_grants_tiles(),
             "AMX tile path used on a machine without it"
         );
-        assert_eq!(w.len(), out * inp);
         // SAFETY: `os_grants_tiles()` (asserted above) implies AVX512-BW.
-        let pieces = unsafe { simd::pieces_needed(w) };
+        let pieces = unsafe { simd::pieces_needed(values) };
         let per_block = inp.div_ceil(KB) * pieces * B_TILE;
         let blocks = 2 * out.div_ceil(2 * TILE);
         let chunks: Vec<_> = super::scratch(&mut data, blocks * per_block + B_AHEAD)
@@ -316,11 +443,7 @@ impl WeightTiles {
             .chunks_mut(per_block.max(1))
             .enumerate()
             .collect();
-        each_chunk(chunks, |(fb, dst)| {
-            let (r0, r1) = ((fb * TILE).min(out), ((fb + 1) * TILE).min(out));
-            // SAFETY: as above.
-            unsafe { simd::pack_pairs(&w[r0 * inp..r1 * inp], inp, pieces, dst) }
-        });
+        each_chunk(chunks, |(fb, dst)| block(fb, pieces, dst));
         WeightTiles {
             data,
             out,
@@ -458,6 +581,33 @@ pub fn matmul_t(x: &[f32], w: &[f32], rows: usize, inp: usize, out: usize, y: &m
     WEIGHT_TILES.with_borrow_mut(|b| *b = w.data);
 }
 
+/// Bytes of packed left operand per chunk of [`matmul_tn`] (the head's gradient packed whole
+/// would take 6 bytes a value, 1.2 GB at 4096 rows). Small in tests, so that their small
+/// products run several chunks.
+const TN_CHUNK_BYTES: usize = if cfg!(test) { 64 << 10 } else { 32 << 20 };
+
+/// `dw[out, inp] = dy[rows, out]ᵀ · x[rows, inp]`, the weight gradient of `y = x · wᵀ`, on
+/// tiles to f32 accuracy: `x` packed once as the right operand, `dyᵀ` packed a chunk of
+/// outputs at a time as the left one (neither transposed in memory).
+pub fn matmul_tn(dy: &[f32], x: &[f32], (rows, out, inp): (usize, usize, usize), dw: &mut [f32]) {
+    assert_eq!(
+        (dy.len(), x.len(), dw.len()),
+        (rows * out, rows * inp, out * inp)
+    );
+    let buf = WEIGHT_TILES.with_borrow_mut(std::mem::take);
+    let xt = WeightTiles::pack_k_major(x, inp, rows, buf);
+    let chunk = (TN_CHUNK_BYTES / (2 * PIECES * rows.max(1)))
+        .next_multiple_of(2 * TILE)
+        .max(2 * TILE);
+    for o0 in (0..out).step_by(chunk) {
+        let o1 = (o0 + chunk).min(out);
+        let acts = Acts::pack_k_major(dy, rows, out, o0..o1);
+        let y = &mut dw[o0 * inp..o1 * inp];
+        matmul_many(&acts, &mut [Product { w: &xt, y }]);
+    }
+    WEIGHT_TILES.with_borrow_mut(|b| *b = xt.data);
+}
+
 #[repr(C, align(64))]
 struct Tiles([f32; 4 * TILE * TILE]);
 
@@ -476,6 +626,23 @@ mod simd {
         unreachable!("the tile path runs only where `os_grants_tiles()`")
     }
     pub unsafe fn pack_pairs(_: &[f32], _: usize, _: usize, _: &mut [u32]) {
+        unreachable!("the tile path runs only where `os_grants_tiles()`")
+    }
+    pub unsafe fn pack_pairs_k_major(
+        _: &[f32],
+        _: (usize, usize),
+        _: (usize, usize),
+        _: usize,
+        _: &mut [u32],
+    ) {
+        unreachable!("the tile path runs only where `os_grants_tiles()`")
+    }
+    pub unsafe fn pack_tokens_k_major(
+        _: &[f32],
+        _: (usize, usize),
+        _: (usize, usize),
+        _: &mut [u16],
+    ) {
         unreachable!("the tile path runs only where `os_grants_tiles()`")
     }
 }
@@ -779,6 +946,45 @@ mod tests {
             assert!(
                 worst <= 2.0 * worst_f32 + 1e-7,
                 "{rows}x{inp}x{out}, mask {mask:x}: worst error {worst:e}, f32 GEMM's {worst_f32:e}"
+            );
+        }
+    }
+
+    /// The weight gradient, whose operands are both packed from k-major sources, against an
+    /// f64 loop: `dw = dyᵀ · x` for odd sizes (partial tiles on every side; several chunks of
+    /// outputs, as the test build's chunks are small), again to f32 GEMM accuracy.
+    #[test]
+    fn weight_gradient_has_f32_gemm_accuracy() {
+        if !tiles_here() {
+            return;
+        }
+        let value = |i: usize, m: usize| ((i * 7919 % m) as f32 / (m as f32 / 2.0) - 1.0) * 0.73;
+        for (rows, out, inp) in [(32, 32, 32), (33, 37, 50), (77, 65, 576), (40, 1000, 33)] {
+            let dy: Vec<f32> = (0..rows * out).map(|i| value(i, 1000)).collect();
+            let x: Vec<f32> = (0..rows * inp).map(|i| value(i, 991)).collect();
+            let mut dw = vec![f32::NAN; out * inp];
+            matmul_tn(&dy, &x, (rows, out, inp), &mut dw);
+            let mut f32_gemm = vec![0f32; out * inp];
+            crate::kernels::matmul::gemm(
+                faer::MatMut::from_row_major_slice_mut(&mut f32_gemm, out, inp),
+                faer::Accum::Replace,
+                faer::MatRef::from_row_major_slice(&dy, rows, out).transpose(),
+                faer::MatRef::from_row_major_slice(&x, rows, inp),
+                faer::Par::Seq,
+            );
+            let (mut worst, mut worst_f32) = (0f64, 0f64);
+            for o in 0..out {
+                for i in 0..inp {
+                    let want: f64 = (0..rows)
+                        .map(|r| dy[r * out + o] as f64 * x[r * inp + i] as f64)
+                        .sum();
+                    worst = worst.max((dw[o * inp + i] as f64 - want).abs());
+                    worst_f32 = worst_f32.max((f32_gemm[o * inp + i] as f64 - want).abs());
+                }
+            }
+            assert!(
+                worst <= 2.0 * worst_f32 + 1e-7,
+                "{rows}x{out}x{inp}: worst error {worst:e}, f32 GEMM's {worst_f32:e}"
             );
         }
     }

@@ -12,7 +12,7 @@
 use crate::kernels::activation::{swiglu_backward, swiglu_in_place};
 use crate::kernels::attention::{causal_attention, Mask};
 use crate::kernels::exp::softmax_in_place;
-use crate::kernels::matmul::{gemm, gemm_rows};
+use crate::kernels::matmul::{gemm, gemm_rows, matmul_tn};
 use crate::kernels::norm::rms_norm;
 use crate::model::AttnShape;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
@@ -68,8 +68,8 @@ fn values(t: &Tensor) -> Result<Vec<f32>> {
 
 /// `y = x · Wᵀ` for `x [rows, in]` and `W [out, in]`, on whittle's kernels: the forward pass is
 /// the inference product (AMX tiles where the CPU has them), the backward passes `dx = dy W` and
-/// `dW = dyᵀ x` are row-parallel GEMMs at the dispatched SIMD level. candle's own CPU matmul
-/// uses AVX2 kernels on every x86 CPU; this was half of a training step on AVX-512.
+/// `dW = dyᵀ x` ([`matmul_tn`]) are row-parallel GEMMs at the dispatched SIMD level. candle's own
+/// CPU matmul uses AVX2 kernels on every x86 CPU; this was half of a training step on AVX-512.
 pub struct Linear;
 
 impl CustomOp2 for Linear {
@@ -119,11 +119,7 @@ impl CustomOp2 for Linear {
                 row_major(wv, out, inp),
             );
             if weight_grad {
-                gemm_rows(
-                    MatMut::from_row_major_slice_mut(&mut dw, out, inp),
-                    row_major(gv, rows, out).transpose(),
-                    row_major(xv, rows, inp),
-                );
+                matmul_tn(gv, xv, (rows, out, inp), &mut dw);
             }
         });
         let dw = match weight_grad {
