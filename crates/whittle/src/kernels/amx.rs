@@ -298,20 +298,27 @@ impl Acts {
     /// Packs `x` (`rows × inp`, row-major); rows are padded to a multiple of 32 with zeros.
     pub fn pack(x: &[f32], rows: usize, inp: usize) -> Acts {
         assert_eq!(x.len(), rows * inp);
+        Acts::pack_blocks(rows, inp, &|tb, out| {
+            for n in 0..TILE {
+                let r = (tb * TILE + n).min(rows);
+                let row = &x[r * inp..(r * inp + inp).min(x.len())];
+                // SAFETY: `pack_blocks` runs this only where `os_grants_tiles()`, which implies
+                // AVX512-BW.
+                unsafe { simd::pack_row(row, n, out) }
+            }
+        })
+    }
+
+    /// The tiles of `rows × inp` activations, each block of 16 rows written by
+    /// `block(token_block, tiles)`, in parallel.
+    fn pack_blocks(rows: usize, inp: usize, block: &(dyn Fn(usize, &mut [u16]) + Sync)) -> Acts {
         let mut acts = Acts::with_shape(rows, inp);
         let per_block = acts.per_block();
         let chunks: Vec<_> = acts.data[..2 * acts.token_pairs * per_block]
             .chunks_mut(per_block.max(1))
             .enumerate()
             .collect();
-        each_chunk(chunks, |(tb, out)| {
-            for n in 0..TILE {
-                let r = (tb * TILE + n).min(rows);
-                let row = &x[r * inp..(r * inp + inp).min(x.len())];
-                // SAFETY: `os_grants_tiles()` (asserted by `with_shape`) implies AVX512-BW.
-                unsafe { simd::pack_row(row, n, out) }
-            }
-        });
+        each_chunk(chunks, |(tb, out)| block(tb, out));
         acts
     }
 
@@ -321,20 +328,13 @@ impl Acts {
     fn pack_k_major(src: &[f32], depth: usize, ld: usize, cols: std::ops::Range<usize>) -> Acts {
         assert!(cols.end <= ld && src.len() >= depth * ld);
         let rows = cols.len();
-        let mut acts = Acts::with_shape(rows, depth);
-        let per_block = acts.per_block();
-        let chunks: Vec<_> = acts.data[..2 * acts.token_pairs * per_block]
-            .chunks_mut(per_block.max(1))
-            .enumerate()
-            .collect();
-        each_chunk(chunks, |(tb, out)| {
+        Acts::pack_blocks(rows, depth, &|tb, out| {
             let t0 = (tb * TILE).min(rows);
             let n = TILE.min(rows - t0);
-            // SAFETY: `os_grants_tiles()` (asserted by `with_shape`) implies AVX512-BW; the
-            // columns `cols.start + t0 ..+ n` lie inside `ld` (asserted above).
+            // SAFETY: as in `pack`; the columns `cols.start + t0 ..+ n` lie inside `ld`
+            // (asserted above).
             unsafe { simd::pack_tokens_k_major(src, (ld, depth), (cols.start + t0, n), out) }
-        });
-        acts
+        })
     }
 
     /// Tiles for `rows × inp` values whose rows are packed one by one with [`Acts::set_row`]
@@ -894,6 +894,31 @@ mod tests {
         }
     }
 
+    /// The largest errors of `got` (`lhs · rhs`, row-major) and of faer's f32 GEMM of the same
+    /// product, both against an f64 loop.
+    fn worst_errors(got: &[f32], lhs: faer::MatRef<f32>, rhs: faer::MatRef<f32>) -> (f64, f64) {
+        let (m, n) = (lhs.nrows(), rhs.ncols());
+        let mut f32_gemm = vec![0f32; m * n];
+        crate::kernels::matmul::gemm(
+            faer::MatMut::from_row_major_slice_mut(&mut f32_gemm, m, n),
+            faer::Accum::Replace,
+            lhs,
+            rhs,
+            faer::Par::Seq,
+        );
+        let (mut worst, mut worst_f32) = (0f64, 0f64);
+        for i in 0..m {
+            for j in 0..n {
+                let want: f64 = (0..lhs.ncols())
+                    .map(|k| *lhs.get(i, k) as f64 * *rhs.get(k, j) as f64)
+                    .sum();
+                worst = worst.max((got[i * n + j] as f64 - want).abs());
+                worst_f32 = worst_f32.max((f32_gemm[i * n + j] as f64 - want).abs());
+            }
+        }
+        (worst, worst_f32)
+    }
+
     /// Against an f64 loop, with every odd size (rows, depth and outputs not multiples of the
     /// tiles) and weights that need 3, 2 and 1 bf16 pieces (each its own micro-kernel): the
     /// largest error must be that of an f32 GEMM (faer's, same data), not bf16's (~200x larger).
@@ -925,24 +950,11 @@ mod tests {
                 .collect();
             let mut y = vec![f32::NAN; rows * out];
             matmul_t(&x, &w, rows, inp, out, &mut y);
-            let mut f32_gemm = vec![0f32; rows * out];
-            crate::kernels::matmul::gemm(
-                faer::MatMut::from_row_major_slice_mut(&mut f32_gemm, rows, out),
-                faer::Accum::Replace,
+            let (worst, worst_f32) = worst_errors(
+                &y,
                 faer::MatRef::from_row_major_slice(&x, rows, inp),
                 faer::MatRef::from_row_major_slice(&w, out, inp).transpose(),
-                faer::Par::Seq,
             );
-            let (mut worst, mut worst_f32) = (0f64, 0f64);
-            for r in 0..rows {
-                for o in 0..out {
-                    let want: f64 = (0..inp)
-                        .map(|k| x[r * inp + k] as f64 * w[o * inp + k] as f64)
-                        .sum();
-                    worst = worst.max((y[r * out + o] as f64 - want).abs());
-                    worst_f32 = worst_f32.max((f32_gemm[r * out + o] as f64 - want).abs());
-                }
-            }
             assert!(
                 worst <= 2.0 * worst_f32 + 1e-7,
                 "{rows}x{inp}x{out}, mask {mask:x}: worst error {worst:e}, f32 GEMM's {worst_f32:e}"
@@ -964,24 +976,11 @@ mod tests {
             let x: Vec<f32> = (0..rows * inp).map(|i| value(i, 991)).collect();
             let mut dw = vec![f32::NAN; out * inp];
             matmul_tn(&dy, &x, (rows, out, inp), &mut dw);
-            let mut f32_gemm = vec![0f32; out * inp];
-            crate::kernels::matmul::gemm(
-                faer::MatMut::from_row_major_slice_mut(&mut f32_gemm, out, inp),
-                faer::Accum::Replace,
+            let (worst, worst_f32) = worst_errors(
+                &dw,
                 faer::MatRef::from_row_major_slice(&dy, rows, out).transpose(),
                 faer::MatRef::from_row_major_slice(&x, rows, inp),
-                faer::Par::Seq,
             );
-            let (mut worst, mut worst_f32) = (0f64, 0f64);
-            for o in 0..out {
-                for i in 0..inp {
-                    let want: f64 = (0..rows)
-                        .map(|r| dy[r * out + o] as f64 * x[r * inp + i] as f64)
-                        .sum();
-                    worst = worst.max((dw[o * inp + i] as f64 - want).abs());
-                    worst_f32 = worst_f32.max((f32_gemm[o * inp + i] as f64 - want).abs());
-                }
-            }
             assert!(
                 worst <= 2.0 * worst_f32 + 1e-7,
                 "{rows}x{out}x{inp}: worst error {worst:e}, f32 GEMM's {worst_f32:e}"
