@@ -320,7 +320,7 @@ fn main() {
         eprintln!("error: {e}");
         std::process::exit(2);
     }
-    whittle::threads::set_threads(
+    whittle::threads::set_process_threads(
         cli.threads
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
     );
