@@ -3,6 +3,7 @@
 //! a checkpoint must store them for a resumed run to continue exactly (candle-nn's AdamW keeps
 //! them private).
 
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -56,16 +57,24 @@ pub fn adamw_step(
         1.0
     };
     let eps = c.eps as f32;
-    for (((t, g), m), v) in theta
-        .iter_mut()
-        .zip(grad)
-        .zip(mom.m.iter_mut())
-        .zip(mom.v.iter_mut())
-    {
-        *m = b1 * *m + (1.0 - b1) * g;
-        *v = b2 * *v + (1.0 - b2) * g * g;
-        *t = *t * shrink - step_size * *m / (v.sqrt() / bc2_sqrt + eps);
-    }
+    // In chunks on the worker threads: an update reads four arrays and writes three, ~3.8 GB a
+    // step for SmolLM2's 134.5 M parameters, which one thread streams at well under the
+    // machine's bandwidth.
+    const CHUNK: usize = 1 << 16;
+    crate::threads::install(|| {
+        theta
+            .par_chunks_mut(CHUNK)
+            .zip(grad.par_chunks(CHUNK))
+            .zip(mom.m.par_chunks_mut(CHUNK))
+            .zip(mom.v.par_chunks_mut(CHUNK))
+            .for_each(|(((t, g), m), v)| {
+                for (((t, g), m), v) in t.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+                    *m = b1 * *m + (1.0 - b1) * g;
+                    *v = b2 * *v + (1.0 - b2) * g * g;
+                    *t = *t * shrink - step_size * *m / (v.sqrt() / bc2_sqrt + eps);
+                }
+            })
+    });
 }
 
 /// Linear warmup to `peak` over `warmup` steps, then cosine decay to `min` at `total`.

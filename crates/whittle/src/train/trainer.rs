@@ -25,6 +25,7 @@ use crate::model::{Fingerprint, Logits};
 use crate::sparsity::maskllm::{self, Candidates, LearnedMask, MaskLlmConfig};
 use crate::{Error, Model, Result};
 use candle_core::{Device, Tensor};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::Path;
@@ -672,12 +673,18 @@ impl Trainer {
                 self.step + 1
             )));
         }
-        let norm = grads
-            .values()
-            .flat_map(|g| g.iter())
-            .map(|v| (*v as f64 / accum as f64).powi(2))
-            .sum::<f64>()
-            .sqrt();
+        let norm = crate::threads::install(|| {
+            grads
+                .values()
+                .map(|g| {
+                    (g.par_chunks(1 << 16))
+                        .map(|c| c.iter().map(|v| (*v as f64).powi(2)).sum::<f64>())
+                        .sum::<f64>()
+                })
+                .sum::<f64>()
+        })
+        .sqrt()
+            / accum as f64;
         let clip = if self.config.clip > 0.0 && norm > self.config.clip {
             self.config.clip / norm
         } else {
@@ -690,7 +697,7 @@ impl Trainer {
             let (Some(g), var) = (grads.get_mut(name), &self.params.vars[name]) else {
                 continue;
             };
-            g.iter_mut().for_each(|v| *v *= scale);
+            crate::threads::install(|| g.par_iter_mut().for_each(|v| *v *= scale));
             let mut theta = var.flatten_all()?.to_vec1::<f32>()?;
             let shape = var.dims().to_vec();
             let mom = self.moments.entry(name.clone()).or_default();
