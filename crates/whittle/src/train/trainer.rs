@@ -673,18 +673,17 @@ impl Trainer {
                 self.step + 1
             )));
         }
-        let norm = crate::threads::install(|| {
-            grads
-                .values()
-                .map(|g| {
-                    (g.par_chunks(1 << 16))
-                        .map(|c| c.iter().map(|v| (*v as f64).powi(2)).sum::<f64>())
-                        .sum::<f64>()
-                })
-                .sum::<f64>()
-        })
-        .sqrt()
-            / accum as f64;
+        // Chunk sums in parallel, added in a fixed order (the model's, then the chunks'): the
+        // clipping scale, hence every later step, is the same in every run and on every rank.
+        let squares: Vec<f64> = crate::threads::install(|| {
+            (self.params.names.iter().filter_map(|n| grads.get(n)))
+                .flat_map(|g| g.chunks(1 << 16))
+                .collect::<Vec<_>>()
+                .into_par_iter()
+                .map(|c| c.iter().map(|v| (*v as f64).powi(2)).sum::<f64>())
+                .collect()
+        });
+        let norm = squares.iter().sum::<f64>().sqrt() / accum as f64;
         let clip = if self.config.clip > 0.0 && norm > self.config.clip {
             self.config.clip / norm
         } else {
