@@ -157,7 +157,7 @@ pub fn matmul_t_expanding(
 /// the output head (49,152) costs it half its speed: 2 threads, 4096 rows, 128 GFLOP/s against
 /// 235 on tiles; on the blocks' shapes (≤ 1536 outputs) the tiles were no faster than faer.
 pub fn matmul_tn(dy: &[f32], x: &[f32], (rows, out, inp): (usize, usize, usize), dw: &mut [f32]) {
-    if amx::takes(out) && out >= TN_TILES_MIN_OUT {
+    if out >= TN_TILES_MIN_OUT && amx::available() {
         return amx::matmul_tn(dy, x, (rows, out, inp), dw);
     }
     gemm_rows(

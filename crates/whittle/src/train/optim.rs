@@ -32,14 +32,16 @@ pub struct Moments {
     pub v: Vec<f32>,
 }
 
-/// One AdamW step at learning rate `lr` (`step` counts from 1): `θ ← θ(1 − lr·wd) − lr·m̂/(√v̂ + ε)`.
+/// One AdamW step at learning rate `lr` (`step` counts from 1): `θ ← θ(1 − lr·wd) − lr·m̂/(√v̂ + ε)`,
+/// for the gradient `grad · scale` (the factor of clipping and accumulation, applied here rather
+/// than in a pass of its own over the gradient).
 pub fn adamw_step(
     c: &AdamWConfig,
     step: u64,
     lr: f64,
     decay: bool,
     theta: &mut [f32],
-    grad: &[f32],
+    (grad, scale): (&[f32], f32),
     mom: &mut Moments,
 ) {
     if mom.m.len() != theta.len() {
@@ -69,6 +71,7 @@ pub fn adamw_step(
             .zip(mom.v.par_chunks_mut(CHUNK))
             .for_each(|(((t, g), m), v)| {
                 for (((t, g), m), v) in t.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+                    let g = g * scale;
                     *m = b1 * *m + (1.0 - b1) * g;
                     *v = b2 * *v + (1.0 - b2) * g * g;
                     *t = *t * shrink - step_size * *m / (v.sqrt() / bc2_sqrt + eps);
@@ -101,7 +104,7 @@ mod tests {
         let (mut t64, mut m64, mut v64) = (vec![0.5f64, -1.0, 2.0], [0f64; 3], [0f64; 3]);
         for (k, g) in grads.iter().enumerate() {
             let step = k as u64 + 1;
-            adamw_step(&c, step, 1e-2, true, &mut theta, g, &mut mom);
+            adamw_step(&c, step, 1e-2, true, &mut theta, (g, 1.0), &mut mom);
             for i in 0..3 {
                 let gi = g[i] as f64;
                 t64[i] *= 1.0 - 1e-2 * c.weight_decay;

@@ -693,10 +693,9 @@ impl Trainer {
         let c = &self.config;
         let lr = learning_rate(self.step, c.warmup, c.steps, c.lr, c.min_lr);
         for name in &self.params.names {
-            let (Some(g), var) = (grads.get_mut(name), &self.params.vars[name]) else {
+            let (Some(g), var) = (grads.get(name), &self.params.vars[name]) else {
                 continue;
             };
-            crate::threads::install(|| g.par_iter_mut().for_each(|v| *v *= scale));
             let mut theta = var.flatten_all()?.to_vec1::<f32>()?;
             let shape = var.dims().to_vec();
             let mom = self.moments.entry(name.clone()).or_default();
@@ -706,7 +705,7 @@ impl Trainer {
                 lr * c.groups.scale(name),
                 decays(name, &shape),
                 &mut theta,
-                g,
+                (g, scale),
                 mom,
             );
             // Decay acts on zeros too, but only as a product: masked values stay exactly zero.

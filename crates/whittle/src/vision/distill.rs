@@ -342,8 +342,7 @@ impl Distiller {
             1.0
         };
         let lr = learning_rate(self.step, c.warmup, c.steps, c.lr, c.min_lr);
-        for (name, mut g) in flat {
-            g.iter_mut().for_each(|v| *v *= scale);
+        for (name, g) in flat {
             let var = &self.vars[&name];
             let shape = var.dims().to_vec();
             let mut theta = var.flatten_all()?.to_vec1::<f32>()?;
@@ -357,7 +356,7 @@ impl Distiller {
                 lr,
                 decays,
                 &mut theta,
-                &g,
+                (&g, scale),
                 self.moments.entry(name).or_default(),
             );
             var.set(&Tensor::from_vec(theta, shape, &Device::Cpu)?)?;
