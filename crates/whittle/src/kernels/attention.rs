@@ -1,7 +1,8 @@
 //! Causal multi-head attention with grouped KV heads (GQA), over a key/value history that may be
 //! longer than the queries (a KV cache). Work is split into (head, block of query rows) tasks; a
 //! block only multiplies against the keys it can see, which halves the prefill cost compared with
-//! a full masked `T × T` product.
+//! a full masked `T × T` product. The same kernel runs an encoder's bidirectional attention
+//! (ViT), where every query sees every key.
 
 use super::amx;
 use super::dot::dot_portable;
@@ -43,17 +44,34 @@ impl OutPtr {
 
 /// Which keys a query may see besides causality: with `window = Some(w)`, key `j` is visible to
 /// the query at position `i` only if `i − j ≤ w` or `j < sink` (meta tokens stay visible).
+/// `bidirectional`: no causality either, every query sees every key (an encoder's attention).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Mask {
     pub window: Option<usize>,
     pub sink: usize,
+    pub bidirectional: bool,
 }
 
 impl Mask {
     pub const CAUSAL: Mask = Mask {
         window: None,
         sink: 0,
+        bidirectional: false,
     };
+    pub const BIDIRECTIONAL: Mask = Mask {
+        window: None,
+        sink: 0,
+        bidirectional: true,
+    };
+
+    /// One past the last key that the query at position `pos` sees, of `keys`.
+    pub(crate) fn end(self, pos: usize, keys: usize) -> usize {
+        if self.bidirectional {
+            keys
+        } else {
+            pos + 1
+        }
+    }
 
     /// Keys `sink..end` are hidden from the query at position `i`: the part of the history that
     /// slid out of the window (empty when there is no window).
@@ -119,7 +137,8 @@ pub fn causal_attention(
     let task = |job: usize| {
         let (kvh, b) = (job / blocks, job % blocks);
         let (i0, i1) = (b * Q_BLOCK, ((b + 1) * Q_BLOCK).min(t));
-        let (bt, keys) = (i1 - i0, past + i1);
+        let bt = i1 - i0;
+        let keys = if mask.bidirectional { s } else { past + i1 };
         let m = group * bt;
         // Row `g·bt + r`: query head `kvh·group + g` at query row `i0 + r`.
         let head_row = |row: usize| (kvh * group + row / bt, row % bt);
@@ -154,11 +173,11 @@ pub fn causal_attention(
         let mut inv = vec![0f32; m];
         for (row, sc) in scores.chunks_exact_mut(keys).enumerate() {
             let pos = past + i0 + row % bt;
-            let hidden = mask.hidden(pos);
+            let (hidden, end) = (mask.hidden(pos), mask.end(pos, keys));
             sc[hidden.clone()].fill(f32::NEG_INFINITY);
-            inv[row] = 1.0 / exp_shifted(&mut sc[..pos + 1], scale).0;
+            inv[row] = 1.0 / exp_shifted(&mut sc[..end], scale).0;
             sc[hidden].fill(0.0);
-            sc[pos + 1..].fill(0.0);
+            sc[end..].fill(0.0);
         }
         let mut o = vec![0f32; m * dv];
         gemm(
@@ -479,7 +498,8 @@ mod tests {
             let kvh = h / (sh.n_heads / sh.n_kv_heads);
             for i in 0..t {
                 let p = past + i;
-                let visible: Vec<usize> = (0..=p)
+                let last = if mask.bidirectional { s - 1 } else { p };
+                let visible: Vec<usize> = (0..=last)
                     .filter(|&j| mask.window.is_none_or(|w| p - j <= w || j < mask.sink))
                     .collect();
                 let mut w: Vec<f64> = visible
@@ -507,18 +527,22 @@ mod tests {
     }
 
     #[test]
-    fn gqa_causal_matches_naive_with_history_window_and_wide_values_at_every_level() {
+    fn gqa_causal_and_bidirectional_match_naive_with_history_window_and_wide_values_at_every_level()
+    {
         crate::kernels::simd::for_each_level(|level| {
             let masks = [
                 Mask::CAUSAL,
                 Mask {
                     window: Some(8),
                     sink: 3,
+                    ..Mask::CAUSAL
                 },
                 Mask {
                     window: Some(20),
                     sink: 0,
+                    ..Mask::CAUSAL
                 },
+                Mask::BIDIRECTIONAL,
             ];
             for (sh, mask) in [
                 (AttnShape::new(6, 2, 8), masks[0]),
@@ -530,6 +554,8 @@ mod tests {
                     masks[1],
                 ),
                 (AttnShape::new(2, 1, 4), masks[2]),
+                (AttnShape::new(6, 6, 8), masks[3]),
+                (AttnShape::new(4, 2, 8), masks[3]),
             ] {
                 for (t, s) in [(1, 1), (5, 5), (130, 130), (1, 77), (70, 100)] {
                     let f = |n: usize, m: usize| -> Vec<f32> {
@@ -565,6 +591,7 @@ mod tests {
         let window = Mask {
             window: Some(100),
             sink: 4,
+            ..Mask::CAUSAL
         };
         for (sh, mask) in [
             (AttnShape::new(9, 3, 64), Mask::CAUSAL),
@@ -610,6 +637,7 @@ mod tests {
         let window = Mask {
             window: Some(100),
             sink: 4,
+            ..Mask::CAUSAL
         };
         let f = |n: usize, m: usize| -> Vec<f32> {
             (0..n)

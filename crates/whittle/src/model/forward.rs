@@ -401,6 +401,7 @@ impl Model {
             let mask = Mask {
                 window: a.window,
                 sink: self.config.memory_tokens,
+                ..Mask::CAUSAL
             };
             causal_attention(&s.q[..t * sh.q_dim()], k, v, t, t, sh, mask, out);
         } else {

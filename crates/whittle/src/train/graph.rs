@@ -377,6 +377,7 @@ fn attention(
     let mask = Mask {
         window: a.window,
         sink: ctx.sink,
+        ..Mask::CAUSAL
     };
     q.apply_op3(
         &k,

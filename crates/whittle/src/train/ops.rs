@@ -1,5 +1,6 @@
 //! The training graph's hot layers as single candle ops with hand-written backward passes:
-//! causal GQA attention, RMSNorm, SwiGLU and rotary embedding. Written with candle's primitives,
+//! causal GQA attention (bidirectional for the ViT), RMSNorm, LayerNorm, SwiGLU, GELU and
+//! rotary embedding. Written with candle's primitives,
 //! each is a chain of elementwise ops whose every intermediate autograd keeps until the
 //! backward pass: attention alone kept five `[B, heads, T, T]` score tensors per layer, and the
 //! 135M model at batch 8 × 512 needed 24 GB. Fused, an op keeps only its inputs and output
@@ -9,11 +10,11 @@
 //! Every op works on contiguous f32 rows; the tests compare values and gradients with the
 //! primitive formulas.
 
-use crate::kernels::activation::{swiglu_backward, swiglu_in_place};
+use crate::kernels::activation::{gelu, gelu_backward, swiglu_backward, swiglu_in_place};
 use crate::kernels::attention::{causal_attention, Mask};
 use crate::kernels::exp::softmax_in_place;
 use crate::kernels::matmul::{gemm, gemm_rows, matmul_tn};
-use crate::kernels::norm::rms_norm;
+use crate::kernels::norm::{layer_norm, moments, rms_norm};
 use crate::model::AttnShape;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use faer::{Accum, MatMut, MatRef, Par};
@@ -176,36 +177,157 @@ impl CustomOp2 for RmsNorm {
         let (xv, wv, gv) = (xv.slice(), wv.slice(), gv.slice());
         let h = wv.len();
         let eps = self.eps as f64;
-        let rows: Vec<(Vec<f32>, Vec<f64>)> = xv
-            .par_chunks(h * 64)
-            .zip(gv.par_chunks(h * 64))
-            .map(|(xb, gb)| {
-                let mut dx = vec![0f32; xb.len()];
-                let mut dw = vec![0f64; h];
-                for ((xr, gr), dxr) in xb.chunks(h).zip(gb.chunks(h)).zip(dx.chunks_mut(h)) {
-                    let ms = xr.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / h as f64;
-                    let r = 1.0 / (ms + eps).sqrt();
-                    let dot: f64 = (0..h).map(|i| (gr[i] * wv[i]) as f64 * xr[i] as f64).sum();
-                    let c = r * r * r * dot / h as f64;
-                    for i in 0..h {
-                        dxr[i] = (r * (gr[i] * wv[i]) as f64 - xr[i] as f64 * c) as f32;
-                        dw[i] += gr[i] as f64 * xr[i] as f64 * r;
-                    }
-                }
-                (dx, dw)
-            })
-            .collect();
-        let mut dw = vec![0f64; h];
-        let mut dx = Vec::with_capacity(xv.len());
-        for (a, b) in rows {
-            dx.extend(a);
-            dw.iter_mut().zip(b).for_each(|(s, v)| *s += v);
-        }
-        let dw: Vec<f32> = dw.into_iter().map(|v| v as f32).collect();
+        let (dx, [dw]) = norm_backward(xv, gv, h, |xr, gr, dxr, [dw]| {
+            let ms = xr.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / h as f64;
+            let r = 1.0 / (ms + eps).sqrt();
+            let dot: f64 = (0..h).map(|i| (gr[i] * wv[i]) as f64 * xr[i] as f64).sum();
+            let c = r * r * r * dot / h as f64;
+            for i in 0..h {
+                dxr[i] = (r * (gr[i] * wv[i]) as f64 - xr[i] as f64 * c) as f32;
+                dw[i] += gr[i] as f64 * xr[i] as f64 * r;
+            }
+        });
         Ok((
             Some(Tensor::from_vec(dx, x.shape(), x.device())?),
             Some(Tensor::from_vec(dw, w.shape(), w.device())?),
         ))
+    }
+}
+
+/// The backward pass of a row-wise norm over `h`-wide rows: `row(x, dy, dx, sums)` writes one
+/// row's input gradient and adds its terms to the `K` per-channel sums (the parameters'
+/// gradients). Chunks of rows run on the worker threads, each with its own f64 sums, added in
+/// chunk order (the same result whatever the thread count).
+fn norm_backward<const K: usize>(
+    x: &[f32],
+    dy: &[f32],
+    h: usize,
+    row: impl Fn(&[f32], &[f32], &mut [f32], &mut [Vec<f64>; K]) + Sync,
+) -> (Vec<f32>, [Vec<f32>; K]) {
+    let parts: Vec<(Vec<f32>, [Vec<f64>; K])> = x
+        .par_chunks(h * 64)
+        .zip(dy.par_chunks(h * 64))
+        .map(|(xb, gb)| {
+            let mut dx = vec![0f32; xb.len()];
+            let mut sums = std::array::from_fn(|_| vec![0f64; h]);
+            for ((xr, gr), dxr) in xb.chunks(h).zip(gb.chunks(h)).zip(dx.chunks_mut(h)) {
+                row(xr, gr, dxr, &mut sums);
+            }
+            (dx, sums)
+        })
+        .collect();
+    let mut total: [Vec<f64>; K] = std::array::from_fn(|_| vec![0f64; h]);
+    let mut dx = Vec::with_capacity(x.len());
+    for (part, sums) in parts {
+        dx.extend(part);
+        for (t, s) in total.iter_mut().zip(sums) {
+            t.iter_mut().zip(s).for_each(|(t, v)| *t += v);
+        }
+    }
+    (dx, total.map(|t| t.into_iter().map(|v| v as f32).collect()))
+}
+
+/// `y = (x − mean x) / sqrt(var x + eps) ⊙ w + b` over the last dimension (the ViT's norm).
+pub struct LayerNorm {
+    pub eps: f32,
+}
+
+impl CustomOp3 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, w, b) = (
+            contiguous(s1, l1, "layer-norm")?,
+            contiguous(s2, l2, "layer-norm")?,
+            contiguous(s3, l3, "layer-norm")?,
+        );
+        if l1.shape().dims().last() != Some(&w.len()) || b.len() != w.len() {
+            candle_core::bail!(
+                "layer-norm: weight of {} and bias of {} for rows of {:?}",
+                w.len(),
+                b.len(),
+                l1.shape()
+            );
+        }
+        let mut y = vec![0f32; x.len()];
+        crate::threads::install(|| layer_norm(x, w, b, self.eps, &mut y));
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    /// With `x̂ = (x − μ) r` and `g = dy ⊙ w`: `dx = r (g − mean g − x̂ · mean(g ⊙ x̂))`,
+    /// `dw = Σ dy ⊙ x̂`, `db = Σ dy`.
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.contiguous()?;
+        let (xv, wv, gv) = (view(x)?, view(w)?, view(&dy)?);
+        let (xv, wv, gv) = (xv.slice(), wv.slice(), gv.slice());
+        let h = wv.len();
+        let (dx, [dw, db]) = crate::threads::install(|| {
+            norm_backward(xv, gv, h, |xr, gr, dxr, [dw, db]| {
+                let (mean, r) = moments(xr, self.eps);
+                let xhat = |i: usize| (xr[i] as f64 - mean) * r;
+                let g = |i: usize| gr[i] as f64 * wv[i] as f64;
+                let mg = (0..h).map(g).sum::<f64>() / h as f64;
+                let mgx = (0..h).map(|i| g(i) * xhat(i)).sum::<f64>() / h as f64;
+                for i in 0..h {
+                    dxr[i] = (r * (g(i) - mg - xhat(i) * mgx)) as f32;
+                    dw[i] += gr[i] as f64 * xhat(i);
+                    db[i] += gr[i] as f64;
+                }
+            })
+        });
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), x.device())?),
+            Some(Tensor::from_vec(dw, w.shape(), w.device())?),
+            Some(Tensor::from_vec(db, b.shape(), b.device())?),
+        ))
+    }
+}
+
+/// `y = gelu(x)` with the exact normal CDF (the ViT's MLP).
+pub struct Gelu;
+
+impl CustomOp1 for Gelu {
+    fn name(&self) -> &'static str {
+        "gelu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous(s, l, "gelu")?;
+        let width = l.shape().dims().last().copied().unwrap_or(1).max(1);
+        let mut y = vec![0f32; x.len()];
+        crate::threads::install(|| gelu(x, &mut y, width));
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        let dy = dy.contiguous()?;
+        let (xv, gv) = (view(x)?, view(&dy)?);
+        let (xv, gv) = (xv.slice(), gv.slice());
+        let mut dx = vec![0f32; xv.len()];
+        const CHUNK: usize = 1 << 14;
+        crate::threads::install(|| {
+            dx.par_chunks_mut(CHUNK)
+                .zip(xv.par_chunks(CHUNK).zip(gv.par_chunks(CHUNK)))
+                .for_each(|(d, (x, g))| gelu_backward(x, g, d))
+        });
+        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
     }
 }
 
@@ -315,7 +437,7 @@ impl CustomOp1 for Rope {
     }
 }
 
-/// Causal attention with grouped KV heads over `q [B, T, heads·d]`, `k [B, T, kv·d]`,
+/// Causal (or, with [`Mask::BIDIRECTIONAL`], encoder) attention with grouped KV heads over `q [B, T, heads·d]`, `k [B, T, kv·d]`,
 /// `v [B, T, kv·dv]` (rotary embedding already applied), giving `[B, T, heads·dv]`: the layout
 /// the projections read and write, so no transposes.
 pub struct Attention {
@@ -425,11 +547,11 @@ impl CustomOp3 for Attention {
                         row_major(&kh, t, d).transpose(),
                     );
                     for (i, row) in p.chunks_exact_mut(t).enumerate() {
-                        let hidden = mask.hidden(i);
+                        let (hidden, end) = (mask.hidden(i), mask.end(i, t));
                         row[hidden.clone()].fill(f32::NEG_INFINITY);
-                        softmax_in_place(&mut row[..i + 1], scale);
+                        softmax_in_place(&mut row[..end], scale);
                         row[hidden].fill(0.0);
-                        row[i + 1..].fill(0.0);
+                        row[end..].fill(0.0);
                     }
                     // dV += Pᵀ dO
                     mm(
@@ -564,7 +686,7 @@ mod tests {
     }
 
     #[test]
-    fn rms_norm_and_swiglu_match_primitives() {
+    fn norms_and_activations_match_primitives() {
         let (x, w) = (var(3 * 5 * 16, &[3, 5, 16], 1), var(16, &[16], 2));
         let fused = x
             .as_tensor()
@@ -577,10 +699,37 @@ mod tests {
             .broadcast_mul(w.as_tensor())
             .unwrap();
         same(&fused, &reference, &[&x, &w], "rms-norm");
+        // LayerNorm on rows with an offset (two chunks of the backward's row split).
+        let x = var(3 * 50 * 16, &[3, 50, 16], 6);
+        let x = Var::from_tensor(&(x.as_tensor() + 5.0).unwrap()).unwrap();
+        let b = var(16, &[16], 7);
+        let fused = x
+            .as_tensor()
+            .apply_op3(w.as_tensor(), b.as_tensor(), LayerNorm { eps: 1e-6 })
+            .unwrap();
+        let centred = x
+            .broadcast_sub(&x.mean_keepdim(D::Minus1).unwrap())
+            .unwrap();
+        let std = (centred.sqr().unwrap().mean_keepdim(D::Minus1).unwrap() + 1e-6)
+            .unwrap()
+            .sqrt()
+            .unwrap();
+        let reference = centred
+            .broadcast_div(&std)
+            .unwrap()
+            .broadcast_mul(w.as_tensor())
+            .unwrap()
+            .broadcast_add(b.as_tensor())
+            .unwrap();
+        same(&fused, &reference, &[&x, &w, &b], "layer-norm");
         let (g, u) = (var(4 * 40, &[4, 40], 3), var(4 * 40, &[4, 40], 4));
         let fused = g.as_tensor().apply_op2(u.as_tensor(), SwiGlu).unwrap();
         let reference = (g.silu().unwrap() * u.as_tensor()).unwrap();
         same(&fused, &reference, &[&g, &u], "swiglu");
+        let x = var(3 * 7 * 40, &[3, 7, 40], 8);
+        let x = Var::from_tensor(&(x.as_tensor() * 4.0).unwrap()).unwrap();
+        let fused = x.as_tensor().apply_op1(Gelu).unwrap();
+        same(&fused, &x.gelu_erf().unwrap(), &[&x], "gelu");
     }
 
     /// Rotary tables for `t` positions of `d`-wide heads.
@@ -653,7 +802,8 @@ mod tests {
         let m: Vec<f32> = (0..t * t)
             .map(|x| {
                 let (i, j) = (x / t, x % t);
-                let vis = j <= i && mask.window.is_none_or(|w| i - j <= w || j < mask.sink);
+                let vis = (j <= i || mask.bidirectional)
+                    && mask.window.is_none_or(|w| i - j <= w || j < mask.sink);
                 if vis {
                     0.0
                 } else {
@@ -688,8 +838,11 @@ mod tests {
                 Mask {
                     window: Some(5),
                     sink: 2,
+                    ..Mask::CAUSAL
                 },
             ),
+            (AttnShape::new(4, 4, 8), Mask::BIDIRECTIONAL),
+            (AttnShape::new(4, 2, 8), Mask::BIDIRECTIONAL),
         ] {
             let q = var(
                 b * t * sh.n_heads * sh.head_dim,

@@ -491,8 +491,8 @@ mod tests {
         Tensor::from_vec(v, (n, 3, 8, 8), &Device::Cpu).unwrap()
     }
 
-    /// The ViT's gradient (LayerNorm, attention softmax, GELU, LayerScale, patch embedding, all
-    /// from candle primitives) against central differences.
+    /// The ViT's gradient (the fused LayerNorm, linear and attention ops, GELU, LayerScale,
+    /// patch embedding, position embeddings) against central differences.
     #[test]
     fn vit_gradients_match_finite_differences() {
         let vit = random_student(tiny_config(), 3).unwrap();
