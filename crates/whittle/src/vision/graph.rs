@@ -530,6 +530,11 @@ fn conv(node: &Node, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> OpResult {
             0,
         )
     };
+    if groups == 1 {
+        let y = crate::threads::install(|| conv_gemm(&x, w, b, padding, stride, dilation))
+            .map_err(|e| e.to_string())?;
+        return Ok(vec![y]);
+    }
     let y = x
         .conv2d(w, padding, stride, dilation, groups)
         .map_err(|e| e.to_string())?;
@@ -540,6 +545,87 @@ fn conv(node: &Node, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> OpResult {
             .map_err(|e| e.to_string())?]),
         None => Ok(vec![y]),
     }
+}
+
+/// An ungrouped 2-D convolution (NCHW semantics, zero padding `pad` on every side) on
+/// whittle's GEMM, computed channels-last: each output pixel's receptive field gathered into a
+/// row of `kh·kw·c` values (im2col; a 1 × 1 convolution at stride 1 multiplies the input as it
+/// is), times the kernel as `[out, kh·kw·c]`, the bias added to each output row. The exported
+/// graph feeds every convolution an NHWC tensor transposed to NCHW, which is read here in place,
+/// and the result is returned as an NCHW view of NHWC values, so the transposes around it cost
+/// no copies. candle's `conv2d` multiplies on the `gemm` crate's AVX2 micro-kernel on every x86
+/// CPU (a fifth of Open-NSFW's forward).
+fn conv_gemm(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    pad: usize,
+    stride: usize,
+    dil: usize,
+) -> candle_core::Result<Tensor> {
+    use rayon::prelude::*;
+    let (b, c, h, wd) = x.dims4()?;
+    let (oc, wc, kh, kw) = w.dims4()?;
+    let reach = |side: usize, k: usize| (side + 2 * pad).checked_sub(dil * (k - 1) + 1);
+    let (Some(ry), Some(rx)) = (reach(h, kh), reach(wd, kw)) else {
+        candle_core::bail!("a {kh}×{kw} kernel does not fit a padded {h}×{wd} input");
+    };
+    if wc != c || stride == 0 {
+        candle_core::bail!(
+            "kernel {:?} for input {:?}, stride {stride}",
+            w.dims(),
+            x.dims()
+        );
+    }
+    let (oh, ow) = (ry / stride + 1, rx / stride + 1);
+    let bias = bias
+        .map(|b| b.flatten_all()?.to_vec1::<f32>())
+        .transpose()?;
+    if bias.as_ref().is_some_and(|b| b.len() != oc) {
+        candle_core::bail!(
+            "a bias of {:?} values for {oc} output channels",
+            bias.map(|b| b.len())
+        );
+    }
+    // Both channels-last; a view of contiguous NHWC values is not copied.
+    let x = x.permute((0, 2, 3, 1))?.contiguous()?;
+    let w = w.permute((0, 2, 3, 1))?.contiguous()?;
+    let (xv, wv) = (crate::train::ops::view(&x)?, crate::train::ops::view(&w)?);
+    let (xs, ws) = (xv.slice(), wv.slice());
+    let k = kh * kw * c;
+    let rows = b * oh * ow;
+    let gathered;
+    let cols: &[f32] = if kh == 1 && kw == 1 && stride == 1 && pad == 0 {
+        xs
+    } else {
+        let mut buf = vec![0f32; rows * k];
+        // One task per output row of one image; taps outside the image stay 0.
+        buf.par_chunks_mut(ow * k).enumerate().for_each(|(r, dst)| {
+            let (img, oy) = (r / oh, r % oh);
+            for (ox, row) in dst.chunks_exact_mut(k).enumerate() {
+                for ky in 0..kh {
+                    // Wraps below 0 to a huge index: out of the image, like one past the end.
+                    let iy = (oy * stride + ky * dil).wrapping_sub(pad);
+                    for kx in 0..kw {
+                        let ix = (ox * stride + kx * dil).wrapping_sub(pad);
+                        if iy < h && ix < wd {
+                            row[(ky * kw + kx) * c..][..c]
+                                .copy_from_slice(&xs[((img * h + iy) * wd + ix) * c..][..c]);
+                        }
+                    }
+                }
+            }
+        });
+        gathered = buf;
+        &gathered
+    };
+    let mut y = vec![0f32; rows * oc];
+    crate::kernels::matmul::matmul_t(cols, ws, rows, k, oc, &mut y);
+    if let Some(bias) = &bias {
+        y.par_chunks_mut(oc)
+            .for_each(|r| r.iter_mut().zip(bias).for_each(|(v, b)| *v += b));
+    }
+    Tensor::from_vec(y, (b, oh, ow, oc), x.device())?.permute((0, 3, 1, 2))
 }
 
 fn max_pool(node: &Node, x: &Tensor) -> OpResult {
@@ -697,6 +783,51 @@ mod tests {
                     assert!((g - acc).abs() < 1e-5, "{o},{i},{j}: {g} vs {acc}");
                 }
             }
+        }
+    }
+
+    /// The channels-last GEMM convolution against candle's `conv2d` (an independent
+    /// implementation): two images given as an NHWC tensor transposed to NCHW (as the exported
+    /// graph does), symmetric padding, strides, dilation, a bias, a 1 × 1 kernel.
+    #[test]
+    fn gemm_convolution_matches_candle() {
+        let (b, c, h, w, oc) = (2, 5, 9, 7, 4);
+        let f = |n: usize, m: usize| -> Vec<f32> {
+            (0..n).map(|i| ((i * m % 23) as f32 - 11.0) / 7.0).collect()
+        };
+        let nhwc = Tensor::from_vec(f(b * h * w * c, 7), (b, h, w, c), &Device::Cpu).unwrap();
+        let x = nhwc.permute((0, 3, 1, 2)).unwrap();
+        let bias = Tensor::from_vec(f(oc, 5), oc, &Device::Cpu).unwrap();
+        for (k, pad, stride, dil) in [
+            (3, 1, 1, 1),
+            (3, 1, 2, 1),
+            (3, 2, 1, 2),
+            (1, 0, 1, 1),
+            (1, 0, 2, 1),
+        ] {
+            let wt = Tensor::from_vec(f(oc * c * k * k, 3), (oc, c, k, k), &Device::Cpu).unwrap();
+            let got = conv_gemm(&x, &wt, Some(&bias), pad, stride, dil).unwrap();
+            let want = x
+                .contiguous()
+                .unwrap()
+                .conv2d(&wt, pad, stride, dil, 1)
+                .unwrap()
+                .broadcast_add(&bias.reshape((1, oc, 1, 1)).unwrap())
+                .unwrap();
+            assert_eq!(got.dims(), want.dims());
+            let (g, t): (Vec<f32>, Vec<f32>) = (
+                got.flatten_all().unwrap().to_vec1().unwrap(),
+                want.flatten_all().unwrap().to_vec1().unwrap(),
+            );
+            let d = g
+                .iter()
+                .zip(&t)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(
+                d < 1e-4,
+                "k {k} pad {pad} stride {stride} dilation {dil}: differs by {d}"
+            );
         }
     }
 }
