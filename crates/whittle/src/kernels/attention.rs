@@ -137,8 +137,8 @@ pub fn causal_attention(
     let task = |job: usize| {
         let (kvh, b) = (job / blocks, job % blocks);
         let (i0, i1) = (b * Q_BLOCK, ((b + 1) * Q_BLOCK).min(t));
-        let bt = i1 - i0;
-        let keys = if mask.bidirectional { s } else { past + i1 };
+        // The block's last query row sees the most keys.
+        let (bt, keys) = (i1 - i0, mask.end(past + i1 - 1, s));
         let m = group * bt;
         // Row `g·bt + r`: query head `kvh·group + g` at query row `i0 + r`.
         let head_row = |row: usize| (kvh * group + row / bt, row % bt);

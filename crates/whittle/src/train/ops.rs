@@ -1,11 +1,11 @@
 //! The training graph's hot layers as single candle ops with hand-written backward passes:
 //! causal GQA attention (bidirectional for the ViT), RMSNorm, LayerNorm, SwiGLU, GELU and
-//! rotary embedding. Written with candle's primitives,
-//! each is a chain of elementwise ops whose every intermediate autograd keeps until the
-//! backward pass: attention alone kept five `[B, heads, T, T]` score tensors per layer, and the
-//! 135M model at batch 8 × 512 needed 24 GB. Fused, an op keeps only its inputs and output
-//! (attention recomputes its probabilities per head in backward, as FlashAttention does), and the
-//! forward passes reuse the inference kernels.
+//! rotary embedding. Written with candle's primitives, each is a chain of elementwise ops
+//! whose every intermediate autograd keeps until the backward pass: attention alone kept five
+//! `[B, heads, T, T]` score tensors per layer, and the 135M model at batch 8 × 512 needed
+//! 24 GB. Fused, an op keeps only its inputs and output (attention recomputes its
+//! probabilities per head in backward, as FlashAttention does), and the forward passes reuse
+//! the inference kernels.
 //!
 //! Every op works on contiguous f32 rows; the tests compare values and gradients with the
 //! primitive formulas.
@@ -283,12 +283,16 @@ impl CustomOp3 for LayerNorm {
                 let (mean, r) = moments(xr, self.eps);
                 let xhat = |i: usize| (xr[i] as f64 - mean) * r;
                 let g = |i: usize| gr[i] as f64 * wv[i] as f64;
-                let mg = (0..h).map(g).sum::<f64>() / h as f64;
-                let mgx = (0..h).map(|i| g(i) * xhat(i)).sum::<f64>() / h as f64;
+                let (mut mg, mut mgx) = (0f64, 0f64);
                 for i in 0..h {
-                    dxr[i] = (r * (g(i) - mg - xhat(i) * mgx)) as f32;
-                    dw[i] += gr[i] as f64 * xhat(i);
+                    let (gi, xi) = (g(i), xhat(i));
+                    (mg, mgx) = (mg + gi, mgx + gi * xi);
+                    dw[i] += gr[i] as f64 * xi;
                     db[i] += gr[i] as f64;
+                }
+                let (mg, mgx) = (mg / h as f64, mgx / h as f64);
+                for (i, d) in dxr.iter_mut().enumerate() {
+                    *d = (r * (g(i) - mg - xhat(i) * mgx)) as f32;
                 }
             })
         });
@@ -437,9 +441,9 @@ impl CustomOp1 for Rope {
     }
 }
 
-/// Causal (or, with [`Mask::BIDIRECTIONAL`], encoder) attention with grouped KV heads over `q [B, T, heads·d]`, `k [B, T, kv·d]`,
-/// `v [B, T, kv·dv]` (rotary embedding already applied), giving `[B, T, heads·dv]`: the layout
-/// the projections read and write, so no transposes.
+/// Causal (or, with [`Mask::BIDIRECTIONAL`], encoder) attention with grouped KV heads over
+/// `q [B, T, heads·d]`, `k [B, T, kv·d]`, `v [B, T, kv·dv]` (rotary embedding already applied),
+/// giving `[B, T, heads·dv]`: the layout the projections read and write, so no transposes.
 pub struct Attention {
     pub shape: AttnShape,
     pub mask: Mask,

@@ -517,6 +517,12 @@ fn window(node: &Node, x: &Tensor) -> std::result::Result<([i64; 4], usize, usiz
 fn conv(node: &Node, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> OpResult {
     let (pads, stride, dilation) = window(node, x)?;
     let groups = int(node, "group", 1) as usize;
+    if groups == 1 {
+        let pads = pads.map(|p| p as usize);
+        let y = crate::threads::install(|| conv_gemm(x, w, b, pads, stride, dilation))
+            .map_err(|e| e.to_string())?;
+        return Ok(vec![y]);
+    }
     let symmetric = pads.iter().all(|&p| p == pads[0]);
     let (x, padding) = if symmetric {
         (x.clone(), pads[0] as usize)
@@ -530,11 +536,6 @@ fn conv(node: &Node, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> OpResult {
             0,
         )
     };
-    if groups == 1 {
-        let y = crate::threads::install(|| conv_gemm(&x, w, b, padding, stride, dilation))
-            .map_err(|e| e.to_string())?;
-        return Ok(vec![y]);
-    }
     let y = x
         .conv2d(w, padding, stride, dilation, groups)
         .map_err(|e| e.to_string())?;
@@ -547,8 +548,8 @@ fn conv(node: &Node, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> OpResult {
     }
 }
 
-/// An ungrouped 2-D convolution (NCHW semantics, zero padding `pad` on every side) on
-/// whittle's GEMM, computed channels-last: each output pixel's receptive field gathered into a
+/// An ungrouped 2-D convolution (NCHW semantics, zero padding `[top, left, bottom, right]` as
+/// ONNX orders its pads) on whittle's GEMM, computed channels-last: each output pixel's receptive field gathered into a
 /// row of `kh·kw·c` values (im2col; a 1 × 1 convolution at stride 1 multiplies the input as it
 /// is), times the kernel as `[out, kh·kw·c]`, the bias added to each output row. The exported
 /// graph feeds every convolution an NHWC tensor transposed to NCHW, which is read here in place,
@@ -559,15 +560,15 @@ fn conv_gemm(
     x: &Tensor,
     w: &Tensor,
     bias: Option<&Tensor>,
-    pad: usize,
+    [top, left, bottom, right]: [usize; 4],
     stride: usize,
     dil: usize,
 ) -> candle_core::Result<Tensor> {
     use rayon::prelude::*;
     let (b, c, h, wd) = x.dims4()?;
     let (oc, wc, kh, kw) = w.dims4()?;
-    let reach = |side: usize, k: usize| (side + 2 * pad).checked_sub(dil * (k - 1) + 1);
-    let (Some(ry), Some(rx)) = (reach(h, kh), reach(wd, kw)) else {
+    let reach = |padded: usize, k: usize| padded.checked_sub(dil * (k - 1) + 1);
+    let (Some(ry), Some(rx)) = (reach(top + h + bottom, kh), reach(left + wd + right, kw)) else {
         candle_core::bail!("a {kh}×{kw} kernel does not fit a padded {h}×{wd} input");
     };
     if wc != c || stride == 0 {
@@ -581,11 +582,8 @@ fn conv_gemm(
     let bias = bias
         .map(|b| b.flatten_all()?.to_vec1::<f32>())
         .transpose()?;
-    if bias.as_ref().is_some_and(|b| b.len() != oc) {
-        candle_core::bail!(
-            "a bias of {:?} values for {oc} output channels",
-            bias.map(|b| b.len())
-        );
+    if let Some(n) = bias.as_ref().map(Vec::len).filter(|&n| n != oc) {
+        candle_core::bail!("a bias of {n} values for {oc} output channels");
     }
     // Both channels-last; a view of contiguous NHWC values is not copied.
     let x = x.permute((0, 2, 3, 1))?.contiguous()?;
@@ -595,7 +593,7 @@ fn conv_gemm(
     let k = kh * kw * c;
     let rows = b * oh * ow;
     let gathered;
-    let cols: &[f32] = if kh == 1 && kw == 1 && stride == 1 && pad == 0 {
+    let cols: &[f32] = if kh == 1 && kw == 1 && stride == 1 && top + left + bottom + right == 0 {
         xs
     } else {
         let mut buf = vec![0f32; rows * k];
@@ -605,9 +603,9 @@ fn conv_gemm(
             for (ox, row) in dst.chunks_exact_mut(k).enumerate() {
                 for ky in 0..kh {
                     // Wraps below 0 to a huge index: out of the image, like one past the end.
-                    let iy = (oy * stride + ky * dil).wrapping_sub(pad);
+                    let iy = (oy * stride + ky * dil).wrapping_sub(top);
                     for kx in 0..kw {
-                        let ix = (ox * stride + kx * dil).wrapping_sub(pad);
+                        let ix = (ox * stride + kx * dil).wrapping_sub(left);
                         if iy < h && ix < wd {
                             row[(ky * kw + kx) * c..][..c]
                                 .copy_from_slice(&xs[((img * h + iy) * wd + ix) * c..][..c]);
@@ -741,7 +739,8 @@ mod tests {
         assert!(e.contains("cannot reshape"), "{e}");
     }
 
-    /// Asymmetric padding, stride 2, against the convolution sum written out.
+    /// Asymmetric padding (taken inside the GEMM convolution's gather), stride 2, against the
+    /// convolution sum written out.
     #[test]
     fn conv_with_asymmetric_pads_matches_the_direct_sum() {
         let (h, w, k) = (5usize, 6usize, 3usize);
@@ -806,7 +805,7 @@ mod tests {
             (1, 0, 2, 1),
         ] {
             let wt = Tensor::from_vec(f(oc * c * k * k, 3), (oc, c, k, k), &Device::Cpu).unwrap();
-            let got = conv_gemm(&x, &wt, Some(&bias), pad, stride, dil).unwrap();
+            let got = conv_gemm(&x, &wt, Some(&bias), [pad; 4], stride, dil).unwrap();
             let want = x
                 .contiguous()
                 .unwrap()
