@@ -502,6 +502,11 @@ fn window(node: &Node, x: &Tensor) -> std::result::Result<([i64; 4], usize, usiz
     if pads.len() != 4 || strides.len() != 2 || dil.len() != 2 {
         return err("only 2-D windows are supported");
     }
+    if pads.iter().any(|&p| p < 0) || strides.iter().chain(&dil).any(|&v| v < 1) {
+        return err(format!(
+            "pads {pads:?} must be ≥ 0, strides {strides:?} and dilations {dil:?} ≥ 1"
+        ));
+    }
     if strides[0] != strides[1] || dil[0] != dil[1] {
         return err(format!(
             "strides {strides:?} / dilations {dil:?} differ between axes"
@@ -737,6 +742,23 @@ mod tests {
         assert_eq!(u.dims(), &[1, 2, 3, 1]);
         let e = apply(&node("Reshape", vec![]), &[Some(m23()), ints_t(&[4, -1])]).unwrap_err();
         assert!(e.contains("cannot reshape"), "{e}");
+    }
+
+    /// Negative pads, zero strides and negative dilations are errors naming them, not
+    /// wrapped into huge sizes.
+    #[test]
+    fn impossible_windows_are_errors() {
+        for (name, v) in [
+            ("pads", vec![0, -1, 0, 0]),
+            ("strides", vec![0, 0]),
+            ("dilations", vec![-2, -2]),
+        ] {
+            let conv = node("Conv", vec![(name, Attribute::Ints(v))]);
+            let x = Tensor::zeros((1, 1, 4, 4), DType::F32, &Device::Cpu).unwrap();
+            let w = Tensor::zeros((1, 1, 3, 3), DType::F32, &Device::Cpu).unwrap();
+            let e = apply(&conv, &[Some(x), Some(w)]).unwrap_err();
+            assert!(e.contains("must be ≥ 0"), "{name}: {e}");
+        }
     }
 
     /// Asymmetric padding (taken inside the GEMM convolution's gather), stride 2, against the
