@@ -102,15 +102,35 @@ fn token_score(row: &[f32], target: u32) -> Result<(f64, bool)> {
     Ok((lp, argmax(row) == target))
 }
 
-/// Adds the scores of `targets`, one per row of `hidden`, to `s`.
-fn add_scores(model: &Model, hidden: &[f32], targets: &[u32], s: &mut Scored) -> Result<()> {
-    let logits = model.logits(hidden);
-    for (row, t) in logits.chunks_exact(model.config.vocab_size).zip(targets) {
-        let (lp, g) = token_score(row, *t)?;
-        s.loglik += lp;
-        s.greedy &= g;
+/// Rows of logits computed at once: a row is `vocab` floats (192 KiB for SmolLM2), so a long
+/// continuation's head runs in slices.
+const HEAD_ROWS: usize = 128;
+
+/// Log-probability of each target given its row of `hidden`, and whether it is the argmax.
+fn row_scores(model: &Model, hidden: &[f32], targets: &[u32]) -> Result<Vec<(f64, bool)>> {
+    let h = model.config.hidden;
+    let mut out = Vec::with_capacity(targets.len());
+    for (rows, targets) in hidden.chunks(HEAD_ROWS * h).zip(targets.chunks(HEAD_ROWS)) {
+        let logits = model.logits(rows);
+        for (row, t) in logits.chunks_exact(model.config.vocab_size).zip(targets) {
+            out.push(token_score(row, *t)?);
+        }
     }
-    Ok(())
+    Ok(out)
+}
+
+/// A continuation's score from its tokens' scores, in order.
+fn total(tokens: &[(f64, bool)]) -> Scored {
+    tokens.iter().fold(
+        Scored {
+            loglik: 0.0,
+            greedy: true,
+        },
+        |s, &(lp, g)| Scored {
+            loglik: s.loglik + lp,
+            greedy: s.greedy && g,
+        },
+    )
 }
 
 /// A cache holding a token prefix, to fork from.
@@ -140,6 +160,11 @@ pub fn score_shared_context(
     continuations: &[&[u32]],
     prefix: Option<&Prefix>,
 ) -> Result<(Vec<Scored>, bool)> {
+    if continuations.iter().any(|c| c.is_empty()) {
+        return Err(Error::Invalid(
+            "an empty continuation (no token to score)".into(),
+        ));
+    }
     let max_len = model.config.context_length - model.config.memory_tokens;
     let longest = continuations.iter().map(|c| c.len()).max().unwrap_or(0);
     if context.len() + longest > max_len {
@@ -157,28 +182,36 @@ pub fn score_shared_context(
         _ => (KvCache::new(model, context.len() + longest)?, 0),
     };
     let hidden = model.hidden_states(&context[start..], Some(&mut cache), None)?;
-    let last = &hidden[hidden.len() - h..];
-    let mut cache = Some(cache);
-    let mut out = Vec::with_capacity(continuations.len());
-    for (i, cont) in continuations.iter().enumerate() {
-        let mut s = Scored {
-            loglik: 0.0,
-            greedy: true,
-        };
-        add_scores(model, last, &cont[..1], &mut s)?;
-        if cont.len() > 1 {
-            // Each continuation forks the context's cache; the last one takes it.
-            let mut fork = match i + 1 == continuations.len() {
-                true => cache.take(),
-                false => cache.clone(),
-            }
-            .expect("the cache is taken last");
-            let rest = model.hidden_states(&cont[..cont.len() - 1], Some(&mut fork), None)?;
-            add_scores(model, &rest, &cont[1..], &mut s)?;
+    // The context's last row predicts every continuation's first token: one head row for all.
+    let first = model.logits(&hidden[hidden.len() - h..]);
+    let mut scores: Vec<Vec<(f64, bool)>> = continuations
+        .iter()
+        .map(|c| token_score(&first, c[0]).map(|s| vec![s]))
+        .collect::<Result<_>>()?;
+    // The other tokens: every continuation on its own fork of the context's cache (the last
+    // takes the cache itself), all in one pass and one head product.
+    let longer: Vec<usize> = (0..continuations.len())
+        .filter(|&i| continuations[i].len() > 1)
+        .collect();
+    let mut forks: Vec<KvCache> = (1..longer.len()).map(|_| cache.clone()).collect();
+    forks.push(cache);
+    let mut seqs: Vec<(&[u32], &mut KvCache)> = longer
+        .iter()
+        .zip(forks.iter_mut())
+        .map(|(&i, f)| (&continuations[i][..continuations[i].len() - 1], f))
+        .collect();
+    if !seqs.is_empty() {
+        let rest = model.hidden_states_many(&mut seqs)?;
+        let targets: Vec<u32> = longer
+            .iter()
+            .flat_map(|&i| continuations[i][1..].iter().copied())
+            .collect();
+        let mut rows = row_scores(model, &rest, &targets)?.into_iter();
+        for &i in &longer {
+            scores[i].extend(rows.by_ref().take(continuations[i].len() - 1));
         }
-        out.push(s);
     }
-    Ok((out, false))
+    Ok((scores.iter().map(|s| total(s)).collect(), false))
 }
 
 /// lm-eval's truncation: the last `max_len + 1` tokens of context + continuation, the final
@@ -190,17 +223,12 @@ fn score_truncated(model: &Model, context: &[u32], cont: &[u32], max_len: usize)
     let hidden = model.hidden_states(input, None, None)?;
     let h = model.config.hidden;
     let scored_rows = cont.len().min(input.len());
-    let mut s = Scored {
-        loglik: 0.0,
-        greedy: true,
-    };
-    add_scores(
+    let tokens = row_scores(
         model,
         &hidden[(input.len() - scored_rows) * h..],
         &cont[cont.len() - scored_rows..],
-        &mut s,
     )?;
-    Ok(s)
+    Ok(total(&tokens))
 }
 
 /// One example's outcome.

@@ -149,29 +149,90 @@ impl Model {
         }
         let mut x = self.memory[..prefix * self.config.hidden].to_vec();
         x.extend(self.embed_tokens(tokens)?);
-        let mut scratch = Scratch::default();
-        let mut shared = vec![None; self.layers.len()];
-        for (i, layer) in self.layers.iter().enumerate() {
-            let run = LayerRun {
-                index: i,
-                t: n,
-                start,
-                cache: cache.as_deref_mut().map(|c| &mut c.layers[..]),
-                shared: &mut shared,
-            };
-            self.layer_forward(
-                layer,
-                &mut x,
-                run,
-                &mut scratch,
-                observer.as_mut().map(|o| &mut **o as &mut dyn Observer),
-            );
-        }
+        let mut spans = [Span {
+            t: n,
+            start,
+            cache: cache.as_deref_mut().map(|c| &mut c.layers[..]),
+        }];
+        self.run_layers(&mut x, &mut spans, observer);
         if let Some(c) = cache {
             c.advance(n);
         }
         x.drain(..prefix * self.config.hidden);
         Ok(x)
+    }
+
+    /// Runs several sequences in one pass, each continuing its own cache: the continuations of
+    /// a scored example after forks of one context cache. Norms, linears and the MLP take all
+    /// their rows at once (a product of ~100 rows runs at twice the rate per row of four of
+    /// ~25, and the weight is read once instead of four times); RoPE, attention, the SSM scan
+    /// and the caches stay per sequence. Returns the sequences' residual rows (as
+    /// [`Model::hidden_states`] would), concatenated in order. Sequences whose cache is empty
+    /// (a full pass: meta tokens, a layer mask, K/V shared from a full pass) and models with
+    /// sliding windows (token by token after a prefill) run one after another instead.
+    pub fn hidden_states_many(&self, seqs: &mut [(&[u32], &mut KvCache)]) -> Result<Vec<f32>> {
+        if seqs.len() < 2 || self.has_window() || seqs.iter().any(|(_, c)| c.is_empty()) {
+            let mut out = Vec::new();
+            for (tokens, cache) in seqs.iter_mut() {
+                out.extend(self.hidden_states(tokens, Some(&mut **cache), None)?);
+            }
+            return Ok(out);
+        }
+        let mut x = Vec::new();
+        for (tokens, cache) in seqs.iter() {
+            if tokens.is_empty() {
+                return Err(Error::Invalid("forward pass over zero tokens".into()));
+            }
+            if cache.len() + tokens.len() > self.config.context_length {
+                return Err(Error::Invalid(format!(
+                    "{} positions exceed the model's context length {}",
+                    cache.len() + tokens.len(),
+                    self.config.context_length
+                )));
+            }
+            cache.check_room(tokens.len())?;
+            x.extend(self.embed_tokens(tokens)?);
+        }
+        let mut spans: Vec<Span> = seqs
+            .iter_mut()
+            .map(|(tokens, cache)| Span {
+                t: tokens.len(),
+                start: cache.len(),
+                cache: Some(&mut cache.layers[..]),
+            })
+            .collect();
+        self.run_layers(&mut x, &mut spans, None);
+        for (tokens, cache) in seqs.iter_mut() {
+            cache.advance(tokens.len());
+        }
+        Ok(x)
+    }
+
+    /// Every layer over `x` (the spans' rows, concatenated), in place.
+    fn run_layers(
+        &self,
+        x: &mut [f32],
+        spans: &mut [Span],
+        mut observer: Option<&mut dyn Observer>,
+    ) {
+        let t = spans.iter().map(|s| s.t).sum();
+        let mut scratch = Scratch::default();
+        let mut shared = vec![None; self.layers.len()];
+        for (i, layer) in self.layers.iter().enumerate() {
+            let run = LayerRun {
+                index: i,
+                t,
+                spans: &mut *spans,
+                shared: &mut shared,
+            };
+            self.layer_forward(
+                layer,
+                x,
+                run,
+                &mut scratch,
+                observer.as_mut().map(|o| &mut **o as &mut dyn Observer),
+            );
+        }
     }
 
     /// Final norm and output head over residual rows (`rows × hidden` → `rows × vocab`).
@@ -237,8 +298,11 @@ impl Model {
         let run = LayerRun {
             index,
             t,
-            start: 0,
-            cache: None,
+            spans: &mut [Span {
+                t,
+                start: 0,
+                cache: None,
+            }],
             shared: &mut shared,
         };
         self.layer_forward(layer, x, run, &mut Scratch::default(), observer);
@@ -267,19 +331,31 @@ impl Model {
             rms_norm(x, &layer.attn_norm, eps, normed);
             observe(Site::AttnIn, normed);
             self.mixer_projections(layer, t, s);
-            let mut cache = run.cache;
             if let Some(a) = &layer.attn {
-                self.attention(a, &mut cache, index, run.start, t, run.shared, s);
+                self.attention(a, run.spans, index, run.shared, s);
             }
             if let Some(m) = &layer.ssm {
-                let e = m.shape.inner;
-                let mut fresh = None;
-                let state = match cache {
-                    Some(c) => c[index].ssm.as_mut().expect("cache has the SSM state"),
-                    None => fresh.insert(SsmState::new(m.shape)),
-                };
+                let (e, wx, wz) = (m.shape.inner, m.in_x.out_features, m.in_z.out_features);
                 let y = sized(&mut s.ssm, t * e);
-                m.run(&s.xs, &s.z, t, state, eps, &mut observe, y);
+                let mut row = 0;
+                for span in run.spans.iter_mut() {
+                    let mut fresh = None;
+                    let state = match span.cache.as_deref_mut() {
+                        Some(c) => c[index].ssm.as_mut().expect("cache has the SSM state"),
+                        None => fresh.insert(SsmState::new(m.shape)),
+                    };
+                    let rows = row..row + span.t;
+                    m.run(
+                        &s.xs[rows.start * wx..rows.end * wx],
+                        &s.z[rows.start * wz..rows.end * wz],
+                        span.t,
+                        state,
+                        eps,
+                        &mut observe,
+                        &mut y[rows.start * e..rows.end * e],
+                    );
+                    row = rows.end;
+                }
             }
             let mixed: &[f32] = match (&layer.attn, &layer.ssm, &layer.fusion) {
                 (Some(_), Some(_), Some([wa, ws])) => {
@@ -357,75 +433,86 @@ impl Model {
     }
 
     /// Attention heads of layer `index` into `s.attn`, from `s.q` (and `s.k`, `s.v` when the
-    /// layer has its own K/V). A full pass (`start == 0`) attends over this call's keys with the
-    /// layer's mask and stores them in the cache; a cached step attends over the cache.
-    #[allow(clippy::too_many_arguments)]
+    /// layer has its own K/V), span by span. A full pass (`start == 0`, a span of its own)
+    /// attends over this call's keys with the layer's mask and stores them in the cache; a
+    /// cached step attends over its span's cache.
     fn attention(
         &self,
         a: &Attention,
-        cache: &mut Option<&mut [LayerCache]>,
+        spans: &mut [Span],
         index: usize,
-        start: usize,
-        t: usize,
         shared: &mut [Option<(Vec<f32>, Vec<f32>)>],
         s: &mut Scratch,
     ) {
         let sh = a.shape;
-        let q = &mut s.q[..t * sh.q_dim()];
-        self.rope.apply(q, t, sh.q_dim(), sh.n_heads, start);
-        let producer = match a.kv {
-            KvSource::Own { .. } => {
-                let k = &mut s.k[..t * sh.kv_dim()];
-                self.rope.apply(k, t, sh.kv_dim(), sh.n_kv_heads, start);
-                if let Some(c) = cache.as_deref_mut() {
-                    c[index]
-                        .kv
-                        .as_mut()
-                        .expect("cache has rows for layers with own K/V")
-                        .store(start, k, &s.v[..t * sh.v_dim()]);
+        let (qd, kd, vd, od) = (sh.q_dim(), sh.kv_dim(), sh.v_dim(), sh.out_dim());
+        let total = spans.iter().map(|p| p.t).sum::<usize>();
+        let Scratch { q, k, v, attn, .. } = s;
+        let out = sized(attn, total * od);
+        let mut row = 0;
+        for span in spans.iter_mut() {
+            let (t, start, rows) = (span.t, span.start, row..row + span.t);
+            let q = &mut q[rows.start * qd..rows.end * qd];
+            self.rope.apply(q, t, qd, sh.n_heads, start);
+            let producer = match a.kv {
+                KvSource::Own { .. } => {
+                    let k = &mut k[rows.start * kd..rows.end * kd];
+                    let v = &v[rows.start * vd..rows.end * vd];
+                    self.rope.apply(k, t, kd, sh.n_kv_heads, start);
+                    if let Some(c) = span.cache.as_deref_mut() {
+                        c[index]
+                            .kv
+                            .as_mut()
+                            .expect("cache has rows for layers with own K/V")
+                            .store(start, k, v);
+                    }
+                    if start == 0 && self.kv_is_shared(index) {
+                        shared[index] = Some((k.to_vec(), v.to_vec()));
+                    }
+                    index
                 }
-                if start == 0 && self.kv_is_shared(index) {
-                    shared[index] = Some((k.to_vec(), s.v[..t * sh.v_dim()].to_vec()));
+                KvSource::Shared(p) => p,
+            };
+            let out = &mut out[rows.start * od..rows.end * od];
+            if start == 0 {
+                let (k, v) = match (producer == index, &shared[producer]) {
+                    (true, _) => (
+                        &k[rows.start * kd..rows.end * kd],
+                        &v[rows.start * vd..rows.end * vd],
+                    ),
+                    (false, Some((k, v))) => (&k[..], &v[..]),
+                    (false, None) => unreachable!("producers run before their consumers"),
+                };
+                let mask = Mask {
+                    window: a.window,
+                    sink: self.config.memory_tokens,
+                    ..Mask::CAUSAL
+                };
+                causal_attention(q, k, v, t, t, sh, mask, out);
+            } else {
+                let stored = span.cache.as_deref().expect("start > 0 implies a cache")[producer]
+                    .kv
+                    .as_ref()
+                    .expect("producers store K/V");
+                // A ring holds exactly the visible keys (in slot order); a full history is
+                // causal.
+                let keys = |n: usize| {
+                    if stored.is_ring() {
+                        n / kd
+                    } else {
+                        start + t
+                    }
+                };
+                match stored.view() {
+                    KvView::F32 { k, v } => {
+                        causal_attention(q, k, v, t, keys(k.len()), sh, Mask::CAUSAL, out)
+                    }
+                    KvView::F16 { k, v } => {
+                        causal_attention_f16(q, k, v, t, keys(k.len()), sh, Mask::CAUSAL, out)
+                    }
                 }
-                index
             }
-            KvSource::Shared(p) => p,
-        };
-        let out = sized(&mut s.attn, t * sh.out_dim());
-        if start == 0 {
-            let (k, v) = match (producer == index, &shared[producer]) {
-                (true, _) => (&s.k[..t * sh.kv_dim()], &s.v[..t * sh.v_dim()]),
-                (false, Some((k, v))) => (&k[..], &v[..]),
-                (false, None) => unreachable!("producers run before their consumers"),
-            };
-            let mask = Mask {
-                window: a.window,
-                sink: self.config.memory_tokens,
-                ..Mask::CAUSAL
-            };
-            causal_attention(&s.q[..t * sh.q_dim()], k, v, t, t, sh, mask, out);
-        } else {
-            let rows = cache.as_deref().expect("start > 0 implies a cache")[producer]
-                .kv
-                .as_ref()
-                .expect("producers store K/V");
-            let q = &s.q[..t * sh.q_dim()];
-            // A ring holds exactly the visible keys (in slot order); a full history is causal.
-            let keys = |stored: usize| {
-                if rows.is_ring() {
-                    stored / sh.kv_dim()
-                } else {
-                    start + t
-                }
-            };
-            match rows.view() {
-                KvView::F32 { k, v } => {
-                    causal_attention(q, k, v, t, keys(k.len()), sh, Mask::CAUSAL, out)
-                }
-                KvView::F16 { k, v } => {
-                    causal_attention_f16(q, k, v, t, keys(k.len()), sh, Mask::CAUSAL, out)
-                }
-            }
+            row = rows.end;
         }
     }
 
@@ -437,12 +524,19 @@ impl Model {
     }
 }
 
-/// Where one layer's pass sits: its index, rows, first position, the cache and the K/V that
+/// Where one layer's pass sits: its index, its rows (all spans'), the spans and the K/V that
 /// earlier layers share with later ones.
-struct LayerRun<'a> {
+struct LayerRun<'s, 'a> {
     index: usize,
+    t: usize,
+    spans: &'s mut [Span<'a>],
+    shared: &'s mut [Option<(Vec<f32>, Vec<f32>)>],
+}
+
+/// One sequence of a pass: its row count (its rows follow the previous span's), its first
+/// position and its cache.
+struct Span<'a> {
     t: usize,
     start: usize,
     cache: Option<&'a mut [LayerCache]>,
-    shared: &'a mut [Option<(Vec<f32>, Vec<f32>)>],
 }
