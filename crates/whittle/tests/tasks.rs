@@ -7,7 +7,7 @@ mod common;
 use common::*;
 use whittle::data::tasks::{Example, Request, Task};
 use whittle::eval::tasks::{
-    encode_pair, hits, metrics, score_examples, score_shared_context, Prefix, Sample, Scored,
+    encode_pair, hits, metrics, score_contexts, score_examples, Prefix, Sample, Scored,
 };
 use whittle::io::tokenizer::Tokenizer;
 use whittle::model::Logits;
@@ -46,20 +46,26 @@ fn shared_prefix_scoring_equals_full_forward_passes() {
     let context: Vec<u32> = (0..20).map(|i| (i * 37 % 250) as u32).collect();
     let conts: Vec<Vec<u32>> = vec![vec![7], vec![9, 200, 3], (0..9).map(|i| i * 11).collect()];
     let refs: Vec<&[u32]> = conts.iter().map(Vec::as_slice).collect();
+    // A second context that does not start with the prefix: it runs from position 0 in the
+    // same batched pass as the one that continues the prefix's cache.
+    let other: Vec<u32> = (0..15).map(|i| (i * 53 % 250) as u32).collect();
     let prefix = Prefix::new(&m, &context[..12], 40).unwrap();
     for p in [None, Some(&prefix)] {
-        let (got, cut) = score_shared_context(&m, &context, &refs, p).unwrap();
-        assert!(!cut);
-        for (g, c) in got.iter().zip(&conts) {
-            let want = naive(&m, &context, c);
-            assert!((g.loglik - want.loglik).abs() < 1e-4, "{g:?} vs {want:?}");
-            assert_eq!(g.greedy, want.greedy);
+        let groups = [(&context[..], refs.clone()), (&other[..], refs.clone())];
+        for (ctx, (got, cut)) in [&context, &other]
+            .into_iter()
+            .zip(score_contexts(&m, &groups, p).unwrap())
+        {
+            assert!(!cut);
+            for (g, c) in got.iter().zip(&conts) {
+                let want = naive(&m, ctx, c);
+                assert!((g.loglik - want.loglik).abs() < 1e-4, "{g:?} vs {want:?}");
+                assert_eq!(g.greedy, want.greedy);
+            }
         }
     }
-    // A prefix the context does not start with is ignored, not misused.
-    let other = Prefix::new(&m, &[1, 2, 3], 40).unwrap();
-    let (got, _) = score_shared_context(&m, &context, &refs[..1], Some(&other)).unwrap();
-    assert!((got[0].loglik - naive(&m, &context, &conts[0]).loglik).abs() < 1e-4);
+    // A continuation without tokens is an error, not a panic.
+    assert!(score_contexts(&m, &[(&context[..], vec![&[][..]])], None).is_err());
 }
 
 #[test]
@@ -68,9 +74,16 @@ fn requests_longer_than_the_context_are_cut_from_the_left() {
     let max = m.config.context_length;
     let context: Vec<u32> = (0..max + 10).map(|i| (i * 13 % 250) as u32).collect();
     let cont = [4u32, 5, 6];
-    let (got, cut) = score_shared_context(&m, &context, &[&cont], None).unwrap();
-    assert!(cut);
-    assert!((got[0].loglik - naive(&m, &context, &cont).loglik).abs() < 1e-4);
+    // Beside a context that fits, scored in the same call.
+    let groups = [
+        (&context[..], vec![&cont[..]]),
+        (&context[..30], vec![&cont[..]]),
+    ];
+    let got = score_contexts(&m, &groups, None).unwrap();
+    assert_eq!((got[0].1, got[1].1), (true, false));
+    for ((ctx, _), (scores, _)) in groups.iter().zip(&got) {
+        assert!((scores[0].loglik - naive(&m, ctx, &cont).loglik).abs() < 1e-4);
+    }
     // Examples that share a long prefix but are all too long: cut, not a cache overflow.
     let tok = Tokenizer::from_spec(&tiny_tokenizer_spec()).unwrap();
     let long: Vec<Example> = (0..2)

@@ -696,11 +696,12 @@ fn perplexity_sums_windows_in_order_on_any_thread_count() {
     assert_eq!(many.nll_sum, direct);
 }
 
-/// Continuations on forks of one context cache run in one batched pass as they run alone: the
-/// same hidden rows, and caches that decode the next token the same. Llama (attention), Mamba
-/// (a scan state per sequence) and Hymba (sliding windows and meta tokens: run one by one).
+/// Sequences run in one batched pass as they run alone — continuations on forks of one
+/// context cache, and full passes from empty caches: the same hidden rows, and caches that
+/// decode the next token the same. Llama (attention), Mamba (a scan state per sequence) and
+/// Hymba (sliding windows and meta tokens: run one by one).
 #[test]
-fn forked_sequences_run_together_as_they_run_alone() {
+fn sequences_run_together_as_they_run_alone() {
     let models = [
         ("llama", tiny_model(6)),
         ("mamba", tiny_mamba(2, 48, Some(40), 6)),
@@ -711,33 +712,30 @@ fn forked_sequences_run_together_as_they_run_alone() {
         let mut context = KvCache::new(m, 40).unwrap();
         m.hidden_states(&TOKENS[..5], Some(&mut context), None)
             .unwrap();
-        let mut alone_caches = vec![context.clone(); conts.len()];
-        let mut alone = Vec::new();
-        for (c, cache) in conts.iter().zip(&mut alone_caches) {
-            alone.extend(m.hidden_states(c, Some(cache), None).unwrap());
-        }
-        let mut forks = vec![context.clone(); conts.len()];
-        let mut seqs: Vec<(&[u32], &mut KvCache)> = conts.iter().copied().zip(&mut forks).collect();
-        let together = m.hidden_states_many(&mut seqs).unwrap();
-        let diff = max_abs_diff(&alone, &together);
-        assert!(diff < 1e-4, "{name}: hidden rows differ by {diff}");
-        for (a, b) in alone_caches.iter_mut().zip(&mut forks) {
-            assert_eq!(a.len(), b.len());
-            let next_a = m.forward(&[7], Some(a), Logits::All, None).unwrap();
-            let next_b = m.forward(&[7], Some(b), Logits::All, None).unwrap();
-            let diff = max_abs_diff(&next_a, &next_b);
-            assert!(
-                diff < 1e-4,
-                "{name}: the next token's logits differ by {diff}"
-            );
+        for (case, from) in [("forks", context), ("empty", KvCache::new(m, 40).unwrap())] {
+            let mut alone_caches = vec![from.clone(); conts.len()];
+            let mut alone = Vec::new();
+            for (c, cache) in conts.iter().zip(&mut alone_caches) {
+                alone.extend(m.hidden_states(c, Some(cache), None).unwrap());
+            }
+            let mut caches = vec![from; conts.len()];
+            let mut seqs: Vec<(&[u32], &mut KvCache)> =
+                conts.iter().copied().zip(&mut caches).collect();
+            let together = m.hidden_states_many(&mut seqs).unwrap();
+            let diff = max_abs_diff(&alone, &together);
+            assert!(diff < 1e-4, "{name}, {case}: hidden rows differ by {diff}");
+            for (a, b) in alone_caches.iter_mut().zip(&mut caches) {
+                assert_eq!(a.len(), b.len());
+                let next_a = m.forward(&[7], Some(a), Logits::All, None).unwrap();
+                let next_b = m.forward(&[7], Some(b), Logits::All, None).unwrap();
+                let diff = max_abs_diff(&next_a, &next_b);
+                assert!(diff < 1e-4, "{name}, {case}: next logits differ by {diff}");
+            }
         }
     }
     // An empty sequence is an error, not a panic.
     let m = tiny_model(6);
     let mut c = [KvCache::new(&m, 8).unwrap(), KvCache::new(&m, 8).unwrap()];
-    for c in &mut c {
-        m.hidden_states(&TOKENS[..2], Some(c), None).unwrap();
-    }
     let [a, b] = &mut c;
     assert!(m
         .hidden_states_many(&mut [(&TOKENS[..1], a), (&[], b)])

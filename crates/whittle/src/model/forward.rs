@@ -167,11 +167,17 @@ impl Model {
     /// their rows at once (a product of ~100 rows runs at twice the rate per row of four of
     /// ~25, and the weight is read once instead of four times); RoPE, attention, the SSM scan
     /// and the caches stay per sequence. Returns the sequences' residual rows (as
-    /// [`Model::hidden_states`] would), concatenated in order. Sequences whose cache is empty
-    /// (a full pass: meta tokens, a layer mask, K/V shared from a full pass) and models with
-    /// sliding windows (token by token after a prefill) run one after another instead.
+    /// [`Model::hidden_states`] would), concatenated in order. Models with sliding windows
+    /// (token by token after a prefill) run the sequences one after another instead, and so
+    /// do those with meta tokens or K/V shared between layers when a cache is empty (a full
+    /// pass prepends the meta tokens and hands its K/V to later layers).
     pub fn hidden_states_many(&self, seqs: &mut [(&[u32], &mut KvCache)]) -> Result<Vec<f32>> {
-        if seqs.len() < 2 || self.has_window() || seqs.iter().any(|(_, c)| c.is_empty()) {
+        let full_pass_extras =
+            self.config.memory_tokens > 0 || (0..self.layers.len()).any(|i| self.kv_is_shared(i));
+        if seqs.len() < 2
+            || self.has_window()
+            || (full_pass_extras && seqs.iter().any(|(_, c)| c.is_empty()))
+        {
             let mut out = Vec::new();
             for (tokens, cache) in seqs.iter_mut() {
                 out.extend(self.hidden_states(tokens, Some(&mut **cache), None)?);
