@@ -401,9 +401,10 @@ pub fn score_examples(
         } else {
             None
         };
-        // Rounds of a few batches per thread, one thread each (short sequences scale better
-        // over examples than split inside one forward pass).
-        let round = crate::threads::threads() * BATCH * 2;
+        // Rounds of batches, one thread each (short sequences scale better over examples than
+        // split inside one forward pass). Eight batches per thread: batches differ in length,
+        // and a thread waits at a round's end for the last one.
+        let round = crate::threads::threads() * BATCH * 8;
         for (r, chunk) in items.chunks(round).enumerate() {
             let done: Vec<Vec<(Vec<Scored>, bool)>> = crate::threads::install(|| {
                 chunk
