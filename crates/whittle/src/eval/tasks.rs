@@ -10,10 +10,12 @@
 //!
 //! Speed: the choices of an example share their context, so the context runs once into a
 //! decode cache that each choice forks; the examples of a group (an MMLU subject: its five
-//! dev examples) share their longest common token prefix the same way, once per group. The
-//! output head, a fifth of the model, runs only on rows whose logits are scored. Examples run
-//! one per thread. Packed weights multiply f32 activations here (not decode's int16 ones), so
-//! that a packed model scores as its f32 expansion does.
+//! dev examples) share their longest common token prefix the same way, once per group. A
+//! thread scores a few examples together: their contexts in one batched pass, then all their
+//! continuations in another, so that the products take hundreds of rows at once. The output
+//! head, a fifth of the model, runs only on rows whose logits are scored. Packed weights
+//! multiply f32 activations here (not decode's int16 ones), so that a packed model scores as
+//! its f32 expansion does.
 
 use crate::data::tasks::{Example, Scoring, Task};
 use crate::io::tokenizer::Tokenizer;
