@@ -71,6 +71,11 @@ pub struct DistillArgs {
     /// ...and the first N test images are classified (also the held-out images of fidelity).
     #[arg(long, default_value_t = 1000)]
     eval_test: usize,
+    /// Fidelity to the teachers on the first N of those test images only (default: all
+    /// --eval-test of them): k-NN on the whole test split needs only the student's features,
+    /// fidelity needs every teacher's as well.
+    #[arg(long)]
+    fidelity_images: Option<usize>,
     /// Folder of the teachers' cached features (default OUT/teachers): runs that differ only
     /// in student settings (e.g. --norm) share one.
     #[arg(long)]
@@ -332,6 +337,12 @@ pub fn run(a: &DistillArgs) -> Result<()> {
     if a.mnist_train > n_train || a.eval_train > n_train || a.eval_test > n_test {
         bail!("--mnist-train / --eval-train / --eval-test exceed Fashion-MNIST's {n_train} / {n_test} images");
     }
+    if a.fidelity_images.is_some_and(|n| n == 0 || n > a.eval_test) {
+        bail!(
+            "--fidelity-images must be between 1 and --eval-test ({})",
+            a.eval_test
+        );
+    }
     // Training images: read once (unreadable ones skipped and counted), kept at the student's
     // size, and cached beside the teachers' features for the next run.
     let cache = a
@@ -479,7 +490,8 @@ fn report(
         20,
     )?;
     // The teachers' own features of the held-out images (cached beside the training ones).
-    let heldout: Vec<Source> = (0..a.eval_test).map(Source::MnistTest).collect();
+    let n_fidelity = a.fidelity_images.unwrap_or(a.eval_test);
+    let heldout: Vec<Source> = (0..n_fidelity).map(Source::MnistTest).collect();
     let mut raw = std::collections::HashMap::new();
     for teacher in teachers {
         for (name, features, _, _) in teacher_features(
@@ -495,7 +507,8 @@ fn report(
     let mut rows = Vec::new();
     let mut per_target = Vec::new();
     for ((t, pred), loss) in targets.iter().zip(&preds).zip(&mean_loss) {
-        let (cos, nmse) = fidelity(pred, t, &raw[&t.name]);
+        let per_image = pred.len() / a.eval_test;
+        let (cos, nmse) = fidelity(&pred[..n_fidelity * per_image], t, &raw[&t.name]);
         rows.push(vec![
             t.name.clone(),
             format!("{loss:.4}"),
@@ -520,14 +533,15 @@ fn report(
         &rows,
     );
     println!(
-        "student on Fashion-MNIST, {} / {} images: k-NN (k = 20) {:.2} %, linear probe {:.2} %",
+        "student on Fashion-MNIST, {} / {} images: k-NN (k = 20) {:.2} %, linear probe {:.2} % \
+         (fidelity on the first {n_fidelity} test images)",
         a.eval_train,
         a.eval_test,
         100.0 * knn,
         100.0 * probe
     );
     let summary = serde_json::json!({
-        "config": d.config, "steps": d.step, "knn_accuracy": knn, "probe_accuracy": probe, "teachers": per_target, "log": d.log,
+        "config": d.config, "steps": d.step, "knn_accuracy": knn, "probe_accuracy": probe, "eval_images": [a.eval_train, a.eval_test], "fidelity_images": n_fidelity, "teachers": per_target, "log": d.log,
     });
     write_json(&a.out.join("summary.json"), &summary)?;
     if let Some(p) = &a.json {

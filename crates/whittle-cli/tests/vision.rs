@@ -196,6 +196,19 @@ fn distill_runs_resumes_and_reports() {
         "{}",
         &text[..200.min(text.len())]
     );
+    // The finished run evaluated again: k-NN on more test images, fidelity on the first 32
+    // only, whose teacher features are in the cache already.
+    let mut again = args("60");
+    let i = again.iter().position(|s| s == "--eval-test").unwrap();
+    again[i + 1] = "64".into();
+    again.extend(["--fidelity-images".to_string(), "32".to_string()]);
+    let (success, stdout, err) = run(again);
+    assert!(success, "{stdout}\n{err}");
+    assert!(stdout.contains("64 / 64 images") && stdout.contains("first 32 test images"));
+    assert!(!err.contains("dinov2 features"), "{err}");
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["fidelity_images"], 32);
     // Settings that are not a run.
     for (flag, value, needle) in [
         ("--norm", "bogus", "unknown feature normaliser"),
@@ -208,4 +221,10 @@ fn distill_runs_resumes_and_reports() {
         a[pos + 1] = dir.path().join("other").display().to_string();
         fails_cleanly(&a.iter().map(|s| s.as_str()).collect::<Vec<_>>(), needle);
     }
+    let mut a = args("60");
+    a.extend(["--fidelity-images".to_string(), "100".to_string()]);
+    fails_cleanly(
+        &a.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+        "--fidelity-images must be between 1 and --eval-test (32)",
+    );
 }
