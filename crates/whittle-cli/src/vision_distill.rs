@@ -465,22 +465,28 @@ fn report(
         .map(|t| tail.iter().map(|r| r.teacher_loss[t]).sum::<f64>() / tail.len() as f64)
         .collect();
     let total: f64 = mean_loss.iter().sum();
-    // Student features: k-NN, and predictions on the held-out test images.
+    // Student features: k-NN, and predictions on the held-out test images (from the same
+    // forward pass).
     let prep = Preprocess::imagenet(a.size);
-    let student = |images: &[Image]| -> Result<(Vec<f32>, Vec<Vec<f32>>)> {
+    let student = |images: &[Image], label: &str, predict: bool| {
         let (mut summary, mut preds) = (Vec::new(), vec![Vec::new(); targets.len()]);
+        let pb = progress(images.len(), label);
         for chunk in images.chunks(64) {
             let pixels = prep.batch(&chunk.iter().collect::<Vec<_>>())?;
             let tokens = d.student.forward(&pixels)?;
             summary.extend(tokens.narrow(1, 0, 1)?.flatten_all()?.to_vec1::<f32>()?);
-            for (p, t) in d.predict(&pixels)?.into_iter().zip(preds.iter_mut()) {
-                t.extend(p.flatten_all()?.to_vec1::<f32>()?);
+            if predict {
+                for (p, t) in d.predict_from(&tokens)?.into_iter().zip(preds.iter_mut()) {
+                    t.extend(p.flatten_all()?.to_vec1::<f32>()?);
+                }
             }
+            pb.inc(chunk.len() as u64);
         }
-        Ok((summary, preds))
+        pb.finish_and_clear();
+        Ok::<_, anyhow::Error>((summary, preds))
     };
-    let (train_f, _) = student(&mnist.train.images[..a.eval_train])?;
-    let (test_f, preds) = student(&mnist.test.images[..a.eval_test])?;
+    let (train_f, _) = student(&mnist.train.images[..a.eval_train], "student train", false)?;
+    let (test_f, preds) = student(&mnist.test.images[..a.eval_test], "student test", true)?;
     let (knn, probe) = feature_accuracies(
         &train_f,
         &mnist.train.labels[..a.eval_train],

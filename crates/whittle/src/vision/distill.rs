@@ -267,7 +267,12 @@ impl Distiller {
     /// The heads' predictions (standardised teacher space) for a preprocessed batch, each
     /// `batch · tokens × dim`: summary heads read the CLS token, per-patch heads every patch.
     pub fn predict(&self, pixels: &Tensor) -> Result<Vec<Tensor>> {
-        let tokens = self.student.forward(pixels)?;
+        self.predict_from(&self.student.forward(pixels)?)
+    }
+
+    /// [`Distiller::predict`] from the student's output tokens `[batch, 1 + patches, width]`
+    /// (an evaluation that also wants the summary token runs the student once).
+    pub fn predict_from(&self, tokens: &Tensor) -> Result<Vec<Tensor>> {
         let (b, n, width) = tokens.dims3()?;
         let summary = tokens.narrow(1, 0, 1)?.squeeze(1)?;
         let patches = tokens.narrow(1, 1, n - 1)?.reshape((b * (n - 1), width))?;
