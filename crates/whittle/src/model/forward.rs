@@ -137,16 +137,7 @@ impl Model {
             0
         };
         let n = prefix + t;
-        if start + n > self.config.context_length {
-            return Err(Error::Invalid(format!(
-                "{} positions exceed the model's context length {}",
-                start + n,
-                self.config.context_length
-            )));
-        }
-        if let Some(c) = &cache {
-            c.check_room(n)?;
-        }
+        self.check_room(start, n, cache.as_deref())?;
         let mut x = self.memory[..prefix * self.config.hidden].to_vec();
         x.extend(self.embed_tokens(tokens)?);
         let mut spans = [Span {
@@ -189,14 +180,7 @@ impl Model {
             if tokens.is_empty() {
                 return Err(Error::Invalid("forward pass over zero tokens".into()));
             }
-            if cache.len() + tokens.len() > self.config.context_length {
-                return Err(Error::Invalid(format!(
-                    "{} positions exceed the model's context length {}",
-                    cache.len() + tokens.len(),
-                    self.config.context_length
-                )));
-            }
-            cache.check_room(tokens.len())?;
+            self.check_room(cache.len(), tokens.len(), Some(&**cache))?;
             x.extend(self.embed_tokens(tokens)?);
         }
         let mut spans: Vec<Span> = seqs
@@ -212,6 +196,18 @@ impl Model {
             cache.advance(tokens.len());
         }
         Ok(x)
+    }
+
+    /// Whether `n` positions from `start` fit the model's context and the cache.
+    fn check_room(&self, start: usize, n: usize, cache: Option<&KvCache>) -> Result<()> {
+        if start + n > self.config.context_length {
+            return Err(Error::Invalid(format!(
+                "{} positions exceed the model's context length {}",
+                start + n,
+                self.config.context_length
+            )));
+        }
+        cache.map_or(Ok(()), |c| c.check_room(n))
     }
 
     /// Every layer over `x` (the spans' rows, concatenated), in place.
