@@ -21,7 +21,7 @@ use std::path::PathBuf;
 
 /// mimalloc instead of glibc's malloc. The products allocate and free multi-MB buffers (packed
 /// activations, scores, layer outputs) at every layer; glibc hands large blocks back to the
-/// kernel and page-faults them in again. Same binary otherwise, interleaved on a Xeon model 207
+/// kernel and page-faults them in again. Same code otherwise, run one after the other on a Xeon model 207
 /// (BENCHMARKS.md, "Allocator"): prefill 512 at `amx` 1645–1657 → 1931–2207 tok/s, HellaSwag
 /// scoring 1.32x, GPTQ 1.28x, a KD step (2 × 4 micro-batches) 1.17x, peak RSS within 10 %.
 #[global_allocator]
