@@ -5,7 +5,9 @@
 # (windows of 2048, the reference protocol) and on the Gutenberg validation books (held out).
 # Every run resumes from its checkpoint; MINUTES bounds each run's time per invocation, so the
 # same command, repeated across sessions, finishes the table.
-#   [RUNS="d-cos-6:kd:1M d-cos-6:ce:1M ..."] [MINUTES=60] bash benches/recovery.sh [OUT_DIR]
+#   [RUNS="d-cos-6:kd:1M d-cos-6:ce:1M ..."] [MINUTES=60] [EVAL_TOKENS=8192] [WARMUP=20] bash benches/recovery.sh [OUT_DIR]
+# Budgets are tokens with a unit: 1M, 0.5M, 125K. EVAL_TOKENS evaluates only the first tokens of
+# each split (e.g. the first 4 windows of 2048, for quick ablations) instead of the full splits.
 # Objectives: ce (fine-tune), kd (Minitron: forward KL, T = 1), kdfeat (kd + PHI-S feature
 # distillation of four blocks), feat-NORM (kd + feature distillation with normaliser NORM),
 # kd-adapters (kd into the low-rank adapters alone, the rest frozen).
@@ -24,14 +26,16 @@ mkdir -p "$OUT"
 if [ -z "${W:-}" ]; then cargo build --release -q; W=target/release/whittle; fi
 M=$("$W" fetch)
 DATA=(--data ../shared/data/gutenberg --data ../shared/data/code/python-stdlib-3.12.1.py.txt)
-COMMON=(--batch 4 --accum 2 --seq-len 512 --lr 2e-4 --min-lr 2e-5 --warmup 20 --eval-every 61
+COMMON=(--batch 4 --accum 2 --seq-len 512 --lr 2e-4 --min-lr 2e-5 --warmup "${WARMUP:-20}" --eval-every 61
         --eval-tokens 16384 --ckpt-every 10)
 TEST=../shared/reference/wikitext2-test.txt
 BOOKS=$OUT/gutenberg-valid.txt
 [ -f "$BOOKS" ] || (cd ../shared/data/gutenberg && cat $(cat valid.list)) > "$BOOKS"
 for run in $RUNS; do
   IFS=: read -r student objective budget <<< "$run"
-  tokens=$(( ${budget%M} * 1000000 ))
+  tokens=$(awk -v b="$budget" 'BEGIN { n = b + 0; u = substr(b, length(b));
+    if (u == "M") n *= 1e6; else if (u == "K") n *= 1e3; else { print "bad budget " b > "/dev/stderr"; exit 2 }
+    printf "%d", n }')
   case $objective in
     ce) loss=(--loss ce) ;;
     kd) loss=(--loss kd) ;;
@@ -47,14 +51,15 @@ for run in $RUNS; do
       "${loss[@]}" "${COMMON[@]}" --max-minutes "$MINUTES" --out "$OUT/$name" >> "$OUT/$name.log" 2>&1
   fi
   [ -f "$OUT/$name/summary.json" ] || { echo "$name: unfinished (run again)"; continue; }
+  tag=${EVAL_TOKENS:+-$EVAL_TOKENS}
   for ev in test:"$TEST" books:"$BOOKS"; do
-    [ -f "$OUT/$name.${ev%%:*}.json" ] || "$W" eval ppl --model "$OUT/$name/model" --data "${ev#*:}" \
-      --seq-len 2048 --json "$OUT/$name.${ev%%:*}.json" > /dev/null 2>&1
+    [ -f "$OUT/$name.${ev%%:*}$tag.json" ] || "$W" eval ppl --model "$OUT/$name/model" --data "${ev#*:}" \
+      --seq-len 2048 ${EVAL_TOKENS:+--max-tokens "$EVAL_TOKENS"} --json "$OUT/$name.${ev%%:*}$tag.json" > /dev/null 2>&1
   done
-  python3 - "$OUT" "$name" <<'PY'
+  python3 - "$OUT" "$name" "$tag" <<'PY'
 import json, sys
-out, name = sys.argv[1:]
-ppl = lambda s: json.load(open(f"{out}/{name}.{s}.json"))["report"]["ppl"]
+out, name, tag = sys.argv[1:]
+ppl = lambda s: json.load(open(f"{out}/{name}.{s}{tag}.json"))["report"]["ppl"]
 print(f"{name:<28} WikiText-2 test {ppl('test'):8.2f}   Gutenberg valid {ppl('books'):8.2f}")
 PY
 done

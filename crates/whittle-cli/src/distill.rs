@@ -368,6 +368,7 @@ fn finish(
     if !crate::ranks::is_root() {
         return Ok(());
     }
+    let features = t.feature_report(data)?;
     let task_reports = crate::tasks::evaluate(&t.model, tok, tasks, "student")?;
     let last = t.log.last().cloned();
     let model_dir = out.join("model");
@@ -394,6 +395,7 @@ fn finish(
         vec!["validation perplexity".into(), format!("{ppl:.3}")],
     ];
     table(&["measure", "value"], &rows);
+    print_features(&features);
     if !task_reports.is_empty() {
         crate::tasks::print(&task_reports);
     }
@@ -402,8 +404,39 @@ fn finish(
         &out.join("summary.json"),
         &json!({
             "config": t.config, "steps": t.step, "val_ppl": ppl, "last": last,
-            "model": model_dir, "feature_heads": wrote_heads.then_some(heads),
+            "model": model_dir, "feature_heads": wrote_heads.then_some(heads), "features": features,
             "tasks": task_reports,
         }),
     )
+}
+
+/// The feature heads on the validation text: each layer's loss and its share of the feature
+/// term (how the normaliser weighed the layers), and the fidelity in the teacher's space.
+fn print_features(features: &[whittle::train::trainer::HeadReport]) {
+    if features.is_empty() {
+        return;
+    }
+    let total: f64 = features.iter().map(|f| f.loss).sum();
+    let rows: Vec<Vec<String>> = features
+        .iter()
+        .map(|f| {
+            vec![
+                format!("{} -> {}", f.student, f.teacher),
+                format!("{:.4}", f.loss),
+                format!("{:.1}", 100.0 * f.loss / total.max(1e-30)),
+                format!("{:.4}", f.cosine),
+                format!("{:.4}", f.nmse),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "student -> teacher block",
+            "feature loss",
+            "share %",
+            "cosine",
+            "nMSE",
+        ],
+        &rows,
+    );
 }

@@ -87,7 +87,7 @@ fn logit_distillation_moves_the_student_toward_the_teacher() {
 fn feature_distillation_lowers_its_loss_with_every_normaliser() {
     for norm in ["none", "global", "per-channel", "pca", "zca", "phis"] {
         let objective = format!("feat:layers=0/1,norm={norm}");
-        let t = train(
+        let mut t = train(
             config(&objective, 20),
             student(),
             Teacher::Live(Box::new(teacher())),
@@ -106,6 +106,17 @@ fn feature_distillation_lowers_its_loss_with_every_normaliser() {
         let saved = candle_core::safetensors::load(&path, &candle_core::Device::Cpu).unwrap();
         assert_eq!(saved["head.1.norm.forward"].dims(), &[32, 32]);
         assert_eq!(saved["head.0.proj.weight"].dims(), &[32, 32]);
+        // Every normaliser's heads can be measured in the teacher's space (the exact case is
+        // `the_feature_report_of_the_teacher_itself_is_exact`; 64 rows of random features
+        // give no held-out bound).
+        let report = t.feature_report(&common::token_data()).unwrap();
+        assert_eq!(report.len(), 2);
+        for r in &report {
+            assert!(
+                r.loss > 0.0 && r.nmse.is_finite() && r.cosine.abs() <= 1.0,
+                "{norm}: {r:?}"
+            );
+        }
     }
     // A narrower student (hidden 24): the heads project its features to the teacher's width.
     let mut narrow = common::tiny_config(false);
@@ -123,6 +134,35 @@ fn feature_distillation_lowers_its_loss_with_every_normaliser() {
         feat(0),
         feat(19)
     );
+}
+
+/// A student that is its teacher: the least-squares heads reproduce the teacher's features, so
+/// the report's fidelity is exact before any step, in the normaliser's space and mapped back.
+#[test]
+fn the_feature_report_of_the_teacher_itself_is_exact() {
+    let d = common::token_data();
+    for norm in ["none", "phis"] {
+        let objective = format!("feat:layers=0/2,norm={norm}");
+        let mut t = Trainer::new(
+            config(&objective, 1),
+            Start::Model(Box::new(teacher())),
+            Teacher::Live(Box::new(teacher())),
+            &d,
+        )
+        .unwrap();
+        let report = t.feature_report(&d).unwrap();
+        assert_eq!(
+            report
+                .iter()
+                .map(|r| (r.student, r.teacher))
+                .collect::<Vec<_>>(),
+            [(0, 0), (2, 2)]
+        );
+        for r in &report {
+            assert!(r.cosine > 0.9999 && r.nmse < 1e-4, "{norm}: {r:?}");
+            assert!(r.loss < 1e-3, "{norm}: {r:?}");
+        }
+    }
 }
 
 #[test]

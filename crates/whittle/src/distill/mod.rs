@@ -6,6 +6,7 @@
 
 pub mod cache;
 pub mod features;
+pub mod fidelity;
 pub mod hadamard;
 pub mod heads;
 pub mod normalizer;

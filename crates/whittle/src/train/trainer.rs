@@ -33,6 +33,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+mod feature_report;
+pub use feature_report::HeadReport;
+
 fn default_objective() -> String {
     "ce".into()
 }

@@ -10,6 +10,7 @@
 //! reads them; a checkpoint (student, heads, AdamW moments, step, log) makes a run resumable.
 
 use super::vit::{Vit, VitConfig};
+use crate::distill::fidelity::Fidelity;
 use crate::distill::normalizer::{FeatureStats, NormKind, Normalizer};
 use crate::train::optim::{adamw_step, learning_rate, AdamWConfig, Moments};
 use crate::train::params_file;
@@ -439,35 +440,11 @@ impl Distiller {
 
 /// Per-teacher fidelity of predictions mapped back to the teacher's space: mean cosine
 /// similarity to the teacher's features, and MSE divided by the features' total variance
-/// (1 = no better than predicting the mean).
+/// (1 = no better than predicting the mean); see [`Fidelity`].
 pub fn fidelity(pred_std: &[f32], teacher: &TeacherTargets, raw: &[f32]) -> (f64, f64) {
-    let d = teacher.dim;
-    let pred = teacher.normalizer.invert(pred_std);
-    let rows = raw.len() / d;
-    let mut mean = vec![0f64; d];
-    for r in raw.chunks_exact(d) {
-        mean.iter_mut()
-            .zip(r)
-            .for_each(|(m, v)| *m += *v as f64 / rows as f64);
-    }
-    let (mut cos, mut err, mut var) = (0f64, 0f64, 0f64);
-    for (p, t) in pred.chunks_exact(d).zip(raw.chunks_exact(d)) {
-        let dot: f64 = p.iter().zip(t).map(|(a, b)| *a as f64 * *b as f64).sum();
-        let np = p.iter().map(|a| (*a as f64).powi(2)).sum::<f64>().sqrt();
-        let nt = t.iter().map(|a| (*a as f64).powi(2)).sum::<f64>().sqrt();
-        cos += dot / (np * nt).max(1e-12);
-        err += p
-            .iter()
-            .zip(t)
-            .map(|(a, b)| (*a as f64 - *b as f64).powi(2))
-            .sum::<f64>();
-        var += t
-            .iter()
-            .zip(&mean)
-            .map(|(b, m)| (*b as f64 - m).powi(2))
-            .sum::<f64>();
-    }
-    (cos / rows.max(1) as f64, err / var.max(1e-30))
+    let mut f = Fidelity::new(teacher.dim);
+    f.add_normalised(&teacher.normalizer, pred_std, raw);
+    (f.cosine(), f.nmse())
 }
 
 #[cfg(test)]
