@@ -5,7 +5,7 @@
 # (windows of 2048, the reference protocol) and on the Gutenberg validation books (held out).
 # Every run resumes from its checkpoint; MINUTES bounds each run's time per invocation, so the
 # same command, repeated across sessions, finishes the table.
-#   [RUNS="d-cos-6:kd:1M d-cos-6:ce:1M ..."] [MINUTES=60] [EVAL_TOKENS=8192] [WARMUP=20] bash benches/recovery.sh [OUT_DIR]
+#   [RUNS="d-cos-6:kd:1M d-cos-6:ce:1M ..."] [MINUTES=60] [EVAL_TOKENS=8192] [WARMUP=20] [SEED=1] bash benches/recovery.sh [OUT_DIR]
 # Budgets are tokens with a unit: 1M, 0.5M, 125K. EVAL_TOKENS evaluates only the first tokens of
 # each split (e.g. the first 4 windows of 2048, for quick ablations) instead of the full splits.
 # Objectives: ce (fine-tune), kd (Minitron: forward KL, T = 1), kdfeat (kd + PHI-S feature
@@ -27,7 +27,7 @@ if [ -z "${W:-}" ]; then cargo build --release -q; W=target/release/whittle; fi
 M=$("$W" fetch)
 DATA=(--data ../shared/data/gutenberg --data ../shared/data/code/python-stdlib-3.12.1.py.txt)
 COMMON=(--batch 4 --accum 2 --seq-len 512 --lr 2e-4 --min-lr 2e-5 --warmup "${WARMUP:-20}" --eval-every 61
-        --eval-tokens 16384 --ckpt-every 10)
+        --eval-tokens 16384 --ckpt-every 10 ${SEED:+--seed "$SEED"})
 TEST=../shared/reference/wikitext2-test.txt
 BOOKS=$OUT/gutenberg-valid.txt
 [ -f "$BOOKS" ] || (cd ../shared/data/gutenberg && cat $(cat valid.list)) > "$BOOKS"
@@ -45,7 +45,7 @@ for run in $RUNS; do
     *) echo "unknown objective $objective"; exit 2 ;;
   esac
   case $student in */*) src=$student ;; *) src=$PRUNED/$student ;; esac
-  name=$(basename "$student")-$objective-$budget
+  name=$(basename "$student")-$objective-$budget${SEED:+-seed$SEED}
   if [ ! -f "$OUT/$name/summary.json" ]; then
     nice "$W" distill --teacher "$M" --student "$src" "${DATA[@]}" --tokens "$tokens" \
       "${loss[@]}" "${COMMON[@]}" --max-minutes "$MINUTES" --out "$OUT/$name" >> "$OUT/$name.log" 2>&1

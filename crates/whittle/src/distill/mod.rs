@@ -1,8 +1,9 @@
 //! Distillation: teacher-feature standardisation (PHI-S and its baselines) and the Hadamard
 //! matrices it needs, feature heads (normaliser + learned projection per distilled layer) and
-//! the layer map for students with fewer layers, the sparse teacher (top-k logits) and its
-//! memory-mapped cache, and the up-front tokenizer check. The objectives are values of
-//! `train::objective`; the engine that trains any model with them is `train::trainer`.
+//! the layer map for students with fewer layers, their fidelity in the teacher's space, the
+//! sparse teacher (top-k logits) and its memory-mapped cache, and the up-front tokenizer check.
+//! The objectives are values of `train::objective`; the engine that trains any model with them
+//! is `train::trainer`.
 
 pub mod cache;
 pub mod features;
