@@ -9,6 +9,8 @@ import os
 import re
 import sys
 
+from ranking import average_ranks
+
 out = sys.argv[1]
 runs = {}
 for n in ["phis", "none", "global", "channel", "pca-white", "zca", "hca"]:
@@ -33,16 +35,8 @@ for i, t in enumerate(targets):
     measures.append((f"{t} nMSE", lambda r, i=i: r["teachers"][i]["normalised_mse"], False))
 
 
-def ranks(values, higher):
-    order = sorted(values, key=lambda v: -v if higher else v)
-    return [sum(i + 1 for i, o in enumerate(order) if o == v) / order.count(v) for v in values]
-
-
 names = list(runs)
-avg = {n: 0.0 for n in names}
-for _, f, higher in measures:
-    for n, r in zip(names, ranks([f(runs[n]) for n in names], higher)):
-        avg[n] += r / len(measures)
+avg = average_ranks(runs, measures)
 
 head = ["norm", "steps", "k-NN %", "probe %"]
 head += [f"{t}: cos / nMSE / share %" for t in targets]
