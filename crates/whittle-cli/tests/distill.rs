@@ -125,6 +125,23 @@ fn cached_and_live_distillation_on_the_default_model() {
         serde_json::from_str(&std::fs::read_to_string(p("live/summary.json")).unwrap()).unwrap();
     assert_eq!(summary["steps"], 2);
     assert!(std::path::Path::new(&p("live/feature_heads.safetensors")).is_file());
+    // Each head measured on the validation windows, in the teacher's space: the student is the
+    // teacher after two small steps, so its heads reproduce the teacher's features closely.
+    let heads = summary["features"].as_array().expect("feature report");
+    let pairs: Vec<(u64, u64)> = heads
+        .iter()
+        .map(|h| {
+            (
+                h["student"].as_u64().unwrap(),
+                h["teacher"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(pairs, [(3, 3), (10, 10)], "{summary}");
+    for h in heads {
+        let (cos, nmse) = (h["cosine"].as_f64().unwrap(), h["nmse"].as_f64().unwrap());
+        assert!(cos > 0.9 && nmse < 0.1, "{h}");
+    }
 
     // Minitron's teacher correction: a CE fine-tune of the teacher first, its own resumable run.
     let corrected = p("corrected");
