@@ -36,7 +36,15 @@ for d in sorted(os.listdir(out)):
         runs[d] = r
 if not runs:
     sys.exit(f"no finished {student}-*-{budget} run under {out}")
+order = ["phis", "none", "global", "per-channel", "pca", "zca", "hadamard-whitening", "kd"]
 
+
+def position(item):
+    base = item[1]["name"].split("-seed")[0]
+    return (order.index(base) if base in order else len(order), item[1]["name"])
+
+
+runs = dict(sorted(runs.items(), key=position))
 feat = {d: r for d, r in runs.items() if r.get("features")}
 layers = [f"{f['student']}→{f['teacher']}" for f in next(iter(feat.values()))["features"]] if feat else []
 measures = [("test PPL", lambda r: r["test"], False), ("books PPL", lambda r: r["books"], False)]
@@ -55,7 +63,7 @@ for d, r in runs.items():
     fs = r.get("features") or []
     total = sum(f["loss"] for f in fs)
     if fs:
-        cells += [f"{f['cosine']:.3f} / {f['nmse']:.3f} / {100 * f['loss'] / total:.1f}" for f in fs]
+        cells += [f"{f['cosine']:.4f} / {f['nmse']:.4f} / {100 * f['loss'] / total:.1f}" for f in fs]
         cells += [f"{100 * max(f['loss'] for f in fs) / total:.1f}", f"{avg[d]:.2f}"]
     else:
         cells += ["—"] * (len(layers) + 2)
