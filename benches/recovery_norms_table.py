@@ -31,7 +31,7 @@ for d in sorted(os.listdir(out)):
         r["tok_s"] = statistics.median(row["tokens_per_s"] for row in state["log"][1:] or state["log"])
         log = open(os.path.join(out, f"{d}.log")).read() if os.path.exists(os.path.join(out, f"{d}.log")) else ""
         rss = re.findall(r"Maximum resident set size \(kbytes\): (\d+)", log)
-        r["rss"] = f"{int(rss[-1]) / 1e6:.2f} GB" if rss else "—"
+        r["rss"] = f"{int(rss[-1]) / 2**20:.2f} GiB" if rss else "—"
         r["name"] = m.group(1).removeprefix("feat-") + (m.group(2) or "")
         runs[d] = r
 if not runs:
