@@ -45,7 +45,8 @@ def position(item):
 
 
 runs = dict(sorted(runs.items(), key=position))
-feat = {d: r for d, r in runs.items() if r.get("features")}
+# Ranked: the feature runs at the default seed (replicates are shown, not ranked).
+feat = {d: r for d, r in runs.items() if r.get("features") and "-seed" not in r["name"]}
 layers = [f"{f['student']}→{f['teacher']}" for f in next(iter(feat.values()))["features"]] if feat else []
 measures = [("test PPL", lambda r: r["test"], False), ("books PPL", lambda r: r["books"], False)]
 for i, l in enumerate(layers):
@@ -64,9 +65,9 @@ for d, r in runs.items():
     total = sum(f["loss"] for f in fs)
     if fs:
         cells += [f"{f['cosine']:.4f} / {f['nmse']:.4f} / {100 * f['loss'] / total:.1f}" for f in fs]
-        cells += [f"{100 * max(f['loss'] for f in fs) / total:.1f}", f"{avg[d]:.2f}"]
+        cells += [f"{100 * max(f['loss'] for f in fs) / total:.1f}", f"{avg[d]:.2f}" if d in avg else "—"]
     else:
         cells += ["—"] * (len(layers) + 2)
     cells += [f"{r['tok_s']:.0f}", r["rss"]]
     print("| " + " | ".join(cells) + " |")
-print(f"\naverage rank (feature runs) over: {', '.join(m[0] for m in measures)}")
+print(f"\naverage rank (feature runs, default seed) over: {', '.join(m[0] for m in measures)}")
