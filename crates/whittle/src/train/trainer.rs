@@ -204,6 +204,22 @@ struct FittedHead {
     forward_t: Tensor,
 }
 
+impl FittedHead {
+    /// Raw teacher features `[rows, C]` in the normaliser's space, `(x − μ) Aᵀ`.
+    fn normalise(&self, raw: Tensor) -> candle_core::Result<Tensor> {
+        raw.broadcast_sub(&self.mean)?.matmul(&self.forward_t)
+    }
+}
+
+impl Trainer {
+    /// Head `k`'s prediction from student features `[rows, hidden]`: `x Wᵀ + b`.
+    fn project(&self, k: usize, x: &Tensor) -> Result<Tensor> {
+        let (wn, bn) = head_names(k);
+        Ok(x.matmul(&self.params.tensor(&wn)?.t()?)?
+            .broadcast_add(self.params.tensor(&bn)?)?)
+    }
+}
+
 /// The parameter names of head `k`'s projection.
 fn head_names(k: usize) -> (String, String) {
     (
@@ -520,9 +536,7 @@ impl Trainer {
                     .zip(&self.heads)
                     .map(|(f, h)| {
                         let c = h.head.normalizer.channels;
-                        Tensor::from_vec(f, (x.len(), c), &Device::Cpu)?
-                            .broadcast_sub(&h.mean)?
-                            .matmul(&h.forward_t)
+                        h.normalise(Tensor::from_vec(f, (x.len(), c), &Device::Cpu)?)
                     })
                     .collect::<candle_core::Result<Vec<_>>>()?;
                 Ok(Some(TeacherOut {
@@ -578,12 +592,7 @@ impl Trainer {
                     let out = teacher.as_ref().expect("checked: a live teacher");
                     let mut sum: Option<Tensor> = None;
                     for (k, (f, target)) in feats.iter().zip(&out.features).enumerate() {
-                        let (wn, bn) = head_names(k);
-                        let hs = f.dim(2)?;
-                        let proj = f
-                            .reshape((b * t, hs))?
-                            .matmul(&self.params.tensor(&wn)?.t()?)?
-                            .broadcast_add(self.params.tensor(&bn)?)?;
+                        let proj = self.project(k, &f.reshape((b * t, f.dim(2)?))?)?;
                         let l = spec.loss.loss(&proj, target)?;
                         sum = Some(match sum {
                             None => l,

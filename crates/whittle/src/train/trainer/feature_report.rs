@@ -3,7 +3,7 @@
 //! head's fidelity in the teacher's own space (`distill::fidelity`), which is comparable across
 //! normalisers where the losses are not.
 
-use super::{head_names, Teacher, TokenData, Trainer};
+use super::{Teacher, TokenData, Trainer};
 use crate::distill::fidelity::Fidelity;
 use crate::distill::heads::BlockTap;
 use crate::{Error, Result};
@@ -55,14 +55,13 @@ impl Trainer {
             self.model.hidden_states(w, None, Some(&mut stap))?;
             for (k, h) in self.heads.iter().enumerate() {
                 let c = h.head.normalizer.channels;
-                let (wn, bn) = head_names(k);
                 let rows = stap.out[k].len() / hs;
-                let pred = Tensor::from_slice(&stap.out[k], (rows, hs), &Device::Cpu)?
-                    .matmul(&self.params.tensor(&wn)?.t()?)?
-                    .broadcast_add(self.params.tensor(&bn)?)?;
-                let target = Tensor::from_slice(&ttap.out[k], (rows, c), &Device::Cpu)?
-                    .broadcast_sub(&h.mean)?
-                    .matmul(&h.forward_t)?;
+                let pred = self.project(
+                    k,
+                    &Tensor::from_slice(&stap.out[k], (rows, hs), &Device::Cpu)?,
+                )?;
+                let target =
+                    h.normalise(Tensor::from_slice(&ttap.out[k], (rows, c), &Device::Cpu)?)?;
                 loss[k] +=
                     spec.loss.loss(&pred, &target)?.to_scalar::<f32>()? as f64 / wins.len() as f64;
                 let pred = pred.flatten_all()?.to_vec1::<f32>()?;
