@@ -151,30 +151,44 @@ pub fn matmul_t_expanding(
     crate::threads::install(|| parts.into_par_iter().for_each(|(cols, y)| task(x, y, cols)));
 }
 
-/// `dw[out, inp] = dy[rows, out]ᵀ · x[rows, inp]`, the weight gradient of [`matmul_t`]'s
-/// product: a row-parallel GEMM at the thread's level, or for a vocabulary-wide output on AMX
+/// `dw[out, inp] (+)= dy[rows, out]ᵀ · x[rows, inp]`, the weight gradient of [`matmul_t`]'s
+/// product (`acc` says whether it replaces or adds to `dw`: micro-batches sum their gradients
+/// in place): a row-parallel GEMM at the thread's level, or for a vocabulary-wide output on AMX
 /// tiles where the CPU has them. faer reads `dyᵀ` across rows `out` floats apart, which for
 /// the output head (49,152) costs it half its speed: 2 threads, 4096 rows, 128 GFLOP/s against
 /// 235 on tiles; on the blocks' shapes (≤ 1536 outputs) the tiles were no faster than faer.
-pub fn matmul_tn(dy: &[f32], x: &[f32], (rows, out, inp): (usize, usize, usize), dw: &mut [f32]) {
+pub fn matmul_tn(
+    dy: &[f32],
+    x: &[f32],
+    (rows, out, inp): (usize, usize, usize),
+    dw: &mut [f32],
+    acc: Accum,
+) {
     if out >= TN_TILES_MIN_OUT && amx::available() {
-        return amx::matmul_tn(dy, x, (rows, out, inp), dw);
+        if acc == Accum::Replace {
+            return amx::matmul_tn(dy, x, (rows, out, inp), dw);
+        }
+        // The tiles store their sums: a second micro-batch's gradient goes through a buffer.
+        let mut part = vec![0f32; dw.len()];
+        amx::matmul_tn(dy, x, (rows, out, inp), &mut part);
+        return crate::threads::install(|| super::activation::add_in_place(dw, &part, inp));
     }
     gemm_rows(
         MatMut::from_row_major_slice_mut(dw, out, inp),
+        acc,
         MatRef::from_row_major_slice(dy, rows, out).transpose(),
         MatRef::from_row_major_slice(x, rows, inp),
     )
 }
 
-/// `dst = lhs · rhs` with the rows of `dst` (and `lhs`) split across the threads, each block a
-/// sequential GEMM at the current level: the layout [`matmul_t`] found fastest, for products
+/// `dst (+)= lhs · rhs` with the rows of `dst` (and `lhs`) split across the threads, each block
+/// a sequential GEMM at the current level: the layout [`matmul_t`] found fastest, for products
 /// whose operands are views (transposes of row-major data, as training's backward passes take).
-pub fn gemm_rows(dst: MatMut<f32>, lhs: MatRef<f32>, rhs: MatRef<f32>) {
+pub fn gemm_rows(dst: MatMut<f32>, acc: Accum, lhs: MatRef<f32>, rhs: MatRef<f32>) {
     let level = simd::level();
     let (m, threads) = (dst.nrows(), crate::threads::threads());
     if threads == 1 || m < ROW_SPLIT_MIN {
-        return gemm_at(level, dst, Accum::Replace, lhs, rhs, faer::Par::Seq);
+        return gemm_at(level, dst, acc, lhs, rhs, faer::Par::Seq);
     }
     let chunk = m.div_ceil(threads);
     let mut parts = Vec::with_capacity(threads);
@@ -187,16 +201,9 @@ pub fn gemm_rows(dst: MatMut<f32>, lhs: MatRef<f32>, rhs: MatRef<f32>) {
         rest = bottom;
         at += n;
     }
-    parts.into_par_iter().for_each(|(at, n, d)| {
-        gemm_at(
-            level,
-            d,
-            Accum::Replace,
-            lhs.subrows(at, n),
-            rhs,
-            faer::Par::Seq,
-        )
-    });
+    parts
+        .into_par_iter()
+        .for_each(|(at, n, d)| gemm_at(level, d, acc, lhs.subrows(at, n), rhs, faer::Par::Seq));
 }
 
 /// `dst (+)= lhs · rhs`, scale 1, at the thread's SIMD level.

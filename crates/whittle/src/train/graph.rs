@@ -8,6 +8,7 @@
 //! ([`super::ops`]; candle's fused versions drop gradients silently), the selective scan is
 //! [`super::scan_op::SelectiveScan`], and the rest are candle primitives.
 
+use super::grad_sink::GradSink;
 use super::mix;
 use super::scan_op::SelectiveScan;
 use crate::kernels::attention::Mask;
@@ -32,6 +33,11 @@ pub struct Trainable {
     pub matmul_dtype: DType,
     /// How linears with mask logits (MaskLLM) sample their soft masks in the next forward pass.
     pub sampling: Option<MaskSampling>,
+    /// Each trained parameter's gradient sum (see [`GradSink`]); linears write their weights'
+    /// gradients into them, bypassing candle's gradient store, when `weight_sinks` is set (the
+    /// trainer sets it; tests of the graph read gradients from candle's store).
+    pub sinks: HashMap<String, Arc<GradSink>>,
+    pub weight_sinks: bool,
 }
 
 /// One forward pass's sampling of MaskLLM's soft masks: the schedule's values and a seed from
@@ -55,15 +61,14 @@ impl Trainable {
             frozen: HashMap::new(),
             matmul_dtype: DType::F32,
             sampling: None,
+            sinks: HashMap::new(),
+            weight_sinks: false,
         };
         let mut err = None;
         model.visit_parameters(&mut |name, shape, param| {
             let values = param.read();
             let made = if trains(name) {
-                Var::from_slice(&values, shape, &Device::Cpu).map(|v| {
-                    t.names.push(name.to_string());
-                    t.vars.insert(name.to_string(), v);
-                })
+                Var::from_slice(&values, shape, &Device::Cpu).map(|v| t.insert(name, v))
             } else {
                 Tensor::from_slice(&values, shape, &Device::Cpu).map(|v| {
                     t.frozen.insert(name.to_string(), v);
@@ -98,10 +103,14 @@ impl Trainable {
     /// Adds a trained tensor that is no model parameter (a distillation head's projection):
     /// optimised and checkpointed like the others, never written back.
     pub fn add(&mut self, name: &str, values: &[f32], shape: &[usize]) -> Result<()> {
-        let v = Var::from_slice(values, shape, &Device::Cpu)?;
+        self.insert(name, Var::from_slice(values, shape, &Device::Cpu)?);
+        Ok(())
+    }
+
+    fn insert(&mut self, name: &str, v: Var) {
         self.names.push(name.to_string());
         self.vars.insert(name.to_string(), v);
-        Ok(())
+        self.sinks.insert(name.to_string(), Arc::default());
     }
 
     /// The tensor of parameter `name`, trained or frozen.
@@ -117,15 +126,19 @@ impl Trainable {
         self.vars.contains_key(name) || self.frozen.contains_key(name)
     }
 
-    /// The weight of linear `name` as the forward pass uses it: `W ⊙ M` with a sampled soft
-    /// mask when it has mask logits, else `W`.
-    fn weight(&self, name: &str) -> Result<Tensor> {
+    /// The weight of linear `name` as the forward pass uses it — `W ⊙ M` with a sampled soft
+    /// mask when it has mask logits, else `W` — and where its gradient goes when it is a
+    /// trained variable used as it is.
+    fn weight(&self, name: &str) -> Result<(Tensor, Option<Arc<GradSink>>)> {
         let w = self.tensor(name)?;
         let (Some(s), Some(logits)) = (&self.sampling, self.vars.get(&logits_name(name))) else {
-            return Ok(w.clone());
+            let sink = (self.weight_sinks && self.matmul_dtype == DType::F32)
+                .then(|| self.sinks.get(name).cloned())
+                .flatten();
+            return Ok((w.clone(), sink));
         };
         let seed = name.bytes().fold(s.seed, |h, b| mix(h ^ b as u64));
-        w.apply_op2(
+        let masked = w.apply_op2(
             logits.as_tensor(),
             MaskedWeight {
                 candidates: s.candidates.clone(),
@@ -135,18 +148,20 @@ impl Trainable {
                 reg: s.schedule.reg,
                 sum_sq: s.sum_sq.clone(),
             },
-        )
+        )?;
+        Ok((masked, None))
     }
 
     /// `x · Wᵀ (+ (x · Aᵀ) · Bᵀ)` for the linear `name` and its adapter when it has one.
     fn linear(&self, x: &Tensor, name: &str, dt: DType) -> Result<Tensor> {
-        let y = linear(x, &self.weight(name)?, dt)?;
+        let y = linear(x, self.weight(name)?, dt)?;
         let a = format!("{name}.adapter.a");
         if !self.has(&a) {
             return Ok(y);
         }
-        let low = linear(x, self.tensor(&a)?, dt)?;
-        y + linear(&low, self.tensor(&format!("{name}.adapter.b"))?, dt)?
+        let b = format!("{name}.adapter.b");
+        let low = linear(x, self.weight(&a)?, dt)?;
+        y + linear(&low, self.weight(&b)?, dt)?
     }
 
     /// Trained parameter count.
@@ -159,12 +174,13 @@ impl Trainable {
     }
 }
 
-/// `x [B, S, in] · Wᵀ` for `w [out, in]`, computed in `dt` and returned in f32.
-fn linear(x: &Tensor, w: &Tensor, dt: DType) -> Result<Tensor> {
+/// `x [B, S, in] · Wᵀ` for `w [out, in]`, computed in `dt` and returned in f32; `W`'s gradient
+/// goes to `sink` when it has one.
+fn linear(x: &Tensor, (w, sink): (Tensor, Option<Arc<GradSink>>), dt: DType) -> Result<Tensor> {
     let (b, s, i) = x.dims3()?;
     let x = x.reshape((b * s, i))?;
     let y = if dt == DType::F32 {
-        x.contiguous()?.apply_op2(w, super::ops::Linear)?
+        x.contiguous()?.apply_op2(&w, super::ops::Linear { sink })?
     } else {
         x.to_dtype(dt)?
             .matmul(&w.to_dtype(dt)?.t()?)?

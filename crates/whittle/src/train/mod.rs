@@ -2,6 +2,7 @@
 //! representation, the selective scan as a custom op with its own backward, AdamW with a
 //! warmup + cosine schedule, and a resumable training loop.
 
+pub mod grad_sink;
 pub mod graph;
 pub mod groups;
 pub mod loss_op;

@@ -10,6 +10,7 @@
 //! Every op works on contiguous f32 rows; the tests compare values and gradients with the
 //! primitive formulas.
 
+use super::grad_sink::GradSink;
 use crate::kernels::activation::{gelu, gelu_backward, swiglu_backward, swiglu_in_place};
 use crate::kernels::attention::{causal_attention, Mask};
 use crate::kernels::exp::softmax_in_place;
@@ -19,6 +20,7 @@ use crate::model::AttnShape;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use faer::{Accum, MatMut, MatRef, Par};
 use rayon::prelude::*;
+use std::sync::Arc;
 
 /// The values of a contiguous f32 input.
 pub(crate) fn contiguous<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
@@ -71,7 +73,11 @@ fn values(t: &Tensor) -> Result<Vec<f32>> {
 /// the inference product (AMX tiles where the CPU has them), the backward passes `dx = dy W` and
 /// `dW = dyᵀ x` ([`matmul_tn`]) are row-parallel GEMMs at the dispatched SIMD level. candle's own
 /// CPU matmul uses AVX2 kernels on every x86 CPU; this was half of a training step on AVX-512.
-pub struct Linear;
+/// With a sink, `dW` is added to it and candle gets no gradient for `W` (see [`GradSink`]).
+#[derive(Default)]
+pub struct Linear {
+    pub sink: Option<Arc<GradSink>>,
+}
 
 impl CustomOp2 for Linear {
     fn name(&self) -> &'static str {
@@ -112,21 +118,30 @@ impl CustomOp2 for Linear {
         // backward cost of every frozen linear (adapter training, frozen MLPs).
         let weight_grad = w.track_op();
         let mut dx = vec![0f32; rows * inp];
-        let mut dw = vec![0f32; if weight_grad { out * inp } else { 0 }];
-        crate::threads::install(|| {
+        let dims = (rows, out, inp);
+        let dw = crate::threads::install(|| {
             gemm_rows(
                 MatMut::from_row_major_slice_mut(&mut dx, rows, inp),
+                Accum::Replace,
                 row_major(gv, rows, out),
                 row_major(wv, out, inp),
             );
-            if weight_grad {
-                matmul_tn(gv, xv, (rows, out, inp), &mut dw);
+            match (&self.sink, weight_grad) {
+                (_, false) => None,
+                (Some(sink), true) => {
+                    sink.accumulate(out * inp, |dw, acc| matmul_tn(gv, xv, dims, dw, acc));
+                    None
+                }
+                (None, true) => {
+                    let mut dw = vec![0f32; out * inp];
+                    matmul_tn(gv, xv, dims, &mut dw, Accum::Replace);
+                    Some(dw)
+                }
             }
         });
-        let dw = match weight_grad {
-            true => Some(Tensor::from_vec(dw, w.shape(), w.device())?),
-            false => None,
-        };
+        let dw = dw
+            .map(|dw| Tensor::from_vec(dw, w.shape(), w.device()))
+            .transpose()?;
         Ok((Some(Tensor::from_vec(dx, x.shape(), x.device())?), dw))
     }
 }
@@ -674,7 +689,10 @@ mod tests {
     fn linear_matches_candle_matmul_at_every_level() {
         let (x, w) = (var(70 * 24, &[70, 24], 1), var(33 * 24, &[33, 24], 2));
         crate::kernels::simd::for_each_level(|level| {
-            let fused = x.as_tensor().apply_op2(w.as_tensor(), Linear).unwrap();
+            let fused = x
+                .as_tensor()
+                .apply_op2(w.as_tensor(), Linear::default())
+                .unwrap();
             let reference = x.matmul(&w.t().unwrap()).unwrap();
             same(
                 &fused,
@@ -684,9 +702,64 @@ mod tests {
             );
         });
         // Two threads: the row split of the backward GEMMs.
-        let fused = x.as_tensor().apply_op2(w.as_tensor(), Linear).unwrap();
+        let fused = x
+            .as_tensor()
+            .apply_op2(w.as_tensor(), Linear::default())
+            .unwrap();
         let reference = x.matmul(&w.t().unwrap()).unwrap();
         same(&fused, &reference, &[&x, &w], "linear, threaded");
+    }
+
+    /// With a sink, two backward passes leave the sum of their weight gradients in it (the
+    /// second added inside the product) and none in candle's store; the input's gradient is
+    /// unchanged. A vocabulary-wide output takes the tile path of the weight gradient where the
+    /// CPU has AMX.
+    #[test]
+    fn linear_with_a_sink_sums_its_weight_gradients() {
+        for (rows, inp, out) in [(70, 24, 33), (40, 24, 8200)] {
+            let (x, w) = (
+                var(rows * inp, &[rows, inp], 1),
+                var(out * inp, &[out, inp], 2),
+            );
+            crate::kernels::simd::for_each_level(|level| {
+                let sink = Arc::new(GradSink::default());
+                let mut want = vec![0f32; out * inp];
+                for seed in [5, 6] {
+                    let c = var(rows * out, &[rows, out], seed);
+                    let loss = |op: Linear| {
+                        let y = x.as_tensor().apply_op2(w.as_tensor(), op).unwrap();
+                        (y * c.as_tensor())
+                            .unwrap()
+                            .sum_all()
+                            .unwrap()
+                            .backward()
+                            .unwrap()
+                    };
+                    let plain = loss(Linear::default());
+                    let sunk = loss(Linear {
+                        sink: Some(sink.clone()),
+                    });
+                    assert!(
+                        sunk.get(&w).is_none(),
+                        "{level:?}: candle got a weight gradient"
+                    );
+                    let dx = |g: &candle_core::backprop::GradStore| values(g.get(&x).unwrap());
+                    assert_eq!(dx(&plain).unwrap(), dx(&sunk).unwrap());
+                    let dw = values(plain.get(&w).unwrap()).unwrap();
+                    want.iter_mut().zip(&dw).for_each(|(a, b)| *a += b);
+                }
+                let got = sink.take().unwrap();
+                let worst = got
+                    .iter()
+                    .zip(&want)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                assert!(
+                    worst < 1e-4,
+                    "{level:?}, out {out}: summed gradient off by {worst}"
+                );
+            });
+        }
     }
 
     #[test]

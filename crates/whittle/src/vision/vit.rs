@@ -264,7 +264,7 @@ fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
     *out_dims.last_mut().expect("non-empty") = w.dim(0)?;
     Ok(x.reshape((rows, inp))?
         .contiguous()?
-        .apply_op2(&w.contiguous()?, Linear)?
+        .apply_op2(&w.contiguous()?, Linear::default())?
         .broadcast_add(b)?
         .reshape(out_dims)?)
 }
