@@ -24,7 +24,7 @@ if not runs:
 def peak_rss(n):
     p = os.path.join(out, f"{n}.err")
     m = re.findall(r"Maximum resident set size \(kbytes\): (\d+)", open(p).read()) if os.path.exists(p) else []
-    return f"{int(m[-1]) / 1e6:.2f} GB" if m else "—"
+    return f"{int(m[-1]) / 2**20:.2f} GiB" if m else "—"
 
 
 targets = [t["teacher"] for t in next(iter(runs.values()))["teachers"]]
