@@ -722,9 +722,6 @@ impl Trainer {
                 }
             })?;
         }
-        for (name, g) in grads {
-            self.params.sinks[&name].recycle(g);
-        }
         self.step += 1;
         let tokens = (c.batch * c.seq_len * accum) as u64;
         self.tokens_seen += tokens;
