@@ -3,7 +3,9 @@
 //! logits over the training windows, computed once for every student run).
 
 use crate::report::{advance, progress, table, write_json};
-use crate::train::{drive, keep_freed_memory, resumable, split_files, tokens_with};
+use crate::train::{
+    drive, finished, keep_freed_memory, resumable, retire, split_files, tokens_with,
+};
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 use std::path::{Path, PathBuf};
@@ -276,6 +278,10 @@ pub fn distill(a: &DistillArgs) -> Result<()> {
     if a.teacher_correction.is_some() && cache.is_some() {
         bail!("--teacher-correction changes the teacher, whose cached logits would be stale: use a live teacher");
     }
+    let config = a.config(objective, a.tokens)?;
+    if finished(&a.out, &config)? {
+        return Ok(());
+    }
     // A cache replaces the teacher (its windows are the data); a teacher named beside it is
     // loaded only to check that the cache is its own.
     let load_teacher = a.teacher_correction.is_some()
@@ -313,7 +319,6 @@ pub fn distill(a: &DistillArgs) -> Result<()> {
         (None, Some(t)) if needs_teacher => Teacher::Live(Box::new(t)),
         _ => Teacher::None,
     };
-    let config = a.config(objective, a.tokens)?;
     let mut t = trainer(&a.out, config, student, source, &data)?;
     crate::ranks::join(&mut t, &data)?;
     eprintln!(
@@ -328,7 +333,12 @@ pub fn distill(a: &DistillArgs) -> Result<()> {
     if !drive(&mut t, &data, &a.out, a.max_minutes)? {
         return Ok(());
     }
-    finish(&mut t, &tok, &data, &a.tasks, &a.out)
+    finish(&mut t, &tok, &data, &a.tasks, &a.out)?;
+    retire(&a.out)?;
+    match a.teacher_correction.is_some() {
+        true => retire(&a.out.join("teacher-correction")),
+        false => Ok(()),
+    }
 }
 
 /// Minitron's teacher correction: a cross-entropy fine-tune of the teacher on the training data,

@@ -5,7 +5,7 @@
 use crate::compress::{calibration_ids, calibration_windows, perplexity, OneShotArgs};
 use crate::distill::{corpus, files, load, trainer};
 use crate::report::{advance, progress, table, write_json};
-use crate::train::{drive, keep_freed_memory};
+use crate::train::{drive, keep_freed_memory, retire};
 use anyhow::{Context, Result};
 use serde_json::json;
 use std::path::{Path, PathBuf};
@@ -246,7 +246,8 @@ pub fn run(a: &OneShotArgs<Sparsify>, learn: &MaskLlmArgs) -> Result<()> {
     let mask = t.learned_mask()?.context("a MaskLLM run learns masks")?;
     let config = t.config.clone();
     let model = t.model.clone();
-    finish(a, model, &tok, &mask, Some((&t, &config)))
+    finish(a, model, &tok, &mask, Some((&t, &config)))?;
+    retire(out)
 }
 
 /// Writes `OUT/mask.safetensors`, the masked model (`OUT/model`), and the perplexity before

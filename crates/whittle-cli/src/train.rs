@@ -236,6 +236,9 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     );
     keep_freed_memory();
     std::fs::create_dir_all(out)?;
+    if finished(out, &config)? {
+        return Ok(());
+    }
     let t0 = Instant::now();
     let data = TokenData {
         train: tokens(
@@ -271,6 +274,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     }
     if drive(&mut trainer, &data, out, max_minutes)? {
         summary(&mut trainer, &data, out)?;
+        retire(out)?;
     }
     Ok(())
 }
@@ -290,6 +294,43 @@ pub(crate) fn resumable(out: &Path, config: &TrainConfig) -> Result<bool> {
         );
     }
     Ok(true)
+}
+
+/// Whether `out` holds this run finished (results written, checkpoint retired by [`retire`]): then
+/// there is nothing to resume, and it says so. Rank 0's disk decides for every rank of a
+/// distributed run (the others may not see it, and must not start a run rank 0 skips).
+pub(crate) fn finished(out: &Path, config: &TrainConfig) -> Result<bool> {
+    let root = crate::ranks::is_root();
+    let mine = root && resumable(out, config)? && Trainer::finished(out)?;
+    let mut done = [mine as u8 as f64];
+    crate::ranks::comm().sum_f64(&mut done)?;
+    if done[0] == 0.0 {
+        return Ok(false);
+    }
+    if root {
+        eprintln!(
+            "{} holds this run, finished (summary.json, model/); use a new --out to train again",
+            out.display()
+        );
+    }
+    Ok(true)
+}
+
+/// Drops the tensors of a finished run's checkpoint in `dir` once its results are written (they
+/// only serve to resume; 1.6 GB for SmolLM2 with its AdamW moments), keeping its log.
+pub(crate) fn retire(dir: &Path) -> Result<()> {
+    if !crate::ranks::is_root() {
+        return Ok(());
+    }
+    let bytes = Trainer::retire_checkpoint(dir)?;
+    if bytes > 0 {
+        eprintln!(
+            "finished: dropped the checkpoint's tensors in {} ({:.2} GB); its log stays",
+            dir.display(),
+            bytes as f64 / 1e9
+        );
+    }
+    Ok(())
 }
 
 /// Runs `trainer` to its last step or the time budget, checkpointing in `out`, with a progress
@@ -386,15 +427,15 @@ fn summary(trainer: &mut Trainer, data: &TokenData, out: &Path) -> Result<()> {
             ],
         ],
     );
-    write_json(&out.join("summary.json"), &s)?;
-    // The trained model as a folder every command (and transformers, for Llama and Mamba) loads.
+    // The trained model as a folder every command (and transformers, for Llama and Mamba) loads;
+    // the summary last, so that a summary means the run's results are all written.
     let dir = out.join("model");
     if dir.exists() {
         std::fs::remove_dir_all(&dir)?;
     }
     whittle::io::safetensors::save(model, Some(&default_tokenizer()?), false, &dir)?;
     eprintln!("wrote {}", dir.display());
-    Ok(())
+    write_json(&out.join("summary.json"), &s)
 }
 
 #[cfg(test)]

@@ -226,6 +226,13 @@ fn train_stops_on_its_time_budget_resumes_and_plots() {
     assert!(!out.join("summary.json").exists());
     let err = run(args(&[]));
     assert!(err.contains("resuming at step 0"), "{err}");
+    // Finished: the checkpoint keeps its log (for plot) but not its tensors, and the same
+    // command again finds the run done instead of training it anew.
+    assert!(err.contains("dropped the checkpoint's tensors"), "{err}");
+    assert!(out.join("checkpoint/state.json").is_file());
+    assert!(!out.join("checkpoint/params.safetensors").exists());
+    let err = run(args(&[]));
+    assert!(err.contains("holds this run, finished"), "{err}");
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
     assert_eq!(summary["steps"], 3);

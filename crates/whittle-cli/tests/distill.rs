@@ -162,6 +162,15 @@ fn cached_and_live_distillation_on_the_default_model() {
     .unwrap();
     assert_eq!(teacher_log["config"]["objective"], "ce");
     assert!(std::path::Path::new(&p("corrected/model")).is_dir());
+    // Finished: neither checkpoint keeps its tensors, and the same command again has nothing
+    // to do (it neither corrects the teacher nor trains the student anew).
+    for run in ["corrected", "corrected/teacher-correction"] {
+        let tensors = format!("{run}/checkpoint/params.safetensors");
+        assert!(!std::path::Path::new(&p(&tensors)).exists(), "{tensors}");
+    }
+    let (success, _, err) = common::whittle(&args);
+    assert!(success && err.contains("holds this run, finished"), "{err}");
+    assert!(!err.contains("teacher correction:"), "{err}");
     let mut args = vec![
         "distill",
         "--teacher-cache",

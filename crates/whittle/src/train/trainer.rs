@@ -941,7 +941,7 @@ impl Trainer {
     }
 
     fn write_checkpoint(&self, tmp: &Path) -> Result<()> {
-        let st = tmp.join("params.safetensors");
+        let st = tmp.join(CHECKPOINT_TENSORS);
         super::params_file::save(&st, &self.params.names, &self.params.vars, &self.moments)?;
         let state = serde_json::json!({
             "config": self.config, "step": self.step, "tokens": self.tokens_seen, "log": self.log,
@@ -953,6 +953,30 @@ impl Trainer {
             serde_json::to_string_pretty(&state).unwrap_or_default(),
         )
         .map_err(|e| Error::io(&sj, e))
+    }
+
+    /// Drops the tensors of the checkpoint in `dir` (trained values and AdamW moments: 1.6 GB
+    /// for SmolLM2) once the run has finished and its results are written: they only serve to
+    /// resume, and a finished run has nothing left to. The state (configuration, log) stays,
+    /// for `whittle plot` and [`Trainer::finished`]. Returns the bytes freed.
+    pub fn retire_checkpoint(dir: &Path) -> Result<u64> {
+        let st = dir.join("checkpoint").join(CHECKPOINT_TENSORS);
+        let Ok(meta) = std::fs::metadata(&st) else {
+            return Ok(0);
+        };
+        std::fs::remove_file(&st).map_err(|e| Error::io(&st, e))?;
+        Ok(meta.len())
+    }
+
+    /// Whether `dir` holds a run that reached its last step and retired its checkpoint
+    /// ([`Trainer::retire_checkpoint`]).
+    pub fn finished(dir: &Path) -> Result<bool> {
+        if !dir.join("checkpoint").join("state.json").is_file() {
+            return Ok(false);
+        }
+        let (config, state) = read_state(dir)?;
+        Ok(state["step"].as_u64() == Some(config.steps)
+            && !dir.join("checkpoint").join(CHECKPOINT_TENSORS).exists())
     }
 
     /// The configuration of the run checkpointed in `dir`.
@@ -977,12 +1001,15 @@ impl Trainer {
         t.tokens_seen = state["tokens"].as_u64().unwrap_or(0);
         t.saved = Some(t.step);
         t.log = serde_json::from_value(state["log"].clone()).map_err(|e| Error::format(&sj, e))?;
-        let st = ck.join("params.safetensors");
+        let st = ck.join(CHECKPOINT_TENSORS);
         super::params_file::load(&st, &t.params.names, &t.params.vars, &mut t.moments)?;
         t.params.write_back(&mut t.model)?;
         Ok(t)
     }
 }
+
+/// The checkpoint's file of trained tensors and AdamW moments (beside `state.json`).
+const CHECKPOINT_TENSORS: &str = "params.safetensors";
 
 /// The seed of the initial logits of the `i`-th masked linear.
 fn logit_seed(seed: u64, i: usize) -> u64 {
