@@ -33,8 +33,12 @@ pub fn save(
             );
         }
     }
-    candle_core::safetensors::save(&tensors, path)?;
-    Ok(())
+    // A full disk or another write error names the file (candle's error would not).
+    candle_core::safetensors::save(&tensors, path).map_err(|e| match e {
+        candle_core::Error::SafeTensor(safetensors::SafeTensorError::IoError(cause))
+        | candle_core::Error::Io(cause) => Error::io(path, cause),
+        e => Error::format(path, e),
+    })
 }
 
 /// Sets `vars` (every one of `names`, shapes checked) and `moments` from the file `path`.
