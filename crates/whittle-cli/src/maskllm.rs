@@ -118,6 +118,7 @@ impl MaskLlmArgs {
             ckpt_every: self.ckpt_every,
             seed,
             bf16: false,
+            precision: Default::default(),
             objective,
             groups: Groups {
                 freeze: match self.update_weights {

@@ -160,6 +160,7 @@ impl TrainArgs {
             ckpt_every: self.ckpt_every,
             seed: self.seed,
             bf16: self.bf16,
+            precision: Default::default(),
             objective: "ce".into(),
             groups: Default::default(),
             head_windows: 0,

@@ -32,6 +32,7 @@ fn config(steps: u64) -> TrainConfig {
         ckpt_every: 0,
         seed: 5,
         bf16: false,
+        precision: Default::default(),
         objective: "kd:T=2+ce:0.5".into(),
         groups: Groups::default(),
         head_windows: 0,

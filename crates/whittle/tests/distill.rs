@@ -29,6 +29,7 @@ fn config(objective: &str, steps: u64) -> TrainConfig {
         ckpt_every: 0,
         seed: 3,
         bf16: false,
+        precision: Default::default(),
         objective: objective.into(),
         groups: Groups::default(),
         head_windows: 4,

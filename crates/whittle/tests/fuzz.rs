@@ -676,6 +676,7 @@ fn checkpoint_config() -> whittle::train::trainer::TrainConfig {
         ckpt_every: 0,
         seed: 1,
         bf16: false,
+        precision: Default::default(),
         objective: "ce".into(),
         groups: Default::default(),
         head_windows: 0,

@@ -37,6 +37,7 @@ fn config(steps: u64, update_weights: bool) -> TrainConfig {
         ckpt_every: 0,
         seed: 5,
         bf16: false,
+        precision: Default::default(),
         objective: "kd".into(),
         groups: Groups {
             freeze: if update_weights {

@@ -50,6 +50,7 @@ fn config(arch: Arch, steps: u64) -> TrainConfig {
         ckpt_every: 0,
         seed: 7,
         bf16: false,
+        precision: Default::default(),
         objective: "ce".into(),
         groups: Default::default(),
         head_windows: 0,

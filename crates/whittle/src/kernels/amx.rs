@@ -23,10 +23,40 @@
 //! split nor the transpose of its weights; activations are packed once per input (shared by
 //! q/k/v, by gate/up). The micro-kernel computes a 32 × 32 block of `y` (four accumulator tiles)
 //! over the whole depth, in one of three schedules by the weight's piece count.
+//!
+//! Training may ask for less ([`Precision::Bf16x3`]): two pieces of each operand and the three
+//! products `x₁w₀, x₀w₀, x₀w₁` (oneDNN's "bf16x3"), half the tile products of an f32 weight's
+//! six, with a relative error of a few 2⁻¹⁶ per term instead of f32 rounding.
 
 use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
 use std::cell::RefCell;
 use std::sync::OnceLock;
+
+/// How exactly the tile products multiply f32 values.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
+pub enum Precision {
+    /// Every piece product the f32 result needs (see the module doc): f32 rounding, not bf16
+    /// error. Inference and evaluation always use it.
+    #[default]
+    F32,
+    /// Two bf16 pieces of each operand and three products (`x₁w₀, x₀w₀, x₀w₁`): each term
+    /// within ~3·2⁻¹⁶ of `|x|·|w|`, for 3 tile products where f32 weights take 6. For training,
+    /// whose gradients carry far more noise than that.
+    Bf16x3,
+}
+
+impl Precision {
+    /// The activation pieces its products read.
+    fn activation_pieces(self) -> usize {
+        match self {
+            Precision::F32 => PIECES,
+            Precision::Bf16x3 => 2,
+        }
+    }
+}
 
 thread_local! {
     /// Packing buffers of activations, reused between products (a fresh multi-MiB buffer per
@@ -163,13 +193,14 @@ mod simd {
     }
 
     /// Columns `c0..c0 + n` (`n ≤ 16`) of a k-major source — `xᵀ`, `depth` rows of `ld` —
-    /// as one block of A tiles, as [`pack_row`] lays out 16 rows of `x`: the pairs of two
-    /// source rows, transposed 16 × 16 into token rows.
+    /// as one block of A tiles (the first `pieces`), as [`pack_row`] lays out 16 rows of `x`:
+    /// the pairs of two source rows, transposed 16 × 16 into token rows.
     #[target_feature(enable = "avx512f,avx512bw")]
     pub unsafe fn pack_tokens_k_major(
         src: &[f32],
         (ld, depth): (usize, usize),
         (c0, n): (usize, usize),
+        pieces: usize,
         out: &mut [u16],
     ) {
         for (kb, tiles) in out.chunks_exact_mut(PIECES * A_TILE).enumerate() {
@@ -180,7 +211,7 @@ mod simd {
                     piece[i] = v;
                 }
             }
-            for (p, rows) in m.iter_mut().enumerate() {
+            for (p, rows) in m.iter_mut().enumerate().take(pieces) {
                 transpose16(rows);
                 for (t, row) in rows.iter().enumerate() {
                     let at = p * A_TILE + t * KB;
@@ -209,16 +240,17 @@ mod simd {
         }
     }
 
-    /// Row `n` (of 16) of a block of A tiles: value `j` of k block `kb`, piece `p` goes to
-    /// `out[(kb·3 + p)·512 + n·32 + j]`; values past `x.len()` (up to the block's depth) are 0.
+    /// Row `n` (of 16) of a block of A tiles: value `j` of k block `kb`, piece `p` (the first
+    /// `pieces`) goes to `out[(kb·3 + p)·512 + n·32 + j]`; values past `x.len()` (up to the
+    /// block's depth) are 0.
     #[target_feature(enable = "avx512f,avx512bw")]
-    pub unsafe fn pack_row(x: &[f32], n: usize, out: &mut [u16]) {
+    pub unsafe fn pack_row(x: &[f32], n: usize, pieces: usize, out: &mut [u16]) {
         for (kb, tiles) in out.chunks_exact_mut(PIECES * A_TILE).enumerate() {
             let v = match kb * KB < x.len() {
                 true => split32(&x[kb * KB..x.len().min((kb + 1) * KB)]),
                 false => [_mm512_setzero_si512(); PIECES],
             };
-            for (p, v) in v.into_iter().enumerate() {
+            for (p, v) in v.into_iter().take(pieces).enumerate() {
                 let at = p * A_TILE + n * KB;
                 _mm512_storeu_si512(tiles[at..at + KB].as_mut_ptr().cast(), v);
             }
@@ -297,14 +329,21 @@ pub struct Acts {
 impl Acts {
     /// Packs `x` (`rows × inp`, row-major); rows are padded to a multiple of 32 with zeros.
     pub fn pack(x: &[f32], rows: usize, inp: usize) -> Acts {
+        Acts::pack_at(x, rows, inp, Precision::F32)
+    }
+
+    /// [`Acts::pack`] for products at `precision`: bf16x3 never reads the third pieces, so
+    /// they are not written.
+    fn pack_at(x: &[f32], rows: usize, inp: usize, precision: Precision) -> Acts {
         assert_eq!(x.len(), rows * inp);
+        let pieces = precision.activation_pieces();
         Acts::pack_blocks(rows, inp, &|tb, out| {
             for n in 0..TILE {
                 let r = (tb * TILE + n).min(rows);
                 let row = &x[r * inp..(r * inp + inp).min(x.len())];
                 // SAFETY: `pack_blocks` runs this only where `os_grants_tiles()`, which implies
                 // AVX512-BW.
-                unsafe { simd::pack_row(row, n, out) }
+                unsafe { simd::pack_row(row, n, pieces, out) }
             }
         })
     }
@@ -325,15 +364,23 @@ impl Acts {
     /// Packs the activations `x = srcᵀ[cols]`: `src` is k-major (`depth` rows of `ld` floats)
     /// and each column in `cols` is one row of `x`, `depth` deep. The left operand of a weight
     /// gradient `dyᵀ · x` is the transpose of a row-major `dy`; this reads it without a copy.
-    fn pack_k_major(src: &[f32], depth: usize, ld: usize, cols: std::ops::Range<usize>) -> Acts {
+    fn pack_k_major(
+        src: &[f32],
+        (depth, ld): (usize, usize),
+        cols: std::ops::Range<usize>,
+        precision: Precision,
+    ) -> Acts {
         assert!(cols.end <= ld && src.len() >= depth * ld);
         let rows = cols.len();
+        let pieces = precision.activation_pieces();
         Acts::pack_blocks(rows, depth, &|tb, out| {
             let t0 = (tb * TILE).min(rows);
             let n = TILE.min(rows - t0);
             // SAFETY: as in `pack`; the columns `cols.start + t0 ..+ n` lie inside `ld`
             // (asserted above).
-            unsafe { simd::pack_tokens_k_major(src, (ld, depth), (cols.start + t0, n), out) }
+            unsafe {
+                simd::pack_tokens_k_major(src, (ld, depth), (cols.start + t0, n), pieces, out)
+            }
         })
     }
 
@@ -373,7 +420,7 @@ impl Acts {
         let per_block = self.per_block();
         let block = &mut self.data[r / TILE * per_block..][..per_block];
         // SAFETY: `os_grants_tiles()` (asserted by `with_shape`) implies AVX512-BW.
-        unsafe { simd::pack_row(x, r % TILE, block) }
+        unsafe { simd::pack_row(x, r % TILE, PIECES, block) }
     }
 }
 
@@ -392,17 +439,24 @@ pub struct WeightTiles {
     out: usize,
     inp: usize,
     pieces: usize,
+    precision: Precision,
 }
 
 impl WeightTiles {
     /// Packs `w` (`out × inp`, row-major); features are padded to a multiple of 32 with zeros.
     pub fn pack(w: &[f32], out: usize, inp: usize) -> WeightTiles {
-        Self::pack_into(w, out, inp, Vec::new())
+        Self::pack_into(w, out, inp, Vec::new(), Precision::F32)
     }
 
-    fn pack_into(w: &[f32], out: usize, inp: usize, data: Vec<u32>) -> WeightTiles {
+    fn pack_into(
+        w: &[f32],
+        out: usize,
+        inp: usize,
+        data: Vec<u32>,
+        precision: Precision,
+    ) -> WeightTiles {
         assert_eq!(w.len(), out * inp);
-        Self::pack_blocks(w, (out, inp), data, &|fb, pieces, dst| {
+        Self::pack_blocks(w, (out, inp), (data, precision), &|fb, pieces, dst| {
             let (r0, r1) = ((fb * TILE).min(out), ((fb + 1) * TILE).min(out));
             // SAFETY: `pack_blocks` runs this only where `os_grants_tiles()`, which implies
             // AVX512-BW.
@@ -412,9 +466,15 @@ impl WeightTiles {
 
     /// Packs `W` (`out × inp`) given as `src = Wᵀ` (`inp × out`, row-major): the right operand
     /// of a weight gradient `dyᵀ · x`, whose weight is `xᵀ`, read without a transpose.
-    fn pack_k_major(src: &[f32], out: usize, inp: usize, data: Vec<u32>) -> WeightTiles {
+    fn pack_k_major(
+        src: &[f32],
+        out: usize,
+        inp: usize,
+        data: Vec<u32>,
+        precision: Precision,
+    ) -> WeightTiles {
         assert_eq!(src.len(), out * inp);
-        Self::pack_blocks(src, (out, inp), data, &|fb, pieces, dst| {
+        Self::pack_blocks(src, (out, inp), (data, precision), &|fb, pieces, dst| {
             let c0 = (fb * TILE).min(out);
             let n = TILE.min(out - c0);
             // SAFETY: as in `pack_into`; the columns `c0 ..+ n` lie inside the `out` columns.
@@ -427,15 +487,19 @@ impl WeightTiles {
     fn pack_blocks(
         values: &[f32],
         (out, inp): (usize, usize),
-        mut data: Vec<u32>,
+        (mut data, precision): (Vec<u32>, Precision),
         block: &(dyn Fn(usize, usize, &mut [u32]) + Sync),
     ) -> WeightTiles {
         assert!(
             os_grants_tiles(),
             "AMX tile path used on a machine without it"
         );
-        // SAFETY: `os_grants_tiles()` (asserted above) implies AVX512-BW.
-        let pieces = unsafe { simd::pieces_needed(values) };
+        let pieces = match precision {
+            // SAFETY: `os_grants_tiles()` (asserted above) implies AVX512-BW.
+            Precision::F32 => unsafe { simd::pieces_needed(values) },
+            // Two, without the scan (trained weights use all their bits).
+            Precision::Bf16x3 => 2,
+        };
         let per_block = inp.div_ceil(KB) * pieces * B_TILE;
         let blocks = 2 * out.div_ceil(2 * TILE);
         let chunks: Vec<_> = super::scratch(&mut data, blocks * per_block + B_AHEAD)
@@ -449,6 +513,7 @@ impl WeightTiles {
             out,
             inp,
             pieces,
+            precision,
         }
     }
 
@@ -556,11 +621,25 @@ unsafe fn feature_pairs(
                 // the given byte stride: the 32 × 32 block at (r0, n0) of `y` when it lies
                 // inside (the caller's contract), else the local `c`.
                 if r0 + 2 * TILE <= rows && n0 + 2 * TILE <= features {
-                    imp::block(a, b, kblocks, w.pieces, y.add(r0 * ld + n0), 4 * ld);
+                    imp::block(
+                        a,
+                        b,
+                        kblocks,
+                        (w.pieces, w.precision),
+                        y.add(r0 * ld + n0),
+                        4 * ld,
+                    );
                     continue;
                 }
                 let lc = 2 * TILE;
-                imp::block(a, b, kblocks, w.pieces, c.0.as_mut_ptr(), 4 * lc);
+                imp::block(
+                    a,
+                    b,
+                    kblocks,
+                    (w.pieces, w.precision),
+                    c.0.as_mut_ptr(),
+                    4 * lc,
+                );
                 let n = lc.min(features - n0);
                 for (t, row) in c.0.chunks_exact(lc).take(rows - r0).enumerate() {
                     std::ptr::copy_nonoverlapping(row.as_ptr(), y.add((r0 + t) * ld + n0), n);
@@ -571,37 +650,78 @@ unsafe fn feature_pairs(
     imp::release();
 }
 
-/// `y[rows, out] = x[rows, inp] · w[out, inp]ᵀ` on tiles, packing both operands for this one
-/// product (a weight used again belongs in a kept [`WeightTiles`]).
-pub fn matmul_t(x: &[f32], w: &[f32], rows: usize, inp: usize, out: usize, y: &mut [f32]) {
-    let acts = Acts::pack(x, rows, inp);
+/// `y[rows, out] = x[rows, inp] · w[out, inp]ᵀ` on tiles at `precision`, packing both operands
+/// for this one product (a weight used again belongs in a kept [`WeightTiles`]).
+pub fn matmul_t(
+    x: &[f32],
+    w: &[f32],
+    (rows, inp, out): (usize, usize, usize),
+    y: &mut [f32],
+    precision: Precision,
+) {
+    let acts = Acts::pack_at(x, rows, inp, precision);
     let buf = WEIGHT_TILES.with_borrow_mut(std::mem::take);
-    let w = WeightTiles::pack_into(w, out, inp, buf);
+    let w = WeightTiles::pack_into(w, out, inp, buf, precision);
     matmul_many(&acts, &mut [Product { w: &w, y }]);
     WEIGHT_TILES.with_borrow_mut(|b| *b = w.data);
 }
 
-/// Bytes of packed left operand per chunk of [`matmul_tn`] (the head's gradient packed whole
-/// would take 6 bytes a value, 1.2 GB at 4096 rows). Small in tests, so that their small
-/// products run several chunks.
+/// `dx[rows, inp] = dy[rows, out] · w[out, inp]`, the input gradient of `y = x · wᵀ`, on tiles
+/// at `precision`: `w` is the right operand as it lies (its rows are the k pairs), no
+/// transpose in memory.
+pub fn matmul_nn(
+    dy: &[f32],
+    w: &[f32],
+    (rows, out, inp): (usize, usize, usize),
+    dx: &mut [f32],
+    precision: Precision,
+) {
+    assert_eq!(
+        (dy.len(), w.len(), dx.len()),
+        (rows * out, out * inp, rows * inp)
+    );
+    let buf = WEIGHT_TILES.with_borrow_mut(std::mem::take);
+    let wt = WeightTiles::pack_k_major(w, inp, out, buf, precision);
+    // `dy` packed a chunk of rows at a time (the head's, whole, would take 1.2 GB at 4096 rows).
+    let chunk = (TN_CHUNK_BYTES / (2 * PIECES * out.max(1)))
+        .next_multiple_of(2 * TILE)
+        .max(2 * TILE);
+    for r0 in (0..rows).step_by(chunk) {
+        let r1 = (r0 + chunk).min(rows);
+        let acts = Acts::pack_at(&dy[r0 * out..r1 * out], r1 - r0, out, precision);
+        let y = &mut dx[r0 * inp..r1 * inp];
+        matmul_many(&acts, &mut [Product { w: &wt, y }]);
+    }
+    WEIGHT_TILES.with_borrow_mut(|b| *b = wt.data);
+}
+
+/// Bytes of packed left operand per chunk of [`matmul_tn`] and [`matmul_nn`] (the head's
+/// gradient packed whole would take 6 bytes a value, 1.2 GB at 4096 rows). Small in tests, so
+/// that their small products run several chunks.
 const TN_CHUNK_BYTES: usize = if cfg!(test) { 64 << 10 } else { 32 << 20 };
 
 /// `dw[out, inp] = dy[rows, out]ᵀ · x[rows, inp]`, the weight gradient of `y = x · wᵀ`, on
-/// tiles to f32 accuracy: `x` packed once as the right operand, `dyᵀ` packed a chunk of
+/// tiles at `precision`: `x` packed once as the right operand, `dyᵀ` packed a chunk of
 /// outputs at a time as the left one (neither transposed in memory).
-pub fn matmul_tn(dy: &[f32], x: &[f32], (rows, out, inp): (usize, usize, usize), dw: &mut [f32]) {
+pub fn matmul_tn(
+    dy: &[f32],
+    x: &[f32],
+    (rows, out, inp): (usize, usize, usize),
+    dw: &mut [f32],
+    precision: Precision,
+) {
     assert_eq!(
         (dy.len(), x.len(), dw.len()),
         (rows * out, rows * inp, out * inp)
     );
     let buf = WEIGHT_TILES.with_borrow_mut(std::mem::take);
-    let xt = WeightTiles::pack_k_major(x, inp, rows, buf);
+    let xt = WeightTiles::pack_k_major(x, inp, rows, buf, precision);
     let chunk = (TN_CHUNK_BYTES / (2 * PIECES * rows.max(1)))
         .next_multiple_of(2 * TILE)
         .max(2 * TILE);
     for o0 in (0..out).step_by(chunk) {
         let o1 = (o0 + chunk).min(out);
-        let acts = Acts::pack_k_major(dy, rows, out, o0..o1);
+        let acts = Acts::pack_k_major(dy, (rows, out), o0..o1, precision);
         let y = &mut dw[o0 * inp..o1 * inp];
         matmul_many(&acts, &mut [Product { w: &xt, y }]);
     }
@@ -622,7 +742,7 @@ mod simd {
     pub unsafe fn pieces_needed(_: &[f32]) -> usize {
         unreachable!("the tile path runs only where `os_grants_tiles()`")
     }
-    pub unsafe fn pack_row(_: &[f32], _: usize, _: &mut [u16]) {
+    pub unsafe fn pack_row(_: &[f32], _: usize, _: usize, _: &mut [u16]) {
         unreachable!("the tile path runs only where `os_grants_tiles()`")
     }
     pub unsafe fn pack_pairs(_: &[f32], _: usize, _: usize, _: &mut [u32]) {
@@ -641,6 +761,7 @@ mod simd {
         _: &[f32],
         _: (usize, usize),
         _: (usize, usize),
+        _: usize,
         _: &mut [u16],
     ) {
         unreachable!("the tile path runs only where `os_grants_tiles()`")
@@ -731,20 +852,22 @@ mod imp {
         };
     }
 
-    /// The loop over k blocks around one schedule of piece products. An activation k block is
-    /// 3 KiB (5120 = the next block's piece 2); a weight k block is `pieces` KiB, so the next
-    /// block's piece 0 is loaded after the pointers move on.
+    /// The loop over k blocks around one schedule of piece products, which starts on the
+    /// activation piece at byte offset `$first` of a k block and ends loading the next block's
+    /// (`$next` = 3072 + `$first`: an activation k block is 3 KiB); a weight k block is
+    /// `pieces` KiB, so the next block's piece 0 is loaded after the pointers move on.
     macro_rules! kernel {
-        ($a:expr, $b:expr, $bs:expr, $kblocks:expr, $c:expr, $ldc:expr, $($steps:expr),+) => {
+        ($a:expr, $b:expr, $bs:expr, $kblocks:expr, $c:expr, $ldc:expr,
+         ($first:literal, $next:literal), $($steps:expr),+) => {
             asm!(
                 "tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3",
-                "tileloadd tmm4, [{a0} + {s}*1 + 2048]",
-                "tileloadd tmm5, [{a1} + {s}*1 + 2048]",
+                concat!("tileloadd tmm4, [{a0} + {s}*1 + ", $first, "]"),
+                concat!("tileloadd tmm5, [{a1} + {s}*1 + ", $first, "]"),
                 "tileloadd tmm6, [{b0} + {s}*1]",
                 "tileloadd tmm7, [{b1} + {s}*1]",
                 "2:",
                 $($steps,)+
-                then_new_a!("5120"),
+                then_new_a!($next),
                 "add {b0}, {bs}", "add {b1}, {bs}",
                 "tileloadd tmm6, [{b0} + {s}*1]",
                 "tileloadd tmm7, [{b1} + {s}*1]",
@@ -774,10 +897,11 @@ mod imp {
     /// at `b`, `b + kblocks·pieces` tiles) over `kblocks` k blocks. Three weight pieces: the
     /// products x₂w₀, x₁w₀, x₁w₁, x₀w₁, x₀w₀, x₀w₂, each step changing one operand, 14 tile
     /// loads per 24 products. Weights with ≤ 16 significant bits (w₂ absent) skip x₀w₂: 12
-    /// loads per 20; bf16 weights (only w₀) take x₂w₀, x₁w₀, x₀w₀: 8 per 12. Tiles have no
-    /// renaming, so each load is issued right after the last product that reads the register's
-    /// old value; the next k block's first tiles are loaded at the end of this one (buffers
-    /// carry [`A_AHEAD`] and [`B_AHEAD`] for the last).
+    /// loads per 20; bf16 weights (only w₀) take x₂w₀, x₁w₀, x₀w₀: 8 per 12. At
+    /// [`Precision::Bf16x3`] x₂ is never read: x₁w₀, x₀w₀, x₀w₁ (8 loads per 12), or x₁w₀, x₀w₀
+    /// for bf16 weights. Tiles have no renaming, so each load is issued right after the last
+    /// product that reads the register's old value; the next k block's first tiles are loaded
+    /// at the end of this one (buffers carry [`A_AHEAD`] and [`B_AHEAD`] for the last).
     ///
     /// # Safety
     /// The tile state is configured on this thread; `a` holds 2·kblocks·3 tiles of 1 KiB, `b`
@@ -786,31 +910,39 @@ mod imp {
         a: *const u16,
         b: *const u32,
         kblocks: usize,
-        pieces: usize,
+        (pieces, precision): (usize, super::Precision),
         c: *mut f32,
         ldc: usize,
     ) {
         let bs = pieces * 1024;
         macro_rules! run {
-            ($($steps:expr),+) => {
-                kernel!(a, b, bs, kblocks, c, ldc, $($steps),+)
+            ($offsets:tt, $($steps:expr),+) => {
+                kernel!(a, b, bs, kblocks, c, ldc, $offsets, $($steps),+)
             };
         }
-        match pieces {
-            1 => run!(then_new_a!("1024"), then_new_a!("0")),
-            2 => run!(
+        match (precision, pieces) {
+            (super::Precision::F32, 1) => {
+                run!(("2048", "5120"), then_new_a!("1024"), then_new_a!("0"))
+            }
+            (super::Precision::F32, 2) => run!(
+                ("2048", "5120"),
                 then_new_a!("1024"),
                 then_new_b!("1024"),
                 then_new_a!("0"),
                 then_new_b!("0")
             ),
-            _ => run!(
+            (super::Precision::F32, _) => run!(
+                ("2048", "5120"),
                 then_new_a!("1024"),
                 then_new_b!("1024"),
                 then_new_a!("0"),
                 then_new_b!("0"),
                 then_new_b!("2048")
             ),
+            (super::Precision::Bf16x3, 1) => run!(("1024", "4096"), then_new_a!("0")),
+            (super::Precision::Bf16x3, _) => {
+                run!(("1024", "4096"), then_new_a!("0"), then_new_b!("1024"))
+            }
         }
     }
 }
@@ -822,7 +954,14 @@ mod imp {
     }
     pub fn configure() {}
     pub fn release() {}
-    pub unsafe fn block(_: *const u16, _: *const u32, _: usize, _: usize, _: *mut f32, _: usize) {
+    pub unsafe fn block(
+        _: *const u16,
+        _: *const u32,
+        _: usize,
+        _: (usize, super::Precision),
+        _: *mut f32,
+        _: usize,
+    ) {
         unreachable!("the tile path runs only where `os_grants_tiles()`")
     }
 }
@@ -928,7 +1067,7 @@ mod tests {
             return;
         }
         let mut y = vec![f32::NAN; 40 * 7];
-        matmul_t(&[], &[], 40, 0, 7, &mut y);
+        matmul_t(&[], &[], (40, 0, 7), &mut y, Precision::F32);
         assert!(y.iter().all(|v| *v == 0.0), "zero depth gives zeros");
         let shapes = [
             (32, 32, 32),
@@ -949,7 +1088,7 @@ mod tests {
                 .map(|v: f32| f32::from_bits(v.to_bits() & mask))
                 .collect();
             let mut y = vec![f32::NAN; rows * out];
-            matmul_t(&x, &w, rows, inp, out, &mut y);
+            matmul_t(&x, &w, (rows, inp, out), &mut y, Precision::F32);
             let (worst, worst_f32) = worst_errors(
                 &y,
                 faer::MatRef::from_row_major_slice(&x, rows, inp),
@@ -959,6 +1098,93 @@ mod tests {
                 worst <= 2.0 * worst_f32 + 1e-7,
                 "{rows}x{inp}x{out}, mask {mask:x}: worst error {worst:e}, f32 GEMM's {worst_f32:e}"
             );
+        }
+    }
+
+    /// The three products of training at both precisions, against an f64 loop over the same
+    /// operands: `y = x · wᵀ`, `dx = dy · w` (the weight read as it lies) and `dw = dyᵀ · x`,
+    /// odd sizes, weights of 3, 2 and 1 pieces. F32 must have the f32 GEMM's accuracy; bf16x3
+    /// must stay within its bound, 3·2⁻¹⁶ of `Σ |a|·|b|` per element (x₁w₁, x₂ and w₂ dropped),
+    /// which plain bf16 (2⁻⁸) would miss by far, and must not be the F32 schedule. (200 rows:
+    /// `dy · w` packs `dy` in several chunks of rows in the test build.)
+    #[test]
+    fn training_products_at_both_precisions() {
+        if !tiles_here() {
+            return;
+        }
+        let value = |i: usize, m: usize| ((i * 7919 % m) as f32 / (m as f32 / 2.0) - 1.0) * 0.73;
+        let shapes = [
+            (32, 32, 32),
+            (33, 37, 50),
+            (77, 65, 576),
+            (40, 300, 33),
+            (200, 300, 33),
+        ];
+        for ((rows, out, inp), mask) in shapes
+            .into_iter()
+            .flat_map(|s| [!0u32, 0xFFFF_FF00, 0xFFFF_0000].map(|m| (s, m)))
+        {
+            let x: Vec<f32> = (0..rows * inp).map(|i| value(i, 991)).collect();
+            let dy: Vec<f32> = (0..rows * out).map(|i| value(i, 1000)).collect();
+            let w: Vec<f32> = (0..out * inp)
+                .map(|i| f32::from_bits(value(i, 997).to_bits() & mask))
+                .collect();
+            type Run<'a> = Box<dyn Fn(&mut [f32], Precision) + 'a>;
+            fn m(v: &[f32], r: usize, c: usize) -> faer::MatRef<'_, f32> {
+                faer::MatRef::from_row_major_slice(v, r, c)
+            }
+            let cases: [(&str, Run, faer::MatRef<f32>, faer::MatRef<f32>); 3] = [
+                (
+                    "x·wᵀ",
+                    Box::new(|y, p| matmul_t(&x, &w, (rows, inp, out), y, p)),
+                    m(&x, rows, inp),
+                    m(&w, out, inp).transpose(),
+                ),
+                (
+                    "dy·w",
+                    Box::new(|y, p| matmul_nn(&dy, &w, (rows, out, inp), y, p)),
+                    m(&dy, rows, out),
+                    m(&w, out, inp),
+                ),
+                (
+                    "dyᵀ·x",
+                    Box::new(|y, p| matmul_tn(&dy, &x, (rows, out, inp), y, p)),
+                    m(&dy, rows, out).transpose(),
+                    m(&x, rows, inp),
+                ),
+            ];
+            for (what, run, lhs, rhs) in cases {
+                let (n, k) = (rhs.ncols(), lhs.ncols());
+                let mut exact = vec![f32::NAN; lhs.nrows() * n];
+                run(&mut exact, Precision::F32);
+                let (worst, worst_f32) = worst_errors(&exact, lhs, rhs);
+                let at = format!("{what} {rows}x{out}x{inp}, mask {mask:x}");
+                assert!(
+                    worst <= 2.0 * worst_f32 + 1e-7,
+                    "{at}: f32 {worst:e} / {worst_f32:e}"
+                );
+                let mut fast = vec![f32::NAN; lhs.nrows() * n];
+                run(&mut fast, Precision::Bf16x3);
+                for i in 0..lhs.nrows() {
+                    for j in 0..n {
+                        let (mut want, mut size) = (0f64, 0f64);
+                        for q in 0..k {
+                            let (a, b) = (*lhs.get(i, q) as f64, *rhs.get(q, j) as f64);
+                            want += a * b;
+                            size += (a * b).abs();
+                        }
+                        let err = (fast[i * n + j] as f64 - want).abs();
+                        let bound = 3.0 * 2f64.powi(-16) * size + worst_f32 + 1e-7;
+                        assert!(
+                            err <= bound,
+                            "{at}: bf16x3 ({i}, {j}) off by {err:e} > {bound:e}"
+                        );
+                    }
+                }
+                if mask == !0u32 {
+                    assert_ne!(fast, exact, "{at}: bf16x3 ran the f32 schedule");
+                }
+            }
         }
     }
 
@@ -975,7 +1201,7 @@ mod tests {
             let dy: Vec<f32> = (0..rows * out).map(|i| value(i, 1000)).collect();
             let x: Vec<f32> = (0..rows * inp).map(|i| value(i, 991)).collect();
             let mut dw = vec![f32::NAN; out * inp];
-            matmul_tn(&dy, &x, (rows, out, inp), &mut dw);
+            matmul_tn(&dy, &x, (rows, out, inp), &mut dw, Precision::F32);
             let (worst, worst_f32) = worst_errors(
                 &dw,
                 faer::MatRef::from_row_major_slice(&dy, rows, out).transpose(),

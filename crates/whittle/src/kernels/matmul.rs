@@ -6,6 +6,7 @@
 //! because a GEMM packs the whole weight first and decode is bound by reading the weight once.
 
 use super::amx;
+pub use super::amx::Precision;
 use super::dot::dot_at;
 use super::matmul_small;
 use super::simd::{self, Level};
@@ -38,7 +39,7 @@ pub fn matmul_t(x: &[f32], w: &[f32], rows: usize, inp: usize, out: usize, y: &m
         return;
     }
     if amx::takes(rows) {
-        amx::matmul_t(x, w, rows, inp, out, y);
+        amx::matmul_t(x, w, (rows, inp, out), y, amx::Precision::F32);
         return;
     }
     let threads = crate::threads::threads();
@@ -153,24 +154,25 @@ pub fn matmul_t_expanding(
 
 /// `dw[out, inp] (+)= dy[rows, out]ᵀ · x[rows, inp]`, the weight gradient of [`matmul_t`]'s
 /// product (`acc` says whether it replaces or adds to `dw`: micro-batches sum their gradients
-/// in place): a row-parallel GEMM at the thread's level, or for a vocabulary-wide output on AMX
-/// tiles where the CPU has them. faer reads `dyᵀ` across rows `out` floats apart, which for
-/// the output head (49,152) costs it half its speed: 2 threads, 4096 rows, 128 GFLOP/s against
-/// 235 on tiles; on the blocks' shapes (≤ 1536 outputs) the tiles were no faster than faer.
+/// in place): a row-parallel GEMM at the thread's level, or on AMX tiles where the CPU has them
+/// for a vocabulary-wide output or at [`Precision::Bf16x3`] (which only the tiles honour). faer
+/// reads `dyᵀ` across rows `out` floats apart, which for the output head (49,152) costs it half
+/// its speed: 2 threads, 4096 rows, 128 GFLOP/s against 235 on tiles; on the blocks' shapes
+/// (≤ 1536 outputs) f32-exact tiles were no faster than faer.
 pub fn matmul_tn(
     dy: &[f32],
     x: &[f32],
     (rows, out, inp): (usize, usize, usize),
     dw: &mut [f32],
-    acc: Accum,
+    (acc, precision): (Accum, Precision),
 ) {
-    if out >= TN_TILES_MIN_OUT && amx::available() {
+    if (out >= TN_TILES_MIN_OUT || precision == Precision::Bf16x3) && amx::available() {
         if acc == Accum::Replace {
-            return amx::matmul_tn(dy, x, (rows, out, inp), dw);
+            return amx::matmul_tn(dy, x, (rows, out, inp), dw, precision);
         }
         // The tiles store their sums: a second micro-batch's gradient goes through a buffer.
         let mut part = vec![0f32; dw.len()];
-        amx::matmul_tn(dy, x, (rows, out, inp), &mut part);
+        amx::matmul_tn(dy, x, (rows, out, inp), &mut part, precision);
         return crate::threads::install(|| super::activation::add_in_place(dw, &part, inp));
     }
     gemm_rows(

@@ -12,6 +12,7 @@ use super::grad_sink::GradSink;
 use super::mix;
 use super::scan_op::SelectiveScan;
 use crate::kernels::attention::Mask;
+use crate::kernels::matmul::Precision;
 use crate::model::names::{hymba, llama, TensorName};
 use crate::model::{KvSource, Layer, Model};
 use crate::sparsity::maskllm::op::MaskedWeight;
@@ -31,6 +32,8 @@ pub struct Trainable {
     /// Dtype of the matrix products (bf16: mixed precision, weights and everything else stay
     /// f32, as PyTorch's autocast does).
     pub matmul_dtype: DType,
+    /// How exactly the f32 linears multiply on AMX tiles (forward and both gradients).
+    pub precision: Precision,
     /// How linears with mask logits (MaskLLM) sample their soft masks in the next forward pass.
     pub sampling: Option<MaskSampling>,
     /// Each trained parameter's gradient sum (see [`GradSink`]); linears write their weights'
@@ -60,6 +63,7 @@ impl Trainable {
             vars: HashMap::new(),
             frozen: HashMap::new(),
             matmul_dtype: DType::F32,
+            precision: Precision::F32,
             sampling: None,
             sinks: HashMap::new(),
             weight_sinks: false,
@@ -154,14 +158,15 @@ impl Trainable {
 
     /// `x · Wᵀ (+ (x · Aᵀ) · Bᵀ)` for the linear `name` and its adapter when it has one.
     fn linear(&self, x: &Tensor, name: &str, dt: DType) -> Result<Tensor> {
-        let y = linear(x, self.weight(name)?, dt)?;
+        let op = |x: &Tensor, (w, sink)| linear(x, w, (dt, self.precision), sink);
+        let y = op(x, self.weight(name)?)?;
         let a = format!("{name}.adapter.a");
         if !self.has(&a) {
             return Ok(y);
         }
         let b = format!("{name}.adapter.b");
-        let low = linear(x, self.weight(&a)?, dt)?;
-        y + linear(&low, self.weight(&b)?, dt)?
+        let low = op(x, self.weight(&a)?)?;
+        y + op(&low, self.weight(&b)?)?
     }
 
     /// Trained parameter count.
@@ -174,13 +179,19 @@ impl Trainable {
     }
 }
 
-/// `x [B, S, in] · Wᵀ` for `w [out, in]`, computed in `dt` and returned in f32; `W`'s gradient
-/// goes to `sink` when it has one.
-fn linear(x: &Tensor, (w, sink): (Tensor, Option<Arc<GradSink>>), dt: DType) -> Result<Tensor> {
+/// `x [B, S, in] · Wᵀ` for `w [out, in]`, computed in `dt` (f32 at `precision`) and returned
+/// in f32; `W`'s gradient goes to `sink` when it has one.
+fn linear(
+    x: &Tensor,
+    w: Tensor,
+    (dt, precision): (DType, Precision),
+    sink: Option<Arc<GradSink>>,
+) -> Result<Tensor> {
     let (b, s, i) = x.dims3()?;
     let x = x.reshape((b * s, i))?;
     let y = if dt == DType::F32 {
-        x.contiguous()?.apply_op2(&w, super::ops::Linear { sink })?
+        x.contiguous()?
+            .apply_op2(&w, super::ops::Linear { sink, precision })?
     } else {
         x.to_dtype(dt)?
             .matmul(&w.to_dtype(dt)?.t()?)?

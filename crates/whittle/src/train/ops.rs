@@ -12,9 +12,10 @@
 
 use super::grad_sink::GradSink;
 use crate::kernels::activation::{gelu, gelu_backward, swiglu_backward, swiglu_in_place};
+use crate::kernels::amx;
 use crate::kernels::attention::{causal_attention, Mask};
 use crate::kernels::exp::softmax_in_place;
-use crate::kernels::matmul::{gemm, gemm_rows, matmul_tn};
+use crate::kernels::matmul::{gemm, gemm_rows, matmul_tn, Precision};
 use crate::kernels::norm::{layer_norm, moments, rms_norm};
 use crate::model::AttnShape;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
@@ -74,9 +75,12 @@ fn values(t: &Tensor) -> Result<Vec<f32>> {
 /// `dW = dyᵀ x` ([`matmul_tn`]) are row-parallel GEMMs at the dispatched SIMD level. candle's own
 /// CPU matmul uses AVX2 kernels on every x86 CPU; this was half of a training step on AVX-512.
 /// With a sink, `dW` is added to it and candle gets no gradient for `W` (see [`GradSink`]).
+/// At [`Precision::Bf16x3`] all three products run on AMX tiles with three bf16 products each
+/// (f32 GEMMs where the CPU has no AMX).
 #[derive(Default)]
 pub struct Linear {
     pub sink: Option<Arc<GradSink>>,
+    pub precision: Precision,
 }
 
 impl CustomOp2 for Linear {
@@ -98,7 +102,12 @@ impl CustomOp2 for Linear {
             candle_core::bail!("linear: input {:?} for weight {:?}", l1.shape(), l2.shape());
         }
         let mut y = vec![0f32; rows * out];
-        crate::threads::install(|| crate::kernels::matmul::matmul_t(x, w, rows, inp, out, &mut y));
+        crate::threads::install(|| match self.precision {
+            Precision::Bf16x3 if amx::takes(rows) => {
+                amx::matmul_t(x, w, (rows, inp, out), &mut y, self.precision)
+            }
+            _ => crate::kernels::matmul::matmul_t(x, w, rows, inp, out, &mut y),
+        });
         Ok((CpuStorage::F32(y), Shape::from((rows, out))))
     }
 
@@ -119,22 +128,26 @@ impl CustomOp2 for Linear {
         let weight_grad = w.track_op();
         let mut dx = vec![0f32; rows * inp];
         let dims = (rows, out, inp);
+        let p = self.precision;
         let dw = crate::threads::install(|| {
-            gemm_rows(
-                MatMut::from_row_major_slice_mut(&mut dx, rows, inp),
-                Accum::Replace,
-                row_major(gv, rows, out),
-                row_major(wv, out, inp),
-            );
+            match p {
+                Precision::Bf16x3 if amx::takes(rows) => amx::matmul_nn(gv, wv, dims, &mut dx, p),
+                _ => gemm_rows(
+                    MatMut::from_row_major_slice_mut(&mut dx, rows, inp),
+                    Accum::Replace,
+                    row_major(gv, rows, out),
+                    row_major(wv, out, inp),
+                ),
+            }
             match (&self.sink, weight_grad) {
                 (_, false) => None,
                 (Some(sink), true) => {
-                    sink.accumulate(out * inp, |dw, acc| matmul_tn(gv, xv, dims, dw, acc));
+                    sink.accumulate(out * inp, |dw, acc| matmul_tn(gv, xv, dims, dw, (acc, p)));
                     None
                 }
                 (None, true) => {
                     let mut dw = vec![0f32; out * inp];
-                    matmul_tn(gv, xv, dims, &mut dw, Accum::Replace);
+                    matmul_tn(gv, xv, dims, &mut dw, (Accum::Replace, p));
                     Some(dw)
                 }
             }
@@ -738,6 +751,7 @@ mod tests {
                     let plain = loss(Linear::default());
                     let sunk = loss(Linear {
                         sink: Some(sink.clone()),
+                        ..Linear::default()
                     });
                     assert!(
                         sunk.get(&w).is_none(),

@@ -22,6 +22,7 @@ use crate::dist::{self, Collective};
 use crate::distill::cache::TeacherCache;
 use crate::distill::heads::{self, BlockTap, FeatureSpec, Head};
 use crate::distill::topk::SparseDistillation;
+pub use crate::kernels::matmul::Precision;
 use crate::model::{Fingerprint, Logits};
 use crate::sparsity::maskllm::{self, Candidates, LearnedMask, MaskLlmConfig};
 use crate::{Error, Model, Result};
@@ -69,6 +70,10 @@ pub struct TrainConfig {
     /// Matrix products in bf16 (mixed precision) instead of f32.
     #[serde(default)]
     pub bf16: bool,
+    /// How exactly the f32 products multiply on AMX tiles (see [`Precision`]); CPUs without
+    /// AMX always multiply in f32.
+    #[serde(default)]
+    pub precision: Precision,
     /// The objective, as [`Objective::parse`] reads it.
     #[serde(default = "default_objective")]
     pub objective: String,
@@ -305,6 +310,7 @@ impl Trainer {
         if config.bf16 {
             params.matmul_dtype = candle_core::DType::BF16;
         }
+        params.precision = config.precision;
         let mut masks = HashMap::new();
         for name in &params.names {
             let v = &params.vars[name];
@@ -1115,11 +1121,9 @@ mod tests {
     use crate::model::Arch;
     use crate::train::presets::Size;
 
-    /// The weight gradients summed in the linears' sinks train exactly as the same gradients
-    /// taken from candle's store did: the same losses and weights after a few steps of two
-    /// accumulated micro-batches (sums in another order: equal to f32 rounding).
-    #[test]
-    fn weight_sinks_train_like_candles_gradient_store() {
+    /// A tiny Llama's run (4 steps of two accumulated micro-batches of 48 rows: the tile path
+    /// where the CPU has AMX) on a token stream: its losses and final weights.
+    fn tiny_run(precision: Precision, sinks: bool) -> (Vec<f64>, Vec<f32>) {
         let stream: Vec<u32> = (0..3000u32).map(|i| (i * 7 + i / 5) % 40).collect();
         let data = TokenData {
             train: stream[..2600].to_vec(),
@@ -1146,23 +1150,32 @@ mod tests {
             ckpt_every: 0,
             seed: 3,
             bf16: false,
+            precision,
             objective: "ce".into(),
             groups: Default::default(),
             head_windows: 0,
             maskllm: None,
         };
-        let run = |sinks: bool| {
-            let start = Start::Preset { vocab: 40 };
-            let mut t = Trainer::new(config.clone(), start, Teacher::None, &data).unwrap();
-            t.params.weight_sinks = sinks;
-            let losses: Vec<f64> = (0..4).map(|_| t.train_step(&data).unwrap().loss).collect();
-            t.params.write_back(&mut t.model).unwrap();
-            let mut weights = Vec::new();
-            t.model
-                .visit_parameters(&mut |_, _, p| weights.extend(p.read().iter().copied()));
-            (losses, weights)
-        };
-        let ((la, wa), (lb, wb)) = (run(true), run(false));
+        let start = Start::Preset { vocab: 40 };
+        let mut t = Trainer::new(config, start, Teacher::None, &data).unwrap();
+        t.params.weight_sinks = sinks;
+        let losses: Vec<f64> = (0..4).map(|_| t.train_step(&data).unwrap().loss).collect();
+        t.params.write_back(&mut t.model).unwrap();
+        let mut weights = Vec::new();
+        t.model
+            .visit_parameters(&mut |_, _, p| weights.extend(p.read().iter().copied()));
+        (losses, weights)
+    }
+
+    /// The weight gradients summed in the linears' sinks train exactly as the same gradients
+    /// taken from candle's store did: the same losses and weights after a few steps of two
+    /// accumulated micro-batches (sums in another order: equal to f32 rounding).
+    #[test]
+    fn weight_sinks_train_like_candles_gradient_store() {
+        let ((la, wa), (lb, wb)) = (
+            tiny_run(Precision::F32, true),
+            tiny_run(Precision::F32, false),
+        );
         for (a, b) in la.iter().zip(&lb) {
             assert!(
                 (a - b).abs() < 1e-5 * b.abs(),
@@ -1176,5 +1189,30 @@ mod tests {
             .fold(0f32, f32::max);
         assert!(worst < 1e-5, "weights differ by {worst}");
         assert_ne!(la[0], la[3], "the run trained");
+    }
+
+    /// bf16x3 products (forward and both gradients on AMX tiles) train like f32 ones: losses
+    /// within 1e-4 and weights within 1e-3 of an f32 run's after four steps (AdamW's first
+    /// steps move each weight by about the learning rate whatever the gradient's size, so
+    /// the weights are the sensitive check); without AMX both runs are the same.
+    #[test]
+    fn bf16x3_products_train_like_f32_ones() {
+        let ((la, wa), (lb, wb)) = (
+            tiny_run(Precision::Bf16x3, true),
+            tiny_run(Precision::F32, true),
+        );
+        for (a, b) in la.iter().zip(&lb) {
+            assert!(
+                (a - b).abs() < 1e-4 * b.abs(),
+                "losses {la:?} against {lb:?}"
+            );
+        }
+        let worst = wa
+            .iter()
+            .zip(&wb)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(worst < 1e-3, "weights differ by {worst}");
+        assert_eq!(la != lb, crate::kernels::amx::available(), "{la:?}, {lb:?}");
     }
 }
