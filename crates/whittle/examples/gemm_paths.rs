@@ -67,7 +67,9 @@ fn main() {
         });
         let (tiles, kept) = if amx::available() {
             let once = whittle::threads::install(|| {
-                median_seconds(&mut || amx::matmul_t(&x, &w, r, k, n, &mut y))
+                median_seconds(&mut || {
+                    amx::matmul_t(&x, &w, (r, k, n), &mut y, amx::Precision::F32)
+                })
             });
             let packed = amx::WeightTiles::pack(&w, n, k);
             let kept = whittle::threads::install(|| {
