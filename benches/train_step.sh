@@ -3,8 +3,9 @@
 # (../shared/reference/harness/train_step.py: forward over B x T, loss, backward, AdamW, grad
 # clipping), back to back on this machine, same batch shape, same thread count.
 # Rows: cross-entropy fine-tune; KD with the dense model as an on-the-fly teacher
-# (KL at T=2 x T^2 + 0.5 CE); whittle also at micro-batch 2 x 4 accumulated (same tokens per
-# step) and at each SIMD level given in LEVELS.
+# (KL at T=2 x T^2 + 0.5 CE); whittle also with bf16x3 tile products (--matmul-precision
+# bf16x3, AMX only), at micro-batch 2 x 4 accumulated (same tokens per step) and at each SIMD
+# level given in LEVELS.
 #
 #   bash benches/train_step.sh [OUT_DIR]          (venv: see benches/harness_env.sh)
 #   LEVELS="avx2 avx512" BATCH=8 SEQ=512 STEPS=3 bash benches/train_step.sh
@@ -35,6 +36,7 @@ PY
 for level in "" $LEVELS; do
   tag=${level:-auto}
   whittle_step "ce-b$BATCH-$tag" "$level" --loss ce --batch "$BATCH"
+  whittle_step "ce-b$BATCH-bf16x3-$tag" "$level" --loss ce --batch "$BATCH" --matmul-precision bf16x3
   whittle_step "kd-b$BATCH-$tag" "$level" --teacher "$GGUF" --loss kd:T=2+ce:0.5 --batch "$BATCH"
   whittle_step "kd-b2x$((BATCH / 2))-$tag" "$level" --teacher "$GGUF" --loss kd:T=2+ce:0.5 --batch 2 --accum $((BATCH / 2))
 done
