@@ -1172,13 +1172,24 @@ mod tests {
     /// accumulated micro-batches (sums in another order: equal to f32 rounding).
     #[test]
     fn weight_sinks_train_like_candles_gradient_store() {
-        let ((la, wa), (lb, wb)) = (
+        let (la, _) = same_run(
             tiny_run(Precision::F32, true),
             tiny_run(Precision::F32, false),
+            (1e-5, 1e-5),
         );
+        assert_ne!(la[0], la[3], "the run trained");
+    }
+
+    /// Asserts that two [`tiny_run`]s agree: losses within `loss_rel` of each other, weights
+    /// within `weight_abs`; their losses.
+    fn same_run(
+        (la, wa): (Vec<f64>, Vec<f32>),
+        (lb, wb): (Vec<f64>, Vec<f32>),
+        (loss_rel, weight_abs): (f64, f32),
+    ) -> (Vec<f64>, Vec<f64>) {
         for (a, b) in la.iter().zip(&lb) {
             assert!(
-                (a - b).abs() < 1e-5 * b.abs(),
+                (a - b).abs() < loss_rel * b.abs(),
                 "losses {la:?} against {lb:?}"
             );
         }
@@ -1187,8 +1198,8 @@ mod tests {
             .zip(&wb)
             .map(|(a, b)| (a - b).abs())
             .fold(0f32, f32::max);
-        assert!(worst < 1e-5, "weights differ by {worst}");
-        assert_ne!(la[0], la[3], "the run trained");
+        assert!(worst < weight_abs, "weights differ by {worst}");
+        (la, lb)
     }
 
     /// bf16x3 products (forward and both gradients on AMX tiles) train like f32 ones: losses
@@ -1197,22 +1208,11 @@ mod tests {
     /// the weights are the sensitive check); without AMX both runs are the same.
     #[test]
     fn bf16x3_products_train_like_f32_ones() {
-        let ((la, wa), (lb, wb)) = (
+        let (la, lb) = same_run(
             tiny_run(Precision::Bf16x3, true),
             tiny_run(Precision::F32, true),
+            (1e-4, 1e-3),
         );
-        for (a, b) in la.iter().zip(&lb) {
-            assert!(
-                (a - b).abs() < 1e-4 * b.abs(),
-                "losses {la:?} against {lb:?}"
-            );
-        }
-        let worst = wa
-            .iter()
-            .zip(&wb)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
-        assert!(worst < 1e-3, "weights differ by {worst}");
         assert_eq!(la != lb, crate::kernels::amx::available(), "{la:?}, {lb:?}");
     }
 }
