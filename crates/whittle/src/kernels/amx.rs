@@ -682,15 +682,27 @@ pub fn matmul_nn(
     );
     let buf = WEIGHT_TILES.with_borrow_mut(std::mem::take);
     let wt = WeightTiles::pack_k_major(w, inp, out, buf, precision);
-    // `dy` packed a chunk of rows at a time (the head's, whole, would take 1.2 GB at 4096 rows).
-    let chunk = (TN_CHUNK_BYTES / (2 * PIECES * out.max(1)))
+    let pack = |r: std::ops::Range<usize>| {
+        Acts::pack_at(&dy[r.start * out..r.end * out], r.len(), out, precision)
+    };
+    in_chunks(wt, (rows, out), &pack, dx);
+}
+
+/// `y = a · wᵀ` into `y` (`n × wt.out`) for a left operand of `n` rows of `depth` that
+/// `pack(rows)` packs a chunk of rows at a time ([`LEFT_CHUNK_BYTES`]); gives `wt`'s buffer back.
+fn in_chunks(
+    wt: WeightTiles,
+    (n, depth): (usize, usize),
+    pack: &dyn Fn(std::ops::Range<usize>) -> Acts,
+    y: &mut [f32],
+) {
+    let chunk = (LEFT_CHUNK_BYTES / (2 * PIECES * depth.max(1)))
         .next_multiple_of(2 * TILE)
         .max(2 * TILE);
-    for r0 in (0..rows).step_by(chunk) {
-        let r1 = (r0 + chunk).min(rows);
-        let acts = Acts::pack_at(&dy[r0 * out..r1 * out], r1 - r0, out, precision);
-        let y = &mut dx[r0 * inp..r1 * inp];
-        matmul_many(&acts, &mut [Product { w: &wt, y }]);
+    for r0 in (0..n).step_by(chunk) {
+        let r1 = (r0 + chunk).min(n);
+        let y = &mut y[r0 * wt.out..r1 * wt.out];
+        matmul_many(&pack(r0..r1), &mut [Product { w: &wt, y }]);
     }
     WEIGHT_TILES.with_borrow_mut(|b| *b = wt.data);
 }
@@ -698,7 +710,7 @@ pub fn matmul_nn(
 /// Bytes of packed left operand per chunk of [`matmul_tn`] and [`matmul_nn`] (the head's
 /// gradient packed whole would take 6 bytes a value, 1.2 GB at 4096 rows). Small in tests, so
 /// that their small products run several chunks.
-const TN_CHUNK_BYTES: usize = if cfg!(test) { 64 << 10 } else { 32 << 20 };
+const LEFT_CHUNK_BYTES: usize = if cfg!(test) { 64 << 10 } else { 32 << 20 };
 
 /// `dw[out, inp] = dy[rows, out]ᵀ · x[rows, inp]`, the weight gradient of `y = x · wᵀ`, on
 /// tiles at `precision`: `x` packed once as the right operand, `dyᵀ` packed a chunk of
@@ -716,16 +728,8 @@ pub fn matmul_tn(
     );
     let buf = WEIGHT_TILES.with_borrow_mut(std::mem::take);
     let xt = WeightTiles::pack_k_major(x, inp, rows, buf, precision);
-    let chunk = (TN_CHUNK_BYTES / (2 * PIECES * rows.max(1)))
-        .next_multiple_of(2 * TILE)
-        .max(2 * TILE);
-    for o0 in (0..out).step_by(chunk) {
-        let o1 = (o0 + chunk).min(out);
-        let acts = Acts::pack_k_major(dy, (rows, out), o0..o1, precision);
-        let y = &mut dw[o0 * inp..o1 * inp];
-        matmul_many(&acts, &mut [Product { w: &xt, y }]);
-    }
-    WEIGHT_TILES.with_borrow_mut(|b| *b = xt.data);
+    let pack = |o| Acts::pack_k_major(dy, (rows, out), o, precision);
+    in_chunks(xt, (out, rows), &pack, dw);
 }
 
 #[repr(C, align(64))]
