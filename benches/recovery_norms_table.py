@@ -71,3 +71,18 @@ for d, r in runs.items():
     cells += [f"{r['tok_s']:.0f}", r["rss"]]
     print("| " + " | ".join(cells) + " |")
 print(f"\naverage rank (feature runs, default seed) over: {', '.join(m[0] for m in measures)}")
+
+# Replicates: each objective's perplexities averaged over the seeds it ran with (and their
+# spread), so that normalisers are compared on more than one draw of the training windows.
+by_base = {}
+for r in runs.values():
+    by_base.setdefault(r["name"].split("-seed")[0], []).append(r)
+if any(len(rs) > 1 for rs in by_base.values()):
+    print("\n| objective | seeds | test PPL mean (min–max) | books PPL mean (min–max) | valid PPL (16k) mean (min–max) |")
+    print("|---|---|---|---|---|")
+    for base, rs in sorted(by_base.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)):
+        cells = [base, str(len(rs))]
+        for key in ["test", "books", "val_ppl"]:
+            v = [r[key] for r in rs]
+            cells.append(f"{statistics.mean(v):.2f} ({min(v):.2f}–{max(v):.2f})")
+        print("| " + " | ".join(cells) + " |")
