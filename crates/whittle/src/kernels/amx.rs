@@ -902,8 +902,7 @@ mod imp {
     /// products x₂w₀, x₁w₀, x₁w₁, x₀w₁, x₀w₀, x₀w₂, each step changing one operand, 14 tile
     /// loads per 24 products. Weights with ≤ 16 significant bits (w₂ absent) skip x₀w₂: 12
     /// loads per 20; bf16 weights (only w₀) take x₂w₀, x₁w₀, x₀w₀: 8 per 12. At
-    /// [`Precision::Bf16x3`] x₂ is never read: x₁w₀, x₀w₀, x₀w₁ (8 loads per 12), or x₁w₀, x₀w₀
-    /// for bf16 weights. Tiles have no renaming, so each load is issued right after the last
+    /// [`Precision::Bf16x3`] x₂ is never read: x₁w₀, x₀w₀, x₀w₁ (8 loads per 12). Tiles have no renaming, so each load is issued right after the last
     /// product that reads the register's old value; the next k block's first tiles are loaded
     /// at the end of this one (buffers carry [`A_AHEAD`] and [`B_AHEAD`] for the last).
     ///
@@ -943,7 +942,7 @@ mod imp {
                 then_new_b!("0"),
                 then_new_b!("2048")
             ),
-            (super::Precision::Bf16x3, 1) => run!(("1024", "4096"), then_new_a!("0")),
+            // Packed with two weight pieces always.
             (super::Precision::Bf16x3, _) => {
                 run!(("1024", "4096"), then_new_a!("0"), then_new_b!("1024"))
             }
