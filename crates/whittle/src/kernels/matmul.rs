@@ -152,6 +152,45 @@ pub fn matmul_t_expanding(
     crate::threads::install(|| parts.into_par_iter().for_each(|(cols, y)| task(x, y, cols)));
 }
 
+/// [`matmul_t`] at `precision`: on AMX tiles at [`Precision::Bf16x3`] (which only the tiles
+/// honour), else the f32 product.
+pub fn matmul_t_at(
+    x: &[f32],
+    w: &[f32],
+    (rows, inp, out): (usize, usize, usize),
+    y: &mut [f32],
+    precision: Precision,
+) {
+    match precision {
+        Precision::Bf16x3 if amx::takes(rows) => {
+            amx::matmul_t(x, w, (rows, inp, out), y, precision)
+        }
+        _ => matmul_t(x, w, rows, inp, out, y),
+    }
+}
+
+/// `dx[rows, inp] = dy[rows, out] · w[out, inp]`, the input gradient of [`matmul_t`]'s product:
+/// on AMX tiles at [`Precision::Bf16x3`], else a row-parallel GEMM at the thread's level.
+pub fn matmul_nn(
+    dy: &[f32],
+    w: &[f32],
+    (rows, out, inp): (usize, usize, usize),
+    dx: &mut [f32],
+    precision: Precision,
+) {
+    match precision {
+        Precision::Bf16x3 if amx::takes(rows) => {
+            amx::matmul_nn(dy, w, (rows, out, inp), dx, precision)
+        }
+        _ => gemm_rows(
+            MatMut::from_row_major_slice_mut(dx, rows, inp),
+            Accum::Replace,
+            MatRef::from_row_major_slice(dy, rows, out),
+            MatRef::from_row_major_slice(w, out, inp),
+        ),
+    }
+}
+
 /// `dw[out, inp] (+)= dy[rows, out]ᵀ · x[rows, inp]`, the weight gradient of [`matmul_t`]'s
 /// product (`acc` says whether it replaces or adds to `dw`: micro-batches sum their gradients
 /// in place): a row-parallel GEMM at the thread's level, or on AMX tiles where the CPU has them

@@ -12,10 +12,9 @@
 
 use super::grad_sink::GradSink;
 use crate::kernels::activation::{gelu, gelu_backward, swiglu_backward, swiglu_in_place};
-use crate::kernels::amx;
 use crate::kernels::attention::{causal_attention, Mask};
 use crate::kernels::exp::softmax_in_place;
-use crate::kernels::matmul::{gemm, gemm_rows, matmul_tn, Precision};
+use crate::kernels::matmul::{gemm, matmul_nn, matmul_t_at, matmul_tn, Precision};
 use crate::kernels::norm::{layer_norm, moments, rms_norm};
 use crate::model::AttnShape;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
@@ -102,12 +101,7 @@ impl CustomOp2 for Linear {
             candle_core::bail!("linear: input {:?} for weight {:?}", l1.shape(), l2.shape());
         }
         let mut y = vec![0f32; rows * out];
-        crate::threads::install(|| match self.precision {
-            Precision::Bf16x3 if amx::takes(rows) => {
-                amx::matmul_t(x, w, (rows, inp, out), &mut y, self.precision)
-            }
-            _ => crate::kernels::matmul::matmul_t(x, w, rows, inp, out, &mut y),
-        });
+        crate::threads::install(|| matmul_t_at(x, w, (rows, inp, out), &mut y, self.precision));
         Ok((CpuStorage::F32(y), Shape::from((rows, out))))
     }
 
@@ -130,15 +124,7 @@ impl CustomOp2 for Linear {
         let dims = (rows, out, inp);
         let p = self.precision;
         let dw = crate::threads::install(|| {
-            match p {
-                Precision::Bf16x3 if amx::takes(rows) => amx::matmul_nn(gv, wv, dims, &mut dx, p),
-                _ => gemm_rows(
-                    MatMut::from_row_major_slice_mut(&mut dx, rows, inp),
-                    Accum::Replace,
-                    row_major(gv, rows, out),
-                    row_major(wv, out, inp),
-                ),
-            }
+            matmul_nn(gv, wv, dims, &mut dx, p);
             match (&self.sink, weight_grad) {
                 (_, false) => None,
                 (Some(sink), true) => {
